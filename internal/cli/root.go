@@ -1,0 +1,133 @@
+// Package cli is the hearth command line (cobra): run, image, version and
+// bench. Each command is a thin layer over internal/sandbox and
+// internal/image.
+package cli
+
+import (
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime/debug"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/term"
+
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/image"
+)
+
+// ExitError carries a process exit status out of a command.
+type ExitError struct {
+	Code int
+	Msg  string // printed as "hearth: Msg" when set
+}
+
+func (e *ExitError) Error() string { return fmt.Sprintf("exit status %d", e.Code) }
+
+// Exit codes of hearth itself, as docker's.
+const (
+	ExitHearth = 125
+)
+
+// Version is set by main from the build.
+var Version = "dev"
+
+type globals struct {
+	logLevel        string
+	insecure        []string
+	registryTimeout time.Duration
+	log             *slog.Logger
+}
+
+// Main runs the CLI with args and returns the process exit status.
+func Main(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
+	g := &globals{}
+	root := &cobra.Command{
+		Use:   "hearth",
+		Short: "Run untrusted code in hardware-isolated micro-VMs",
+		Long: `hearth boots a micro-VM from an OCI image and runs a command in it.
+
+Each sandbox gets its own guest kernel, a read-only copy of the image and a
+private writable disk. hearth uses KVM where the host has it and QEMU's TCG
+emulation elsewhere (TCG is not a security boundary).
+
+Files: the cache (guest kernel, converted images) is under $HEARTH_CACHE,
+else ~/.cache/hearth; live VMs keep their sockets and disks under
+$HEARTH_RUN_DIR, else /run/hearth.`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			var lvl slog.Level
+			if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+				return fmt.Errorf("--log-level %q: %w", g.logLevel, err)
+			}
+			g.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+			return nil
+		},
+	}
+	root.SetArgs(args)
+	root.SetIn(stdin)
+	root.SetOut(stdout)
+	root.SetErr(stderr)
+	pf := root.PersistentFlags()
+	pf.StringVar(&g.logLevel, "log-level", "warn", "log level: debug, info, warn or error")
+	pf.StringSliceVar(&g.insecure, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
+	pf.DurationVar(&g.registryTimeout, "registry-timeout", 30*time.Second, "give up on a registry that does not answer within this time")
+
+	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g))
+	err := root.Execute()
+	if err == nil {
+		return 0
+	}
+	var ee *ExitError
+	if errors.As(err, &ee) {
+		if ee.Msg != "" {
+			fmt.Fprintf(stderr, "hearth: %s\n", ee.Msg)
+		}
+		return ee.Code
+	}
+	fmt.Fprintf(stderr, "hearth: %v\n", err)
+	return ExitHearth
+}
+
+func (g *globals) store(progress io.Writer) *image.Store {
+	return &image.Store{
+		Dir:      filepath.Join(config.CacheDir(), "images"),
+		Source:   image.SourceOptions{Insecure: g.insecure, Timeout: g.registryTimeout},
+		Progress: progress,
+		Log:      g.log,
+	}
+}
+
+// terminalOr returns w if it is a terminal, else nil: progress bars are for
+// people, not for pipes and logs.
+func terminalOr(w io.Writer) io.Writer {
+	if f, ok := w.(*os.File); ok && term.IsTerminal(int(f.Fd())) {
+		return w
+	}
+	return nil
+}
+
+func versionCmd() *cobra.Command {
+	return &cobra.Command{
+		Use:   "version",
+		Short: "Print hearth's version",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			v := Version
+			if bi, ok := debug.ReadBuildInfo(); ok && v == "dev" {
+				for _, s := range bi.Settings {
+					if s.Key == "vcs.revision" {
+						v += "+" + s.Value[:min(12, len(s.Value))]
+					}
+				}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "hearth %s\n", v)
+			return nil
+		},
+	}
+}

@@ -1,0 +1,542 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/creack/pty"
+	"golang.org/x/sys/unix"
+
+	"hearth.dev/hearth/internal/guest/protocol"
+)
+
+// PortName is the virtio-serial port name the host gives the channel.
+const PortName = "hearth.0"
+
+// Exit codes the agent reports when the workload could not run, as docker's.
+const (
+	exitHearth       = 125
+	exitCannotInvoke = 126
+	exitNotFound     = 127
+)
+
+// Main runs the agent. It never returns normally: it ends by rebooting the
+// VM, which the VMM turns into an exit (-no-reboot / Firecracker's reset).
+func Main(build string) {
+	if os.Getpid() != 1 {
+		fmt.Fprintln(os.Stderr, "hearth-agent: must run as PID 1 inside a hearth guest")
+		os.Exit(2)
+	}
+	err := run(build)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hearth-agent: %v\n", err)
+	}
+	powerOff()
+}
+
+func powerOff() {
+	unix.Sync()
+	// With reboot=t and the VMM's -no-reboot, a restart ends the VM at once;
+	// a halt would leave QEMU running with a stopped CPU.
+	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
+	select {}
+}
+
+func run(build string) error {
+	if err := mountEarly(); err != nil {
+		return err
+	}
+	// The workload may be OOM-killed; the agent must not be.
+	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
+
+	port, err := openPort(10 * time.Second)
+	if err != nil {
+		return err
+	}
+	s := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port}
+	return s.serve(build)
+}
+
+func mountEarly() error {
+	for _, m := range []struct{ src, dst, fstype string }{
+		{"devtmpfs", "/dev", "devtmpfs"},
+		{"proc", "/proc", "proc"},
+		{"sysfs", "/sys", "sysfs"},
+	} {
+		if err := os.MkdirAll(m.dst, 0o755); err != nil {
+			return err
+		}
+		if err := unix.Mount(m.src, m.dst, m.fstype, unix.MS_NOSUID, ""); err != nil && !errors.Is(err, unix.EBUSY) {
+			return fmt.Errorf("mount %s: %w", m.dst, err)
+		}
+	}
+	// The initramfs has no /dev/console node (the cpio writer makes no
+	// device nodes), so the kernel started us without stdio: take the
+	// console from devtmpfs now, so that errors reach the console log.
+	if fd, err := unix.Open("/dev/console", unix.O_RDWR, 0); err == nil {
+		for i := 0; i < 3; i++ {
+			_ = unix.Dup3(fd, i, 0)
+		}
+		if fd > 2 {
+			unix.Close(fd)
+		}
+	}
+	return nil
+}
+
+// openPort finds the virtio-serial port named PortName and waits until the
+// host end is connected: before that, reads return EOF at once.
+func openPort(timeout time.Duration) (*os.File, error) {
+	deadline := time.Now().Add(timeout)
+	for {
+		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
+		for _, n := range names {
+			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == PortName {
+				f, err := os.OpenFile("/dev/"+filepath.Base(filepath.Dir(n)), os.O_RDWR, 0)
+				if err != nil {
+					return nil, err
+				}
+				for {
+					fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}
+					// Until the host connects, the port polls readable
+					// with POLLHUP and reads return EOF.
+					if _, err := unix.Poll(fds, 100); err == nil && fds[0].Revents&unix.POLLIN != 0 && fds[0].Revents&unix.POLLHUP == 0 {
+						return f, nil
+					}
+					if time.Now().After(deadline) {
+						f.Close()
+						return nil, errors.New("host never connected to the agent port")
+					}
+					time.Sleep(2 * time.Millisecond)
+				}
+			}
+		}
+		if time.Now().After(deadline) {
+			return nil, fmt.Errorf("no virtio-serial port named %s", PortName)
+		}
+		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// session is one conversation with the host: handshake, start, streams, exit.
+type session struct {
+	r    *protocol.Reader
+	w    *protocol.Writer
+	port *os.File
+}
+
+func (s *session) serve(build string) error {
+	f, err := s.r.Read()
+	if err != nil {
+		return fmt.Errorf("read hello: %w", err)
+	}
+	var hello protocol.Hello
+	if f.Type != protocol.THello {
+		return fmt.Errorf("expected hello, got %s", f.Type)
+	}
+	if err := protocol.Decode(f, &hello); err != nil {
+		return err
+	}
+	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version, Agent: build}); err != nil {
+		return err
+	}
+	if hello.Version != protocol.Version {
+		return fmt.Errorf("host speaks protocol %d, agent %d", hello.Version, protocol.Version)
+	}
+	f, err = s.r.Read()
+	if err != nil {
+		return fmt.Errorf("read start: %w", err)
+	}
+	if f.Type != protocol.TStart {
+		return fmt.Errorf("expected start, got %s", f.Type)
+	}
+	var st protocol.Start
+	if err := protocol.Decode(f, &st); err != nil {
+		return err
+	}
+	exit := s.runWorkload(&st)
+	if err := s.w.WriteJSON(protocol.TExit, exit); err != nil {
+		return err
+	}
+	// Wait for the host's Bye so that the exit report is out of the
+	// virtqueue before the VM resets.
+	s.waitBye(5 * time.Second)
+	return nil
+}
+
+func (s *session) waitBye(timeout time.Duration) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		for {
+			f, err := s.r.Read()
+			if err != nil || f.Type == protocol.TBye {
+				return
+			}
+		}
+	}()
+	select {
+	case <-done:
+	case <-time.After(timeout):
+	}
+}
+
+func failure(code int, format string, args ...any) protocol.Exit {
+	return protocol.Exit{Code: code, Error: fmt.Sprintf(format, args...)}
+}
+
+func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
+	if st.Time != 0 {
+		tv := unix.NsecToTimeval(st.Time)
+		_ = unix.Settimeofday(&tv)
+	}
+	if err := setupRoot(st); err != nil {
+		return failure(exitHearth, "set up root filesystem: %v", err)
+	}
+	if len(st.Args) == 0 {
+		return failure(exitHearth, "no command: the image has no Entrypoint or Cmd and none was given")
+	}
+	id, err := resolveUser(st.User)
+	if err != nil {
+		return failure(exitHearth, "%v", err)
+	}
+	env := completeEnv(st.Env, st.Hostname, id.Home, st.TTY)
+	dir := st.Dir
+	if dir == "" {
+		dir = "/"
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return failure(exitHearth, "working directory %s: %v", dir, err)
+	}
+	path, err := lookPath(st.Args[0], getenv(env, "PATH"))
+	if err != nil {
+		code := exitNotFound
+		if errors.Is(err, errNotExecutable) {
+			code = exitCannotInvoke
+		}
+		return failure(code, "exec %q: %v", st.Args[0], err)
+	}
+
+	cmd := exec.Command(path)
+	cmd.Args = st.Args
+	cmd.Env = env
+	cmd.Dir = dir
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		Setsid:     true,
+		Credential: &syscall.Credential{Uid: id.UID, Gid: id.GID, Groups: id.Groups},
+	}
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGCHLD)
+	oomBefore := oomKills()
+
+	wio, err := startIO(cmd, st)
+	if err != nil {
+		return failure(exitHearth, "%v", err)
+	}
+	if err := cmd.Start(); err != nil {
+		wio.closeChild()
+		code := exitCannotInvoke
+		if errors.Is(err, unix.ENOENT) {
+			code = exitNotFound
+		}
+		return failure(code, "exec %q: %v", st.Args[0], err)
+	}
+	wio.closeChild()
+	pid := cmd.Process.Pid
+	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
+
+	var pumps sync.WaitGroup
+	for _, p := range wio.outputs {
+		pumps.Add(1)
+		go func() {
+			defer pumps.Done()
+			s.pump(p.t, p.f)
+		}()
+	}
+	stdin := newStdinWriter(wio.stdin, s.w)
+	go s.control(pid, wio.pty, stdin)
+
+	status := reapUntil(pid, sigs)
+	// Like the end of a container's PID namespace: whatever the workload left
+	// behind dies with it, so that its copies of stdout and stderr close.
+	_ = unix.Kill(-1, unix.SIGKILL)
+	reapAll()
+	waitTimeout(&pumps, 2*time.Second)
+	unix.Sync()
+
+	exit := protocol.Exit{Code: status.ExitStatus()}
+	if status.Signaled() {
+		exit.Signal = int(status.Signal())
+		exit.Code = 128 + exit.Signal
+	}
+	exit.OOM = oomKills() > oomBefore
+	exit.DiskFull = diskFull("/")
+	return exit
+}
+
+func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(d):
+	}
+}
+
+// reapUntil reaps every child (PID 1's duty: orphans are re-parented to it)
+// until the workload itself has exited, and returns its status.
+func reapUntil(pid int, sigs <-chan os.Signal) unix.WaitStatus {
+	for {
+		for {
+			var ws unix.WaitStatus
+			p, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+			if err != nil || p <= 0 {
+				break
+			}
+			if p == pid {
+				return ws
+			}
+		}
+		<-sigs
+	}
+}
+
+func reapAll() {
+	deadline := time.Now().Add(time.Second)
+	for time.Now().Before(deadline) {
+		var ws unix.WaitStatus
+		p, err := unix.Wait4(-1, &ws, unix.WNOHANG, nil)
+		if errors.Is(err, unix.ECHILD) {
+			return
+		}
+		if p <= 0 {
+			time.Sleep(time.Millisecond)
+		}
+	}
+}
+
+func (s *session) pump(t protocol.Type, f *os.File) {
+	defer f.Close()
+	buf := make([]byte, protocol.ChunkSize)
+	for {
+		n, err := f.Read(buf)
+		if n > 0 {
+			if s.w.Write(t, buf[:n]) != nil {
+				return
+			}
+		}
+		if err != nil { // EOF, or EIO from a pty master whose slave closed
+			return
+		}
+	}
+}
+
+// control handles the host's frames while the workload runs.
+func (s *session) control(pid int, ptmx *os.File, stdin *stdinWriter) {
+	defer stdin.close()
+	for {
+		f, err := s.r.Read()
+		if err != nil {
+			// The host went away: nobody will read the output. End the
+			// workload so that the VM powers off instead of lingering.
+			_ = unix.Kill(pid, unix.SIGKILL)
+			return
+		}
+		switch f.Type {
+		case protocol.TStdin:
+			stdin.write(f.Payload)
+		case protocol.TStdinClose:
+			stdin.close()
+		case protocol.TResize:
+			var r protocol.Resize
+			if protocol.Decode(f, &r) == nil && ptmx != nil {
+				_ = pty.Setsize(ptmx, &pty.Winsize{Rows: r.Rows, Cols: r.Cols})
+			}
+		case protocol.TSignal:
+			var sg protocol.Signal
+			if protocol.Decode(f, &sg) == nil && sg.Signal > 0 && sg.Signal < 65 {
+				_ = unix.Kill(pid, unix.Signal(sg.Signal))
+			}
+		case protocol.TBye:
+			return
+		}
+	}
+}
+
+type output struct {
+	t protocol.Type
+	f *os.File
+}
+
+// workloadIO is the agent's side of the workload's stdio.
+type workloadIO struct {
+	stdin   *os.File // where host stdin goes; nil when not forwarded
+	pty     *os.File // the pty master, with a TTY
+	outputs []output
+	child   []*os.File // the workload's ends, closed in the agent after start
+}
+
+func (w *workloadIO) closeChild() {
+	for _, f := range w.child {
+		f.Close()
+	}
+}
+
+func startIO(cmd *exec.Cmd, st *protocol.Start) (*workloadIO, error) {
+	w := &workloadIO{}
+	if st.TTY {
+		ptmx, tty, err := pty.Open()
+		if err != nil {
+			return nil, fmt.Errorf("open pty: %w", err)
+		}
+		if st.Rows > 0 && st.Cols > 0 {
+			_ = pty.Setsize(ptmx, &pty.Winsize{Rows: st.Rows, Cols: st.Cols})
+		}
+		cmd.Stdin, cmd.Stdout, cmd.Stderr = tty, tty, tty
+		cmd.SysProcAttr.Setctty = true
+		cmd.SysProcAttr.Ctty = 0
+		w.pty = ptmx
+		if st.Stdin {
+			// The master is read by the output pump and written by the
+			// stdin writer: separate descriptors keep their closes apart.
+			in, err := dupFile(ptmx)
+			if err != nil {
+				return nil, err
+			}
+			w.stdin = in
+		}
+		w.outputs = []output{{protocol.TStdout, ptmx}}
+		w.child = []*os.File{tty}
+		return w, nil
+	}
+	if st.Stdin {
+		r, wr, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		cmd.Stdin, w.stdin = r, wr
+		w.child = append(w.child, r)
+	} else {
+		null, err := os.Open(os.DevNull)
+		if err != nil {
+			return nil, err
+		}
+		cmd.Stdin = null
+		w.child = append(w.child, null)
+	}
+	for _, t := range []protocol.Type{protocol.TStdout, protocol.TStderr} {
+		r, wr, err := os.Pipe()
+		if err != nil {
+			return nil, err
+		}
+		if t == protocol.TStdout {
+			cmd.Stdout = wr
+		} else {
+			cmd.Stderr = wr
+		}
+		w.outputs = append(w.outputs, output{t, r})
+		w.child = append(w.child, wr)
+	}
+	return w, nil
+}
+
+func dupFile(f *os.File) (*os.File, error) {
+	fd, err := unix.FcntlInt(f.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup: %w", err)
+	}
+	return os.NewFile(uintptr(fd), f.Name()), nil
+}
+
+// stdinWriter feeds host stdin to the workload from its own goroutine, so
+// that a workload that does not read its stdin never blocks the control loop,
+// and returns window credit to the host as bytes are consumed. The host never
+// has more than protocol.StdinWindow bytes outstanding, which bounds the queue.
+type stdinWriter struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	q      [][]byte
+	closed bool
+}
+
+func newStdinWriter(f *os.File, w *protocol.Writer) *stdinWriter {
+	s := &stdinWriter{}
+	s.cond = sync.NewCond(&s.mu)
+	go func() {
+		for {
+			s.mu.Lock()
+			for len(s.q) == 0 && !s.closed {
+				s.cond.Wait()
+			}
+			if len(s.q) == 0 {
+				s.mu.Unlock()
+				break
+			}
+			b := s.q[0]
+			s.q = s.q[1:]
+			s.mu.Unlock()
+			if f != nil {
+				if _, err := f.Write(b); err != nil {
+					f.Close()
+					f = nil // the workload closed its stdin: drop the rest
+				}
+			}
+			_ = w.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: len(b)})
+		}
+		if f != nil {
+			f.Close()
+		}
+	}()
+	return s
+}
+
+func (s *stdinWriter) write(p []byte) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed {
+		s.q = append(s.q, append([]byte(nil), p...))
+		s.cond.Signal()
+	}
+}
+
+func (s *stdinWriter) close() {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	s.cond.Signal()
+}
+
+// oomKills reads the kernel's count of OOM kills since boot.
+func oomKills() int {
+	b, err := os.ReadFile("/proc/vmstat")
+	if err != nil {
+		return 0
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
+			var n int
+			fmt.Sscan(v, &n)
+			return n
+		}
+	}
+	return 0
+}
+
+// diskFull reports whether the writable layer behind path has no room left:
+// overlayfs reports its upper filesystem's figures.
+func diskFull(path string) bool {
+	var st unix.Statfs_t
+	if err := unix.Statfs(path, &st); err != nil {
+		return false
+	}
+	return st.Bavail*uint64(st.Bsize) < 64<<10 || st.Ffree == 0
+}
+

@@ -1,0 +1,187 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"strings"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+)
+
+// ErrNotFound means the image does not exist where the reference points.
+var ErrNotFound = errors.New("image not found")
+
+// ErrInvalid means the reference cannot be parsed.
+var ErrInvalid = errors.New("invalid image reference")
+
+// SourceOptions says how to reach registries.
+type SourceOptions struct {
+	// Insecure lists registries (host[:port]) reached over plain HTTP.
+	// localhost and 127.0.0.1 always are.
+	Insecure []string
+	// Timeout bounds connecting to a registry and waiting for each answer,
+	// so that a registry that does not answer fails instead of hanging.
+	Timeout time.Duration
+}
+
+// Source prefixes for local images.
+const (
+	ociPrefix     = "oci:"
+	archivePrefix = "docker-archive:"
+)
+
+// Open resolves ref to an image: a registry reference, "oci:DIR[:TAG]" (an
+// OCI image layout) or "docker-archive:FILE[:TAG]" (a docker save tarball).
+func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error) {
+	switch {
+	case strings.HasPrefix(ref, ociPrefix):
+		dir, tag := splitTag(strings.TrimPrefix(ref, ociPrefix))
+		return openLayout(dir, tag)
+	case strings.HasPrefix(ref, archivePrefix):
+		file, tag := splitTag(strings.TrimPrefix(ref, archivePrefix))
+		var t *name.Tag
+		if tag != "" {
+			nt, err := name.NewTag(tag)
+			if err != nil {
+				return nil, fmt.Errorf("%w %q: %v", ErrInvalid, ref, err)
+			}
+			t = &nt
+		}
+		img, err := tarball.ImageFromPath(file, t)
+		if err != nil {
+			return nil, fmt.Errorf("%w: docker archive %s: %v", ErrNotFound, file, err)
+		}
+		return img, nil
+	}
+	r, err := ParseReference(ref, opts)
+	if err != nil {
+		return nil, err
+	}
+	timeout := opts.Timeout
+	if timeout <= 0 {
+		timeout = 30 * time.Second
+	}
+	tr := &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: timeout}).DialContext,
+		TLSHandshakeTimeout:   timeout,
+		ResponseHeaderTimeout: timeout,
+		IdleConnTimeout:       90 * time.Second,
+		MaxIdleConnsPerHost:   8,
+	}
+	img, err := remote.Image(r,
+		remote.WithContext(ctx),
+		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithTransport(tr),
+		remote.WithPlatform(v1.Platform{OS: "linux", Architecture: "amd64"}),
+	)
+	if err != nil {
+		return nil, registryError(r, err)
+	}
+	return img, nil
+}
+
+// ParseReference parses a registry reference, treating registries listed
+// in opts.Insecure as plain HTTP.
+func ParseReference(ref string, opts SourceOptions) (name.Reference, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return nil, fmt.Errorf("%w %q: %v", ErrInvalid, ref, err)
+	}
+	for _, reg := range opts.Insecure {
+		if r.Context().RegistryStr() == reg {
+			return name.ParseReference(ref, name.Insecure)
+		}
+	}
+	return r, nil
+}
+
+func registryError(r name.Reference, err error) error {
+	var te *transport.Error
+	if errors.As(err, &te) {
+		if te.StatusCode == http.StatusNotFound {
+			return fmt.Errorf("%w: %s is not in registry %s", ErrNotFound, r, r.Context().RegistryStr())
+		}
+		for _, d := range te.Errors {
+			if d.Code == transport.ManifestUnknownErrorCode || d.Code == transport.NameUnknownErrorCode {
+				return fmt.Errorf("%w: %s is not in registry %s", ErrNotFound, r, r.Context().RegistryStr())
+			}
+		}
+	}
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return fmt.Errorf("registry %s did not answer in time: %w", r.Context().RegistryStr(), err)
+	}
+	return fmt.Errorf("pull %s: %w", r, err)
+}
+
+// splitTag splits "PATH:TAG" at its last colon when what follows looks like
+// a tag rather than part of a path.
+func splitTag(s string) (string, string) {
+	i := strings.LastIndexByte(s, ':')
+	if i < 0 || strings.Contains(s[i+1:], "/") {
+		return s, ""
+	}
+	return s[:i], s[i+1:]
+}
+
+func openLayout(dir, tag string) (v1.Image, error) {
+	p, err := layout.FromPath(dir)
+	if err != nil {
+		return nil, fmt.Errorf("%w: OCI layout %s: %v", ErrNotFound, dir, err)
+	}
+	idx, err := p.ImageIndex()
+	if err != nil {
+		return nil, fmt.Errorf("OCI layout %s: %w", dir, err)
+	}
+	m, err := idx.IndexManifest()
+	if err != nil {
+		return nil, fmt.Errorf("OCI layout %s: %w", dir, err)
+	}
+	var found []v1.Descriptor
+	for _, d := range m.Manifests {
+		refName := d.Annotations["org.opencontainers.image.ref.name"]
+		if tag == "" || refName == tag || strings.HasSuffix(refName, ":"+tag) {
+			found = append(found, d)
+		}
+	}
+	switch {
+	case len(found) == 0 && tag != "":
+		return nil, fmt.Errorf("%w: no image tagged %q in OCI layout %s", ErrNotFound, tag, dir)
+	case len(found) == 0:
+		return nil, fmt.Errorf("%w: OCI layout %s holds no image", ErrNotFound, dir)
+	case len(found) > 1:
+		return nil, fmt.Errorf("%w: OCI layout %s holds %d images; name one with oci:%s:TAG", ErrInvalid, dir, len(found), dir)
+	}
+	if found[0].MediaType.IsIndex() {
+		child, err := idx.ImageIndex(found[0].Digest)
+		if err != nil {
+			return nil, err
+		}
+		return pickPlatform(child)
+	}
+	return idx.Image(found[0].Digest)
+}
+
+func pickPlatform(idx v1.ImageIndex) (v1.Image, error) {
+	m, err := idx.IndexManifest()
+	if err != nil {
+		return nil, err
+	}
+	for _, d := range m.Manifests {
+		if d.Platform == nil || (d.Platform.OS == "linux" && d.Platform.Architecture == "amd64") {
+			return idx.Image(d.Digest)
+		}
+	}
+	return nil, fmt.Errorf("%w: no linux/amd64 image in the index", ErrNotFound)
+}

@@ -1,0 +1,75 @@
+// Package initramfs writes the guest's initramfs: hearth-agent as /init and
+// the few nodes the kernel needs before the agent runs. It is a newc cpio
+// written in Go, so no external tool runs when a VM starts, and it is cached
+// by the agent binary's hash: every VM on a host shares one file.
+package initramfs
+
+import (
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+
+	"github.com/cavaliergopher/cpio"
+)
+
+// Write writes an initramfs holding agent as /init to w.
+func Write(w io.Writer, agent []byte) error {
+	cw := cpio.NewWriter(w)
+	entries := []struct {
+		hdr  cpio.Header
+		body []byte
+	}{
+		{hdr: cpio.Header{Name: "dev", Mode: cpio.TypeDir | 0o755}},
+		{hdr: cpio.Header{Name: "proc", Mode: cpio.TypeDir | 0o755}},
+		{hdr: cpio.Header{Name: "sys", Mode: cpio.TypeDir | 0o755}},
+		{hdr: cpio.Header{Name: "mnt", Mode: cpio.TypeDir | 0o755}},
+		{hdr: cpio.Header{Name: "init", Mode: cpio.TypeReg | 0o755, Size: int64(len(agent))}, body: agent},
+	}
+	for _, e := range entries {
+		h := e.hdr
+		if err := cw.WriteHeader(&h); err != nil {
+			return fmt.Errorf("cpio %s: %w", h.Name, err)
+		}
+		if _, err := cw.Write(e.body); err != nil {
+			return fmt.Errorf("cpio %s: %w", h.Name, err)
+		}
+	}
+	return cw.Close()
+}
+
+// Ensure returns the path of the initramfs for the agent binary at agentPath,
+// writing it under dir the first time.
+func Ensure(dir, agentPath string) (string, error) {
+	agent, err := os.ReadFile(agentPath)
+	if err != nil {
+		return "", fmt.Errorf("read guest agent: %w", err)
+	}
+	sum := sha256.Sum256(agent)
+	path := filepath.Join(dir, hex.EncodeToString(sum[:8])+".cpio")
+	if _, err := os.Stat(path); err == nil {
+		return path, nil
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return "", err
+	}
+	tmp, err := os.CreateTemp(dir, ".initramfs-*")
+	if err != nil {
+		return "", err
+	}
+	defer os.Remove(tmp.Name())
+	if err := Write(tmp, agent); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if err := tmp.Close(); err != nil {
+		return "", err
+	}
+	// Rename is atomic: concurrent first runs each write a complete file.
+	if err := os.Rename(tmp.Name(), path); err != nil {
+		return "", err
+	}
+	return path, nil
+}

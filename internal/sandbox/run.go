@@ -1,0 +1,441 @@
+package sandbox
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"hearth.dev/hearth/internal/guest/protocol"
+	"hearth.dev/hearth/internal/image"
+	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// Runtime runs sandboxes on this host.
+type Runtime struct {
+	Images    *image.Store
+	Driver    vmm.Driver
+	Accel     vmm.Accel
+	Kernel    string // guest vmlinux
+	Agent     string // hearth-agent binary
+	CacheDir  string // where the initramfs is cached
+	RunRoot   string // one directory per running VM under it
+	Pull      image.PullPolicy
+	Log       *slog.Logger
+	BootLimit time.Duration // from VMM start to the agent's hello; 0 means 2 minutes
+}
+
+// IO connects a sandbox's streams to the caller.
+type IO struct {
+	Stdin   io.Reader // read only if Spec.Stdin
+	Stdout  io.Writer
+	Stderr  io.Writer
+	Resize  <-chan protocol.Resize
+	Signals <-chan syscall.Signal
+}
+
+// Result is how the workload ended.
+type Result struct {
+	ExitCode int
+	Signal   int
+	OOM      bool
+	DiskFull bool
+	// Error is set when the agent could not run the workload (bad user,
+	// command not found...); ExitCode is then 125, 126 or 127.
+	Error string
+	// Boot is the time from starting the VMM to the workload running.
+	Boot time.Duration
+}
+
+// ErrBoot means the VM did not come up to the point of running the workload.
+var ErrBoot = errors.New("guest failed to boot")
+
+// Run boots a VM for spec, runs the workload to its end and removes the VM.
+func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err error) {
+	if err := spec.Validate(); err != nil {
+		return nil, err
+	}
+	if rt.Log == nil {
+		rt.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	}
+	if _, err := os.Stat(rt.Kernel); err != nil {
+		return nil, fmt.Errorf("no guest kernel at %s: build it with `make kernel` (kernel/build.sh)", rt.Kernel)
+	}
+	rt.sweep()
+
+	img, err := rt.Images.Get(ctx, spec.Image, rt.Pull)
+	if err != nil {
+		return nil, err
+	}
+	release, err := rt.Images.Use(img.Digest)
+	if err != nil {
+		return nil, err
+	}
+	defer release()
+	initrd, err := initramfs.Ensure(filepath.Join(rt.CacheDir, "initramfs"), rt.Agent)
+	if err != nil {
+		return nil, err
+	}
+
+	id := newID()
+	runDir, unlock, err := rt.makeRunDir(id)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		unlock()
+		if rerr := os.RemoveAll(runDir); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("remove run directory: %w", rerr))
+		}
+	}()
+	disk := filepath.Join(runDir, "disk.ext4")
+	if err := makeDisk(ctx, disk, spec.DiskMiB); err != nil {
+		return nil, err
+	}
+
+	start := time.Now()
+	vm, err := rt.Driver.Start(ctx, vmm.Config{
+		ID:        id,
+		RunDir:    runDir,
+		Kernel:    rt.Kernel,
+		Initrd:    initrd,
+		VCPUs:     spec.CPUs,
+		MemoryMiB: spec.MemoryMiB,
+		Accel:     rt.Accel,
+		Drives: []vmm.Drive{
+			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
+			{ID: "rw", Path: disk, Serial: "rw"},
+		},
+	})
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
+	}
+	defer func() { err = errors.Join(err, vm.Kill()) }()
+	rt.Log.Debug("vm started", "id", id, "pid", vm.Pid(), "accel", rt.Accel)
+
+	name := spec.Name
+	if name == "" {
+		name = "hearth-" + id
+	}
+	st := protocol.Start{
+		Image:    protocol.Disk{Serial: "image", FSType: "erofs"},
+		Writable: protocol.Disk{Serial: "rw", FSType: "ext4"},
+		Hostname: name,
+		Args:     argv(img.Config, spec.Command),
+		Env:      mergeEnv(img.Config.Env, spec.Env),
+		Dir:      firstNonEmpty(spec.WorkingDir, img.Config.WorkingDir),
+		User:     firstNonEmpty(spec.User, img.Config.User),
+		TTY:      spec.TTY,
+		Rows:     spec.Rows,
+		Cols:     spec.Cols,
+		Stdin:    spec.Stdin,
+		Time:     time.Now().UnixNano(),
+	}
+	s := &session{vm: vm, sio: sio, start: start, log: rt.Log}
+	limit := rt.BootLimit
+	if limit == 0 {
+		limit = 2 * time.Minute
+	}
+	res, err = s.run(ctx, st, limit)
+	if err != nil {
+		return nil, err
+	}
+	// The agent powers the VM off after Bye; give it a moment, then Kill
+	// in the deferred call ends it regardless.
+	wctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	_ = vm.Wait(wctx)
+	return res, nil
+}
+
+func firstNonEmpty(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
+}
+
+func newID() string {
+	b := make([]byte, 6)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// makeRunDir creates the VM's run directory and holds a lock in it for the
+// life of this process, so that sweep can tell abandoned directories (their
+// owner was SIGKILLed) from live ones.
+func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
+	dir := filepath.Join(rt.RunRoot, id)
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", nil, fmt.Errorf("run directory: %w", err)
+	}
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
+		f.Close()
+		return "", nil, err
+	}
+	return dir, func() { f.Close() }, nil
+}
+
+// sweep removes run directories whose owner died without cleaning up. Their
+// VMMs died with their owner (PDEATHSIG).
+func (rt *Runtime) sweep() {
+	entries, _ := os.ReadDir(rt.RunRoot)
+	for _, e := range entries {
+		dir := filepath.Join(rt.RunRoot, e.Name())
+		f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR, 0)
+		if err != nil {
+			continue
+		}
+		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+			rt.Log.Info("removing abandoned run directory", "dir", dir)
+			_ = os.RemoveAll(dir)
+		}
+		f.Close()
+	}
+}
+
+// makeDisk creates the sandbox's writable layer: a sparse file formatted
+// ext4. No reserved blocks (the workload may use it all), no journal (it
+// lives as long as the VM), and lazy inode tables: the guest mounts it with
+// noinit_itable, and the sparse file reads back zeros anyway.
+func makeDisk(ctx context.Context, path string, sizeMiB int) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	err = f.Truncate(int64(sizeMiB) << 20)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		return fmt.Errorf("writable disk: %w", err)
+	}
+	out, err := exec.CommandContext(ctx, "mkfs.ext4", "-q", "-F", "-m", "0", "-O", "^has_journal",
+		"-E", "lazy_itable_init=1,nodiscard", path).CombinedOutput()
+	if err != nil {
+		return fmt.Errorf("mkfs.ext4: %w: %s", err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// session drives the guest agent's protocol for one run.
+type session struct {
+	vm    vmm.VM
+	sio   IO
+	start time.Time
+	log   *slog.Logger
+	w     *protocol.Writer
+}
+
+func (s *session) bootError(msg string) error {
+	logs := s.vm.Logs(2048)
+	if i := strings.Index(logs, "Kernel panic"); i >= 0 {
+		line := logs[i:]
+		if j := strings.IndexByte(line, '\n'); j >= 0 {
+			line = line[:j]
+		}
+		msg += ": the guest kernel panicked: " + line
+	}
+	if logs != "" {
+		return fmt.Errorf("%w: %s\n%s", ErrBoot, msg, logs)
+	}
+	return fmt.Errorf("%w: %s", ErrBoot, msg)
+}
+
+func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Duration) (*Result, error) {
+	conn, err := s.vm.Channel(ctx)
+	if err != nil {
+		return nil, s.bootError(err.Error())
+	}
+	defer conn.Close()
+	// Whatever ends first, the caller's context or the VMM, unblocks reads.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	vmDone := make(chan struct{})
+	go func() {
+		_ = s.vm.Wait(context.Background())
+		close(vmDone)
+		// Let buffered frames drain before unblocking a read.
+		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
+	}()
+
+	r := protocol.NewReader(conn)
+	s.w = protocol.NewWriter(conn)
+	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version}); err != nil {
+		return nil, s.bootError(err.Error())
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(bootLimit))
+	f, err := r.Read()
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, s.bootError("the guest agent never answered")
+	}
+	_ = conn.SetReadDeadline(time.Time{})
+	var hello protocol.Hello
+	if f.Type != protocol.THello || protocol.Decode(f, &hello) != nil || hello.Version != protocol.Version {
+		return nil, fmt.Errorf("%w: guest agent %q speaks protocol %d, hearth %d", ErrBoot, hello.Agent, hello.Version, protocol.Version)
+	}
+	if err := s.w.WriteJSON(protocol.TStart, st); err != nil {
+		return nil, s.bootError(err.Error())
+	}
+
+	res := &Result{}
+	credit := newCredit(protocol.StdinWindow)
+	defer credit.close()
+	var started sync.Once
+	for {
+		f, err := r.Read()
+		if err != nil {
+			if ctx.Err() != nil {
+				return nil, ctx.Err()
+			}
+			select {
+			case <-vmDone:
+				return nil, s.bootError("the VM stopped before the workload finished")
+			default:
+			}
+			return nil, fmt.Errorf("guest agent channel: %w", err)
+		}
+		switch f.Type {
+		case protocol.TStarted:
+			started.Do(func() {
+				res.Boot = time.Since(s.start)
+				go s.forward(ctx, st, credit)
+			})
+		case protocol.TStdout:
+			if _, err := s.sio.Stdout.Write(f.Payload); err != nil {
+				return nil, fmt.Errorf("write stdout: %w", err)
+			}
+		case protocol.TStderr:
+			if _, err := s.sio.Stderr.Write(f.Payload); err != nil {
+				return nil, fmt.Errorf("write stderr: %w", err)
+			}
+		case protocol.TStdinAck:
+			var a protocol.StdinAck
+			if protocol.Decode(f, &a) == nil {
+				credit.add(a.Bytes)
+			}
+		case protocol.TExit:
+			var e protocol.Exit
+			if err := protocol.Decode(f, &e); err != nil {
+				return nil, err
+			}
+			_ = s.w.Write(protocol.TBye, nil)
+			res.ExitCode, res.Signal, res.OOM, res.DiskFull, res.Error = e.Code, e.Signal, e.OOM, e.DiskFull, e.Error
+			if res.Boot == 0 {
+				res.Boot = time.Since(s.start)
+			}
+			return res, nil
+		}
+	}
+}
+
+// forward sends stdin, window sizes and signals to the guest.
+func (s *session) forward(ctx context.Context, st protocol.Start, credit *credit) {
+	if st.Stdin && s.sio.Stdin != nil {
+		go s.pumpStdin(credit)
+	}
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case r, ok := <-s.sio.Resize:
+			if !ok {
+				s.sio.Resize = nil
+				continue
+			}
+			_ = s.w.WriteJSON(protocol.TResize, r)
+		case sig, ok := <-s.sio.Signals:
+			if !ok {
+				s.sio.Signals = nil
+				continue
+			}
+			_ = s.w.WriteJSON(protocol.TSignal, protocol.Signal{Signal: int(sig)})
+		}
+	}
+}
+
+func (s *session) pumpStdin(credit *credit) {
+	buf := make([]byte, protocol.ChunkSize)
+	for {
+		n, err := s.sio.Stdin.Read(buf)
+		p := buf[:n]
+		for len(p) > 0 {
+			k := credit.take(len(p))
+			if k == 0 {
+				return // session over
+			}
+			if s.w.Write(protocol.TStdin, p[:k]) != nil {
+				return
+			}
+			p = p[k:]
+		}
+		if err != nil {
+			_ = s.w.Write(protocol.TStdinClose, nil)
+			return
+		}
+	}
+}
+
+// credit is the host's stdin send window.
+type credit struct {
+	mu     sync.Mutex
+	cond   *sync.Cond
+	n      int
+	closed bool
+}
+
+func newCredit(n int) *credit {
+	c := &credit{n: n}
+	c.cond = sync.NewCond(&c.mu)
+	return c
+}
+
+// take waits for credit and returns up to want bytes of it; 0 once closed.
+func (c *credit) take(want int) int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for c.n == 0 && !c.closed {
+		c.cond.Wait()
+	}
+	if c.closed {
+		return 0
+	}
+	k := min(want, c.n)
+	c.n -= k
+	return k
+}
+
+func (c *credit) add(n int) {
+	c.mu.Lock()
+	c.n += n
+	c.mu.Unlock()
+	c.cond.Broadcast()
+}
+
+func (c *credit) close() {
+	c.mu.Lock()
+	c.closed = true
+	c.mu.Unlock()
+	c.cond.Broadcast()
+}
+

@@ -1,0 +1,249 @@
+// Package qemu is the QEMU driver: the microvm machine, virtio-mmio devices,
+// QMP over a unix socket, and the guest agent's channel on a virtio-serial
+// port. It runs with KVM where the host has it and with TCG elsewhere.
+package qemu
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+
+	"github.com/digitalocean/go-qemu/qmp"
+
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// Driver starts QEMU microvm guests.
+type Driver struct {
+	// Binary is the QEMU executable; "qemu-system-x86_64" on PATH if empty.
+	Binary string
+}
+
+var _ vmm.Driver = (*Driver)(nil)
+
+// Name is "qemu".
+func (d *Driver) Name() string { return "qemu" }
+
+// AgentPortName is the virtio-serial port the guest agent opens.
+const AgentPortName = "hearth.0"
+
+// Files under the run directory.
+const (
+	qmpSock    = "qmp.sock"
+	agentSock  = "agent.sock"
+	consoleLog = "console.log"
+	vmmLog     = "vmm.log"
+)
+
+// baseCmdline is what every guest needs:
+//   - console=ttyS0: early and panic messages go to the console log;
+//   - quiet: under TCG every console byte is an emulated UART write;
+//   - panic=-1 and reboot=t with QEMU's -no-reboot: a guest panic, or the
+//     agent's final reboot(2), ends the QEMU process at once (a triple fault
+//     needs no ACPI or keyboard controller);
+//   - rdinit=/init: hearth-agent in the initramfs.
+const baseCmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init 8250.nr_uarts=1"
+
+// Args returns QEMU's command line for cfg.
+func Args(cfg vmm.Config) []string {
+	run := func(name string) string { return filepath.Join(cfg.RunDir, name) }
+	machine := "microvm,acpi=off,pcie=off,isa-serial=on,x-option-roms=off"
+	cpu := "max"
+	accel := "tcg,thread=multi"
+	if cfg.Accel == vmm.KVM {
+		cpu, accel = "host", "kvm"
+	}
+	args := []string{
+		"-name", "hearth-" + cfg.ID,
+		"-machine", machine,
+		"-accel", accel,
+		"-cpu", cpu,
+		"-smp", strconv.Itoa(max(cfg.VCPUs, 1)),
+		"-m", strconv.Itoa(cfg.MemoryMiB) + "M",
+		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		"-kernel", cfg.Kernel,
+		"-initrd", cfg.Initrd,
+		"-append", strings.TrimSpace(baseCmdline + " " + cfg.Cmdline),
+		"-chardev", "file,id=console,path=" + run(consoleLog),
+		"-serial", "chardev:console",
+		"-qmp", "unix:" + run(qmpSock) + ",server=on,wait=off",
+		"-device", "virtio-serial-device,max_ports=2",
+		"-chardev", "socket,id=agent,path=" + run(agentSock) + ",server=on,wait=off",
+		"-device", "virtserialport,chardev=agent,name=" + AgentPortName,
+		"-device", "virtio-rng-device",
+	}
+	for _, d := range cfg.Drives {
+		drive := fmt.Sprintf("id=%s,file=%s,format=raw,if=none,cache=unsafe,discard=unmap", d.ID, d.Path)
+		if d.ReadOnly {
+			drive = fmt.Sprintf("id=%s,file=%s,format=raw,if=none,readonly=on", d.ID, d.Path)
+		}
+		args = append(args, "-drive", drive,
+			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", d.ID, d.Serial))
+	}
+	return args
+}
+
+// Start launches QEMU and returns once its QMP socket answers.
+func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
+	bin := d.Binary
+	if bin == "" {
+		bin = "qemu-system-x86_64"
+	}
+	path, err := exec.LookPath(bin)
+	if err != nil {
+		return nil, fmt.Errorf("qemu: %w (install it with: apt-get install qemu-system-x86)", err)
+	}
+	logf, err := os.Create(filepath.Join(cfg.RunDir, vmmLog))
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	cmd := exec.Command(path, Args(cfg)...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{
+		// Its own process group: a Ctrl-C at the terminal is for the
+		// workload (hearth forwards it), not for QEMU.
+		Setpgid: true,
+		// If hearth dies without cleaning up, QEMU must not outlive it.
+		Pdeathsig: syscall.SIGKILL,
+	}
+	if err := cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start qemu: %w", err)
+	}
+	vm := &VM{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+	go func() {
+		vm.waitErr = cmd.Wait()
+		close(vm.done)
+	}()
+	if err := vm.connectQMP(ctx); err != nil {
+		return nil, errors.Join(err, vm.Kill())
+	}
+	return vm, nil
+}
+
+// VM is one QEMU process.
+type VM struct {
+	cfg     vmm.Config
+	cmd     *exec.Cmd
+	done    chan struct{}
+	waitErr error
+	mon     *qmp.SocketMonitor
+	once    sync.Once
+}
+
+var _ vmm.VM = (*VM)(nil)
+
+func (v *VM) path(name string) string { return filepath.Join(v.cfg.RunDir, name) }
+
+// connectQMP waits for QEMU to create its QMP socket (it does so early,
+// before the guest runs) and checks that the VM is running.
+func (v *VM) connectQMP(ctx context.Context) error {
+	tick := time.NewTicker(time.Millisecond)
+	defer tick.Stop()
+	for {
+		if _, err := os.Stat(v.path(qmpSock)); err == nil {
+			mon, err := qmp.NewSocketMonitor("unix", v.path(qmpSock), 5*time.Second)
+			if err == nil {
+				if err = mon.Connect(); err == nil {
+					v.mon = mon
+					return v.checkRunning()
+				}
+			}
+		}
+		select {
+		case <-v.done:
+			return fmt.Errorf("%w during start: %v", vmm.ErrExited, v.waitErr)
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-tick.C:
+		}
+	}
+}
+
+func (v *VM) checkRunning() error {
+	raw, err := v.mon.Run([]byte(`{"execute":"query-status"}`))
+	if err != nil {
+		return fmt.Errorf("qmp query-status: %w", err)
+	}
+	var st struct {
+		Return struct {
+			Status string `json:"status"`
+		} `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &st); err != nil {
+		return fmt.Errorf("qmp query-status: %w", err)
+	}
+	if st.Return.Status != "running" {
+		return fmt.Errorf("qemu is %s, not running", st.Return.Status)
+	}
+	return nil
+}
+
+// Channel connects to the agent's virtio-serial chardev. QEMU created it
+// before its QMP socket answered, so no retry is needed.
+func (v *VM) Channel(ctx context.Context) (net.Conn, error) {
+	var d net.Dialer
+	c, err := d.DialContext(ctx, "unix", v.path(agentSock))
+	if err != nil {
+		return nil, fmt.Errorf("connect to guest agent channel: %w", err)
+	}
+	return c, nil
+}
+
+// Wait returns when QEMU has exited.
+func (v *VM) Wait(ctx context.Context) error {
+	select {
+	case <-v.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	var ee *exec.ExitError
+	if errors.As(v.waitErr, &ee) && ee.ExitCode() == 0 {
+		return nil
+	}
+	if v.waitErr != nil {
+		return fmt.Errorf("%w: %v", vmm.ErrExited, v.waitErr)
+	}
+	return nil
+}
+
+// Kill ends QEMU with SIGKILL and waits for it to be gone.
+func (v *VM) Kill() error {
+	v.once.Do(func() {
+		if v.mon != nil {
+			_ = v.mon.Disconnect()
+		}
+		select {
+		case <-v.done:
+		default:
+			_ = v.cmd.Process.Kill()
+		}
+	})
+	<-v.done
+	return nil
+}
+
+// Pid is QEMU's process id.
+func (v *VM) Pid() int { return v.cmd.Process.Pid }
+
+// Logs returns the tails of QEMU's own output and the guest console.
+func (v *VM) Logs(n int) string {
+	var parts []string
+	if s := vmm.Tail(v.path(vmmLog), n); s != "" {
+		parts = append(parts, "qemu: "+s)
+	}
+	if s := vmm.Tail(v.path(consoleLog), n); s != "" {
+		parts = append(parts, "guest console:\n"+s)
+	}
+	return strings.Join(parts, "\n")
+}

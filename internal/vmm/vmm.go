@@ -1,0 +1,116 @@
+// Package vmm defines what hearth needs from a virtual machine monitor, so
+// that QEMU (vmm/qemu) and Firecracker drive the same sandboxes. A driver
+// boots a kernel and initramfs with a set of drives and a host channel to the
+// guest agent; everything a VM owns on the host lives under its RunDir.
+package vmm
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+)
+
+// Accel is how guest code executes.
+type Accel string
+
+const (
+	// KVM runs the guest on hardware virtualization: the isolation boundary.
+	KVM Accel = "kvm"
+	// TCG is QEMU's software emulation. It is not a security boundary.
+	TCG Accel = "tcg"
+)
+
+// ParseAccel parses "kvm", "tcg" or "" / "auto" (detect).
+func ParseAccel(s string) (Accel, error) {
+	switch s {
+	case "", "auto":
+		return DetectAccel(), nil
+	case "kvm":
+		if !KVMUsable() {
+			return "", fmt.Errorf("--accel kvm: this host has no usable KVM (%s)", kvmReason())
+		}
+		return KVM, nil
+	case "tcg":
+		return TCG, nil
+	}
+	return "", fmt.Errorf("--accel %q: want kvm, tcg or auto", s)
+}
+
+// DetectAccel picks KVM where it is usable, TCG otherwise.
+func DetectAccel() Accel {
+	if KVMUsable() {
+		return KVM
+	}
+	return TCG
+}
+
+// Drive is a block device given to the guest.
+type Drive struct {
+	ID       string // unique within the VM
+	Path     string // a raw image file
+	ReadOnly bool
+	Serial   string // how the guest agent finds it (/sys/block/vdX/serial)
+}
+
+// Config is one VM.
+type Config struct {
+	ID        string
+	RunDir    string // owned by the caller; the driver puts its sockets and logs here
+	Kernel    string // uncompressed vmlinux with a PVH entry
+	Initrd    string
+	Cmdline   string // appended to the driver's own kernel arguments
+	VCPUs     int
+	MemoryMiB int
+	Drives    []Drive
+	Accel     Accel
+}
+
+// Driver starts VMs.
+type Driver interface {
+	Name() string
+	Start(ctx context.Context, cfg Config) (VM, error)
+}
+
+// VM is a running VM.
+type VM interface {
+	// Channel returns the host end of the guest agent's byte stream.
+	Channel(ctx context.Context) (net.Conn, error)
+	// Wait returns when the VMM process has exited; nil if it exited
+	// because the guest reset or powered off.
+	Wait(ctx context.Context) error
+	// Kill stops the VMM at once; it is safe to call more than once and
+	// after the VM has exited. It returns after the process is gone.
+	Kill() error
+	// Pid is the VMM process.
+	Pid() int
+	// Logs returns the last n bytes of the VMM's and the guest console's
+	// output, for error messages.
+	Logs(n int) string
+}
+
+// ErrExited means the VMM process ended before the operation finished.
+var ErrExited = errors.New("VMM exited")
+
+// Tail returns the last n bytes of a file, trimmed to whole lines.
+func Tail(path string, n int) string {
+	f, err := os.Open(path)
+	if err != nil {
+		return ""
+	}
+	defer f.Close()
+	if fi, err := f.Stat(); err == nil && fi.Size() > int64(n) {
+		_, _ = f.Seek(fi.Size()-int64(n), io.SeekStart)
+	}
+	b, _ := io.ReadAll(f)
+	s := string(b)
+	if len(b) >= n {
+		if i := strings.IndexByte(s, '\n'); i >= 0 {
+			s = s[i+1:]
+		}
+	}
+	return strings.TrimRight(s, "\n")
+}
