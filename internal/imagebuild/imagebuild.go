@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 )
 
 // BusyboxPath is where Debian's busybox-static installs its binary.
@@ -94,7 +95,7 @@ func Layer(files []File) (v1.Layer, error) {
 	}
 	return tarball.LayerFromOpener(func() (io.ReadCloser, error) {
 		return io.NopCloser(bytes.NewReader(b)), nil
-	})
+	}, tarball.WithMediaType(types.OCILayer))
 }
 
 // Busybox returns the files of a minimal userland: busybox-static with a
@@ -133,7 +134,9 @@ func Busybox() ([]File, error) {
 
 // Image builds an image of the given layers (bottom first) and config.
 func Image(cfg v1.Config, layers ...[]File) (v1.Image, error) {
-	img := empty.Image
+	// OCI media types throughout: skopeo's oci: transport wants them.
+	img := mutate.MediaType(empty.Image, types.OCIManifestSchema1)
+	img = mutate.ConfigMediaType(img, types.OCIConfigJSON)
 	for _, files := range layers {
 		l, err := Layer(files)
 		if err != nil {

@@ -308,10 +308,12 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
+			// QEMU closes the channel as it exits: give the exit a moment
+			// to be seen, so that the error carries the VM's last words.
 			select {
 			case <-vmDone:
 				return nil, s.bootError("the VM stopped before the workload finished")
-			default:
+			case <-time.After(time.Second):
 			}
 			return nil, fmt.Errorf("guest agent channel: %w", err)
 		}

@@ -251,6 +251,9 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	}
 	wio.closeChild()
 	pid := cmd.Process.Pid
+	// The workload inherited the agent's -1000; give it the default back so
+	// that the OOM killer takes it rather than finding nothing killable.
+	_ = os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte("0"), 0)
 	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
 
 	var pumps sync.WaitGroup

@@ -1,0 +1,185 @@
+package image
+
+import (
+	"context"
+	"errors"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/testenv"
+)
+
+func newStore(t *testing.T) *Store {
+	t.Helper()
+	testenv.Need(t, os.Geteuid() == 0, "converting images sets owners: needs root")
+	_, err := exec.LookPath("mkfs.erofs")
+	testenv.Need(t, err == nil, "mkfs.erofs is not installed (apt-get install erofs-utils)")
+	return &Store{Dir: t.TempDir(), Source: SourceOptions{Timeout: 5 * time.Second}}
+}
+
+func TestStoreConvertsOnce(t *testing.T) {
+	s := newStore(t)
+	reg := testenv.StartRegistry(t)
+	img := testenv.BusyboxImage(t, v1.Config{Env: []string{"A=1"}, Cmd: []string{"sh"}})
+	ref := reg.Push(t, img, "tools:1")
+	want, _ := img.Digest()
+	ctx := context.Background()
+
+	// Many runs asking at once: one conversion.
+	var wg sync.WaitGroup
+	results := make([]*Image, 4)
+	errs := make([]error, 4)
+	for i := range results {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			results[i], errs[i] = s.Get(ctx, ref, PullAlways)
+		}()
+	}
+	wg.Wait()
+	converted := 0
+	for i, r := range results {
+		if errs[i] != nil {
+			t.Fatal(errs[i])
+		}
+		if r.Digest != want.String() {
+			t.Fatalf("digest %s, want %s", r.Digest, want)
+		}
+		if r.Converted {
+			converted++
+		}
+	}
+	if converted != 1 {
+		t.Fatalf("%d conversions for 4 concurrent pulls, want 1", converted)
+	}
+	fi, err := os.Stat(results[0].RootFS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(results[0].Config.Env) != 1 || results[0].Config.Env[0] != "A=1" {
+		t.Fatalf("config env %v", results[0].Config.Env)
+	}
+
+	// A second run of a converted image does no conversion work, and with
+	// the default policy does not even ask the registry.
+	again, err := s.Get(ctx, ref, PullMissing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi2, _ := os.Stat(again.RootFS)
+	if again.Converted || !fi2.ModTime().Equal(fi.ModTime()) {
+		t.Fatalf("second get converted again (converted=%v)", again.Converted)
+	}
+
+	list, err := s.List()
+	if err != nil || len(list) != 1 || list[0].Ref != ref || list[0].Size == 0 {
+		t.Fatalf("list: %+v %v", list, err)
+	}
+	// In use: not removable.
+	release, err := s.Use(again.Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.Remove(ref); !errors.Is(err, ErrInUse) {
+		t.Fatalf("remove in use: %v", err)
+	}
+	release()
+	if removed, err := s.Prune(); err != nil || len(removed) != 1 {
+		t.Fatalf("prune after an rm that left the blob: %v %v", removed, err)
+	}
+	if _, err := os.Stat(again.RootFS); !os.IsNotExist(err) {
+		t.Fatalf("rootfs still there: %v", err)
+	}
+	if entries, _ := os.ReadDir(s.Dir + "/tmp"); len(entries) != 0 {
+		t.Fatalf("work directories left: %v", entries)
+	}
+}
+
+func TestStoreErrors(t *testing.T) {
+	s := newStore(t)
+	reg := testenv.StartRegistry(t)
+	ctx := context.Background()
+
+	if _, err := s.Get(ctx, "Not A Ref!!", PullMissing); !errors.Is(err, ErrInvalid) {
+		t.Errorf("bad reference: %v", err)
+	}
+	if _, err := s.Get(ctx, reg.Addr+"/nope:1", PullMissing); !errors.Is(err, ErrNotFound) {
+		t.Errorf("missing image: %v", err)
+	}
+	if _, err := s.Get(ctx, "oci:/nonexistent-dir", PullMissing); !errors.Is(err, ErrNotFound) {
+		t.Errorf("missing layout: %v", err)
+	}
+	if _, err := s.Get(ctx, reg.Addr+"/nope:1", PullNever); !errors.Is(err, ErrNotFound) {
+		t.Errorf("--pull=never: %v", err)
+	}
+
+	// A registry that accepts connections and never answers.
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+		}
+	}()
+	s.Source.Timeout = time.Second
+	start := time.Now()
+	_, err = s.Get(ctx, l.Addr().String()+"/silent:1", PullMissing)
+	if err == nil || !strings.Contains(err.Error(), "did not answer") {
+		t.Errorf("silent registry: %v", err)
+	}
+	if d := time.Since(start); d > 10*time.Second {
+		t.Errorf("silent registry took %s to fail", d)
+	}
+}
+
+func TestLocalSources(t *testing.T) {
+	s := newStore(t)
+	img, err := imagebuild.Image(v1.Config{Cmd: []string{"x"}}, []imagebuild.File{{Path: "/x", Mode: 0o755, Body: []byte("x")}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	if err := imagebuild.WriteLayout(dir, "v1", img); err != nil {
+		t.Fatal(err)
+	}
+	got, err := s.Get(context.Background(), "oci:"+dir+":v1", PullMissing)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := img.Digest()
+	if got.Digest != want.String() || len(got.Config.Cmd) != 1 {
+		t.Fatalf("got %s %v", got.Digest, got.Config.Cmd)
+	}
+	if _, err := s.Get(context.Background(), "oci:"+dir+":v2", PullMissing); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("missing tag: %v", err)
+	}
+}
+
+func TestSplitTag(t *testing.T) {
+	for _, tc := range []struct{ in, path, tag string }{
+		{"/a/b", "/a/b", ""},
+		{"/a/b:v1", "/a/b", "v1"},
+		{"/a:b/c", "/a:b/c", ""},
+		{"rel:latest", "rel", "latest"},
+	} {
+		p, tag := splitTag(tc.in)
+		if p != tc.path || tag != tc.tag {
+			t.Errorf("splitTag(%q) = %q, %q", tc.in, p, tag)
+		}
+	}
+}

@@ -1,0 +1,225 @@
+// Package testenv gives hearth's integration tests real components: the
+// hearth binaries built once per test process, a Debian docker-registry on a
+// free loopback port, images pushed to it with skopeo, and checks that a
+// test left no VM, run directory or mount behind.
+//
+// Tests that need root, QEMU or the guest kernel skip with the reason on a
+// machine that lacks them, except under CI (CI=true), where a missing piece
+// is a failure: CI installs everything.
+package testenv
+
+import (
+	"bytes"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/imagebuild"
+)
+
+// Need skips (or, under CI, fails) the test when ok is false.
+func Need(t testing.TB, ok bool, why string) {
+	t.Helper()
+	if ok {
+		return
+	}
+	if os.Getenv("CI") != "" {
+		t.Fatalf("CI must run this test, but %s", why)
+	}
+	t.Skipf("skipped: %s", why)
+}
+
+// NeedVMs checks for what booting a guest takes: root (image conversion
+// sets owners and makes device nodes), QEMU, mkfs tools and the kernel.
+func NeedVMs(t testing.TB) {
+	t.Helper()
+	Need(t, runtime.GOOS == "linux", "hearth boots VMs only on Linux")
+	Need(t, os.Geteuid() == 0, "needs root (run the tests with sudo)")
+	for _, bin := range []string{"qemu-system-x86_64", "mkfs.erofs", "mkfs.ext4"} {
+		_, err := exec.LookPath(bin)
+		Need(t, err == nil, bin+" is not installed (run scripts/setup.sh)")
+	}
+	_, err := os.Stat(config.Kernel())
+	Need(t, err == nil, "no guest kernel at "+config.Kernel()+" (run make kernel)")
+}
+
+// NeedRegistry checks for docker-registry and skopeo.
+func NeedRegistry(t testing.TB) {
+	t.Helper()
+	for _, bin := range []string{"docker-registry", "skopeo"} {
+		_, err := exec.LookPath(bin)
+		Need(t, err == nil, bin+" is not installed (run scripts/setup.sh)")
+	}
+}
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	buildErr  error
+)
+
+// Binaries builds hearth and hearth-agent once per test process and returns
+// the directory holding them.
+func Binaries(t testing.TB) string {
+	t.Helper()
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "hearth-bin-")
+		if buildErr != nil {
+			return
+		}
+		root := ModuleRoot()
+		for _, b := range []struct{ pkg, out string }{
+			{"./cmd/hearth", "hearth"},
+			{"./cmd/hearth-agent", "hearth-agent"},
+		} {
+			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b.out), b.pkg)
+			cmd.Dir = root
+			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+			if out, err := cmd.CombinedOutput(); err != nil {
+				buildErr = fmt.Errorf("go build %s: %v\n%s", b.pkg, err, out)
+				return
+			}
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir
+}
+
+// ModuleRoot is the repository root (where go.mod is).
+func ModuleRoot() string {
+	_, file, _, _ := runtime.Caller(0)
+	return filepath.Join(filepath.Dir(file), "..", "..")
+}
+
+// FreeAddr returns a free 127.0.0.1 port.
+func FreeAddr(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+// Registry is a docker-registry serving on loopback for one test.
+type Registry struct {
+	Addr string // 127.0.0.1:PORT
+}
+
+// StartRegistry starts Debian's docker-registry with its storage in a test
+// directory; it is stopped when the test ends.
+func StartRegistry(t testing.TB) *Registry {
+	t.Helper()
+	NeedRegistry(t)
+	dir := t.TempDir()
+	addr := FreeAddr(t)
+	cfg := fmt.Sprintf(`version: 0.1
+log:
+  level: error
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+http:
+  addr: %s
+`, filepath.Join(dir, "data"), addr)
+	cfgPath := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	var logs bytes.Buffer
+	cmd := exec.Command("docker-registry", "serve", cfgPath)
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+	})
+	deadline := time.Now().Add(15 * time.Second)
+	for {
+		c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
+		if err == nil {
+			c.Close()
+			return &Registry{Addr: addr}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("docker-registry did not start on %s: %s", addr, logs.String())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// Push writes img to an OCI layout and copies it into the registry with
+// skopeo, as repo:tag. It returns the reference to run.
+func (r *Registry) Push(t testing.TB, img v1.Image, repoTag string) string {
+	t.Helper()
+	dir := t.TempDir()
+	if err := imagebuild.WriteLayout(dir, "push", img); err != nil {
+		t.Fatal(err)
+	}
+	ref := r.Addr + "/" + repoTag
+	out, err := exec.Command("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
+		"oci:"+dir+":push", "docker://"+ref).CombinedOutput()
+	if err != nil {
+		t.Fatalf("skopeo copy to %s: %v\n%s", ref, err, out)
+	}
+	return ref
+}
+
+// BusyboxImage builds the base test image with cfg and extra layers on top.
+func BusyboxImage(t testing.TB, cfg v1.Config, extra ...[]imagebuild.File) v1.Image {
+	t.Helper()
+	base, err := imagebuild.Busybox()
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := imagebuild.Image(cfg, append([][]imagebuild.File{base}, extra...)...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// CheckNoLeaks fails the test if anything under runRoot survived: a VMM
+// process, a run directory or a mount.
+func CheckNoLeaks(t testing.TB, runRoot string) {
+	t.Helper()
+	var problems []string
+	if entries, _ := os.ReadDir(runRoot); len(entries) > 0 {
+		for _, e := range entries {
+			problems = append(problems, "run directory "+filepath.Join(runRoot, e.Name()))
+		}
+	}
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, []byte(runRoot+"/")) {
+			problems = append(problems, "process "+filepath.Base(filepath.Dir(p))+": "+strings.ReplaceAll(string(b[:min(len(b), 120)]), "\x00", " "))
+		}
+	}
+	if mounts, err := os.ReadFile("/proc/self/mountinfo"); err == nil && bytes.Contains(mounts, []byte(runRoot)) {
+		problems = append(problems, "a mount under "+runRoot)
+	}
+	if out, err := exec.Command("losetup", "-a").Output(); err == nil && bytes.Contains(out, []byte(runRoot)) {
+		problems = append(problems, "a loop device on "+runRoot)
+	}
+	if len(problems) > 0 {
+		t.Errorf("left behind:\n  %s", strings.Join(problems, "\n  "))
+	}
+}
