@@ -3,7 +3,6 @@ package image
 import (
 	"context"
 	"errors"
-	"net"
 	"os"
 	"os/exec"
 	"strings"
@@ -122,23 +121,10 @@ func TestStoreErrors(t *testing.T) {
 	}
 
 	// A registry that accepts connections and never answers.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			defer c.Close()
-		}
-	}()
+	silent := testenv.SilentServer(t)
 	s.Source.Timeout = time.Second
 	start := time.Now()
-	_, err = s.Get(ctx, l.Addr().String()+"/silent:1", PullMissing)
+	_, err := s.Get(ctx, silent+"/silent:1", PullMissing)
 	if err == nil || !strings.Contains(err.Error(), "did not answer") {
 		t.Errorf("silent registry: %v", err)
 	}

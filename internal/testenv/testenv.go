@@ -223,3 +223,35 @@ func CheckNoLeaks(t testing.TB, runRoot string) {
 		t.Errorf("left behind:\n  %s", strings.Join(problems, "\n  "))
 	}
 }
+
+// SilentServer listens on loopback, accepts connections and never answers:
+// a registry that hangs. It returns its address.
+func SilentServer(t testing.TB) string {
+	t.Helper()
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var conns []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		l.Close()
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range conns {
+			c.Close()
+		}
+	})
+	return l.Addr().String()
+}
