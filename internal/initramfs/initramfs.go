@@ -15,26 +15,35 @@ import (
 	"github.com/cavaliergopher/cpio"
 )
 
+// File is one regular file of an initramfs.
+type File struct {
+	Name string // path without a leading slash
+	Mode int64  // permission bits
+	Body []byte
+}
+
 // Write writes an initramfs holding agent as /init to w.
 func Write(w io.Writer, agent []byte) error {
+	return WriteFiles(w, []File{{Name: "init", Mode: 0o755, Body: agent}})
+}
+
+// WriteFiles writes an initramfs with the directories the agent mounts on
+// (/dev, /proc, /sys, /mnt) and files. No device nodes: the cpio writer
+// cannot make them, so the agent takes its console from devtmpfs.
+func WriteFiles(w io.Writer, files []File) error {
 	cw := cpio.NewWriter(w)
-	entries := []struct {
-		hdr  cpio.Header
-		body []byte
-	}{
-		{hdr: cpio.Header{Name: "dev", Mode: cpio.TypeDir | 0o755}},
-		{hdr: cpio.Header{Name: "proc", Mode: cpio.TypeDir | 0o755}},
-		{hdr: cpio.Header{Name: "sys", Mode: cpio.TypeDir | 0o755}},
-		{hdr: cpio.Header{Name: "mnt", Mode: cpio.TypeDir | 0o755}},
-		{hdr: cpio.Header{Name: "init", Mode: cpio.TypeReg | 0o755, Size: int64(len(agent))}, body: agent},
-	}
-	for _, e := range entries {
-		h := e.hdr
-		if err := cw.WriteHeader(&h); err != nil {
-			return fmt.Errorf("cpio %s: %w", h.Name, err)
+	for _, d := range []string{"dev", "proc", "sys", "mnt"} {
+		if err := cw.WriteHeader(&cpio.Header{Name: d, Mode: cpio.TypeDir | 0o755}); err != nil {
+			return fmt.Errorf("cpio %s: %w", d, err)
 		}
-		if _, err := cw.Write(e.body); err != nil {
-			return fmt.Errorf("cpio %s: %w", h.Name, err)
+	}
+	for _, f := range files {
+		h := &cpio.Header{Name: f.Name, Mode: cpio.TypeReg | cpio.FileMode(f.Mode), Size: int64(len(f.Body))}
+		if err := cw.WriteHeader(h); err != nil {
+			return fmt.Errorf("cpio %s: %w", f.Name, err)
+		}
+		if _, err := cw.Write(f.Body); err != nil {
+			return fmt.Errorf("cpio %s: %w", f.Name, err)
 		}
 	}
 	return cw.Close()

@@ -440,4 +440,3 @@ func (c *credit) close() {
 	c.mu.Unlock()
 	c.cond.Broadcast()
 }
-

@@ -542,4 +542,3 @@ func diskFull(path string) bool {
 	}
 	return st.Bavail*uint64(st.Bsize) < 64<<10 || st.Ffree == 0
 }
-

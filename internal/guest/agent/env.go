@@ -83,4 +83,3 @@ func lookPath(name, path string) (string, error) {
 	}
 	return "", firstErr
 }
-

@@ -1,0 +1,44 @@
+# hearth — `make help` lists the targets.
+GO      ?= go
+BIN     := bin
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -s -w -X main.version=$(VERSION)
+
+.PHONY: help setup kernel build demo test test-unit verify bench clean
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+
+setup: ## install Debian packages and build the guest kernel (root; idempotent)
+	scripts/setup.sh
+
+kernel: ## build the guest kernel (cached by its inputs under ~/.cache/hearth/kernel)
+	kernel/build.sh
+
+build: ## build bin/hearth, bin/hearth-agent (static) and bin/hearth-mkimage
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-agent ./cmd/hearth-agent
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth ./cmd/hearth
+	$(GO) build -o $(BIN)/hearth-mkimage ./cmd/hearth-mkimage
+
+demo: setup build ## set everything up, build a busybox image locally and run a command in a VM
+	$(BIN)/hearth-mkimage -o /tmp/hearth-demo -t latest
+	$(BIN)/hearth run oci:/tmp/hearth-demo:latest -- sh -c 'echo "hello from a micro-VM: $$(uname -sr), $$(nproc) cpu, $$(id -un)"'
+
+test: setup verify ## everything CI runs: setup, verify, then all tests with -race (root)
+	$(GO) test -race -count=1 -timeout 30m ./...
+
+test-unit: ## the tests that need no root, VM or registry
+	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/
+
+verify: ## gofmt, go vet, and go.mod tidy
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
+	$(GO) vet ./...
+	@cp go.mod /tmp/hearth.go.mod.bak; cp go.sum /tmp/hearth.go.sum.bak; $(GO) mod tidy; \
+	  if ! diff -q go.mod /tmp/hearth.go.mod.bak >/dev/null || ! diff -q go.sum /tmp/hearth.go.sum.bak >/dev/null; then \
+	    cp /tmp/hearth.go.mod.bak go.mod; cp /tmp/hearth.go.sum.bak go.sum; echo "go mod tidy changes go.mod/go.sum"; exit 1; fi
+
+bench: build ## hearth bench boot: hearth run vs a bare QEMU boot
+	$(BIN)/hearth bench boot
+
+clean: ## remove build outputs
+	rm -rf $(BIN)

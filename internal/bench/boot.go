@@ -1,0 +1,283 @@
+// Package bench measures hearth against a bare VMM on the same host, in the
+// same run, and reports ratios: absolute times on a shared machine drift,
+// ratios much less.
+package bench
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/image"
+	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/vmm"
+	"hearth.dev/hearth/internal/vmm/qemu"
+)
+
+// BootOptions configures the boot benchmark.
+type BootOptions struct {
+	N         int
+	Hearth    string // the hearth binary to time
+	Env       []string
+	Kernel    string
+	Accel     vmm.Accel
+	MemoryMiB int
+	WorkDir   string // scratch space; removed by the caller
+	Images    *image.Store
+	Out       io.Writer
+}
+
+// BootResult is the benchmark's summary, printed as its last line.
+type BootResult struct {
+	Bench          string  `json:"bench"`
+	N              int     `json:"n"`
+	Accel          string  `json:"accel"`
+	P50ms          float64 `json:"p50_ms"`
+	P90ms          float64 `json:"p90_ms"`
+	BareP50ms      float64 `json:"bare_p50_ms"`
+	BareP90ms      float64 `json:"bare_p90_ms"`
+	Ratio          float64 `json:"ratio"`
+	FirstPullms    float64 `json:"first_convert_ms"`
+	SecondPullms   float64 `json:"second_get_ms"`
+	SecondConvert  bool    `json:"second_get_converted"`
+	VMMRSSMiB      float64 `json:"vmm_rss_mib"`
+	GuestRSSMiB    float64 `json:"guest_ram_touched_mib"`
+	OverheadMiB    float64 `json:"vmm_overhead_mib"`
+}
+
+// Boot times N runs of `hearth run IMAGE true` and N bare QEMU boots of the
+// same kernel with an initramfs that powers off at once, interleaved so that
+// both see the same machine load.
+func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
+	res := &BootResult{Bench: "boot", N: o.N, Accel: string(o.Accel)}
+	layoutDir := filepath.Join(o.WorkDir, "image")
+	base, err := imagebuild.Busybox()
+	if err != nil {
+		return nil, err
+	}
+	img, err := imagebuild.Image(v1.Config{Cmd: []string{"true"}}, base)
+	if err != nil {
+		return nil, err
+	}
+	if err := imagebuild.WriteLayout(layoutDir, "bench", img); err != nil {
+		return nil, err
+	}
+	ref := "oci:" + layoutDir + ":bench"
+
+	// Conversion happens once: the second get finds the converted image.
+	t0 := time.Now()
+	first, err := o.Images.Get(ctx, ref, image.PullMissing)
+	if err != nil {
+		return nil, err
+	}
+	res.FirstPullms = ms(time.Since(t0))
+	t0 = time.Now()
+	second, err := o.Images.Get(ctx, ref, image.PullMissing)
+	if err != nil {
+		return nil, err
+	}
+	res.SecondPullms, res.SecondConvert = ms(time.Since(t0)), second.Converted
+	fmt.Fprintf(o.Out, "image: first get %.0f ms (converted=%v), second get %.1f ms (converted=%v)\n",
+		res.FirstPullms, first.Converted, res.SecondPullms, second.Converted)
+
+	bare, err := bareInitrd(o.WorkDir)
+	if err != nil {
+		return nil, err
+	}
+	var hearth, bareTimes []time.Duration
+	for i := 0; i < o.N; i++ {
+		d, err := timeHearth(ctx, o, ref)
+		if err != nil {
+			return nil, err
+		}
+		hearth = append(hearth, d)
+		b, err := timeBare(ctx, o, bare, i)
+		if err != nil {
+			return nil, err
+		}
+		bareTimes = append(bareTimes, b)
+		fmt.Fprintf(o.Out, "run %2d: hearth run %6.0f ms   bare qemu %6.0f ms\n", i+1, ms(d), ms(b))
+	}
+	res.P50ms, res.P90ms = pct(hearth, 50), pct(hearth, 90)
+	res.BareP50ms, res.BareP90ms = pct(bareTimes, 50), pct(bareTimes, 90)
+	res.Ratio = round(res.P50ms/res.BareP50ms, 3)
+
+	if err := measureMemory(ctx, o, ref, res); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(o.Out, "hearth run %s true: p50 %.0f ms, p90 %.0f ms; bare QEMU boot: p50 %.0f ms, p90 %.0f ms; ratio %.2f\n",
+		"IMAGE", res.P50ms, res.P90ms, res.BareP50ms, res.BareP90ms, res.Ratio)
+	fmt.Fprintf(o.Out, "memory: QEMU RSS %.1f MiB = guest RAM touched %.1f MiB + VMM overhead %.1f MiB\n",
+		res.VMMRSSMiB, res.GuestRSSMiB, res.OverheadMiB)
+	return res, nil
+}
+
+func timeHearth(ctx context.Context, o BootOptions, ref string, extra ...string) (time.Duration, error) {
+	args := append([]string{"run", "--memory", strconv.Itoa(o.MemoryMiB) + "M", "--accel", string(o.Accel), ref}, extra...)
+	if len(extra) == 0 {
+		args = append(args, "true")
+	}
+	cmd := exec.CommandContext(ctx, o.Hearth, args...)
+	cmd.Env = o.Env
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("hearth run: %w: %s", err, stderr.String())
+	}
+	return time.Since(start), nil
+}
+
+// bareInitrd writes an initramfs whose /init is busybox powering the VM off.
+func bareInitrd(dir string) (string, error) {
+	bb, err := os.ReadFile(imagebuild.BusyboxPath)
+	if err != nil {
+		return "", err
+	}
+	path := filepath.Join(dir, "bare.cpio")
+	f, err := os.Create(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	return path, initramfs.WriteFiles(f, []initramfs.File{
+		{Name: "busybox", Mode: 0o755, Body: bb},
+		{Name: "init", Mode: 0o755, Body: []byte("#!/busybox sh\n/busybox reboot -f\n")},
+	})
+}
+
+func timeBare(ctx context.Context, o BootOptions, initrd string, i int) (time.Duration, error) {
+	run := filepath.Join(o.WorkDir, fmt.Sprintf("bare-%d", i))
+	if err := os.MkdirAll(run, 0o755); err != nil {
+		return 0, err
+	}
+	defer os.RemoveAll(run)
+	args := qemu.Args(vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel, Initrd: initrd, VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel})
+	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	start := time.Now()
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("bare qemu: %w: %s", err, out.String())
+	}
+	return time.Since(start), nil
+}
+
+// measureMemory runs a sandbox that sleeps and reads its QEMU's memory:
+// guest RAM is the one anonymous mapping of exactly the guest's size; the
+// rest of the RSS is the VMM's own overhead.
+func measureMemory(ctx context.Context, o BootOptions, ref string, res *BootResult) error {
+	runRoot := ""
+	for _, kv := range o.Env {
+		if v, ok := strings.CutPrefix(kv, "HEARTH_RUN_DIR="); ok {
+			runRoot = v
+		}
+	}
+	done := make(chan error, 1)
+	go func() {
+		_, err := timeHearth(ctx, o, ref, "sh", "-c", "sleep 4")
+		done <- err
+	}()
+	deadline := time.Now().Add(60 * time.Second)
+	for time.Now().Before(deadline) {
+		time.Sleep(500 * time.Millisecond)
+		pid := findVMM(runRoot)
+		if pid == 0 {
+			continue
+		}
+		total, guest, err := smapsRSS(pid, int64(o.MemoryMiB)<<10)
+		if err != nil || guest == 0 {
+			continue
+		}
+		// Wait for the guest to be up (its kernel touches its memory).
+		time.Sleep(2 * time.Second)
+		total, guest, err = smapsRSS(pid, int64(o.MemoryMiB)<<10)
+		if err != nil {
+			return err
+		}
+		res.VMMRSSMiB, res.GuestRSSMiB = round(float64(total)/1024, 1), round(float64(guest)/1024, 1)
+		res.OverheadMiB = round(res.VMMRSSMiB-res.GuestRSSMiB, 1)
+		break
+	}
+	return <-done
+}
+
+func findVMM(runRoot string) int {
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(runRoot)) {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			return pid
+		}
+	}
+	return 0
+}
+
+// smapsRSS returns the process's total RSS and the RSS of its guest RAM
+// mapping (the mapping whose size is guestKiB), in KiB.
+func smapsRSS(pid int, guestKiB int64) (total, guest int64, err error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
+	if err != nil {
+		return 0, 0, err
+	}
+	defer f.Close()
+	var size int64
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		fields := strings.Fields(sc.Text())
+		if len(fields) < 2 {
+			continue
+		}
+		n, _ := strconv.ParseInt(fields[1], 10, 64)
+		switch fields[0] {
+		case "Size:":
+			size = n
+		case "Rss:":
+			total += n
+			if size == guestKiB {
+				guest += n
+			}
+		}
+	}
+	return total, guest, sc.Err()
+}
+
+func ms(d time.Duration) float64 { return round(float64(d)/float64(time.Millisecond), 1) }
+
+func round(v float64, digits int) float64 {
+	p := 1.0
+	for i := 0; i < digits; i++ {
+		p *= 10
+	}
+	return float64(int64(v*p+0.5)) / p
+}
+
+func pct(ds []time.Duration, p int) float64 {
+	s := append([]time.Duration(nil), ds...)
+	sort.Slice(s, func(i, j int) bool { return s[i] < s[j] })
+	i := (len(s)*p + 99) / 100
+	if i > 0 {
+		i--
+	}
+	return ms(s[i])
+}
+
+// JSON renders r as one line.
+func (r *BootResult) JSON() string {
+	b, _ := json.Marshal(r)
+	return string(b)
+}
