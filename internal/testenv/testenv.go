@@ -82,7 +82,7 @@ func Binaries(t testing.TB) string {
 			{"./cmd/hearth", "hearth"},
 			{"./cmd/hearth-agent", "hearth-agent"},
 		} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, b.out), b.pkg)
+			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", filepath.Join(binDir, b.out), b.pkg)
 			cmd.Dir = root
 			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 			if out, err := cmd.CombinedOutput(); err != nil {
