@@ -9,6 +9,7 @@ import (
 
 	"hearth.dev/hearth/internal/bench"
 	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/initramfs"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -23,9 +24,10 @@ func benchCmd(g *globals) *cobra.Command {
 		Use:   "boot",
 		Short: "Time `hearth run IMAGE true` against a bare QEMU boot of the same kernel",
 		Long: `Boots N sandboxes one after another from a busybox image built locally and
-times each "hearth run IMAGE true", interleaved with N bare qemu-system-x86_64
-boots of the same kernel with an initramfs that powers off at once. Prints
-p50 and p90 of both, their ratio, the VMM's memory beyond guest RAM, and
+times each "hearth run IMAGE true", interleaved with bare qemu-system-x86_64
+boots of the same kernel, the same machine and devices, and an initramfs that
+powers off at once: hearth's own (the agent, told to power off) and a busybox
+one. Prints p50 and p90, the ratios, the VMM's memory beyond guest RAM, and
 whether a second run of a converted image converts again. The last line is
 one JSON object.`,
 		Args: cobra.NoArgs,
@@ -43,12 +45,17 @@ one JSON object.`,
 				return err
 			}
 			defer os.RemoveAll(work)
-			env := append(os.Environ(), "HEARTH_RUN_DIR="+filepath.Join(work, "run"))
-			if agent, err := config.Agent(); err == nil {
-				env = append(env, "HEARTH_AGENT="+agent)
+			agent, err := config.Agent()
+			if err != nil {
+				return err
 			}
+			initrd, err := initramfs.Ensure(filepath.Join(config.CacheDir(), "initramfs"), agent)
+			if err != nil {
+				return err
+			}
+			env := append(os.Environ(), "HEARTH_RUN_DIR="+filepath.Join(work, "run"), "HEARTH_AGENT="+agent)
 			res, err := bench.Boot(c.Context(), bench.BootOptions{
-				N: n, Hearth: self, Env: env, Kernel: config.Kernel(), Accel: accel,
+				N: n, Hearth: self, Env: env, Kernel: config.Kernel(), Initrd: initrd, Accel: accel,
 				MemoryMiB: memory, WorkDir: work, Images: g.store(nil), Out: c.OutOrStdout(),
 			})
 			if err != nil {

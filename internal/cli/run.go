@@ -96,15 +96,16 @@ func (g *globals) runtime(accelFlag, pullFlag, kernel string, progress io.Writer
 		fmt.Fprintln(stderr, "hearth: warning: running under TCG software emulation, which is not a security boundary (no usable KVM on this host)")
 	}
 	return &sandbox.Runtime{
-		Images:   g.store(progress),
-		Driver:   &qemu.Driver{Binary: os.Getenv("HEARTH_QEMU")},
-		Accel:    accel,
-		Kernel:   kernel,
-		Agent:    agent,
-		CacheDir: config.CacheDir(),
-		RunRoot:  config.RunRoot(),
-		Pull:     pull,
-		Log:      g.log,
+		Images:     g.store(progress),
+		Driver:     &qemu.Driver{Binary: os.Getenv("HEARTH_QEMU")},
+		Accel:      accel,
+		Kernel:     kernel,
+		KernelArgs: os.Getenv("HEARTH_KERNEL_ARGS"),
+		Agent:      agent,
+		CacheDir:   config.CacheDir(),
+		RunRoot:    config.RunRoot(),
+		Pull:       pull,
+		Log:        g.log,
 	}, nil
 }
 

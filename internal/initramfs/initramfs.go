@@ -50,16 +50,26 @@ func WriteFiles(w io.Writer, files []File) error {
 }
 
 // Ensure returns the path of the initramfs for the agent binary at agentPath,
-// writing it under dir the first time.
+// writing it under dir the first time. The cache key is the binary's path,
+// size and modification time, so that a VM start does not read and hash the
+// whole agent.
 func Ensure(dir, agentPath string) (string, error) {
-	agent, err := os.ReadFile(agentPath)
+	abs, err := filepath.Abs(agentPath)
 	if err != nil {
-		return "", fmt.Errorf("read guest agent: %w", err)
+		return "", err
 	}
-	sum := sha256.Sum256(agent)
+	fi, err := os.Stat(abs)
+	if err != nil {
+		return "", fmt.Errorf("guest agent: %w", err)
+	}
+	sum := sha256.Sum256([]byte(fmt.Sprintf("%s\x00%d\x00%d", abs, fi.Size(), fi.ModTime().UnixNano())))
 	path := filepath.Join(dir, hex.EncodeToString(sum[:8])+".cpio")
 	if _, err := os.Stat(path); err == nil {
 		return path, nil
+	}
+	agent, err := os.ReadFile(abs)
+	if err != nil {
+		return "", fmt.Errorf("read guest agent: %w", err)
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return "", err

@@ -18,9 +18,6 @@ import (
 	"hearth.dev/hearth/internal/guest/protocol"
 )
 
-// PortName is the virtio-serial port name the host gives the channel.
-const PortName = "hearth.0"
-
 // Exit codes the agent reports when the workload could not run, as docker's.
 const (
 	exitHearth       = 125
@@ -35,6 +32,9 @@ func Main(build string) {
 		fmt.Fprintln(os.Stderr, "hearth-agent: must run as PID 1 inside a hearth guest")
 		os.Exit(2)
 	}
+	if os.Getenv(protocol.PowerOffEnv) == "1" {
+		powerOff()
+	}
 	err := run(build)
 	if err != nil {
 		fmt.Fprintf(os.Stderr, "hearth-agent: %v\n", err)
@@ -42,8 +42,9 @@ func Main(build string) {
 	powerOff()
 }
 
+// powerOff ends the VM. There is nothing to sync: the writable disk is
+// discarded with the VM (snapshots quiesce explicitly before they are taken).
 func powerOff() {
-	unix.Sync()
 	// With reboot=t and the VMM's -no-reboot, a restart ends the VM at once;
 	// a halt would leave QEMU running with a stopped CPU.
 	_ = unix.Reboot(unix.LINUX_REBOOT_CMD_RESTART)
@@ -92,14 +93,14 @@ func mountEarly() error {
 	return nil
 }
 
-// openPort finds the virtio-serial port named PortName and waits until the
+// openPort finds the virtio-serial port named protocol.SerialPortName and waits until the
 // host end is connected: before that, reads return EOF at once.
 func openPort(timeout time.Duration) (*os.File, error) {
 	deadline := time.Now().Add(timeout)
 	for {
 		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
 		for _, n := range names {
-			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == PortName {
+			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == protocol.SerialPortName {
 				f, err := os.OpenFile("/dev/"+filepath.Base(filepath.Dir(n)), os.O_RDWR, 0)
 				if err != nil {
 					return nil, err
@@ -120,7 +121,7 @@ func openPort(timeout time.Duration) (*os.File, error) {
 			}
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("no virtio-serial port named %s", PortName)
+			return nil, fmt.Errorf("no virtio-serial port named %s", protocol.SerialPortName)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -273,7 +274,6 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	_ = unix.Kill(-1, unix.SIGKILL)
 	reapAll()
 	waitTimeout(&pumps, 2*time.Second)
-	unix.Sync()
 
 	exit := protocol.Exit{Code: status.ExitStatus()}
 	if status.Signaled() {

@@ -5,8 +5,9 @@
 //
 // A frame is a 4-byte big-endian length n, then n bytes: one type byte and
 // the payload. Control messages carry JSON payloads; data frames carry raw
-// bytes. The host speaks first (Hello), so that nothing the guest writes can
-// be lost before the host is listening on its end of the port.
+// bytes. The host speaks first, Hello and Start at once, so that nothing the
+// guest writes can be lost before the host is listening on its end of the
+// port, and the guest starts its work without a round trip.
 package protocol
 
 import (
@@ -18,6 +19,15 @@ import (
 	"io"
 	"sync"
 )
+
+// SerialPortName is the name of the virtio-serial port that carries the
+// protocol where there is no vsock.
+const SerialPortName = "hearth.0"
+
+// PowerOffEnv set to 1 in the guest kernel's command line (which the kernel
+// passes to init as environment) makes the agent power off as soon as it
+// runs: a bare boot of hearth's own kernel and initramfs, for benchmarks.
+const PowerOffEnv = "HEARTH_POWEROFF"
 
 // Version is bumped on every incompatible change; both sides refuse a peer
 // with another version during the handshake.

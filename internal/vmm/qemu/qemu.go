@@ -20,6 +20,7 @@ import (
 
 	"github.com/digitalocean/go-qemu/qmp"
 
+	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -33,9 +34,6 @@ var _ vmm.Driver = (*Driver)(nil)
 
 // Name is "qemu".
 func (d *Driver) Name() string { return "qemu" }
-
-// AgentPortName is the virtio-serial port the guest agent opens.
-const AgentPortName = "hearth.0"
 
 // Files under the run directory.
 const (
@@ -79,7 +77,7 @@ func Args(cfg vmm.Config) []string {
 		"-qmp", "unix:" + run(qmpSock) + ",server=on,wait=off",
 		"-device", "virtio-serial-device,max_ports=2",
 		"-chardev", "socket,id=agent,path=" + run(agentSock) + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=" + AgentPortName,
+		"-device", "virtserialport,chardev=agent,name=" + protocol.SerialPortName,
 		"-device", "virtio-rng-device",
 	}
 	for _, d := range cfg.Drives {
@@ -126,7 +124,11 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 		close(vm.done)
 	}()
 	if err := vm.connectQMP(ctx); err != nil {
-		return nil, errors.Join(err, vm.Kill())
+		err = errors.Join(err, vm.Kill())
+		if logs := vm.Logs(2048); logs != "" {
+			err = fmt.Errorf("%w\n%s", err, logs)
+		}
+		return nil, err
 	}
 	return vm, nil
 }
@@ -240,7 +242,7 @@ func (v *VM) Pid() int { return v.cmd.Process.Pid }
 func (v *VM) Logs(n int) string {
 	var parts []string
 	if s := vmm.Tail(v.path(vmmLog), n); s != "" {
-		parts = append(parts, "qemu: "+s)
+		parts = append(parts, "qemu output:\n"+s)
 	}
 	if s := vmm.Tail(v.path(consoleLog), n); s != "" {
 		parts = append(parts, "guest console:\n"+s)
