@@ -1,0 +1,36 @@
+package qemu
+
+import (
+	"strings"
+	"testing"
+
+	"hearth.dev/hearth/internal/vmm"
+	"hearth.dev/hearth/internal/vmm/vmmtest"
+)
+
+func TestConformance(t *testing.T) { vmmtest.Run(t, &Driver{}) }
+
+func TestArgs(t *testing.T) {
+	base := vmm.Config{ID: "x", RunDir: "/run/x", Kernel: "/k", Initrd: "/i", Cmdline: "loglevel=7", VCPUs: 2, MemoryMiB: 512,
+		Drives: []vmm.Drive{{ID: "image", Path: "/img", ReadOnly: true, Serial: "image"}, {ID: "rw", Path: "/rw", Serial: "rw"}}}
+	for _, tc := range []struct {
+		accel vmm.Accel
+		want  []string
+	}{
+		{vmm.TCG, []string{"-accel tcg,thread=multi", "-cpu max", "-smp 2", "-m 512M", "-no-reboot",
+			"reboot=t rdinit=/init 8250.nr_uarts=1 loglevel=7",
+			"id=image,file=/img,format=raw,if=none,readonly=on", "virtio-blk-device,drive=image,serial=image",
+			"id=rw,file=/rw,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
+			"virtserialport,chardev=agent,name=hearth.0"}},
+		{vmm.KVM, []string{"-accel kvm", "-cpu host"}},
+	} {
+		c := base
+		c.Accel = tc.accel
+		line := strings.Join(Args(c), " ")
+		for _, w := range tc.want {
+			if !strings.Contains(line, w) {
+				t.Errorf("%s: %q lacks %q", tc.accel, line, w)
+			}
+		}
+	}
+}
