@@ -116,4 +116,3 @@ func checkGone(t *testing.T, pid int) {
 		}
 	}
 }
-
