@@ -4,38 +4,46 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"os"
-	"path/filepath"
-	"strconv"
+	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
-)
 
-// vmmPids lists QEMU processes whose command line names runRoot.
-func vmmPids(runRoot string) []int {
-	var pids []int
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(runRoot)) {
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			pids = append(pids, pid)
-		}
-	}
-	return pids
-}
+	"hearth.dev/hearth/internal/testenv"
+)
 
 func waitGone(t *testing.T, runRoot string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for len(vmmPids(runRoot)) > 0 {
+	for len(testenv.VMMPids(runRoot)) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("QEMU still running: %v", vmmPids(runRoot))
+			t.Fatalf("QEMU still running: %v", testenv.VMMPids(runRoot))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
+}
+
+// startReady starts hearth running a workload that prints "ready" and
+// sleeps, and returns once "ready" arrived, with hearth's stderr so far.
+func (h *harness) startReady(t *testing.T, ctx context.Context, img string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	cmd := h.command(ctx, "run", img, "sh", "-c", "echo ready; sleep 100")
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	if line, _ := bufio.NewReader(stdout).ReadString('\n'); line != "ready\n" {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		t.Fatalf("no ready line: %q; stderr: %s", line, stderr.String())
+	}
+	return cmd, &stderr
 }
 
 func TestLifecycle(t *testing.T) {
@@ -45,14 +53,7 @@ func TestLifecycle(t *testing.T) {
 	t.Run("SIGTERM to hearth", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := h.command(ctx, "run", img, "sh", "-c", "echo ready; sleep 100")
-		stdout, _ := cmd.StdoutPipe()
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		if line, _ := bufio.NewReader(stdout).ReadString('\n'); line != "ready\n" {
-			t.Fatalf("no ready line: %q", line)
-		}
+		cmd, _ := h.startReady(t, ctx, img)
 		start := time.Now()
 		_ = cmd.Process.Signal(syscall.SIGTERM)
 		_ = cmd.Wait()
@@ -67,17 +68,8 @@ func TestLifecycle(t *testing.T) {
 	t.Run("QEMU dies", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := h.command(ctx, "run", img, "sh", "-c", "echo ready; sleep 100")
-		var stderr bytes.Buffer
-		cmd.Stderr = &stderr
-		stdout, _ := cmd.StdoutPipe()
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		if line, _ := bufio.NewReader(stdout).ReadString('\n'); line != "ready\n" {
-			t.Fatalf("no ready line: %q", line)
-		}
-		pids := vmmPids(h.runRoot)
+		cmd, stderr := h.startReady(t, ctx, img)
+		pids := testenv.VMMPids(h.runRoot)
 		if len(pids) != 1 {
 			t.Fatalf("QEMU processes: %v", pids)
 		}
@@ -92,14 +84,7 @@ func TestLifecycle(t *testing.T) {
 	t.Run("hearth SIGKILLed", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := h.command(ctx, "run", img, "sh", "-c", "echo ready; sleep 100")
-		stdout, _ := cmd.StdoutPipe()
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		if line, _ := bufio.NewReader(stdout).ReadString('\n'); line != "ready\n" {
-			t.Fatalf("no ready line: %q", line)
-		}
+		cmd, _ := h.startReady(t, ctx, img)
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 		// QEMU dies with its parent (PDEATHSIG) ...

@@ -16,6 +16,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -206,12 +207,8 @@ func CheckNoLeaks(t testing.TB, runRoot string) {
 			problems = append(problems, "run directory "+filepath.Join(runRoot, e.Name()))
 		}
 	}
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err == nil && bytes.Contains(b, []byte(runRoot+"/")) {
-			problems = append(problems, "process "+filepath.Base(filepath.Dir(p))+": "+strings.ReplaceAll(string(b[:min(len(b), 120)]), "\x00", " "))
-		}
+	for _, pid := range VMMPids(runRoot) {
+		problems = append(problems, fmt.Sprintf("VMM process %d", pid))
 	}
 	if mounts, err := os.ReadFile("/proc/self/mountinfo"); err == nil && bytes.Contains(mounts, []byte(runRoot)) {
 		problems = append(problems, "a mount under "+runRoot)
@@ -222,6 +219,20 @@ func CheckNoLeaks(t testing.TB, runRoot string) {
 	if len(problems) > 0 {
 		t.Errorf("left behind:\n  %s", strings.Join(problems, "\n  "))
 	}
+}
+
+// VMMPids lists the QEMU processes whose command line names runRoot.
+func VMMPids(runRoot string) []int {
+	var pids []int
+	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
+	for _, p := range procs {
+		b, err := os.ReadFile(p)
+		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(runRoot+"/")) {
+			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
+			pids = append(pids, pid)
+		}
+	}
+	return pids
 }
 
 // SilentServer listens on loopback, accepts connections and never answers:
