@@ -63,7 +63,8 @@ type BootResult struct {
 	SecondConverted bool    `json:"second_get_converted"`
 	VMMRSSMiB       float64 `json:"vmm_rss_mib"`
 	GuestRSSMiB     float64 `json:"guest_ram_touched_mib"`
-	OverheadMiB     float64 `json:"vmm_overhead_mib"`
+	OverheadMiB     float64 `json:"vmm_private_overhead_mib"`
+	SharedMiB       float64 `json:"vmm_shared_file_mib"`
 }
 
 // Boot times N runs of `hearth run IMAGE true` and N bare QEMU boots of the
@@ -135,8 +136,8 @@ func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
 	fmt.Fprintf(o.Out, "hearth run IMAGE true: p50 %.0f ms, p90 %.0f ms\n", res.P50ms, res.P90ms)
 	fmt.Fprintf(o.Out, "bare QEMU, same kernel and initramfs: p50 %.0f ms, p90 %.0f ms; ratio %.2f\n", res.BareP50ms, res.BareP90ms, res.Ratio)
 	fmt.Fprintf(o.Out, "bare QEMU, busybox initramfs: p50 %.0f ms; ratio %.2f\n", res.BusyboxP50ms, res.BusyboxRatio)
-	fmt.Fprintf(o.Out, "memory: QEMU RSS %.1f MiB = guest RAM touched %.1f MiB + VMM overhead %.1f MiB\n",
-		res.VMMRSSMiB, res.GuestRSSMiB, res.OverheadMiB)
+	fmt.Fprintf(o.Out, "memory: QEMU RSS %.1f MiB = guest RAM touched %.1f MiB + VMM private overhead %.1f MiB + shared file pages %.1f MiB\n",
+		res.VMMRSSMiB, res.GuestRSSMiB, res.OverheadMiB, res.SharedMiB)
 	return res, nil
 }
 
@@ -214,18 +215,19 @@ func measureMemory(ctx context.Context, o BootOptions, ref string, res *BootResu
 		if pid == 0 {
 			continue
 		}
-		total, guest, err := smapsRSS(pid, int64(o.MemoryMiB)<<10)
+		_, _, guest, err := smapsRSS(pid, int64(o.MemoryMiB)<<10)
 		if err != nil || guest == 0 {
 			continue
 		}
 		// Wait for the guest to be up (its kernel touches its memory).
 		time.Sleep(2 * time.Second)
-		total, guest, err = smapsRSS(pid, int64(o.MemoryMiB)<<10)
+		total, anon, guest, err := smapsRSS(pid, int64(o.MemoryMiB)<<10)
 		if err != nil {
 			return err
 		}
 		res.VMMRSSMiB, res.GuestRSSMiB = round(float64(total)/1024, 1), round(float64(guest)/1024, 1)
-		res.OverheadMiB = round(res.VMMRSSMiB-res.GuestRSSMiB, 1)
+		res.OverheadMiB = round(float64(anon-guest)/1024, 1)
+		res.SharedMiB = round(float64(total-anon)/1024, 1)
 		break
 	}
 	return <-done
@@ -243,12 +245,14 @@ func findVMM(runRoot string) int {
 	return 0
 }
 
-// smapsRSS returns the process's total RSS and the RSS of its guest RAM
-// mapping (the mapping whose size is guestKiB), in KiB.
-func smapsRSS(pid int, guestKiB int64) (total, guest int64, err error) {
+// smapsRSS returns, in KiB, the process's total RSS, its anonymous (private)
+// RSS, and the RSS of its guest RAM mapping (the anonymous mapping whose
+// size is guestKiB). File-backed pages (QEMU's binary and libraries, the
+// kernel and initramfs it maps) are in the page cache, shared by every VM.
+func smapsRSS(pid int, guestKiB int64) (total, anon, guest int64, err error) {
 	f, err := os.Open(fmt.Sprintf("/proc/%d/smaps", pid))
 	if err != nil {
-		return 0, 0, err
+		return 0, 0, 0, err
 	}
 	defer f.Close()
 	var size int64
@@ -264,12 +268,14 @@ func smapsRSS(pid int, guestKiB int64) (total, guest int64, err error) {
 			size = n
 		case "Rss:":
 			total += n
+		case "Anonymous:":
+			anon += n
 			if size == guestKiB {
 				guest += n
 			}
 		}
 	}
-	return total, guest, sc.Err()
+	return total, anon, guest, sc.Err()
 }
 
 func ms(d time.Duration) float64 { return round(float64(d)/float64(time.Millisecond), 1) }
