@@ -94,4 +94,49 @@ func TestLifecycle(t *testing.T) {
 			t.Fatalf("next run: %d %s", r.code, r.stderr)
 		}
 	})
+
+	t.Run("Ctrl-C while booting", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cmd := h.command(ctx, "run", img, "sleep", "100")
+		var stderr bytes.Buffer
+		cmd.Stderr = &stderr
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(300 * time.Millisecond) // pulling, or booting
+		start := time.Now()
+		_ = cmd.Process.Signal(syscall.SIGINT)
+		_ = cmd.Wait()
+		if code := cmd.ProcessState.ExitCode(); code != 130 || !strings.Contains(stderr.String(), "interrupted before the workload started") {
+			t.Errorf("exit %d, stderr %q", code, stderr.String())
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("took %s to stop", d)
+		}
+	})
+
+	t.Run("reader of stdout goes away", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		cmd := h.command(ctx, "run", img, "yes")
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		r := bufio.NewReader(stdout)
+		for i := 0; i < 3; i++ {
+			if line, _ := r.ReadString('\n'); line != "y\n" {
+				t.Fatalf("line %d: %q", i, line)
+			}
+		}
+		stdout.Close() // like `hearth run IMG yes | head -3`
+		_ = cmd.Wait()
+		if code := cmd.ProcessState.ExitCode(); code != 128+13 {
+			t.Errorf("exit %d, want 141 (SIGPIPE)", code)
+		}
+	})
 }

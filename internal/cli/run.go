@@ -10,6 +10,7 @@ import (
 	"os/signal"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -183,15 +184,29 @@ func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 		}()
 	}
 
-	// Signals to hearth go to the workload. A second interrupt, or the
-	// workload ignoring SIGTERM for 10 s, ends the VM.
+	// Signals to hearth go to the workload once it runs. Before that (a
+	// pull, a boot) they cancel the run, which cleans up what was started.
+	// Once it runs, a second interrupt, or the workload ignoring SIGTERM for
+	// 10 s, ends the VM. SIGPIPE is caught so that a closed stdout is an
+	// error that cleans up, not a silent death.
+	var started atomic.Bool
+	sio.Started = func() { started.Store(true) }
+	var interrupted atomic.Value
 	osig := make(chan os.Signal, 4)
-	signal.Notify(osig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT)
+	signal.Notify(osig, syscall.SIGINT, syscall.SIGTERM, syscall.SIGHUP, syscall.SIGQUIT, syscall.SIGPIPE)
 	defer signal.Stop(osig)
 	go func() {
 		interrupts := 0
 		for s := range osig {
 			sig := s.(syscall.Signal)
+			if sig == syscall.SIGPIPE {
+				continue
+			}
+			if !started.Load() {
+				interrupted.Store(sig)
+				cancel()
+				continue
+			}
 			interrupts++
 			if interrupts > 1 {
 				sig = syscall.SIGKILL
@@ -208,6 +223,14 @@ func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 
 	res, err := rt.Run(ctx, spec, sio)
 	if err != nil {
+		if sig, ok := interrupted.Load().(syscall.Signal); ok {
+			return &ExitError{Code: 128 + int(sig), Msg: "interrupted before the workload started; nothing was left running"}
+		}
+		if errors.Is(err, syscall.EPIPE) {
+			// Whoever read our output has gone, as with `| head`: end
+			// like any Unix program whose reader left.
+			return &ExitError{Code: 128 + int(syscall.SIGPIPE)}
+		}
 		if ctx.Err() != nil && cmd.Context().Err() == nil {
 			return &ExitError{Code: 128 + int(syscall.SIGKILL), Msg: "the workload did not stop; its VM was killed"}
 		}

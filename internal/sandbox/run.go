@@ -49,6 +49,9 @@ type IO struct {
 	Stderr  io.Writer
 	Resize  <-chan protocol.Resize
 	Signals <-chan syscall.Signal
+	// Started, if set, is called once the workload runs: from then on
+	// Signals reach it. Before, the caller's context is how to give up.
+	Started func()
 }
 
 // Result is how the workload ended.
@@ -348,6 +351,9 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 			started.Do(func() {
 				res.Boot = time.Since(s.start)
 				s.log.Debug("workload started", "since_vmm_start", res.Boot)
+				if s.sio.Started != nil {
+					s.sio.Started()
+				}
 				go s.forward(ctx, st, credit)
 			})
 		case protocol.TStdout:
