@@ -24,6 +24,7 @@ import (
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/qemu"
 )
@@ -43,9 +44,9 @@ type BootOptions struct {
 }
 
 // BootResult is the benchmark's summary, printed as its last line. "bare"
-// is QEMU booting the same kernel and hearth's own initramfs, whose agent
-// powers off as soon as it runs (DESIGN.md's baseline); "bare_busybox" is
-// the same with a busybox initramfs whose /init powers off.
+// is QEMU booting the same kernel, devices and hearth's own initramfs, whose
+// agent powers off as soon as it runs (DESIGN.md's baseline); "bare_busybox"
+// is QEMU with no disks and a busybox initramfs whose /init powers off.
 type BootResult struct {
 	Bench           string  `json:"bench"`
 	N               int     `json:"n"`
@@ -106,17 +107,28 @@ func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The bare boot of hearth's initramfs gets the same devices as a
+	// sandbox (the image and a writable disk), so that the difference is
+	// hearth's own work, not the device model's.
+	disk := filepath.Join(o.WorkDir, "disk.ext4")
+	if err := sandbox.MakeDisk(ctx, disk, 1024); err != nil {
+		return nil, err
+	}
+	drives := []vmm.Drive{
+		{ID: "image", Path: second.RootFS, ReadOnly: true, Serial: "image"},
+		{ID: "rw", Path: disk, Serial: "rw"},
+	}
 	var hearth, bare, bareBusybox []time.Duration
 	for i := 0; i < o.N; i++ {
 		d, err := timeHearth(ctx, o, ref)
 		if err != nil {
 			return nil, err
 		}
-		b, err := timeBare(ctx, o, o.Initrd, protocol.PowerOffEnv+"=1")
+		b, err := timeBare(ctx, o, o.Initrd, protocol.PowerOffEnv+"=1", drives)
 		if err != nil {
 			return nil, err
 		}
-		bb, err := timeBare(ctx, o, busybox, "")
+		bb, err := timeBare(ctx, o, busybox, "", nil)
 		if err != nil {
 			return nil, err
 		}
@@ -175,14 +187,14 @@ func busyboxInitrd(dir string) (string, error) {
 	})
 }
 
-func timeBare(ctx context.Context, o BootOptions, initrd, cmdline string) (time.Duration, error) {
+func timeBare(ctx context.Context, o BootOptions, initrd, cmdline string, drives []vmm.Drive) (time.Duration, error) {
 	run, err := os.MkdirTemp(o.WorkDir, "bare-")
 	if err != nil {
 		return 0, err
 	}
 	defer os.RemoveAll(run)
 	args := qemu.Args(vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel, Initrd: initrd, Cmdline: cmdline,
-		VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel})
+		VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Drives: drives})
 	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out

@@ -110,7 +110,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		}
 	}()
 	disk := filepath.Join(runDir, "disk.ext4")
-	if err := makeDisk(ctx, disk, spec.DiskMiB); err != nil {
+	if err := MakeDisk(ctx, disk, spec.DiskMiB); err != nil {
 		return nil, err
 	}
 
@@ -222,14 +222,14 @@ func (rt *Runtime) sweep() {
 	}
 }
 
-// makeDisk creates the sandbox's writable layer: a sparse file formatted
+// MakeDisk creates the sandbox's writable layer: a sparse file formatted
 // ext4. No reserved blocks (the workload may use it all), no journal (it
 // lives as long as the VM), and lazy inode tables: the guest mounts it with
 // noinit_itable, and the sparse file reads back zeros anyway. The overlay's
 // upper and work directories, and the mount points the agent needs, are
 // made here by mkfs -d: creating them in the guest costs tens of
 // milliseconds of emulated ext4 work under TCG.
-func makeDisk(ctx context.Context, path string, sizeMiB int) error {
+func MakeDisk(ctx context.Context, path string, sizeMiB int) error {
 	skel := path + ".skel"
 	defer os.RemoveAll(skel)
 	for _, d := range []string{"upper/dev", "upper/proc", "upper/sys", "upper/tmp", "work"} {
