@@ -75,13 +75,14 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	if err := spec.Validate(); err != nil {
 		return nil, err
 	}
-	if rt.Log == nil {
-		rt.Log = slog.New(slog.NewTextHandler(io.Discard, nil))
+	log := rt.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
 	}
 	if _, err := os.Stat(rt.Kernel); err != nil {
 		return nil, fmt.Errorf("no guest kernel at %s: build it with `make kernel` (kernel/build.sh)", rt.Kernel)
 	}
-	rt.sweep()
+	rt.sweep(log)
 
 	t0 := time.Now()
 	img, err := rt.Images.Get(ctx, spec.Image, rt.Pull)
@@ -114,7 +115,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		return nil, err
 	}
 
-	rt.Log.Debug("image and disk ready", "took", time.Since(t0))
+	log.Debug("image and disk ready", "took", time.Since(t0))
 	start := time.Now()
 	vm, err := rt.Driver.Start(ctx, vmm.Config{
 		ID:        id,
@@ -135,9 +136,9 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}
 	defer func() {
 		err = errors.Join(err, vm.Kill())
-		rt.Log.Debug("vm ended", "since_vmm_start", time.Since(start))
+		log.Debug("vm ended", "since_vmm_start", time.Since(start))
 	}()
-	rt.Log.Debug("vm started", "id", id, "pid", vm.Pid(), "accel", rt.Accel, "took", time.Since(start))
+	log.Debug("vm started", "id", id, "pid", vm.Pid(), "accel", rt.Accel, "took", time.Since(start))
 
 	name := spec.Name
 	if name == "" {
@@ -157,7 +158,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		Stdin:    spec.Stdin,
 		Time:     time.Now().UnixNano(),
 	}
-	s := &session{vm: vm, sio: sio, start: start, log: rt.Log}
+	s := &session{vm: vm, sio: sio, start: start, log: log}
 	limit := rt.BootLimit
 	if limit == 0 {
 		limit = 2 * time.Minute
@@ -187,13 +188,14 @@ func newID() string {
 
 // makeRunDir creates the VM's run directory and holds a lock in it for the
 // life of this process, so that sweep can tell abandoned directories (their
-// owner was SIGKILLed) from live ones.
+// owner was SIGKILLed) from live ones. The lock file is locked before it
+// takes its name, so that sweep never sees it unlocked while its owner lives.
 func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
 	dir := filepath.Join(rt.RunRoot, id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", nil, fmt.Errorf("run directory: %w", err)
 	}
-	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o600)
+	f, err := os.OpenFile(filepath.Join(dir, "lock.new"), os.O_CREATE|os.O_RDWR, 0o600)
 	if err != nil {
 		return "", nil, err
 	}
@@ -201,21 +203,30 @@ func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
 		f.Close()
 		return "", nil, err
 	}
+	if err := os.Rename(filepath.Join(dir, "lock.new"), filepath.Join(dir, "lock")); err != nil {
+		f.Close()
+		return "", nil, err
+	}
 	return dir, func() { f.Close() }, nil
 }
 
-// sweep removes run directories whose owner died without cleaning up. Their
-// VMMs died with their owner (PDEATHSIG).
-func (rt *Runtime) sweep() {
+// sweep removes run directories whose owner died without cleaning up:
+// their lock is free (their VMMs died with their owner, by PDEATHSIG), or
+// they never got one and are older than a minute.
+func (rt *Runtime) sweep(log *slog.Logger) {
 	entries, _ := os.ReadDir(rt.RunRoot)
 	for _, e := range entries {
 		dir := filepath.Join(rt.RunRoot, e.Name())
 		f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR, 0)
 		if err != nil {
+			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > time.Minute {
+				log.Info("removing abandoned run directory", "dir", dir)
+				_ = os.RemoveAll(dir)
+			}
 			continue
 		}
 		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
-			rt.Log.Info("removing abandoned run directory", "dir", dir)
+			log.Info("removing abandoned run directory", "dir", dir)
 			_ = os.RemoveAll(dir)
 		}
 		f.Close()

@@ -132,6 +132,17 @@ type session struct {
 	r    *protocol.Reader
 	w    *protocol.Writer
 	port *os.File
+	bye  chan struct{} // closed when the host said Bye or went away
+
+	mu sync.Mutex
+	wl *running // the workload, once it runs
+}
+
+// running is what the control loop acts on while the workload runs.
+type running struct {
+	pid   int
+	ptmx  *os.File // nil without a TTY
+	stdin *stdinWriter
 }
 
 func (s *session) serve(build string) error {
@@ -163,31 +174,20 @@ func (s *session) serve(build string) error {
 	if err := protocol.Decode(f, &st); err != nil {
 		return err
 	}
+	// From here on one goroutine reads the host's frames.
+	s.bye = make(chan struct{})
+	go s.control()
 	exit := s.runWorkload(&st)
 	if err := s.w.WriteJSON(protocol.TExit, exit); err != nil {
 		return err
 	}
 	// Wait for the host's Bye so that the exit report is out of the
-	// virtqueue before the VM resets.
-	s.waitBye(5 * time.Second)
-	return nil
-}
-
-func (s *session) waitBye(timeout time.Duration) {
-	done := make(chan struct{})
-	go func() {
-		defer close(done)
-		for {
-			f, err := s.r.Read()
-			if err != nil || f.Type == protocol.TBye {
-				return
-			}
-		}
-	}()
+	// virtqueue before the VM resets (the host usually ends the VM first).
 	select {
-	case <-done:
-	case <-time.After(timeout):
+	case <-s.bye:
+	case <-time.After(5 * time.Second):
 	}
+	return nil
 }
 
 func failure(code int, format string, args ...any) protocol.Exit {
@@ -217,7 +217,7 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return failure(exitHearth, "working directory %s: %v", dir, err)
 	}
-	path, err := lookPath(st.Args[0], getenv(env, "PATH"))
+	path, err := lookPath(st.Args[0], getenv(env, "PATH"), dir)
 	if err != nil {
 		code := exitNotFound
 		if errors.Is(err, errNotExecutable) {
@@ -226,10 +226,9 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 		return failure(code, "exec %q: %v", st.Args[0], err)
 	}
 
-	cmd := exec.Command(path)
-	cmd.Args = st.Args
-	cmd.Env = env
-	cmd.Dir = dir
+	// Not exec.Command: it would look the name up again, in the agent's
+	// PATH. A relative Path is taken relative to Dir, as lookPath did.
+	cmd := &exec.Cmd{Path: path, Args: st.Args, Env: env, Dir: dir}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: id.UID, Gid: id.GID, Groups: id.Groups},
@@ -255,6 +254,14 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	// The workload inherited the agent's -1000; give it the default back so
 	// that the OOM killer takes it rather than finding nothing killable.
 	_ = os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte("0"), 0)
+
+	wl := &running{pid: pid, ptmx: wio.pty, stdin: newStdinWriter(wio.stdin, s.w)}
+	s.mu.Lock()
+	s.wl = wl
+	s.mu.Unlock()
+	defer wl.stdin.close()
+	// Only now: the host starts sending stdin when it sees Started, and
+	// the control loop must have somewhere to put it.
 	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
 
 	var pumps sync.WaitGroup
@@ -265,8 +272,6 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 			s.pump(p.t, p.f)
 		}()
 	}
-	stdin := newStdinWriter(wio.stdin, s.w)
-	go s.control(pid, wio.pty, stdin)
 
 	status := reapUntil(pid, sigs)
 	// Like the end of a container's PID namespace: whatever the workload left
@@ -342,34 +347,47 @@ func (s *session) pump(t protocol.Type, f *os.File) {
 	}
 }
 
-// control handles the host's frames while the workload runs.
-func (s *session) control(pid int, ptmx *os.File, stdin *stdinWriter) {
-	defer stdin.close()
+// control reads the host's frames until Bye: stdin, window sizes and
+// signals for the workload once it runs.
+func (s *session) control() {
+	defer close(s.bye)
+	current := func() *running {
+		s.mu.Lock()
+		defer s.mu.Unlock()
+		return s.wl
+	}
 	for {
 		f, err := s.r.Read()
 		if err != nil {
 			// The host went away: nobody will read the output. End the
 			// workload so that the VM powers off instead of lingering.
-			_ = unix.Kill(pid, unix.SIGKILL)
+			if wl := current(); wl != nil {
+				_ = unix.Kill(wl.pid, unix.SIGKILL)
+			}
 			return
+		}
+		if f.Type == protocol.TBye {
+			return
+		}
+		wl := current()
+		if wl == nil {
+			continue // the host sends nothing else before Started
 		}
 		switch f.Type {
 		case protocol.TStdin:
-			stdin.write(f.Payload)
+			wl.stdin.write(f.Payload)
 		case protocol.TStdinClose:
-			stdin.close()
+			wl.stdin.close()
 		case protocol.TResize:
 			var r protocol.Resize
-			if protocol.Decode(f, &r) == nil && ptmx != nil {
-				_ = pty.Setsize(ptmx, &pty.Winsize{Rows: r.Rows, Cols: r.Cols})
+			if protocol.Decode(f, &r) == nil && wl.ptmx != nil {
+				_ = pty.Setsize(wl.ptmx, &pty.Winsize{Rows: r.Rows, Cols: r.Cols})
 			}
 		case protocol.TSignal:
 			var sg protocol.Signal
 			if protocol.Decode(f, &sg) == nil && sg.Signal > 0 && sg.Signal < 65 {
-				_ = unix.Kill(pid, unix.Signal(sg.Signal))
+				_ = unix.Kill(wl.pid, unix.Signal(sg.Signal))
 			}
-		case protocol.TBye:
-			return
 		}
 	}
 }

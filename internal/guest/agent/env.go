@@ -48,10 +48,14 @@ var (
 )
 
 // lookPath finds name as a shell would, in the workload's PATH (not the
-// agent's). It tells "not found" (exit 127) from "found but not executable"
-// (exit 126), as docker does.
-func lookPath(name, path string) (string, error) {
+// agent's), with relative names and PATH entries taken relative to the
+// working directory dir. It tells "not found" (exit 127) from "found but not
+// executable" (exit 126), as docker does.
+func lookPath(name, path, dir string) (string, error) {
 	check := func(p string) error {
+		if !filepath.IsAbs(p) {
+			p = filepath.Join(dir, p)
+		}
 		fi, err := os.Stat(p)
 		if err != nil {
 			return errNotFound

@@ -31,19 +31,26 @@ func TestLookPath(t *testing.T) {
 		t.Fatal(err)
 	}
 	other := t.TempDir()
-	if p, err := lookPath("tool", other+":"+dir); err != nil || p != exe {
+	if p, err := lookPath("tool", other+":"+dir, "/"); err != nil || p != exe {
 		t.Errorf("tool: %q %v", p, err)
 	}
-	if _, err := lookPath("data", dir); !errors.Is(err, errNotExecutable) {
+	if _, err := lookPath("data", dir, "/"); !errors.Is(err, errNotExecutable) {
 		t.Errorf("data: %v, want not executable", err)
 	}
-	if _, err := lookPath("missing", dir); !errors.Is(err, errNotFound) {
+	if _, err := lookPath("missing", dir, "/"); !errors.Is(err, errNotFound) {
 		t.Errorf("missing: %v, want not found", err)
 	}
-	if _, err := lookPath(plain, ""); !errors.Is(err, errNotExecutable) {
+	if _, err := lookPath(plain, "", "/"); !errors.Is(err, errNotExecutable) {
 		t.Errorf("absolute non-executable: %v", err)
 	}
-	if _, err := lookPath(dir, ""); !errors.Is(err, errNotExecutable) {
+	if _, err := lookPath(dir, "", "/"); !errors.Is(err, errNotExecutable) {
 		t.Errorf("directory: %v", err)
+	}
+	// Relative to the working directory, not the agent's.
+	if p, err := lookPath("./tool", "", dir); err != nil || p != "./tool" {
+		t.Errorf("./tool in %s: %q %v", dir, p, err)
+	}
+	if p, err := lookPath("tool", ".", dir); err != nil || p != "tool" {
+		t.Errorf("tool with PATH=.: %q %v", p, err)
 	}
 }
