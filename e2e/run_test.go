@@ -140,10 +140,25 @@ func TestLayers(t *testing.T) {
 		imagebuild.Opaque("/opq"),
 		{Path: "/opq/new", Mode: 0o644},
 	}
-	img := reg.Push(t, testenv.BusyboxImage(t, v1.Config{}, lower, upper), "layers:1")
+	special := []imagebuild.File{
+		{Path: "/meta", Dir: true, Mode: 0o755},
+		{Path: "/meta/suid", Mode: 0o4755, Body: []byte("#!/bin/sh\n")},
+		{Path: "/meta/owned", Mode: 0o640, Body: []byte("x"), UID: 1000, GID: 50},
+		{Path: "/meta/hard", Hardlink: "/meta/owned"},
+		{Path: "/meta/link", Symlink: "owned"},
+		{Path: "/meta/null", Char: &[2]int64{1, 3}, Mode: 0o666},
+	}
+	img := reg.Push(t, testenv.BusyboxImage(t, v1.Config{}, lower, upper, special), "layers:1")
 	r := h.run("", "run", img, "sh", "-c", "ls /data; ls /opq; cat /data/kept; echo; touch /data/x && ls /data | wc -l")
 	if want := "kept\nnew\nkept\n2\n"; r.stdout != want {
 		t.Errorf("stdout %q (stderr %q), want %q", r.stdout, r.stderr, want)
+	}
+	// Owners, modes, hard links, symlinks and device nodes survive the
+	// trip through erofs into the guest.
+	r = h.run("", "run", img, "sh", "-c", `cd /meta && stat -c '%n %a %u:%g %h %F' suid owned hard && readlink link && stat -c '%F %t:%T' null && [ "$(stat -c %i owned)" = "$(stat -c %i hard)" ] && echo same-inode`)
+	want := "suid 4755 0:0 1 regular file\nowned 640 1000:50 2 regular file\nhard 640 1000:50 2 regular file\nowned\ncharacter special file 1:3\nsame-inode\n"
+	if r.stdout != want {
+		t.Errorf("metadata in the guest:\n%s(stderr %q), want:\n%s", r.stdout, r.stderr, want)
 	}
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"strings"
 	"time"
 
@@ -48,7 +49,7 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 		dir, tag := splitTag(strings.TrimPrefix(ref, ociPrefix))
 		return openLayout(dir, tag)
 	case strings.HasPrefix(ref, archivePrefix):
-		file, tag := splitTag(strings.TrimPrefix(ref, archivePrefix))
+		file, tag := splitArchive(strings.TrimPrefix(ref, archivePrefix))
 		var t *name.Tag
 		if tag != "" {
 			nt, err := name.NewTag(tag)
@@ -133,6 +134,20 @@ func splitTag(s string) (string, string) {
 		return s, ""
 	}
 	return s[:i], s[i+1:]
+}
+
+// splitArchive splits "FILE[:REFERENCE]": the reference may hold colons
+// itself (host:port/name:tag), so FILE is the shortest prefix that is a file.
+func splitArchive(s string) (string, string) {
+	for i := 0; i < len(s); i++ {
+		if s[i] != ':' {
+			continue
+		}
+		if fi, err := os.Stat(s[:i]); err == nil && fi.Mode().IsRegular() {
+			return s[:i], s[i+1:]
+		}
+	}
+	return s, ""
 }
 
 func openLayout(dir, tag string) (v1.Image, error) {

@@ -5,12 +5,15 @@ import (
 	"errors"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/testenv"
@@ -153,6 +156,35 @@ func TestLocalSources(t *testing.T) {
 	}
 	if _, err := s.Get(context.Background(), "oci:"+dir+":v2", PullMissing); !errors.Is(err, ErrNotFound) {
 		t.Fatalf("missing tag: %v", err)
+	}
+
+	// A `docker save` tarball of the same image converts to the same thing.
+	tarPath := filepath.Join(t.TempDir(), "image.tar")
+	tag, err := name.NewTag("example.com/tools:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := tarball.WriteToFile(tarPath, tag, img); err != nil {
+		t.Fatal(err)
+	}
+	// Its manifest (docker media types) has another digest: converted once,
+	// then found.
+	var digests []string
+	for i, ref := range []string{"docker-archive:" + tarPath, "docker-archive:" + tarPath + ":example.com/tools:1"} {
+		got, err := s.Get(context.Background(), ref, PullMissing)
+		if err != nil {
+			t.Fatalf("%s: %v", ref, err)
+		}
+		if got.Converted != (i == 0) || len(got.Config.Cmd) != 1 || got.Config.Cmd[0] != "x" {
+			t.Fatalf("%s: converted=%v cmd %q", ref, got.Converted, got.Config.Cmd)
+		}
+		digests = append(digests, got.Digest)
+	}
+	if digests[0] != digests[1] {
+		t.Fatalf("the tarball gave two digests: %v", digests)
+	}
+	if _, err := s.Get(context.Background(), "docker-archive:"+tarPath+":example.com/other:1", PullMissing); err == nil {
+		t.Fatal("a tag not in the tarball was accepted")
 	}
 }
 
