@@ -139,4 +139,29 @@ func TestLifecycle(t *testing.T) {
 			t.Errorf("exit %d, want 141 (SIGPIPE)", code)
 		}
 	})
+
+	t.Run("workload signals PID 1", func(t *testing.T) {
+		r := h.run("", "run", img, "sh", "-c", "kill -TERM 1; kill -INT 1; kill -HUP 1; sleep 0.5; echo alive")
+		if r.code != 0 || r.stdout != "alive\n" {
+			t.Errorf("exit %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+		}
+	})
+
+	t.Run("guest kernel panics", func(t *testing.T) {
+		// A Go runtime hit by SIGSEGV from kill(2) crashes; as PID 1 that
+		// panics the guest kernel ("Attempted to kill init").
+		r := h.run("", "run", img, "sh", "-c", "kill -SEGV 1; sleep 30")
+		first, _, _ := strings.Cut(r.stderr, "\n")
+		if r.code != 125 || !strings.Contains(first, "the VM stopped before the workload finished: the guest kernel panicked") {
+			t.Errorf("exit %d stderr %q", r.code, r.stderr)
+		}
+	})
+
+	t.Run("zombies reaped", func(t *testing.T) {
+		// Orphans are re-parented to the agent, which must reap them.
+		r := h.run("", "run", img, "sh", "-c", "for i in 1 2 3 4; do (sleep 0.1 &); done; sleep 1.5; ps -o stat,comm | awk '$1 ~ /^Z/' | wc -l")
+		if r.code != 0 || strings.TrimSpace(r.stdout) != "0" {
+			t.Errorf("zombies: exit %d stdout %q stderr %q", r.code, r.stdout, r.stderr)
+		}
+	})
 }

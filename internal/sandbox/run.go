@@ -70,6 +70,10 @@ type Result struct {
 // ErrBoot means the VM did not come up to the point of running the workload.
 var ErrBoot = errors.New("guest failed to boot")
 
+// ErrStopped means the VM ended while the workload ran, without the agent
+// reporting how the workload ended (a guest panic, the VMM dying).
+var ErrStopped = errors.New("the VM stopped before the workload finished")
+
 // Run boots a VM for spec, runs the workload to its end and removes the VM.
 func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err error) {
 	if err := spec.Validate(); err != nil {
@@ -279,20 +283,27 @@ type session struct {
 	w     *protocol.Writer
 }
 
-func (s *session) bootError(msg string) error {
+// vmError is err with what the VM said last: a guest kernel panic line
+// first, then the tails of the VMM's and the console's output.
+func (s *session) vmError(err error, msg string) error {
 	logs := s.vm.Logs(2048)
 	if i := strings.Index(logs, "Kernel panic"); i >= 0 {
 		line := logs[i:]
 		if j := strings.IndexByte(line, '\n'); j >= 0 {
 			line = line[:j]
 		}
-		msg += ": the guest kernel panicked: " + line
+		msg = strings.TrimPrefix(msg+": the guest kernel panicked: "+line, ": ")
+	}
+	if msg != "" {
+		err = fmt.Errorf("%w: %s", err, msg)
 	}
 	if logs != "" {
-		return fmt.Errorf("%w: %s\n%s", ErrBoot, msg, logs)
+		return fmt.Errorf("%w\n%s", err, logs)
 	}
-	return fmt.Errorf("%w: %s", ErrBoot, msg)
+	return err
 }
+
+func (s *session) bootError(msg string) error { return s.vmError(ErrBoot, msg) }
 
 func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Duration) (*Result, error) {
 	conn, err := s.vm.Channel(ctx)
@@ -352,7 +363,10 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 			// to be seen, so that the error carries the VM's last words.
 			select {
 			case <-vmDone:
-				return nil, s.bootError("the VM stopped before the workload finished")
+				if res.Boot == 0 {
+					return nil, s.bootError("the VM stopped before the workload started")
+				}
+				return nil, s.vmError(ErrStopped, "")
 			case <-time.After(time.Second):
 			}
 			return nil, fmt.Errorf("guest agent channel: %w", err)

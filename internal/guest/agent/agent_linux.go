@@ -52,6 +52,17 @@ func powerOff() {
 }
 
 func run(build string) error {
+	// PID 1 gets only the signals it handles. Handle (and drop) the ones a
+	// workload might send it, so that `kill 1` does not end the agent and
+	// with it the VM ("Attempted to kill init"). Handled, not ignored:
+	// ignored dispositions would be inherited by the workload across exec.
+	drop := make(chan os.Signal, 8)
+	signal.Notify(drop, unix.SIGTERM, unix.SIGINT, unix.SIGHUP, unix.SIGQUIT, unix.SIGUSR1,
+		unix.SIGUSR2, unix.SIGPIPE, unix.SIGALRM, unix.SIGTSTP, unix.SIGTTIN, unix.SIGTTOU)
+	go func() {
+		for range drop {
+		}
+	}()
 	if err := mountEarly(); err != nil {
 		return err
 	}
