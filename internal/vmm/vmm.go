@@ -2,6 +2,18 @@
 // that QEMU (vmm/qemu) and Firecracker drive the same sandboxes. A driver
 // boots a kernel and initramfs with a set of drives and a host channel to the
 // guest agent; everything a VM owns on the host lives under its RunDir.
+//
+// How Firecracker's REST API maps onto this interface, for its driver:
+// Kernel, Initrd and Cmdline are PUT /boot-source; VCPUs and MemoryMiB are
+// PUT /machine-config; each Drive is PUT /drives/{ID} (is_read_only from
+// ReadOnly; Firecracker has no drive serials, so its guests find disks by
+// order, vda first); Channel is PUT /vsock with a uds_path under RunDir,
+// dialled with "CONNECT <port>\n" (hybrid vsock); the Start action is
+// PUT /actions InstanceStart; Kill ends the process; Logs reads its log
+// FIFO and the serial console. Network interfaces (PUT
+// /network-interfaces, QEMU's -netdev tap) and snapshot/restore (PUT
+// /snapshot/create, /snapshot/load; QEMU's migrate to a file) join Config
+// and VM when the networking and snapshot work lands.
 package vmm
 
 import (
