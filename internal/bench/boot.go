@@ -187,20 +187,23 @@ func busyboxInitrd(dir string) (string, error) {
 	})
 }
 
+// timeBare boots QEMU through the same driver hearth uses, with no agent
+// protocol: the guest powers itself off, and the time is until QEMU is gone.
 func timeBare(ctx context.Context, o BootOptions, initrd, cmdline string, drives []vmm.Drive) (time.Duration, error) {
 	run, err := os.MkdirTemp(o.WorkDir, "bare-")
 	if err != nil {
 		return 0, err
 	}
 	defer os.RemoveAll(run)
-	args := qemu.Args(vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel, Initrd: initrd, Cmdline: cmdline,
-		VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Drives: drives})
-	cmd := exec.CommandContext(ctx, "qemu-system-x86_64", args...)
-	var out bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &out
 	start := time.Now()
-	if err := cmd.Run(); err != nil {
-		return 0, fmt.Errorf("bare qemu: %w: %s", err, out.String())
+	vm, err := (&qemu.Driver{Binary: os.Getenv("HEARTH_QEMU")}).Start(ctx, vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel,
+		Initrd: initrd, Cmdline: cmdline, VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Drives: drives})
+	if err != nil {
+		return 0, fmt.Errorf("bare qemu: %w", err)
+	}
+	defer vm.Kill()
+	if err := vm.Wait(ctx); err != nil {
+		return 0, fmt.Errorf("bare qemu: %w\n%s", err, vm.Logs(2048))
 	}
 	return time.Since(start), nil
 }

@@ -20,10 +20,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"os"
-	"strings"
 )
 
 // Accel is how guest code executes.
@@ -106,23 +103,3 @@ type VM interface {
 
 // ErrExited means the VMM process ended before the operation finished.
 var ErrExited = errors.New("VMM exited")
-
-// Tail returns the last n bytes of a file, trimmed to whole lines.
-func Tail(path string, n int) string {
-	f, err := os.Open(path)
-	if err != nil {
-		return ""
-	}
-	defer f.Close()
-	if fi, err := f.Stat(); err == nil && fi.Size() > int64(n) {
-		_, _ = f.Seek(fi.Size()-int64(n), io.SeekStart)
-	}
-	b, _ := io.ReadAll(f)
-	s := string(b)
-	if len(b) >= n {
-		if i := strings.IndexByte(s, '\n'); i >= 0 {
-			s = s[i+1:]
-		}
-	}
-	return strings.TrimRight(s, "\n")
-}

@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -37,11 +38,15 @@ func (d *Driver) Name() string { return "qemu" }
 
 // Files under the run directory.
 const (
-	qmpSock    = "qmp.sock"
-	agentSock  = "agent.sock"
-	consoleLog = "console.log"
-	vmmLog     = "vmm.log"
+	qmpSock     = "qmp.sock"
+	agentSock   = "agent.sock"
+	consoleSock = "console.sock" // hearth listens, QEMU connects
 )
+
+// logTail is how much of the console and of QEMU's own output is kept for
+// error messages. The guest may print without end: a file would let it fill
+// the host's disk.
+const logTail = 64 << 10
 
 // baseCmdline is what every guest needs:
 //   - console=ttyS0: early and panic messages go to the console log;
@@ -72,7 +77,10 @@ func Args(cfg vmm.Config) []string {
 		"-kernel", cfg.Kernel,
 		"-initrd", cfg.Initrd,
 		"-append", strings.TrimSpace(baseCmdline + " " + cfg.Cmdline),
-		"-chardev", "file,id=console,path=" + run(consoleLog),
+		// The console goes to a socket hearth listens on before QEMU
+		// starts, so QEMU's connect succeeds at once and no early output
+		// is lost.
+		"-chardev", "socket,id=console,path=" + run(consoleSock) + ",server=off",
 		"-serial", "chardev:console",
 		"-qmp", "unix:" + run(qmpSock) + ",server=on,wait=off",
 		"-device", "virtio-serial-device,max_ports=2",
@@ -101,13 +109,19 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w (install it with: apt-get install qemu-system-x86)", err)
 	}
-	logf, err := os.Create(filepath.Join(cfg.RunDir, vmmLog))
+	console, err := net.Listen("unix", filepath.Join(cfg.RunDir, consoleSock))
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("console socket: %w", err)
 	}
-	defer logf.Close()
+	vm := &VM{cfg: cfg, done: make(chan struct{}),
+		console: &vmm.TailBuffer{Max: logTail}, output: &vmm.TailBuffer{Max: logTail}}
+	consoleDone := make(chan struct{})
+	go func() {
+		defer close(consoleDone)
+		vm.readConsole(console)
+	}()
 	cmd := exec.Command(path, Args(cfg)...)
-	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.Stdout, cmd.Stderr = vm.output, vm.output
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group: a Ctrl-C at the terminal is for the
 		// workload (hearth forwards it), not for QEMU.
@@ -116,11 +130,19 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 		Pdeathsig: syscall.SIGKILL,
 	}
 	if err := cmd.Start(); err != nil {
+		console.Close()
 		return nil, fmt.Errorf("start qemu: %w", err)
 	}
-	vm := &VM{cfg: cfg, cmd: cmd, done: make(chan struct{})}
+	vm.cmd = cmd
 	go func() {
 		vm.waitErr = cmd.Wait()
+		console.Close() // if QEMU failed before it connected
+		// The guest's last words (a panic) must be in the tail before
+		// anyone learns that the VM is gone and asks for them.
+		select {
+		case <-consoleDone:
+		case <-time.After(time.Second):
+		}
 		close(vm.done)
 	}()
 	if err := vm.connectQMP(ctx); err != nil {
@@ -141,6 +163,20 @@ type VM struct {
 	waitErr error
 	mon     *qmp.SocketMonitor
 	once    sync.Once
+	console *vmm.TailBuffer // the guest's serial console
+	output  *vmm.TailBuffer // QEMU's own stdout and stderr
+}
+
+// readConsole takes QEMU's one connection to the console socket and keeps
+// the tail of what the guest prints.
+func (v *VM) readConsole(l net.Listener) {
+	c, err := l.Accept()
+	l.Close()
+	if err != nil {
+		return
+	}
+	defer c.Close()
+	_, _ = io.Copy(v.console, c)
 }
 
 var _ vmm.VM = (*VM)(nil)
@@ -241,10 +277,10 @@ func (v *VM) Pid() int { return v.cmd.Process.Pid }
 // Logs returns the tails of QEMU's own output and the guest console.
 func (v *VM) Logs(n int) string {
 	var parts []string
-	if s := vmm.Tail(v.path(vmmLog), n); s != "" {
+	if s := v.output.Tail(n); s != "" {
 		parts = append(parts, "qemu output:\n"+s)
 	}
-	if s := vmm.Tail(v.path(consoleLog), n); s != "" {
+	if s := v.console.Tail(n); s != "" {
 		parts = append(parts, "guest console:\n"+s)
 	}
 	return strings.Join(parts, "\n")
