@@ -87,7 +87,8 @@ func TestLifecycle(t *testing.T) {
 		cmd, _ := h.startReady(t, ctx, img)
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
-		// QEMU dies with its parent (PDEATHSIG) ...
+		// The VM ends with its hearth (PDEATHSIG, or the agent powering
+		// off when the channel closes) ...
 		waitGone(t, h.runRoot)
 		// ... and the next run sweeps the run directory it left.
 		if r := h.run("", "run", img, "true"); r.code != 0 {

@@ -215,7 +215,8 @@ func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
 }
 
 // sweep removes run directories whose owner died without cleaning up:
-// their lock is free (their VMMs died with their owner, by PDEATHSIG), or
+// their lock is free (their VMs power themselves off when the agent's
+// channel closes), or
 // they never got one and are older than a minute.
 func (rt *Runtime) sweep(log *slog.Logger) {
 	entries, _ := os.ReadDir(rt.RunRoot)

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -145,6 +146,8 @@ type session struct {
 	port *os.File
 	bye  chan struct{} // closed when the host said Bye or went away
 
+	hostGone atomic.Bool // the host's end of the channel closed
+
 	mu sync.Mutex
 	wl *running // the workload, once it runs
 }
@@ -189,16 +192,25 @@ func (s *session) serve(build string) error {
 	s.bye = make(chan struct{})
 	go s.control()
 	exit := s.runWorkload(&st)
-	if err := s.w.WriteJSON(protocol.TExit, exit); err != nil {
-		return err
+	if s.hostGone.Load() {
+		// Nobody to report to (hearth died): power off now. Writes to a
+		// port whose host end is closed wait for a host that never comes.
+		return errors.New("the host went away; powering off")
 	}
+	sent := make(chan error, 1)
+	go func() { sent <- s.w.WriteJSON(protocol.TExit, exit) }()
 	// Wait for the host's Bye so that the exit report is out of the
 	// virtqueue before the VM resets (the host usually ends the VM first).
 	select {
 	case <-s.bye:
 	case <-time.After(5 * time.Second):
 	}
-	return nil
+	select {
+	case err := <-sent:
+		return err
+	default:
+		return errors.New("the host did not take the exit report; powering off")
+	}
 }
 
 func failure(code int, format string, args ...any) protocol.Exit {
@@ -371,7 +383,10 @@ func (s *session) control() {
 		f, err := s.r.Read()
 		if err != nil {
 			// The host went away: nobody will read the output. End the
-			// workload so that the VM powers off instead of lingering.
+			// workload so that the VM powers off instead of lingering
+			// (QEMU runs as another user than hearth, so it does not die
+			// with hearth: this is how an orphaned VM ends itself).
+			s.hostGone.Store(true)
 			if wl := current(); wl != nil {
 				_ = unix.Kill(wl.pid, unix.SIGKILL)
 			}

@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"os/user"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -42,6 +43,9 @@ const (
 	agentSock   = "agent.sock"
 	consoleSock = "console.sock" // hearth listens, QEMU connects
 )
+
+// unprivilegedUser is who QEMU runs as after start-up when hearth is root.
+const unprivilegedUser = "nobody"
 
 // logTail is how much of the console and of QEMU's own output is kept for
 // error messages. The guest may print without end: a file would let it fill
@@ -74,6 +78,11 @@ func Args(cfg vmm.Config) []string {
 		"-smp", strconv.Itoa(max(cfg.VCPUs, 1)),
 		"-m", strconv.Itoa(cfg.MemoryMiB) + "M",
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
+		// Defence in depth should the guest break out of the device
+		// model: QEMU's seccomp filter (no spawning, no obsolete or
+		// resource-control syscalls). As root, Start also drops QEMU to
+		// "nobody" once it has opened its files.
+		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
 		"-kernel", cfg.Kernel,
 		"-initrd", cfg.Initrd,
 		"-append", strings.TrimSpace(baseCmdline + " " + cfg.Cmdline),
@@ -120,13 +129,21 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 		defer close(consoleDone)
 		vm.readConsole(console)
 	}()
-	cmd := exec.Command(path, Args(cfg)...)
+	args := Args(cfg)
+	if os.Geteuid() == 0 {
+		if _, err := user.Lookup(unprivilegedUser); err == nil {
+			args = append(args, "-runas", unprivilegedUser)
+		}
+	}
+	cmd := exec.Command(path, args...)
 	cmd.Stdout, cmd.Stderr = vm.output, vm.output
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group: a Ctrl-C at the terminal is for the
 		// workload (hearth forwards it), not for QEMU.
 		Setpgid: true,
 		// If hearth dies without cleaning up, QEMU must not outlive it.
+		// (-runas clears this; then the guest agent, seeing the channel
+		// close, powers the VM off.)
 		Pdeathsig: syscall.SIGKILL,
 	}
 	if err := cmd.Start(); err != nil {
