@@ -176,6 +176,9 @@ func (s *Store) convert(ctx context.Context, ref, digest string, src v1.Image) (
 	if img, err := s.load(ref, digest); err == nil {
 		return img, nil // another process converted it while we waited
 	}
+	if os.Geteuid() != 0 {
+		return nil, fmt.Errorf("converting %s needs root: the image's owners and device nodes are kept as they are; run hearth as root", ref)
+	}
 	start := time.Now()
 	if err := os.MkdirAll(filepath.Join(s.Dir, "tmp"), 0o755); err != nil {
 		return nil, err
