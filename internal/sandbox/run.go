@@ -307,6 +307,10 @@ func (s *session) vmError(err error, msg string) error {
 func (s *session) bootError(msg string) error { return s.vmError(ErrBoot, msg) }
 
 func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Duration) (*Result, error) {
+	// The forwarding goroutines end with the session, not only with the
+	// caller's context.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	conn, err := s.vm.Channel(ctx)
 	if err != nil {
 		return nil, s.bootError(err.Error())
