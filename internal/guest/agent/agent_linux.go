@@ -44,7 +44,8 @@ func Main(build string) {
 }
 
 // powerOff ends the VM. There is nothing to sync: the writable disk is
-// discarded with the VM (snapshots quiesce explicitly before they are taken).
+// discarded with the VM. (Snapshots, when hearth has them, must quiesce the
+// disk before they are taken.)
 func powerOff() {
 	// With reboot=t and the VMM's -no-reboot, a restart ends the VM at once;
 	// a halt would leave QEMU running with a stopped CPU.
