@@ -65,3 +65,20 @@ func TestImageCommands(t *testing.T) {
 		t.Errorf("prune: %d %q", r.code, r.stderr)
 	}
 }
+
+// A registry that is not localhost is reached over HTTPS unless
+// --insecure-registry names it.
+func TestInsecureRegistry(t *testing.T) {
+	h := newHarness(t)
+	reg := testenv.StartRegistryOn(t, "127.0.0.2")
+	ref := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}), "plain:1")
+
+	r := h.run("", "image", "pull", ref)
+	if r.code != 125 || !strings.Contains(r.stderr, "HTTPS") {
+		t.Errorf("pull over HTTPS from a plain HTTP registry: %d %q", r.code, r.stderr)
+	}
+	r = h.run("", "--insecure-registry", reg.Addr, "run", ref, "echo", "over plain HTTP")
+	if r.code != 0 || r.stdout != "over plain HTTP\n" {
+		t.Errorf("with --insecure-registry: %d %q %q", r.code, r.stdout, r.stderr)
+	}
+}

@@ -105,9 +105,11 @@ func ModuleRoot() string {
 }
 
 // FreeAddr returns a free 127.0.0.1 port.
-func FreeAddr(t testing.TB) string {
+func FreeAddr(t testing.TB) string { return freeAddrOn(t, "127.0.0.1") }
+
+func freeAddrOn(t testing.TB, host string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	l, err := net.Listen("tcp", host+":0")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -120,13 +122,17 @@ type Registry struct {
 	Addr string // 127.0.0.1:PORT
 }
 
-// StartRegistry starts Debian's docker-registry with its storage in a test
-// directory; it is stopped when the test ends.
-func StartRegistry(t testing.TB) *Registry {
+// StartRegistry starts Debian's docker-registry on 127.0.0.1 with its
+// storage in a test directory; it is stopped when the test ends.
+func StartRegistry(t testing.TB) *Registry { return StartRegistryOn(t, "127.0.0.1") }
+
+// StartRegistryOn is StartRegistry on another loopback address: clients
+// treat only localhost and 127.0.0.1 as plain HTTP by themselves.
+func StartRegistryOn(t testing.TB, host string) *Registry {
 	t.Helper()
 	NeedRegistry(t)
 	dir := t.TempDir()
-	addr := FreeAddr(t)
+	addr := freeAddrOn(t, host)
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: error
