@@ -85,6 +85,9 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 		remote.WithAuthFromKeychain(authn.DefaultKeychain),
 		remote.WithTransport(tr),
 		remote.WithPlatform(v1.Platform{OS: "linux", Architecture: "amd64"}),
+		// One retry, not go-containerregistry's two: a registry that did
+		// not answer within Timeout twice is down, and the user is waiting.
+		remote.WithRetryBackoff(remote.Backoff{Duration: time.Second, Factor: 3, Jitter: 0.1, Steps: 2}),
 	)
 	if err != nil {
 		return nil, registryError(r, err)
