@@ -90,6 +90,18 @@ func TestStreams(t *testing.T) {
 		t.Errorf("64 MiB: code %d, %d bytes, sha256 %x, guest says %q", r.code, len(r.stdout), sum, r.stderr)
 	}
 	t.Logf("64 MiB through stdout in %s", r.took)
+
+	// 16 MiB through stdin (flow-controlled by the stdin window), checked
+	// by the guest's sha256.
+	in := make([]byte, 16<<20)
+	for i := range in {
+		in[i] = byte(i*7 + i>>13)
+	}
+	inSum := sha256.Sum256(in)
+	r = h.run(string(in), "run", "-i", img, "sha256sum")
+	if got, _, _ := strings.Cut(r.stdout, " "); r.code != 0 || got != hex.EncodeToString(inSum[:]) {
+		t.Errorf("16 MiB through stdin: code %d, guest sha256 %q, want %x (stderr %q)", r.code, r.stdout, inSum, r.stderr)
+	}
 }
 
 func TestImageConfig(t *testing.T) {
