@@ -4,33 +4,33 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"io"
 	"os/exec"
 	"strings"
 	"syscall"
 	"testing"
 	"time"
 
-	"hearth.dev/hearth/internal/testenv"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 func waitGone(t *testing.T, runRoot string) {
 	t.Helper()
 	deadline := time.Now().Add(10 * time.Second)
-	for len(testenv.VMMPids(runRoot)) > 0 {
+	for len(vmm.Pids(runRoot)) > 0 {
 		if time.Now().After(deadline) {
-			t.Fatalf("QEMU still running: %v", testenv.VMMPids(runRoot))
+			t.Fatalf("QEMU still running: %v", vmm.Pids(runRoot))
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
 }
 
-// startReady starts hearth running a workload that prints "ready" and
-// sleeps, and returns once "ready" arrived, with hearth's stderr so far.
-func (h *harness) startReady(t *testing.T, ctx context.Context, img string) (*exec.Cmd, *bytes.Buffer) {
+// start starts hearth with args and returns it with its stdout; its
+// stderr goes to stderr (nil: discarded).
+func (h *harness) start(t *testing.T, ctx context.Context, stderr io.Writer, args ...string) (*exec.Cmd, io.ReadCloser) {
 	t.Helper()
-	cmd := h.command(ctx, "run", img, "sh", "-c", "echo ready; sleep 100")
-	var stderr bytes.Buffer
-	cmd.Stderr = &stderr
+	cmd := h.command(ctx, args...)
+	cmd.Stderr = stderr
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
 		t.Fatal(err)
@@ -38,6 +38,15 @@ func (h *harness) startReady(t *testing.T, ctx context.Context, img string) (*ex
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
 	}
+	return cmd, stdout
+}
+
+// startReady starts hearth running a workload that prints "ready" and
+// sleeps, and returns once "ready" arrived, with hearth's stderr so far.
+func (h *harness) startReady(t *testing.T, ctx context.Context, img string) (*exec.Cmd, *bytes.Buffer) {
+	t.Helper()
+	var stderr bytes.Buffer
+	cmd, stdout := h.start(t, ctx, &stderr, "run", img, "sh", "-c", "echo ready; sleep 100")
 	if line, _ := bufio.NewReader(stdout).ReadString('\n'); line != "ready\n" {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
@@ -69,7 +78,7 @@ func TestLifecycle(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
 		cmd, stderr := h.startReady(t, ctx, img)
-		pids := testenv.VMMPids(h.runRoot)
+		pids := vmm.Pids(h.runRoot)
 		if len(pids) != 1 {
 			t.Fatalf("QEMU processes: %v", pids)
 		}
@@ -120,14 +129,7 @@ func TestLifecycle(t *testing.T) {
 	t.Run("reader of stdout goes away", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
-		cmd := h.command(ctx, "run", img, "yes")
-		stdout, err := cmd.StdoutPipe()
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
+		cmd, stdout := h.start(t, ctx, nil, "run", img, "yes")
 		r := bufio.NewReader(stdout)
 		for i := 0; i < 3; i++ {
 			if line, _ := r.ReadString('\n'); line != "y\n" {

@@ -210,14 +210,7 @@ func TestCtrlC(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 			defer cancel()
-			cmd := h.command(ctx, "run", img, "sh", "-c", tc.script)
-			stdout, err := cmd.StdoutPipe()
-			if err != nil {
-				t.Fatal(err)
-			}
-			if err := cmd.Start(); err != nil {
-				t.Fatal(err)
-			}
+			cmd, stdout := h.start(t, ctx, nil, "run", img, "sh", "-c", tc.script)
 			sc := bufio.NewScanner(stdout)
 			if !sc.Scan() || sc.Text() != "ready" {
 				t.Fatalf("no ready line: %q", sc.Text())
@@ -231,7 +224,7 @@ func TestCtrlC(t *testing.T) {
 				}
 			}
 			rest, _ := io.ReadAll(stdout)
-			err = cmd.Wait()
+			err := cmd.Wait()
 			code := cmd.ProcessState.ExitCode()
 			if code != tc.code {
 				t.Errorf("exit %d (%v), want %d", code, err, tc.code)

@@ -226,10 +226,11 @@ func measureMemory(ctx context.Context, o BootOptions, ref string, res *BootResu
 	deadline := time.Now().Add(60 * time.Second)
 	for time.Now().Before(deadline) {
 		time.Sleep(500 * time.Millisecond)
-		pid := findVMM(runRoot)
-		if pid == 0 {
+		pids := vmm.Pids(runRoot)
+		if len(pids) == 0 {
 			continue
 		}
+		pid := pids[0]
 		_, _, guest, err := smapsRSS(pid, int64(o.MemoryMiB)<<10)
 		if err != nil || guest == 0 {
 			continue
@@ -246,18 +247,6 @@ func measureMemory(ctx context.Context, o BootOptions, ref string, res *BootResu
 		break
 	}
 	return <-done
-}
-
-func findVMM(runRoot string) int {
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(runRoot)) {
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			return pid
-		}
-	}
-	return 0
 }
 
 // smapsRSS returns, in KiB, the process's total RSS, its anonymous (private)

@@ -336,8 +336,9 @@ func (s *Store) withRefs(write bool, fn func(map[string]string) error) error {
 		return err
 	}
 	refs := map[string]string{}
-	if b, err := os.ReadFile(s.refsPath()); err == nil {
-		if err := json.Unmarshal(b, &refs); err != nil {
+	old, err := os.ReadFile(s.refsPath())
+	if err == nil {
+		if err := json.Unmarshal(old, &refs); err != nil {
 			return fmt.Errorf("%s: %w", s.refsPath(), err)
 		}
 	}
@@ -347,6 +348,9 @@ func (s *Store) withRefs(write bool, fn func(map[string]string) error) error {
 	b, err := json.MarshalIndent(refs, "", "  ")
 	if err != nil {
 		return err
+	}
+	if bytes.Equal(b, old) {
+		return nil // every run of a stored image sets its ref: no rewrite for nothing
 	}
 	tmp := s.refsPath() + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o644); err != nil {

@@ -16,7 +16,6 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -26,6 +25,7 @@ import (
 
 	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 // Need skips (or, under CI, fails) the test when ok is false.
@@ -213,7 +213,7 @@ func CheckNoLeaks(t testing.TB, runRoot string) {
 			problems = append(problems, "run directory "+filepath.Join(runRoot, e.Name()))
 		}
 	}
-	for _, pid := range VMMPids(runRoot) {
+	for _, pid := range vmm.Pids(runRoot) {
 		problems = append(problems, fmt.Sprintf("VMM process %d", pid))
 	}
 	if mounts, err := os.ReadFile("/proc/self/mountinfo"); err == nil && bytes.Contains(mounts, []byte(runRoot)) {
@@ -225,20 +225,6 @@ func CheckNoLeaks(t testing.TB, runRoot string) {
 	if len(problems) > 0 {
 		t.Errorf("left behind:\n  %s", strings.Join(problems, "\n  "))
 	}
-}
-
-// VMMPids lists the QEMU processes whose command line names runRoot.
-func VMMPids(runRoot string) []int {
-	var pids []int
-	procs, _ := filepath.Glob("/proc/[0-9]*/cmdline")
-	for _, p := range procs {
-		b, err := os.ReadFile(p)
-		if err == nil && bytes.Contains(b, []byte("qemu-system")) && bytes.Contains(b, []byte(runRoot+"/")) {
-			pid, _ := strconv.Atoi(filepath.Base(filepath.Dir(p)))
-			pids = append(pids, pid)
-		}
-	}
-	return pids
 }
 
 // SilentServer listens on loopback, accepts connections and never answers:
