@@ -60,13 +60,8 @@ else ~/.cache/hearth; live VMs keep their sockets and disks under
 $HEARTH_RUN_DIR, else /run/hearth.`,
 		SilenceUsage:  true,
 		SilenceErrors: true,
-		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
-			var lvl slog.Level
-			if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
-				return fmt.Errorf("--log-level %q: %w", g.logLevel, err)
-			}
-			g.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
-			return nil
+		PersistentPreRunE: func(*cobra.Command, []string) error {
+			return g.setupLog(stderr)
 		},
 	}
 	root.SetArgs(args)
@@ -78,8 +73,21 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringSliceVar(&g.insecure, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	pf.DurationVar(&g.registryTimeout, "registry-timeout", 30*time.Second, "give up on a registry that does not answer within this time")
 
-	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g))
-	err := root.Execute()
+	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g))
+	return finish(root.Execute(), stderr)
+}
+
+func (g *globals) setupLog(stderr io.Writer) error {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
+		return fmt.Errorf("--log-level %q: %w", g.logLevel, err)
+	}
+	g.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
+	return nil
+}
+
+// finish turns a command's error into an exit status, printing it.
+func finish(err error, stderr io.Writer) int {
 	if err == nil {
 		return 0
 	}

@@ -1,0 +1,77 @@
+package v1alpha1
+
+import (
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// HostSpec is what an operator sets on a host.
+type HostSpec struct {
+	// Unschedulable keeps new sandboxes off the host (cordon).
+	// +optional
+	Unschedulable bool `json:"unschedulable,omitempty"`
+}
+
+// HostStatus is what the node agent reports.
+type HostStatus struct {
+	// Capacity is the machine's: cpu, memory, disk, sandboxes.
+	// +optional
+	Capacity corev1.ResourceList `json:"capacity,omitempty"`
+	// Allocatable is what sandboxes may use of it.
+	// +optional
+	Allocatable corev1.ResourceList `json:"allocatable,omitempty"`
+	// Accel is how this host runs guests: kvm, or tcg (no isolation
+	// boundary: software emulation).
+	// +optional
+	Accel string `json:"accel,omitempty"`
+	// Address is where the node agent serves sandbox streams (host:port).
+	// +optional
+	Address string `json:"address,omitempty"`
+	// Version of the node agent.
+	// +optional
+	Version string `json:"version,omitempty"`
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// Host is a machine that runs sandboxes: one node agent.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:scope=Cluster,categories=hearth
+// +kubebuilder:printcolumn:name="Ready",type=string,JSONPath=`.status.conditions[?(@.type=="Ready")].status`
+// +kubebuilder:printcolumn:name="Accel",type=string,JSONPath=`.status.accel`
+// +kubebuilder:printcolumn:name="CPU",type=string,JSONPath=`.status.allocatable.cpu`
+// +kubebuilder:printcolumn:name="Memory",type=string,JSONPath=`.status.allocatable.memory`
+// +kubebuilder:printcolumn:name="Address",type=string,JSONPath=`.status.address`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type Host struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec   HostSpec   `json:"spec,omitempty"`
+	Status HostStatus `json:"status,omitempty"`
+}
+
+// HostList is a list of Hosts.
+// +kubebuilder:object:root=true
+type HostList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Host `json:"items"`
+}
+
+// ResourceSandboxes is the Host capacity of how many sandboxes it runs at once.
+const ResourceSandboxes corev1.ResourceName = "sandboxes"
+
+// HostConditionReady is true while the host's lease is renewed.
+const HostConditionReady = "Ready"
+
+// LeaseNamespace holds the hosts' heartbeat Leases (one per host, named
+// after it), as kube-node-lease does for kubelets.
+const LeaseNamespace = "hearth-host-lease"
+
+func init() {
+	SchemeBuilder.Register(&Host{}, &HostList{})
+}

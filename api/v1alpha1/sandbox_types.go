@@ -1,0 +1,188 @@
+package v1alpha1
+
+import (
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+)
+
+// RestartPolicy says whether a sandbox's workload is run again when it ends.
+// +kubebuilder:validation:Enum=Never;OnFailure;Always
+type RestartPolicy string
+
+const (
+	RestartNever     RestartPolicy = "Never"
+	RestartOnFailure RestartPolicy = "OnFailure"
+	RestartAlways    RestartPolicy = "Always"
+)
+
+// Phase is where a sandbox is in its life.
+type Phase string
+
+const (
+	PhasePending   Phase = "Pending"   // accepted, waiting for a host
+	PhaseScheduled Phase = "Scheduled" // bound to a host that has not started it yet
+	PhaseBooting   Phase = "Booting"   // the host is pulling the image and booting the VM
+	PhaseRunning   Phase = "Running"   // the workload runs
+	PhaseSucceeded Phase = "Succeeded" // the workload exited 0 and will not run again
+	PhaseFailed    Phase = "Failed"    // it exited non-zero, could not start, or timed out, and will not run again
+)
+
+// Terminal reports whether a sandbox in phase p is done for good.
+func (p Phase) Terminal() bool { return p == PhaseSucceeded || p == PhaseFailed }
+
+// EnvVar is one environment variable of the workload.
+type EnvVar struct {
+	// +kubebuilder:validation:MinLength=1
+	// +kubebuilder:validation:Pattern=`^[^=]+$`
+	Name string `json:"name"`
+	// +optional
+	Value string `json:"value,omitempty"`
+}
+
+// Resources is what one sandbox's VM gets.
+type Resources struct {
+	// CPU is the number of virtual CPUs (rounded up to whole CPUs for the
+	// VM; the scheduler counts the quantity as given).
+	// +kubebuilder:default="1"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).isGreaterThan(quantity('0'))",message="must be positive"
+	// +optional
+	CPU resource.Quantity `json:"cpu,omitempty"`
+	// Memory is the guest's RAM.
+	// +kubebuilder:default="256Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('48Mi')) >= 0",message="must be at least 48Mi: a guest needs that much to boot"
+	// +optional
+	Memory resource.Quantity `json:"memory,omitempty"`
+	// Disk is the size of the writable layer over the image.
+	// +kubebuilder:default="1Gi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('8Mi')) >= 0",message="must be at least 8Mi"
+	// +optional
+	Disk resource.Quantity `json:"disk,omitempty"`
+}
+
+// SandboxSpec is what to run and where.
+type SandboxSpec struct {
+	// Image is an OCI image reference (a registry reference, oci:DIR[:TAG]
+	// or docker-archive:FILE).
+	// +kubebuilder:validation:MinLength=1
+	Image string `json:"image"`
+	// Command replaces the image's Entrypoint.
+	// +optional
+	Command []string `json:"command,omitempty"`
+	// Args replace the image's Cmd.
+	// +optional
+	Args []string `json:"args,omitempty"`
+	// Env is added to the image's environment, replacing variables of the
+	// same name.
+	// +listType=map
+	// +listMapKey=name
+	// +optional
+	Env []EnvVar `json:"env,omitempty"`
+	// WorkingDir overrides the image's.
+	// +optional
+	WorkingDir string `json:"workingDir,omitempty"`
+	// User overrides the image's: a name or uid[:gid] in the image.
+	// +optional
+	User string `json:"user,omitempty"`
+	// Resources of the VM.
+	// +kubebuilder:default={}
+	// +optional
+	Resources Resources `json:"resources,omitempty"`
+	// RestartPolicy says whether the workload runs again when it ends.
+	// +kubebuilder:default=Never
+	// +optional
+	RestartPolicy RestartPolicy `json:"restartPolicy,omitempty"`
+	// TimeoutSeconds bounds the sandbox's whole life from its first start:
+	// when it passes, the VM is stopped and the sandbox ends Failed.
+	// +kubebuilder:validation:Minimum=1
+	// +optional
+	TimeoutSeconds *int64 `json:"timeoutSeconds,omitempty"`
+	// HostSelector restricts the sandbox to hosts with these labels.
+	// +optional
+	HostSelector map[string]string `json:"hostSelector,omitempty"`
+	// Stdin keeps the workload's stdin open for `hearth attach`.
+	// +optional
+	Stdin bool `json:"stdin,omitempty"`
+	// TTY gives the workload a terminal.
+	// +optional
+	TTY bool `json:"tty,omitempty"`
+}
+
+// SandboxStatus is what hearth observed.
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || (has(self.hostName) && self.hostName == oldSelf.hostName)",message="hostName is set once, when the sandbox is bound"
+type SandboxStatus struct {
+	// +optional
+	Phase Phase `json:"phase,omitempty"`
+	// HostName is the Host the sandbox is bound to; only binding sets it.
+	// +optional
+	HostName string `json:"hostName,omitempty"`
+	// +optional
+	IP string `json:"ip,omitempty"`
+	// StartedAt is when the workload last started.
+	// +optional
+	StartedAt *metav1.Time `json:"startedAt,omitempty"`
+	// +optional
+	FinishedAt *metav1.Time `json:"finishedAt,omitempty"`
+	// BootMillis is the time from starting the VM to the workload running.
+	// +optional
+	BootMillis int64 `json:"bootMillis,omitempty"`
+	// +optional
+	ExitCode *int32 `json:"exitCode,omitempty"`
+	// Reason is a CamelCase word for why the sandbox is in its phase
+	// (Unschedulable, ImagePullError, BootError, DeadlineExceeded, BackOff,
+	// OOMKilled, Error, Completed).
+	// +optional
+	Reason string `json:"reason,omitempty"`
+	// +optional
+	Message string `json:"message,omitempty"`
+	// RestartCount is how many times the workload was started again.
+	// +optional
+	RestartCount int32 `json:"restartCount,omitempty"`
+	// +listType=map
+	// +listMapKey=type
+	// +optional
+	Conditions []metav1.Condition `json:"conditions,omitempty"`
+}
+
+// Sandbox is one workload in one micro-VM.
+// +kubebuilder:object:root=true
+// +kubebuilder:subresource:status
+// +kubebuilder:resource:shortName=sb;sbx,categories=hearth
+// +kubebuilder:selectablefield:JSONPath=`.status.hostName`
+// +kubebuilder:selectablefield:JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Phase",type=string,JSONPath=`.status.phase`
+// +kubebuilder:printcolumn:name="Exit",type=integer,JSONPath=`.status.exitCode`
+// +kubebuilder:printcolumn:name="Host",type=string,JSONPath=`.status.hostName`
+// +kubebuilder:printcolumn:name="IP",type=string,JSONPath=`.status.ip`
+// +kubebuilder:printcolumn:name="Image",type=string,JSONPath=`.spec.image`
+// +kubebuilder:printcolumn:name="Restarts",type=integer,JSONPath=`.status.restartCount`,priority=1
+// +kubebuilder:printcolumn:name="Reason",type=string,JSONPath=`.status.reason`,priority=1
+// +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+type Sandbox struct {
+	metav1.TypeMeta   `json:",inline"`
+	metav1.ObjectMeta `json:"metadata,omitempty"`
+
+	Spec   SandboxSpec   `json:"spec"`
+	Status SandboxStatus `json:"status,omitempty"`
+}
+
+// SandboxList is a list of Sandboxes.
+// +kubebuilder:object:root=true
+type SandboxList struct {
+	metav1.TypeMeta `json:",inline"`
+	metav1.ListMeta `json:"metadata,omitempty"`
+	Items           []Sandbox `json:"items"`
+}
+
+// Finalizer is on every Sandbox: the host removes it once the VM and
+// everything it had on the host are gone.
+const Finalizer = "hearth.dev/vm"
+
+// Condition types of a Sandbox.
+const (
+	ConditionScheduled = "Scheduled"
+	ConditionReady     = "Ready"
+)
+
+func init() {
+	SchemeBuilder.Register(&Sandbox{}, &SandboxList{})
+}

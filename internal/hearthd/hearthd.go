@@ -1,0 +1,308 @@
+// Package hearthd runs hearth's daemon roles in one process: the control
+// plane (embedded etcd, the API server, the scheduler) and the node agent.
+// `hearth up` and `hearthd` with no --roles run all of them on one machine
+// with one data directory.
+package hearthd
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"time"
+
+	"github.com/spf13/pflag"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
+
+	"hearth.dev/hearth/internal/apiserver"
+	"hearth.dev/hearth/internal/etcd"
+	"hearth.dev/hearth/internal/pki"
+)
+
+// Roles hearthd can run.
+const (
+	RoleControlPlane = "control-plane"
+	RoleNode         = "node"
+)
+
+// Options configure hearthd.
+type Options struct {
+	DataDir     string
+	Roles       []string
+	BindAddress string
+	Port        int
+	// Etcd's ports on loopback.
+	EtcdClientPort, EtcdPeerPort int
+	// AdvertiseAddress is the address node agents and clients use; it is
+	// also in the serving certificate.
+	AdvertiseAddress string
+	Node             NodeOptions
+	Version          string
+}
+
+// DefaultDataDir is ~/.local/share/hearth, or /var/lib/hearth for root.
+func DefaultDataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/hearth"
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "hearth")
+	}
+	return "hearth-data"
+}
+
+// AddFlags registers the options as flags.
+func (o *Options) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir(), "where etcd's data, the CA, the kubeconfig and the node agent's state live")
+	fs.StringSliceVar(&o.Roles, "roles", []string{RoleControlPlane, RoleNode}, "roles to run: control-plane, node")
+	fs.StringVar(&o.BindAddress, "bind-address", "127.0.0.1", "address the API server listens on")
+	fs.IntVar(&o.Port, "port", 6443, "API server port")
+	fs.IntVar(&o.EtcdClientPort, "etcd-client-port", 2379, "embedded etcd's client port (loopback only)")
+	fs.IntVar(&o.EtcdPeerPort, "etcd-peer-port", 2380, "embedded etcd's peer port (loopback only)")
+	fs.StringVar(&o.AdvertiseAddress, "advertise-address", "", "address clients and node agents reach the API server at (default: --bind-address)")
+	o.Node.AddFlags(fs)
+}
+
+// Kubeconfig is the admin kubeconfig's path in dataDir.
+func Kubeconfig(dataDir string) string { return filepath.Join(dataDir, "kubeconfig") }
+
+func (o *Options) has(role string) bool { return slices.Contains(o.Roles, role) }
+
+func (o *Options) validate() error {
+	for _, r := range o.Roles {
+		if r != RoleControlPlane && r != RoleNode {
+			return fmt.Errorf("--roles: unknown role %q (want control-plane, node)", r)
+		}
+	}
+	if len(o.Roles) == 0 {
+		return errors.New("--roles: give at least one role")
+	}
+	if o.DataDir == "" {
+		return errors.New("--data-dir is empty")
+	}
+	if net.ParseIP(o.BindAddress) == nil {
+		return fmt.Errorf("--bind-address %q is not an IP address", o.BindAddress)
+	}
+	if o.AdvertiseAddress == "" {
+		o.AdvertiseAddress = o.BindAddress
+		if ip := net.ParseIP(o.BindAddress); ip.IsUnspecified() {
+			o.AdvertiseAddress = "127.0.0.1"
+		}
+	}
+	return nil
+}
+
+// Run runs the roles until ctx ends, then shuts them down. ready, if not
+// nil, is called once every role serves.
+func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig string)) error {
+	if err := o.validate(); err != nil {
+		return err
+	}
+	dataDir, err := filepath.Abs(o.DataDir)
+	if err != nil {
+		return err
+	}
+	if err := os.MkdirAll(dataDir, 0o700); err != nil {
+		return fmt.Errorf("data directory: %w", err)
+	}
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	errs := make(chan error, 4)
+	var waits []<-chan struct{}
+	run := func(name string, f func(context.Context) error) {
+		done := make(chan struct{})
+		waits = append(waits, done)
+		go func() {
+			defer close(done)
+			err := f(ctx)
+			if err != nil && ctx.Err() == nil {
+				err = fmt.Errorf("%s: %w", name, err)
+				cancel(err)
+			}
+			errs <- err
+		}()
+	}
+
+	var cfg *rest.Config
+	if o.has(RoleControlPlane) {
+		cp, err := startControlPlane(ctx, log, dataDir, o, run)
+		if err != nil {
+			cancel(err)
+			waitAll(waits)
+			return err
+		}
+		defer cp.close()
+		cfg = cp.loopback
+	}
+	if o.has(RoleNode) {
+		if err := startNode(ctx, log, dataDir, o, cfg, run); err != nil {
+			cancel(err)
+			waitAll(waits)
+			return err
+		}
+	}
+	if ready != nil {
+		ready(Kubeconfig(dataDir))
+	}
+	<-ctx.Done()
+	waitAll(waits)
+	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+func waitAll(waits []<-chan struct{}) {
+	for _, w := range waits {
+		<-w
+	}
+}
+
+type controlPlane struct {
+	member   *etcd.Member
+	loopback *rest.Config
+}
+
+func (cp *controlPlane) close() {
+	if cp.member != nil {
+		cp.member.Close()
+	}
+}
+
+func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o Options, run func(string, func(context.Context) error)) (*controlPlane, error) {
+	ca, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki"))
+	if err != nil {
+		return nil, err
+	}
+	hostname, _ := os.Hostname()
+	issue := func(r pki.Request) (pki.Pair, error) { return ca.Ensure(r) }
+	etcdServing, err := issue(pki.Request{Name: "etcd", CN: "etcd", Hosts: []string{"127.0.0.1", "localhost"}, Server: true, Client: true})
+	if err != nil {
+		return nil, err
+	}
+	etcdClient, err := issue(pki.Request{Name: "apiserver-etcd-client", CN: "hearth-apiserver", Client: true})
+	if err != nil {
+		return nil, err
+	}
+	hosts := []string{"127.0.0.1", "localhost", o.AdvertiseAddress}
+	if hostname != "" {
+		hosts = append(hosts, hostname)
+	}
+	serving, err := issue(pki.Request{Name: "apiserver", CN: "hearth-apiserver", Hosts: hosts, Server: true})
+	if err != nil {
+		return nil, err
+	}
+	nodeClient, err := issue(pki.Request{Name: "apiserver-node-client", CN: "hearth-apiserver", Groups: []string{pki.GroupAPIServer}, Client: true})
+	if err != nil {
+		return nil, err
+	}
+	admin, err := issue(pki.Request{Name: "admin", CN: "hearth-admin", Groups: []string{pki.GroupAdmin}, Client: true})
+	if err != nil {
+		return nil, err
+	}
+	server := "https://" + net.JoinHostPort(o.AdvertiseAddress, strconv.Itoa(o.Port))
+	if err := writeKubeconfig(Kubeconfig(dataDir), server, ca, admin); err != nil {
+		return nil, err
+	}
+
+	clientURL := "https://127.0.0.1:" + strconv.Itoa(o.EtcdClientPort)
+	member, err := etcd.Start(ctx, log, etcd.Config{
+		Name:      "hearth",
+		DataDir:   filepath.Join(dataDir, "etcd"),
+		ClientURL: clientURL,
+		PeerURL:   "https://127.0.0.1:" + strconv.Itoa(o.EtcdPeerPort),
+		CertFile:  etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: ca.CertFile(),
+	})
+	if err != nil {
+		return nil, err
+	}
+	cp := &controlPlane{member: member}
+	srv, err := apiserver.New(apiserver.Config{
+		BindAddress: net.ParseIP(o.BindAddress),
+		Port:        o.Port,
+		Serving:     serving,
+		CA:          ca,
+		NodeClient:  nodeClient,
+		EtcdServers: []string{clientURL},
+		EtcdClient:  etcdClient,
+		Log:         log,
+	})
+	if err != nil {
+		cp.close()
+		return nil, err
+	}
+	cp.loopback = srv.Loopback()
+	run("etcd", func(ctx context.Context) error {
+		select {
+		case err := <-member.Err():
+			return err
+		case <-ctx.Done():
+			return nil
+		}
+	})
+	run("api server", srv.Run)
+	if err := waitReady(ctx, cp.loopback); err != nil {
+		return cp, err
+	}
+	log.Info("API server ready", "url", server)
+	run("controllers", func(ctx context.Context) error { return runControllers(ctx, log, cp.loopback) })
+	return cp, nil
+}
+
+// waitReady waits until the API server answers /readyz, which includes the
+// post-start hook that installs and establishes the CRDs.
+func waitReady(ctx context.Context, cfg *rest.Config) error {
+	c, err := rest.UnversionedRESTClientFor(withNegotiation(cfg))
+	if err != nil {
+		return err
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		err := c.Get().AbsPath("/readyz").Do(ctx).Error()
+		if err == nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("API server not ready after 2 minutes: %w", err)
+		}
+		select {
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		case <-time.After(100 * time.Millisecond):
+		}
+	}
+}
+
+func withNegotiation(cfg *rest.Config) *rest.Config {
+	c := rest.CopyConfig(cfg)
+	c.NegotiatedSerializer = clientcmdNegotiator
+	return c
+}
+
+func writeKubeconfig(path, server string, ca *pki.CA, user pki.Pair) error {
+	caData, err := os.ReadFile(ca.CertFile())
+	if err != nil {
+		return err
+	}
+	certData, err := os.ReadFile(user.CertFile)
+	if err != nil {
+		return err
+	}
+	keyData, err := os.ReadFile(user.KeyFile)
+	if err != nil {
+		return err
+	}
+	cfg := clientcmdapi.NewConfig()
+	cfg.Clusters["hearth"] = &clientcmdapi.Cluster{Server: server, CertificateAuthorityData: caData}
+	cfg.AuthInfos["hearth-admin"] = &clientcmdapi.AuthInfo{ClientCertificateData: certData, ClientKeyData: keyData}
+	cfg.Contexts["hearth"] = &clientcmdapi.Context{Cluster: "hearth", AuthInfo: "hearth-admin", Namespace: "default"}
+	cfg.CurrentContext = "hearth"
+	return clientcmd.WriteToFile(*cfg, path)
+}

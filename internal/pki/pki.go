@@ -1,0 +1,186 @@
+// Package pki makes and keeps the certificates of a hearth control plane: one
+// CA generated into the data directory signs the API server's serving
+// certificate, etcd's, the client certificates of the admin kubeconfig and of
+// node agents, and the node agents' serving certificates for the streams the
+// API server proxies to them.
+package pki
+
+import (
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"errors"
+	"fmt"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"time"
+
+	"k8s.io/client-go/util/cert"
+	"k8s.io/client-go/util/keyutil"
+)
+
+// Groups that client certificates carry as their Organization.
+const (
+	// GroupAdmin is Kubernetes' privileged group: all of the API.
+	GroupAdmin = "system:masters"
+	// GroupNodes are node agents.
+	GroupNodes = "hearth:nodes"
+	// GroupAPIServer is the API server calling a node agent.
+	GroupAPIServer = "hearth:apiservers"
+)
+
+const validity = 10 * 365 * 24 * time.Hour
+
+// CA is the cluster's certificate authority, kept as DIR/ca.crt and ca.key.
+type CA struct {
+	Dir  string
+	Cert *x509.Certificate
+	key  crypto.Signer
+}
+
+// CertFile is the CA certificate's path.
+func (ca *CA) CertFile() string { return filepath.Join(ca.Dir, "ca.crt") }
+
+// LoadOrCreateCA loads the CA in dir, creating it on first use.
+func LoadOrCreateCA(dir string) (*CA, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	ca := &CA{Dir: dir}
+	certFile, keyFile := ca.CertFile(), filepath.Join(dir, "ca.key")
+	if _, err := os.Stat(certFile); errors.Is(err, os.ErrNotExist) {
+		key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+		if err != nil {
+			return nil, err
+		}
+		c, err := cert.NewSelfSignedCACert(cert.Config{CommonName: "hearth-ca"}, key)
+		if err != nil {
+			return nil, fmt.Errorf("make CA: %w", err)
+		}
+		if err := writePair(certFile, keyFile, c, key); err != nil {
+			return nil, err
+		}
+	}
+	pair, err := tls.LoadX509KeyPair(certFile, keyFile)
+	if err != nil {
+		return nil, fmt.Errorf("load CA: %w", err)
+	}
+	ca.Cert, err = x509.ParseCertificate(pair.Certificate[0])
+	if err != nil {
+		return nil, err
+	}
+	signer, ok := pair.PrivateKey.(crypto.Signer)
+	if !ok {
+		return nil, errors.New("CA key cannot sign")
+	}
+	ca.key = signer
+	return ca, nil
+}
+
+// Pool is a cert pool holding the CA.
+func (ca *CA) Pool() *x509.CertPool {
+	p := x509.NewCertPool()
+	p.AddCert(ca.Cert)
+	return p
+}
+
+// Pair is a certificate and its key on disk.
+type Pair struct{ CertFile, KeyFile string }
+
+// Request says what certificate to issue.
+type Request struct {
+	Name   string // file name stem under the CA's directory
+	CN     string
+	Groups []string
+	// Serving certificates name their hosts; client certificates none.
+	Hosts  []string
+	Client bool
+	Server bool
+}
+
+// Ensure issues the certificate unless a valid one of that name already
+// exists with the same subject and hosts.
+func (ca *CA) Ensure(req Request) (Pair, error) {
+	p := Pair{filepath.Join(ca.Dir, req.Name+".crt"), filepath.Join(ca.Dir, req.Name+".key")}
+	if c, err := loadCert(p.CertFile); err == nil && matches(c, req) && c.CheckSignatureFrom(ca.Cert) == nil {
+		return p, nil
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return p, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return p, err
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: req.CN, Organization: req.Groups},
+		NotBefore:    time.Now().Add(-time.Hour),
+		NotAfter:     time.Now().Add(validity),
+		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
+	}
+	if req.Client {
+		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
+	}
+	if req.Server {
+		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
+	}
+	for _, h := range req.Hosts {
+		if ip := net.ParseIP(h); ip != nil {
+			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
+		} else {
+			tmpl.DNSNames = append(tmpl.DNSNames, h)
+		}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.key)
+	if err != nil {
+		return p, fmt.Errorf("issue %s: %w", req.Name, err)
+	}
+	c, err := x509.ParseCertificate(der)
+	if err != nil {
+		return p, err
+	}
+	return p, writePair(p.CertFile, p.KeyFile, c, key)
+}
+
+func matches(c *x509.Certificate, req Request) bool {
+	if c.Subject.CommonName != req.CN || time.Until(c.NotAfter) < 30*24*time.Hour {
+		return false
+	}
+	if fmt.Sprint(c.Subject.Organization) != fmt.Sprint(req.Groups) {
+		return false
+	}
+	for _, h := range req.Hosts {
+		if c.VerifyHostname(h) != nil {
+			return false
+		}
+	}
+	return true
+}
+
+func loadCert(path string) (*x509.Certificate, error) {
+	certs, err := cert.CertsFromFile(path)
+	if err != nil {
+		return nil, err
+	}
+	return certs[0], nil
+}
+
+func writePair(certFile, keyFile string, c *x509.Certificate, key crypto.Signer) error {
+	keyPEM, err := keyutil.MarshalPrivateKeyToPEM(key)
+	if err != nil {
+		return err
+	}
+	if err := keyutil.WriteKey(keyFile, keyPEM); err != nil {
+		return err
+	}
+	return cert.WriteCert(certFile, pem.EncodeToMemory(&pem.Block{Type: cert.CertificateBlockType, Bytes: c.Raw}))
+}
