@@ -73,7 +73,7 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringSliceVar(&g.insecure, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	pf.DurationVar(&g.registryTimeout, "registry-timeout", 30*time.Second, "give up on a registry that does not answer within this time")
 
-	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g))
+	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g), shimCmd())
 	return finish(root.Execute(), stderr)
 }
 

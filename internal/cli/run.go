@@ -17,12 +17,10 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
-	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
-	"hearth.dev/hearth/internal/vmm/qemu"
 )
 
 type runFlags struct {
@@ -86,28 +84,10 @@ func (g *globals) runtime(accelFlag, pullFlag, kernel string, progress io.Writer
 	if err != nil {
 		return nil, err
 	}
-	agent, err := config.Agent()
-	if err != nil {
-		return nil, err
-	}
-	if kernel == "" {
-		kernel = config.Kernel()
-	}
 	if accel == vmm.TCG && stderr != nil {
 		fmt.Fprintln(stderr, "hearth: warning: running under TCG software emulation, which is not a security boundary (no usable KVM on this host)")
 	}
-	return &sandbox.Runtime{
-		Images:     g.store(progress),
-		Driver:     &qemu.Driver{Binary: os.Getenv("HEARTH_QEMU")},
-		Accel:      accel,
-		Kernel:     kernel,
-		KernelArgs: os.Getenv("HEARTH_KERNEL_ARGS"),
-		Agent:      agent,
-		CacheDir:   config.CacheDir(),
-		RunRoot:    config.RunRoot(),
-		Pull:       pull,
-		Log:        g.log,
-	}, nil
+	return sandbox.NewRuntime(g.store(progress), accel, pull, kernel, g.log)
 }
 
 func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {

@@ -130,7 +130,6 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		}()
 	}
 
-	var cfg *rest.Config
 	if o.has(RoleControlPlane) {
 		cp, err := startControlPlane(ctx, log, dataDir, o, run)
 		if err != nil {
@@ -139,10 +138,9 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 			return err
 		}
 		defer cp.close()
-		cfg = cp.loopback
 	}
 	if o.has(RoleNode) {
-		if err := startNode(ctx, log, dataDir, o, cfg, run); err != nil {
+		if err := startNode(ctx, log, dataDir, o, run); err != nil {
 			cancel(err)
 			waitAll(waits)
 			return err

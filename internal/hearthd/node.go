@@ -2,22 +2,117 @@ package hearthd
 
 import (
 	"context"
+	"fmt"
 	"log/slog"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
 
 	"github.com/spf13/pflag"
+	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
+
+	"hearth.dev/hearth/internal/node"
+	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 // NodeOptions configure the node agent.
 type NodeOptions struct {
-	Name string
+	Name          string
+	Listen        string
+	Address       string
+	Labels        map[string]string
+	MaxSandboxes  int
+	CPU, Memory   string
+	Accel         string
+	InsecureRegs  []string
+	LogMaxBytes   int64
+	ShimExecuable string
 }
 
 // AddFlags registers the node agent's flags.
 func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Name, "node-name", "", "this host's name in the API (default: the hostname)")
+	fs.StringVar(&o.Listen, "node-listen", "127.0.0.1:10250", "where the node agent serves sandbox streams to the API server")
+	fs.StringVar(&o.Address, "node-address", "", "how the API server reaches the node agent (default: --node-listen)")
+	fs.StringToStringVar(&o.Labels, "node-labels", nil, "labels of this host, for sandboxes' hostSelector (k=v,...)")
+	fs.IntVar(&o.MaxSandboxes, "max-sandboxes", 100, "most sandboxes this host runs at once")
+	fs.StringVar(&o.CPU, "node-cpu", "", "CPUs this host offers to sandboxes (default: all)")
+	fs.StringVar(&o.Memory, "node-memory", "", "memory this host offers to sandboxes (default: all)")
+	fs.StringVar(&o.Accel, "accel", "auto", "how guests run: kvm, tcg or auto")
+	fs.StringSliceVar(&o.InsecureRegs, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
+	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
 }
 
-func startNode(ctx context.Context, log *slog.Logger, dataDir string, o Options, cfg *rest.Config, run func(string, func(context.Context) error)) error {
+func startNode(ctx context.Context, log *slog.Logger, dataDir string, o Options, run func(string, func(context.Context) error)) error {
+	n := o.Node
+	name := n.Name
+	if name == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return err
+		}
+		name = strings.ToLower(h)
+	}
+	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
+		return fmt.Errorf("--node-name %q: %s", name, strings.Join(errs, "; "))
+	}
+	accel, err := vmm.ParseAccel(n.Accel)
+	if err != nil {
+		return err
+	}
+	if accel == vmm.TCG {
+		log.Warn("no usable KVM: guests run under TCG software emulation, which is not a security boundary")
+	}
+	cfg := node.Config{
+		Name: name, Labels: n.Labels, Listen: n.Listen, Address: n.Address,
+		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
+		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
+		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log),
+	}
+	if cfg.Address == "" {
+		cfg.Address = n.Listen
+	}
+	for _, q := range []struct {
+		flag, v string
+		dst     *resource.Quantity
+	}{{"--node-cpu", n.CPU, &cfg.CPU}, {"--node-memory", n.Memory, &cfg.Memory}} {
+		if q.v == "" {
+			continue
+		}
+		if *q.dst, err = resource.ParseQuantity(q.v); err != nil {
+			return fmt.Errorf("%s %q: %w", q.flag, q.v, err)
+		}
+	}
+	if cfg.Exe, err = os.Executable(); err != nil {
+		return err
+	}
+	// The node's certificates come from the CA in the data directory: the
+	// node role runs beside a control plane that shares it.
+	ca, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki"))
+	if err != nil {
+		return err
+	}
+	cfg.CA = ca
+	host, _, err := net.SplitHostPort(cfg.Address)
+	if err != nil {
+		return fmt.Errorf("--node-address %q: %w", cfg.Address, err)
+	}
+	if cfg.Serving, err = ca.Ensure(pki.Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}); err != nil {
+		return err
+	}
+	client, err := ca.Ensure(pki.Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{pki.GroupNodes}, Client: true})
+	if err != nil {
+		return err
+	}
+	restCfg := &rest.Config{
+		Host:            "https://" + net.JoinHostPort(o.AdvertiseAddress, fmt.Sprint(o.Port)),
+		TLSClientConfig: rest.TLSClientConfig{CAFile: ca.CertFile(), CertFile: client.CertFile, KeyFile: client.KeyFile},
+		QPS:             200, Burst: 400,
+	}
+	run("node agent", func(ctx context.Context) error { return node.Run(ctx, restCfg, cfg) })
 	return nil
 }

@@ -152,7 +152,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		Image:    protocol.Disk{Serial: "image", FSType: "erofs"},
 		Writable: protocol.Disk{Serial: "rw", FSType: "ext4"},
 		Hostname: name,
-		Args:     argv(img.Config, spec.Command),
+		Args:     argv(img.Config, spec.Entrypoint, spec.Command),
 		Env:      mergeEnv(img.Config.Env, spec.Env),
 		Dir:      firstNonEmpty(spec.WorkingDir, img.Config.WorkingDir),
 		User:     firstNonEmpty(spec.User, img.Config.User),

@@ -13,7 +13,10 @@ import (
 
 // Spec is what to run.
 type Spec struct {
-	Image      string
+	Image string
+	// Entrypoint, if not nil, replaces the image's Entrypoint and its Cmd
+	// (Kubernetes' command); Command then follows it (Kubernetes' args).
+	Entrypoint []string
 	Command    []string // replaces the image's Cmd; nil keeps it
 	Env        []string // KEY=VALUE; override the image's
 	WorkingDir string   // overrides the image's
@@ -56,8 +59,12 @@ func (s *Spec) Validate() error {
 }
 
 // argv applies docker's rules: the image's Entrypoint, then the given
-// command if any, else the image's Cmd.
-func argv(cfg v1.Config, command []string) []string {
+// command if any, else the image's Cmd. A given entrypoint replaces both
+// of the image's, as a Kubernetes container's command does.
+func argv(cfg v1.Config, entrypoint, command []string) []string {
+	if entrypoint != nil {
+		return append(append([]string(nil), entrypoint...), command...)
+	}
 	args := append([]string(nil), cfg.Entrypoint...)
 	if len(command) > 0 {
 		return append(args, command...)

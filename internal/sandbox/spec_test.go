@@ -14,15 +14,18 @@ func TestArgv(t *testing.T) {
 		entry, cmd []string
 		given      []string
 		want       []string
+		entrypoint []string // Kubernetes' command
 	}{
-		{"cmd only", nil, []string{"sh"}, nil, []string{"sh"}},
-		{"command replaces cmd", nil, []string{"sh"}, []string{"echo", "hi"}, []string{"echo", "hi"}},
-		{"entrypoint and cmd", []string{"/bin/sh", "-c"}, []string{"echo default"}, nil, []string{"/bin/sh", "-c", "echo default"}},
-		{"entrypoint and command", []string{"/bin/sh", "-c"}, []string{"echo default"}, []string{"echo x"}, []string{"/bin/sh", "-c", "echo x"}},
-		{"nothing", nil, nil, nil, nil},
+		{"cmd only", nil, []string{"sh"}, nil, []string{"sh"}, nil},
+		{"command replaces cmd", nil, []string{"sh"}, []string{"echo", "hi"}, []string{"echo", "hi"}, nil},
+		{"entrypoint and cmd", []string{"/bin/sh", "-c"}, []string{"echo default"}, nil, []string{"/bin/sh", "-c", "echo default"}, nil},
+		{"entrypoint and command", []string{"/bin/sh", "-c"}, []string{"echo default"}, []string{"echo x"}, []string{"/bin/sh", "-c", "echo x"}, nil},
+		{"nothing", nil, nil, nil, nil, nil},
+		{"kubernetes command drops both", []string{"/bin/sh", "-c"}, []string{"echo default"}, nil, []string{"echo"}, []string{"echo"}},
+		{"kubernetes command and args", []string{"/bin/sh"}, []string{"x"}, []string{"a", "b"}, []string{"ls", "a", "b"}, []string{"ls"}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			got := argv(v1.Config{Entrypoint: tc.entry, Cmd: tc.cmd}, tc.given)
+			got := argv(v1.Config{Entrypoint: tc.entry, Cmd: tc.cmd}, tc.entrypoint, tc.given)
 			if len(got) == 0 && len(tc.want) == 0 {
 				return
 			}

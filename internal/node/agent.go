@@ -1,0 +1,257 @@
+// Package node is the node agent: it registers its Host, heartbeats through
+// a Lease, watches the Sandboxes bound to it and drives each through a shim
+// (internal/shim) that runs its VM, writing status as the run goes. Every
+// step is idempotent and derived from what is on disk (the sandbox's run
+// directories) and in the API, so that a restarted agent adopts the VMs
+// still running, neither killing nor duplicating them, and removes what
+// belongs to sandboxes that no longer exist. It also serves the sandboxes'
+// streams (logs, exec, attach) to the API server over TLS (streams.go).
+package node
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"runtime"
+	"time"
+
+	coordinationv1 "k8s.io/api/coordination/v1"
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	"k8s.io/apimachinery/pkg/api/resource"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/fields"
+	kruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/utils/ptr"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/manager"
+	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
+	"sigs.k8s.io/controller-runtime/pkg/source"
+
+	"github.com/go-logr/logr"
+	"golang.org/x/sys/unix"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// Config is one node agent.
+type Config struct {
+	Name   string
+	Labels map[string]string
+	// StateDir holds one directory per sandbox (its runs and logs).
+	StateDir string
+	// Listen is where the stream server listens; Address is how the API
+	// server reaches it (host:port).
+	Listen, Address string
+	// Capacity overrides; zero values are measured from the machine.
+	CPU, Memory  resource.Quantity
+	MaxSandboxes int
+	Accel        vmm.Accel
+	// InsecureRegistries are reached over plain HTTP by image pulls.
+	InsecureRegistries []string
+	// Exe is the binary whose hidden "shim" command supervises a run.
+	Exe string
+	// CA checks the API server's client certificate; Serving is the
+	// stream server's certificate.
+	CA      *pki.CA
+	Serving pki.Pair
+	// LogMax caps one run's log (rotated once: twice this is kept).
+	LogMax  int64
+	Version string
+	Log     *slog.Logger
+	Scheme  *kruntime.Scheme
+	Logr    logr.Logger
+}
+
+// Agent is a running node agent.
+type Agent struct {
+	cfg      Config
+	client   client.Client
+	reader   client.Reader // uncached
+	recorder record.EventRecorder
+	log      *slog.Logger
+	wake     chan event.GenericEvent
+	watches  *watches
+}
+
+// Run runs the agent until ctx ends.
+func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
+	if cfg.LogMax == 0 {
+		cfg.LogMax = 10 << 20
+	}
+	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		return err
+	}
+	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
+		Scheme:                 cfg.Scheme,
+		Logger:                 cfg.Logr,
+		Metrics:                metricsserver.Options{BindAddress: "0"},
+		HealthProbeBindAddress: "0",
+		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
+			// Only this host's sandboxes: the API server filters by the
+			// CRD's selectable field.
+			&v1alpha1.Sandbox{}: {Field: fields.OneTermEqualSelector("status.hostName", cfg.Name)},
+		}},
+	})
+	if err != nil {
+		return err
+	}
+	a := &Agent{
+		cfg:      cfg,
+		client:   mgr.GetClient(),
+		reader:   mgr.GetAPIReader(),
+		recorder: mgr.GetEventRecorderFor("hearth-node/" + cfg.Name),
+		log:      cfg.Log.With("host", cfg.Name),
+		wake:     make(chan event.GenericEvent, 256),
+	}
+	a.watches = newWatches(a.wake)
+	// The Host first, so that the scheduler can place work as soon as
+	// possible; with a direct client, as the cache is not started yet.
+	direct, err := client.New(restCfg, client.Options{Scheme: cfg.Scheme})
+	if err != nil {
+		return err
+	}
+	if err := a.register(ctx, direct); err != nil {
+		return fmt.Errorf("register host %s: %w", cfg.Name, err)
+	}
+	if err := ctrl.NewControllerManagedBy(mgr).
+		Named("node").
+		For(&v1alpha1.Sandbox{}).
+		WatchesRawSource(source.Channel(a.wake, &handler.EnqueueRequestForObject{})).
+		WithOptions(controllerOptions()).
+		Complete(a); err != nil {
+		return err
+	}
+	must := func(err error) {
+		if err != nil {
+			panic(err)
+		}
+	}
+	must(mgr.Add(manager.RunnableFunc(func(ctx context.Context) error { return a.heartbeat(ctx, direct) })))
+	must(mgr.Add(manager.RunnableFunc(a.collectGarbage)))
+	must(mgr.Add(manager.RunnableFunc(a.serveStreams)))
+	a.log.Info("node agent running", "state", cfg.StateDir, "streams", cfg.Address, "accel", cfg.Accel)
+	err = mgr.Start(ctx)
+	a.watches.stopAll()
+	return err
+}
+
+// capacity measures the machine unless told.
+func (a *Agent) capacity() corev1.ResourceList {
+	cpu, mem := a.cfg.CPU, a.cfg.Memory
+	if cpu.IsZero() {
+		cpu = *resource.NewQuantity(int64(runtime.NumCPU()), resource.DecimalSI)
+	}
+	if mem.IsZero() {
+		var si unix.Sysinfo_t
+		if unix.Sysinfo(&si) == nil {
+			mem = *resource.NewQuantity(int64(si.Totalram)*int64(si.Unit), resource.BinarySI)
+		}
+	}
+	var disk resource.Quantity
+	var fs unix.Statfs_t
+	if unix.Statfs(a.cfg.StateDir, &fs) == nil {
+		disk = *resource.NewQuantity(int64(fs.Bavail)*fs.Bsize, resource.BinarySI)
+	}
+	max := a.cfg.MaxSandboxes
+	if max == 0 {
+		max = 100
+	}
+	return corev1.ResourceList{
+		corev1.ResourceCPU:          cpu,
+		corev1.ResourceMemory:       mem,
+		corev1.ResourceStorage:      disk,
+		v1alpha1.ResourceSandboxes: *resource.NewQuantity(int64(max), resource.DecimalSI),
+	}
+}
+
+// register creates or updates the Host with what this machine has.
+func (a *Agent) register(ctx context.Context, c client.Client) error {
+	var h v1alpha1.Host
+	err := c.Get(ctx, types.NamespacedName{Name: a.cfg.Name}, &h)
+	if apierrors.IsNotFound(err) {
+		h = v1alpha1.Host{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Name, Labels: a.cfg.Labels}}
+		if err := c.Create(ctx, &h); err != nil {
+			return err
+		}
+	} else if err != nil {
+		return err
+	} else {
+		changed := false
+		for k, v := range a.cfg.Labels {
+			if h.Labels[k] != v {
+				if h.Labels == nil {
+					h.Labels = map[string]string{}
+				}
+				h.Labels[k], changed = v, true
+			}
+		}
+		if changed {
+			if err := c.Update(ctx, &h); err != nil {
+				return err
+			}
+		}
+	}
+	capacity := a.capacity()
+	h.Status.Capacity, h.Status.Allocatable = capacity, capacity
+	h.Status.Accel, h.Status.Address, h.Status.Version = string(a.cfg.Accel), a.cfg.Address, a.cfg.Version
+	msg := "the node agent is running"
+	if a.cfg.Accel == vmm.TCG {
+		msg += "; guests run under TCG software emulation, which is not a security boundary"
+	}
+	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{
+		Type: v1alpha1.HostConditionReady, Status: metav1.ConditionTrue, Reason: "AgentReady", Message: msg,
+	})
+	return c.Status().Update(ctx, &h)
+}
+
+// heartbeat renews the host's Lease every 10 s, as the kubelet does.
+func (a *Agent) heartbeat(ctx context.Context, c client.Client) error {
+	const every = 10 * time.Second
+	for {
+		if err := a.renew(ctx, c); err != nil && ctx.Err() == nil {
+			a.log.Warn("renew host lease", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(every):
+		}
+	}
+}
+
+func (a *Agent) renew(ctx context.Context, c client.Client) error {
+	now := metav1.NowMicro()
+	var l coordinationv1.Lease
+	err := c.Get(ctx, types.NamespacedName{Namespace: v1alpha1.LeaseNamespace, Name: a.cfg.Name}, &l)
+	if apierrors.IsNotFound(err) {
+		l = coordinationv1.Lease{
+			ObjectMeta: metav1.ObjectMeta{Namespace: v1alpha1.LeaseNamespace, Name: a.cfg.Name},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(a.cfg.Name), LeaseDurationSeconds: ptr.To[int32](40),
+				AcquireTime: &now, RenewTime: &now},
+		}
+		return c.Create(ctx, &l)
+	}
+	if err != nil {
+		return err
+	}
+	l.Spec.RenewTime = &now
+	return c.Update(ctx, &l)
+}
+
+// sandboxDir is where everything of one sandbox lives on this host.
+func (a *Agent) sandboxDir(uid types.UID) string {
+	return filepath.Join(a.cfg.StateDir, string(uid))
+}

@@ -1,0 +1,85 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"os"
+	"path/filepath"
+	"time"
+
+	"k8s.io/apimachinery/pkg/types"
+
+	"hearth.dev/hearth/api/v1alpha1"
+)
+
+// collectGarbage removes, at start and then every 30 s, the directories
+// (and stops the VMs) of sandboxes that no longer exist or are no longer
+// bound here: what a sandbox deleted while the agent was down left behind.
+func (a *Agent) collectGarbage(ctx context.Context) error {
+	for {
+		if err := a.collect(ctx); err != nil && ctx.Err() == nil {
+			a.log.Warn("garbage collection", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(30 * time.Second):
+		}
+	}
+}
+
+func (a *Agent) collect(ctx context.Context) error {
+	entries, err := os.ReadDir(a.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if len(entries) == 0 {
+		return nil
+	}
+	// The cache holds exactly the sandboxes bound here (it is started by
+	// the time runnables run, and synced once List returns).
+	var list v1alpha1.SandboxList
+	if err := a.client.List(ctx, &list); err != nil {
+		return err
+	}
+	mine := map[types.UID]bool{}
+	for _, sb := range list.Items {
+		mine[sb.UID] = true
+	}
+	var errs []error
+	for _, e := range entries {
+		uid := types.UID(e.Name())
+		if !e.IsDir() || mine[uid] {
+			continue
+		}
+		// Not in the cache may mean "created a moment ago": ask the API
+		// server before removing anything.
+		if a.exists(ctx, uid) {
+			continue
+		}
+		dir := filepath.Join(a.cfg.StateDir, e.Name())
+		a.log.Info("removing the leftovers of a sandbox that no longer exists", "uid", uid)
+		if err := stopAll(ctx, dir); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		a.watches.drop(uid)
+		errs = append(errs, os.RemoveAll(dir))
+	}
+	return errors.Join(errs...)
+}
+
+// exists asks the API server (not the cache) whether a sandbox with uid is
+// bound to this host.
+func (a *Agent) exists(ctx context.Context, uid types.UID) bool {
+	var list v1alpha1.SandboxList
+	if err := a.reader.List(ctx, &list); err != nil {
+		return true // when in doubt, keep
+	}
+	for _, sb := range list.Items {
+		if sb.UID == uid && sb.Status.HostName == a.cfg.Name {
+			return true
+		}
+	}
+	return false
+}

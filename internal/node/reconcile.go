@@ -1,0 +1,355 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math"
+	"os"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/shim"
+)
+
+// Restart back-off: 1 s, doubling, at most a minute, as the kubelet's
+// (whose 10 s start is long for sandboxes that boot in a second).
+const (
+	backoffBase = time.Second
+	backoffMax  = time.Minute
+	stopGrace   = 10 * time.Second
+)
+
+func controllerOptions() controller.Options {
+	// Starting and stopping VMs waits on processes: let several go at once.
+	return controller.Options{MaxConcurrentReconciles: 8}
+}
+
+// Reconcile brings one sandbox's VM in line with its object: measure what
+// is on disk, then act.
+func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	var sb v1alpha1.Sandbox
+	if err := a.client.Get(ctx, req.NamespacedName, &sb); err != nil {
+		// Gone: the garbage collector removes what it left.
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	if sb.Status.HostName != a.cfg.Name {
+		return reconcile.Result{}, nil
+	}
+	dir := a.sandboxDir(sb.UID)
+	if !sb.DeletionTimestamp.IsZero() {
+		return reconcile.Result{}, a.remove(ctx, &sb, dir)
+	}
+	runs, err := listRuns(dir)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	orig := sb.DeepCopy()
+	res, err := a.step(ctx, &sb, dir, runs)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	if err := a.writeStatus(ctx, orig, &sb); err != nil {
+		if apierrors.IsConflict(err) {
+			return reconcile.Result{Requeue: true}, nil
+		}
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	return res, nil
+}
+
+// step decides what the sandbox's runs call for and sets its status.
+func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs []int) (reconcile.Result, error) {
+	st := &sb.Status
+	if len(runs) == 0 {
+		if st.Phase.Terminal() {
+			return reconcile.Result{}, nil
+		}
+		return a.start(ctx, sb, dir, 0)
+	}
+	n := runs[len(runs)-1]
+	runDir := filepath.Join(dir, "run-"+strconv.Itoa(n))
+	state, err := shim.ReadState(runDir)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	alive := shim.Alive(runDir)
+	st.RestartCount = int32(n)
+
+	// The deadline counts from the first start and ends the sandbox.
+	if deadline, ok := a.deadline(sb, dir); ok && !st.Phase.Terminal() {
+		if wait := time.Until(deadline); wait <= 0 {
+			if err := shim.Stop(ctx, runDir, stopGrace); err != nil {
+				return reconcile.Result{}, err
+			}
+			a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 128 + 9, Reason: "DeadlineExceeded",
+				Message: fmt.Sprintf("the sandbox ran longer than its timeoutSeconds (%d)", *sb.Spec.TimeoutSeconds)}, true)
+			a.recorder.Eventf(sb, corev1.EventTypeWarning, "DeadlineExceeded", "Stopped after %ds", *sb.Spec.TimeoutSeconds)
+			return reconcile.Result{}, nil
+		} else if alive {
+			defer func() { a.watches.ensure(sb, runDir) }()
+			return reconcile.Result{RequeueAfter: wait}, nil
+		}
+	}
+
+	if alive {
+		a.watches.ensure(sb, runDir)
+		a.observe(sb, state)
+		return reconcile.Result{}, nil
+	}
+	if state.Phase != shim.Exited {
+		// The shim died without a word (killed, crashed): its VM died with it.
+		state = shim.State{Phase: shim.Exited, FinishedAt: time.Now(), ExitCode: 128 + 9, Reason: "Error",
+			Message: "the sandbox's supervisor process died"}
+	}
+	if st.Phase.Terminal() {
+		return reconcile.Result{}, nil
+	}
+	if !restarts(sb.Spec.RestartPolicy, state.ExitCode) {
+		a.observe(sb, state)
+		a.finish(sb, state, false)
+		return reconcile.Result{}, nil
+	}
+	a.observe(sb, state)
+	backoff := time.Duration(math.Min(float64(backoffBase)*math.Pow(2, float64(n)), float64(backoffMax)))
+	if state.StartedAt.IsZero() || state.FinishedAt.Sub(state.StartedAt) > 10*time.Minute {
+		backoff = backoffBase
+	}
+	if wait := time.Until(state.FinishedAt.Add(backoff)); wait > 0 {
+		st.Phase, st.Reason = v1alpha1.PhaseScheduled, "BackOff"
+		st.Message = fmt.Sprintf("run %d exited with %d; starting again in %s", n, state.ExitCode, wait.Round(100*time.Millisecond))
+		return reconcile.Result{RequeueAfter: wait}, nil
+	}
+	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Restarting", "Run %d exited with %d (%s); starting run %d", n, state.ExitCode, state.Reason, n+1)
+	return a.start(ctx, sb, dir, n+1)
+}
+
+func restarts(p v1alpha1.RestartPolicy, code int) bool {
+	switch p {
+	case v1alpha1.RestartAlways:
+		return true
+	case v1alpha1.RestartOnFailure:
+		return code != 0
+	}
+	return false
+}
+
+// deadline is when a sandbox with timeoutSeconds must end: from the time
+// its first run was started (the sandbox directory's birth).
+func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
+	if sb.Spec.TimeoutSeconds == nil {
+		return time.Time{}, false
+	}
+	b, err := os.ReadFile(filepath.Join(dir, "started"))
+	if err != nil {
+		return time.Time{}, false
+	}
+	t, err := time.Parse(time.RFC3339Nano, strings.TrimSpace(string(b)))
+	if err != nil {
+		return time.Time{}, false
+	}
+	return t.Add(time.Duration(*sb.Spec.TimeoutSeconds) * time.Second), true
+}
+
+// start starts run n of the sandbox.
+func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n int) (reconcile.Result, error) {
+	spec, err := sandboxSpec(sb)
+	if err != nil {
+		// The API's validation should have caught it; nothing will change
+		// until the object does.
+		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 125, Reason: "InvalidSpec", Message: err.Error()}, true)
+		return reconcile.Result{}, nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return reconcile.Result{}, err
+	}
+	if n == 0 {
+		if err := os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	runDir := filepath.Join(dir, "run-"+strconv.Itoa(n))
+	_, err = shim.Start(runDir, shim.Spec{
+		Sandbox:            spec,
+		Log:                logPath(dir, n),
+		LogMax:             a.cfg.LogMax,
+		Accel:              string(a.cfg.Accel),
+		InsecureRegistries: a.cfg.InsecureRegistries,
+	}, a.cfg.Exe)
+	if err != nil {
+		return reconcile.Result{}, err
+	}
+	a.watches.ensure(sb, runDir)
+	st := &sb.Status
+	st.Phase, st.Reason, st.Message, st.RestartCount = v1alpha1.PhaseBooting, "", "", int32(n)
+	st.ExitCode, st.FinishedAt = nil, nil
+	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", sb.Spec.Image, n)
+	return reconcile.Result{}, nil
+}
+
+// observe copies a run's state into the status.
+func (a *Agent) observe(sb *v1alpha1.Sandbox, s shim.State) {
+	st := &sb.Status
+	switch s.Phase {
+	case shim.Booting:
+		st.Phase = v1alpha1.PhaseBooting
+	case shim.Running:
+		if st.Phase != v1alpha1.PhaseRunning {
+			a.recorder.Eventf(sb, corev1.EventTypeNormal, "Started", "Workload running after %d ms of boot", s.BootMillis)
+		}
+		st.Phase, st.Reason, st.Message = v1alpha1.PhaseRunning, "", ""
+	case shim.Exited:
+		st.ExitCode = ptr.To(int32(s.ExitCode))
+		st.FinishedAt = ptr.To(metav1.NewTime(s.FinishedAt))
+		st.Reason, st.Message = s.Reason, s.Message
+	}
+	if !s.StartedAt.IsZero() {
+		st.StartedAt = ptr.To(metav1.NewTime(s.StartedAt))
+		st.BootMillis = s.BootMillis
+	}
+	ready := metav1.ConditionFalse
+	if st.Phase == v1alpha1.PhaseRunning {
+		ready = metav1.ConditionTrue
+	}
+	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionReady, Status: ready,
+		Reason: string(st.Phase), Message: "the workload is " + strings.ToLower(string(st.Phase))})
+}
+
+// finish ends the sandbox for good.
+func (a *Agent) finish(sb *v1alpha1.Sandbox, s shim.State, override bool) {
+	st := &sb.Status
+	if override || st.ExitCode == nil {
+		st.ExitCode = ptr.To(int32(s.ExitCode))
+		st.FinishedAt = ptr.To(metav1.NewTime(s.FinishedAt))
+		st.Reason, st.Message = s.Reason, s.Message
+	}
+	st.Phase = v1alpha1.PhaseFailed
+	if *st.ExitCode == 0 && !override {
+		st.Phase = v1alpha1.PhaseSucceeded
+	}
+	meta.SetStatusCondition(&st.Conditions, metav1.Condition{Type: v1alpha1.ConditionReady, Status: metav1.ConditionFalse,
+		Reason: string(st.Phase), Message: "the workload has ended"})
+	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Finished", "%s: exit code %d (%s)", st.Phase, *st.ExitCode, st.Reason)
+}
+
+// writeStatus writes what changed.
+func (a *Agent) writeStatus(ctx context.Context, orig, sb *v1alpha1.Sandbox) error {
+	if equalStatus(orig.Status, sb.Status) {
+		return nil
+	}
+	return a.client.Status().Patch(ctx, sb, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
+}
+
+func equalStatus(a, b v1alpha1.SandboxStatus) bool {
+	// LastTransitionTime is kept by SetStatusCondition when the status
+	// does not change, so a deep comparison is exact.
+	return a.Phase == b.Phase && a.Reason == b.Reason && a.Message == b.Message &&
+		a.RestartCount == b.RestartCount && a.BootMillis == b.BootMillis &&
+		ptr.Equal(a.ExitCode, b.ExitCode) && a.StartedAt.Equal(b.StartedAt) && a.FinishedAt.Equal(b.FinishedAt) &&
+		conditionsEqual(a.Conditions, b.Conditions)
+}
+
+func conditionsEqual(a, b []metav1.Condition) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i].Type != b[i].Type || a[i].Status != b[i].Status || a[i].Reason != b[i].Reason || a[i].Message != b[i].Message {
+			return false
+		}
+	}
+	return true
+}
+
+// remove stops the sandbox's VM, removes everything it had on this host,
+// and only then lets the object go.
+func (a *Agent) remove(ctx context.Context, sb *v1alpha1.Sandbox, dir string) error {
+	if err := stopAll(ctx, dir); err != nil {
+		return err
+	}
+	a.watches.drop(sb.UID)
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove %s: %w", dir, err)
+	}
+	if controllerutil.RemoveFinalizer(sb, v1alpha1.Finalizer) {
+		if err := a.client.Update(ctx, sb); err != nil {
+			return client.IgnoreNotFound(err)
+		}
+	}
+	a.log.Debug("sandbox removed", "sandbox", sb.Namespace+"/"+sb.Name)
+	return nil
+}
+
+// stopAll stops every live run of a sandbox directory.
+func stopAll(ctx context.Context, dir string) error {
+	runs, err := listRuns(dir)
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, n := range runs {
+		errs = append(errs, shim.Stop(ctx, filepath.Join(dir, "run-"+strconv.Itoa(n)), stopGrace))
+	}
+	return errors.Join(errs...)
+}
+
+// listRuns lists the run numbers in a sandbox directory, in order.
+func listRuns(dir string) ([]int, error) {
+	entries, err := os.ReadDir(dir)
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var runs []int
+	for _, e := range entries {
+		if s, ok := strings.CutPrefix(e.Name(), "run-"); ok && e.IsDir() {
+			if n, err := strconv.Atoi(s); err == nil {
+				runs = append(runs, n)
+			}
+		}
+	}
+	sort.Ints(runs)
+	return runs, nil
+}
+
+func logPath(dir string, run int) string { return filepath.Join(dir, strconv.Itoa(run)+".log") }
+
+// sandboxSpec is what the runtime runs for a Sandbox.
+func sandboxSpec(sb *v1alpha1.Sandbox) (sandbox.Spec, error) {
+	r := sb.Spec.Resources
+	const mib = 1 << 20
+	s := sandbox.Spec{
+		Image:      sb.Spec.Image,
+		Entrypoint: sb.Spec.Command,
+		Command:    sb.Spec.Args,
+		WorkingDir: sb.Spec.WorkingDir,
+		User:       sb.Spec.User,
+		TTY:        sb.Spec.TTY,
+		Stdin:      sb.Spec.Stdin,
+		CPUs:       int(r.CPU.Value()), // rounds up
+		MemoryMiB:  int(r.Memory.Value() / mib),
+		DiskMiB:    int(r.Disk.Value() / mib),
+		Name:       sb.Name,
+	}
+	for _, e := range sb.Spec.Env {
+		s.Env = append(s.Env, e.Name+"="+e.Value)
+	}
+	return s, s.Validate()
+}

@@ -1,0 +1,120 @@
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/image"
+	"hearth.dev/hearth/internal/logfile"
+	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// Main is the shim process for the run directory dir. Its fd 3 is the run's
+// lock, held until it exits.
+func Main(dir string) int {
+	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("run", dir)
+	lock := os.NewFile(3, "lock")
+	defer lock.Close()
+	st := State{Phase: Booting, Pid: os.Getpid()}
+	if err := run(log, dir, &st); err != nil {
+		log.Error("run failed", "err", err)
+		st.Phase, st.FinishedAt = Exited, time.Now()
+		if st.Reason == "" {
+			st.Reason, st.Message = "StartError", err.Error()
+		}
+		if st.ExitCode == 0 {
+			st.ExitCode = 125
+		}
+	}
+	if err := writeState(dir, st); err != nil {
+		log.Error("write state", "err", err)
+		return 1
+	}
+	return 0
+}
+
+func run(log *slog.Logger, dir string, st *State) error {
+	if err := writeState(dir, *st); err != nil {
+		return err
+	}
+	b, err := os.ReadFile(filepath.Join(dir, specFile))
+	if err != nil {
+		return err
+	}
+	var spec Spec
+	if err := json.Unmarshal(b, &spec); err != nil {
+		return fmt.Errorf("spec: %w", err)
+	}
+	out, err := logfile.Open(spec.Log, spec.LogMax)
+	if err != nil {
+		return fmt.Errorf("log file: %w", err)
+	}
+	defer out.Close()
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	images := &image.Store{Dir: filepath.Join(config.CacheDir(), "images"), Log: log,
+		Source: image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second}}
+	rt, err := sandbox.NewRuntime(images, vmm.Accel(spec.Accel), image.PullMissing, "", log)
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	res, err := rt.Run(ctx, spec.Sandbox, sandbox.IO{
+		Stdout: out,
+		Stderr: out,
+		Started: func() {
+			st.Phase, st.StartedAt, st.BootMillis = Running, time.Now(), time.Since(t0).Milliseconds()
+			if err := writeState(dir, *st); err != nil {
+				log.Error("write state", "err", err)
+			}
+		},
+	})
+	st.Phase, st.FinishedAt = Exited, time.Now()
+	switch {
+	case ctx.Err() != nil:
+		st.ExitCode, st.Signal = 128+int(syscall.SIGKILL), int(syscall.SIGKILL)
+		st.Reason, st.Message = "Killed", "the sandbox's VM was stopped"
+		return nil
+	case err != nil:
+		st.ExitCode = 125
+		st.Reason = "StartError"
+		switch {
+		case errors.Is(err, image.ErrNotFound), errors.Is(err, image.ErrInvalid):
+			st.Reason = "ImagePullError"
+		case errors.Is(err, sandbox.ErrBoot):
+			st.Reason = "BootError"
+		case errors.Is(err, sandbox.ErrStopped):
+			st.Reason = "Error"
+		}
+		st.Message = err.Error()
+		return nil
+	}
+	st.ExitCode, st.Signal, st.Message = res.ExitCode, res.Signal, res.Error
+	if st.BootMillis == 0 {
+		st.BootMillis = res.Boot.Milliseconds()
+	}
+	switch {
+	case res.OOM:
+		st.Reason = "OOMKilled"
+	case res.DiskFull:
+		st.Reason = "DiskFull"
+	case res.Error != "":
+		st.Reason = "StartError"
+	case res.ExitCode == 0:
+		st.Reason = "Completed"
+	default:
+		st.Reason = "Error"
+	}
+	return nil
+}

@@ -1,0 +1,196 @@
+// Package shim is the per-sandbox supervisor on a host, as containerd's
+// shims are for containers: one process per run of a sandbox that boots the
+// VM through internal/sandbox, writes the workload's output to its log file
+// and its progress to a state file, and outlives the node agent that started
+// it. A node agent that restarts finds its sandboxes' shims by their run
+// directories and adopts them: it neither kills nor duplicates a VM.
+//
+// A run directory holds:
+//
+//	spec.json   what to run (written by the node agent before the start)
+//	lock        flock-held by the shim for its whole life: held means alive
+//	state.json  what happened (written by the shim, replaced atomically)
+//	shim.log    the shim's own messages
+package shim
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"hearth.dev/hearth/internal/sandbox"
+)
+
+// Spec is what one run runs.
+type Spec struct {
+	Sandbox sandbox.Spec `json:"sandbox"`
+	Log     string       `json:"log"`    // the workload's output goes here
+	LogMax  int64        `json:"logMax"` // bytes before rotation
+	Accel   string       `json:"accel"`
+	// InsecureRegistries are reached over plain HTTP.
+	InsecureRegistries []string `json:"insecureRegistries,omitempty"`
+}
+
+// Phases of a run.
+const (
+	Booting = "booting" // pulling the image, booting the VM
+	Running = "running"
+	Exited  = "exited"
+)
+
+// State is what the shim reports.
+type State struct {
+	Phase      string    `json:"phase"`
+	Pid        int       `json:"pid"` // the shim's
+	StartedAt  time.Time `json:"startedAt,omitzero"`
+	FinishedAt time.Time `json:"finishedAt,omitzero"`
+	BootMillis int64     `json:"bootMillis,omitempty"`
+	ExitCode   int       `json:"exitCode"`
+	Signal     int       `json:"signal,omitempty"`
+	// Reason is a CamelCase word when the run did not end by itself or
+	// did not start: Completed, Error, OOMKilled, DiskFull, StartError,
+	// ImagePullError, BootError, Killed.
+	Reason  string `json:"reason,omitempty"`
+	Message string `json:"message,omitempty"`
+}
+
+// Files of a run directory.
+const (
+	specFile  = "spec.json"
+	lockFile  = "lock"
+	stateFile = "state.json"
+	logFile   = "shim.log"
+)
+
+// Start starts a shim for spec in dir, which must not exist yet. The lock
+// is taken here and handed to the shim as its fd 3, so that there is no
+// moment in which the run exists but looks dead. exe is the hearth or
+// hearthd binary: its hidden "shim" command is Main.
+func Start(dir string, spec Spec, exe string) (int, error) {
+	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
+		return 0, err
+	}
+	if err := os.Mkdir(dir, 0o700); err != nil {
+		return 0, fmt.Errorf("run directory: %w", err)
+	}
+	b, err := json.Marshal(spec)
+	if err != nil {
+		return 0, err
+	}
+	if err := os.WriteFile(filepath.Join(dir, specFile), b, 0o600); err != nil {
+		return 0, err
+	}
+	lock, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_CREATE|os.O_RDWR, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer lock.Close()
+	if err := unix.Flock(int(lock.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return 0, fmt.Errorf("lock run directory: %w", err)
+	}
+	out, err := os.OpenFile(filepath.Join(dir, logFile), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return 0, err
+	}
+	defer out.Close()
+	cmd := exec.Command(exe, "shim", dir)
+	cmd.Stdout, cmd.Stderr = out, out
+	cmd.ExtraFiles = []*os.File{lock}
+	// Its own session: not in the node agent's process group, so a Ctrl-C
+	// or a SIGKILL of the agent leaves it (and its VM) running.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("start shim: %w", err)
+	}
+	pid := cmd.Process.Pid
+	// Nobody waits for it but init once the agent is gone; while the agent
+	// lives, reap it so that it does not linger as a zombie.
+	go func() { _ = cmd.Wait() }()
+	return pid, nil
+}
+
+// Alive reports whether the shim of dir still holds its lock.
+func Alive(dir string) bool {
+	f, err := os.OpenFile(filepath.Join(dir, lockFile), os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		return errors.Is(err, unix.EWOULDBLOCK)
+	}
+	_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return false
+}
+
+// ReadState reads the run's state; a run whose shim has not written one
+// yet is Booting.
+func ReadState(dir string) (State, error) {
+	b, err := os.ReadFile(filepath.Join(dir, stateFile))
+	if errors.Is(err, os.ErrNotExist) {
+		return State{Phase: Booting}, nil
+	}
+	if err != nil {
+		return State{}, err
+	}
+	var s State
+	if err := json.Unmarshal(b, &s); err != nil {
+		return State{}, fmt.Errorf("%s: %w", filepath.Join(dir, stateFile), err)
+	}
+	return s, nil
+}
+
+func writeState(dir string, s State) error {
+	b, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, stateFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, stateFile))
+}
+
+// Stop asks the shim to end its VM (SIGTERM) and waits until it has; after
+// grace it kills it, which kills the VM too (QEMU dies with its parent).
+func Stop(ctx context.Context, dir string, grace time.Duration) error {
+	if !Alive(dir) {
+		return nil
+	}
+	s, err := ReadState(dir)
+	if err != nil || s.Pid == 0 {
+		// The shim writes its pid before anything else; give it a moment.
+		time.Sleep(50 * time.Millisecond)
+		if s, err = ReadState(dir); err != nil {
+			return err
+		}
+	}
+	signal := func(sig syscall.Signal) {
+		if s.Pid > 0 && Alive(dir) {
+			_ = syscall.Kill(s.Pid, sig)
+		}
+	}
+	signal(syscall.SIGTERM)
+	deadline := time.Now().Add(grace)
+	for Alive(dir) {
+		if time.Now().After(deadline) {
+			signal(syscall.SIGKILL)
+			deadline = time.Now().Add(time.Hour)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	return nil
+}
