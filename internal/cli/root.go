@@ -40,6 +40,8 @@ type globals struct {
 	logLevel        string
 	insecure        []string
 	registryTimeout time.Duration
+	kubeconfigPath  string
+	namespace       string
 	log             *slog.Logger
 }
 
@@ -73,7 +75,11 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringSliceVar(&g.insecure, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	pf.DurationVar(&g.registryTimeout, "registry-timeout", 30*time.Second, "give up on a registry that does not answer within this time")
 
-	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g), shimCmd())
+	pf.StringVar(&g.kubeconfigPath, "kubeconfig", "", "the hearth API's kubeconfig (default $KUBECONFIG); with one, run goes through the API")
+	pf.StringVarP(&g.namespace, "namespace", "n", "", "the API namespace (default: the kubeconfig's, else default)")
+
+	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g), shimCmd(),
+		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g))
 	return finish(root.Execute(), stderr)
 }
 

@@ -25,6 +25,7 @@ import (
 
 type runFlags struct {
 	rm, interactive, tty bool
+	local, detach        bool
 	env, envFiles        []string
 	workdir, user, name  string
 	cpus                 int
@@ -71,6 +72,8 @@ Ctrl-C sends SIGINT to the workload; a second Ctrl-C sends SIGKILL.`,
 	fl.StringVar(&f.accel, "accel", "auto", "kvm, tcg or auto (KVM where usable)")
 	fl.StringVar(&f.pull, "pull", "missing", "pull the image: missing, always or never")
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel (default $HEARTH_KERNEL, else the cache's kernel/vmlinux)")
+	fl.BoolVar(&f.local, "local", false, "run on this machine even when a hearth API is configured")
+	fl.BoolVarP(&f.detach, "detach", "d", false, "through the API: create the sandbox, print its name and return")
 	return cmd
 }
 
@@ -119,6 +122,9 @@ func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 	}
 	if err := spec.Validate(); err != nil {
 		return err
+	}
+	if g.kubeconfig() != "" && !f.local {
+		return runRemote(cmd, g, f, spec)
 	}
 	stdin := cmd.InOrStdin()
 	stdinFile, _ := stdin.(*os.File)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -11,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
+	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -59,6 +61,12 @@ func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config) err
 		LeaderElection:          true,
 		LeaderElectionID:        "hearth-controllers",
 		LeaderElectionNamespace: SystemNamespace,
+		// A stopped hearthd hands the lease over at once; a crashed one
+		// holds it for LeaseDuration, during which nothing is scheduled.
+		LeaderElectionReleaseOnCancel: true,
+		LeaseDuration:                 ptr.To(8 * time.Second),
+		RenewDeadline:                 ptr.To(5 * time.Second),
+		RetryPeriod:                   ptr.To(time.Second),
 	})
 	if err != nil {
 		return err

@@ -87,7 +87,17 @@ func (w *Writer) Close() error {
 // file. With follow it then waits for more, across rotations, until done
 // returns true after a last read, or ctx ends.
 func Read(ctx context.Context, path string, out io.Writer, follow bool, done func() bool) error {
-	if f, err := os.Open(path + ".1"); err == nil {
+	return read(ctx, path, out, follow, false, done)
+}
+
+// Tail copies what is written to the log at path from now on, until done
+// returns true after a last read, or ctx ends.
+func Tail(ctx context.Context, path string, out io.Writer, done func() bool) error {
+	return read(ctx, path, out, true, true, done)
+}
+
+func read(ctx context.Context, path string, out io.Writer, follow, fromEnd bool, done func() bool) error {
+	if f, err := os.Open(path + ".1"); err == nil && !fromEnd {
 		_, err = io.Copy(out, f)
 		f.Close()
 		if err != nil {
@@ -108,6 +118,11 @@ func Read(ctx context.Context, path string, out io.Writer, follow bool, done fun
 			f.Close()
 		}
 	}()
+	if f != nil && fromEnd {
+		if _, err := f.Seek(0, io.SeekEnd); err != nil {
+			return err
+		}
+	}
 	flush := func() {
 		if fl, ok := out.(interface{ Flush() }); ok {
 			fl.Flush()

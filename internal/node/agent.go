@@ -84,6 +84,7 @@ type Agent struct {
 	log      *slog.Logger
 	wake     chan event.GenericEvent
 	watches  *watches
+	ports    ports
 }
 
 // Run runs the agent until ctx ends.

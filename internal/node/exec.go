@@ -1,11 +1,223 @@
 package node
 
-import "net/http"
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	apiremotecommand "k8s.io/apimachinery/pkg/util/remotecommand"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
+	utilexec "k8s.io/utils/exec"
+
+	"hearth.dev/hearth/internal/guest/protocol"
+	"hearth.dev/hearth/internal/logfile"
+	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/shim"
+	"hearth.dev/hearth/internal/vmm/qemu"
+)
+
+// Exec and attach speak Kubernetes' remote command protocol (SPDY or
+// WebSocket, as kubectl exec does), served by the kubelet's own library;
+// the API server proxies the upgraded connection here. An exec runs over
+// one of the VM's exec ports, straight to the guest agent: the shim that
+// owns the VM is not involved, so an exec works the same after the node
+// agent restarted.
+
+const streamIdle = 4 * time.Hour
 
 func (a *Agent) serveExec(w http.ResponseWriter, r *http.Request) {
-	http.Error(w, "exec is not implemented yet", http.StatusNotImplemented)
+	sb, _, ok := a.sandbox(w, r)
+	if !ok {
+		return
+	}
+	opts, err := streamOptions(r)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	cmd := r.URL.Query()["command"]
+	remotecommand.ServeExec(w, r, a, sb.Namespace+"/"+sb.Name, string(sb.UID), "", cmd, opts,
+		streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
 }
 
 func (a *Agent) serveAttach(w http.ResponseWriter, r *http.Request) {
-	http.Error(w, "attach is not implemented yet", http.StatusNotImplemented)
+	sb, _, ok := a.sandbox(w, r)
+	if !ok {
+		return
+	}
+	opts, err := streamOptions(r)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	remotecommand.ServeAttach(w, r, a, sb.Namespace+"/"+sb.Name, string(sb.UID), "", opts,
+		streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
+}
+
+// currentRun is the directory of the sandbox's latest run, if it runs.
+func (a *Agent) currentRun(uid string) (string, error) {
+	dir := a.sandboxDir(types.UID(uid))
+	runs, err := listRuns(dir)
+	if err != nil {
+		return "", err
+	}
+	if len(runs) == 0 {
+		return "", errors.New("the sandbox has not started")
+	}
+	runDir := filepath.Join(dir, "run-"+strconv.Itoa(runs[len(runs)-1]))
+	if !shim.Alive(runDir) {
+		return "", errors.New("the sandbox is not running")
+	}
+	return runDir, nil
+}
+
+// ExecInContainer runs cmd in the sandbox (remotecommand.Executor).
+func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ string, cmd []string,
+	in io.Reader, out, errw io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize, _ time.Duration) error {
+	runDir, err := a.currentRun(uid)
+	if err != nil {
+		return fmt.Errorf("exec in %s: %w", name, err)
+	}
+	target, err := shim.ReadTarget(runDir)
+	if err != nil {
+		return fmt.Errorf("exec in %s: the workload has not started yet", name)
+	}
+	port, release, err := a.ports.take(ctx, uid)
+	if err != nil {
+		return err
+	}
+	defer release()
+	sio := sandbox.IO{Stdin: in, Stdout: io.Discard, Stderr: io.Discard}
+	if out != nil {
+		sio.Stdout = out
+	}
+	if errw != nil {
+		sio.Stderr = errw
+	}
+	resizes := make(chan protocol.Resize, 4)
+	sio.Resize = resizes
+	spec := sandbox.ExecSpec{Args: cmd, TTY: tty, Stdin: in != nil}
+	if tty && resize != nil {
+		// The first size comes before the process starts: it sets the
+		// terminal's size at creation.
+		select {
+		case sz, ok := <-resize:
+			if ok {
+				spec.Cols, spec.Rows = sz.Width, sz.Height
+			}
+		case <-time.After(100 * time.Millisecond):
+		}
+		go func() {
+			for sz := range resize {
+				select {
+				case resizes <- protocol.Resize{Rows: sz.Height, Cols: sz.Width}:
+				case <-ctx.Done():
+					return
+				}
+			}
+		}()
+	}
+	res, err := sandbox.Exec(ctx, &qemu.Driver{}, target, port, spec, sio, a.log)
+	if err != nil {
+		return err
+	}
+	if res.Error != "" {
+		if errw != nil {
+			fmt.Fprintf(errw, "hearth: %s\n", res.Error)
+		}
+	}
+	if res.ExitCode != 0 {
+		return utilexec.CodeExitError{Err: fmt.Errorf("exit status %d", res.ExitCode), Code: res.ExitCode}
+	}
+	return nil
+}
+
+// AttachContainer streams the workload's output from now on and, if the
+// sandbox was created with stdin, sends what it reads to the workload
+// (remotecommand.Attacher). It returns when the run ends or the client
+// goes.
+func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ string,
+	in io.Reader, out, errw io.WriteCloser, _ bool, _ <-chan remotecommand.TerminalSize) error {
+	runDir, err := a.currentRun(uid)
+	if err != nil {
+		return fmt.Errorf("attach to %s: %w", name, err)
+	}
+	if in != nil {
+		c, err := net.Dial("unix", shim.StdinSocket(runDir))
+		if err != nil {
+			return fmt.Errorf("attach to %s: the sandbox takes no stdin (create it with spec.stdin: true)", name)
+		}
+		defer c.Close()
+		go func() { _, _ = io.Copy(c, in) }()
+	}
+	if out == nil {
+		<-ctx.Done()
+		return nil
+	}
+	dir := filepath.Dir(runDir)
+	n, _ := strconv.Atoi(filepath.Base(runDir)[len("run-"):])
+	return logfile.Tail(ctx, logPath(dir, n), out, func() bool { return !shim.Alive(runDir) })
+}
+
+// ports hands out each sandbox's exec ports, one exec per port at a time.
+type ports struct {
+	mu   sync.Mutex
+	free map[string]chan int
+}
+
+func (p *ports) take(ctx context.Context, uid string) (int, func(), error) {
+	p.mu.Lock()
+	if p.free == nil {
+		p.free = map[string]chan int{}
+	}
+	ch, ok := p.free[uid]
+	if !ok {
+		ch = make(chan int, protocol.ExecPorts)
+		for i := 1; i <= protocol.ExecPorts; i++ {
+			ch <- i
+		}
+		p.free[uid] = ch
+	}
+	p.mu.Unlock()
+	select {
+	case port := <-ch:
+		return port, func() { ch <- port }, nil
+	case <-ctx.Done():
+		return 0, nil, ctx.Err()
+	case <-time.After(10 * time.Second):
+		return 0, nil, fmt.Errorf("all %d exec sessions of the sandbox are in use", protocol.ExecPorts)
+	}
+}
+
+func (p *ports) forget(uid string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	delete(p.free, uid)
+}
+
+// streamOptions reads the stream flags as the API takes them, in
+// PodExecOptions' form (stdin=true), which the kubelet's library reads
+// under other names as "1" (kube-apiserver rewrites them on the way to a
+// kubelet; hearth's API server passes the query as it is).
+func streamOptions(r *http.Request) (*remotecommand.Options, error) {
+	q := r.URL.Query()
+	for api, kubelet := range map[string]string{"stdin": remotecommand.ExecStdinParam, "stdout": remotecommand.ExecStdoutParam,
+		"stderr": remotecommand.ExecStderrParam, "tty": remotecommand.ExecTTYParam} {
+		if v, err := strconv.ParseBool(q.Get(api)); err == nil && v {
+			q.Set(kubelet, "1")
+		} else if api != kubelet {
+			q.Del(kubelet)
+		}
+	}
+	r.URL.RawQuery = q.Encode()
+	r.Form = nil
+	return remotecommand.NewOptions(r)
 }

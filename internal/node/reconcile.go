@@ -283,6 +283,7 @@ func (a *Agent) remove(ctx context.Context, sb *v1alpha1.Sandbox, dir string) er
 		return err
 	}
 	a.watches.drop(sb.UID)
+	a.ports.forget(string(sb.UID))
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove %s: %w", dir, err)
 	}

@@ -52,6 +52,9 @@ type IO struct {
 	// Started, if set, is called once the workload runs: from then on
 	// Signals reach it. Before, the caller's context is how to give up.
 	Started func()
+	// Target, if set, is called just before Started with what Exec needs
+	// to run more processes in the sandbox.
+	Target func(Target)
 }
 
 // Result is how the workload ended.
@@ -162,7 +165,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		Stdin:    spec.Stdin,
 		Time:     time.Now().UnixNano(),
 	}
-	s := &session{vm: vm, sio: sio, start: start, log: log}
+	s := &session{vm: vm, runDir: runDir, sio: sio, start: start, log: log}
 	limit := rt.BootLimit
 	if limit == 0 {
 		limit = 2 * time.Minute
@@ -277,7 +280,8 @@ func MakeDisk(ctx context.Context, path string, sizeMiB int) error {
 
 // session drives the guest agent's protocol for one run.
 type session struct {
-	vm    vmm.VM
+	vm     vmm.VM
+	runDir string
 	sio   IO
 	start time.Time
 	log   *slog.Logger
@@ -321,7 +325,9 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 	defer stop()
 	vmDone := make(chan struct{})
 	go func() {
-		_ = s.vm.Wait(context.Background())
+		if s.vm.Wait(ctx) != nil && ctx.Err() != nil {
+			return // the session ended first
+		}
 		close(vmDone)
 		// Let buffered frames drain before unblocking a read.
 		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
@@ -381,6 +387,9 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 			started.Do(func() {
 				res.Boot = time.Since(s.start)
 				s.log.Debug("workload started", "since_vmm_start", res.Boot)
+				if s.sio.Target != nil {
+					s.sio.Target(Target{RunDir: s.runDir, Start: st})
+				}
 				if s.sio.Started != nil {
 					s.sio.Started()
 				}

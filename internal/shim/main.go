@@ -5,7 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/signal"
 	"path/filepath"
@@ -69,17 +71,30 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err != nil {
 		return err
 	}
-	t0 := time.Now()
-	res, err := rt.Run(ctx, spec.Sandbox, sandbox.IO{
+	sio := sandbox.IO{
 		Stdout: out,
 		Stderr: out,
-		Started: func() {
-			st.Phase, st.StartedAt, st.BootMillis = Running, time.Now(), time.Since(t0).Milliseconds()
-			if err := writeState(dir, *st); err != nil {
-				log.Error("write state", "err", err)
+		Target: func(t sandbox.Target) {
+			if err := writeJSON(filepath.Join(dir, targetFile), t); err != nil {
+				log.Error("write exec target", "err", err)
 			}
 		},
-	})
+	}
+	if spec.Sandbox.Stdin {
+		stdin, err := serveStdin(ctx, dir)
+		if err != nil {
+			return err
+		}
+		sio.Stdin = stdin
+	}
+	t0 := time.Now()
+	sio.Started = func() {
+		st.Phase, st.StartedAt, st.BootMillis = Running, time.Now(), time.Since(t0).Milliseconds()
+		if err := writeState(dir, *st); err != nil {
+			log.Error("write state", "err", err)
+		}
+	}
+	res, err := rt.Run(ctx, spec.Sandbox, sio)
 	st.Phase, st.FinishedAt = Exited, time.Now()
 	switch {
 	case ctx.Err() != nil:
@@ -117,4 +132,26 @@ func run(log *slog.Logger, dir string, st *State) error {
 		st.Reason = "Error"
 	}
 	return nil
+}
+
+// serveStdin is the workload's stdin: what anyone attached writes to the
+// run's stdin.sock, one connection after another.
+func serveStdin(ctx context.Context, dir string) (io.Reader, error) {
+	ln, err := net.Listen("unix", filepath.Join(dir, stdinSock))
+	if err != nil {
+		return nil, fmt.Errorf("stdin socket: %w", err)
+	}
+	r, w := io.Pipe()
+	context.AfterFunc(ctx, func() { ln.Close(); w.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			_, _ = io.Copy(w, c)
+			c.Close()
+		}
+	}()
+	return r, nil
 }

@@ -68,7 +68,24 @@ const (
 	lockFile  = "lock"
 	stateFile = "state.json"
 	logFile   = "shim.log"
+	// targetFile is the sandbox.Target of the running VM, for exec.
+	targetFile = "target.json"
+	// stdinSock takes the workload's stdin (Spec.Sandbox.Stdin), for attach.
+	stdinSock = "stdin.sock"
 )
+
+// ReadTarget reads how to exec into the run's VM; an error until it runs.
+func ReadTarget(dir string) (sandbox.Target, error) {
+	var t sandbox.Target
+	b, err := os.ReadFile(filepath.Join(dir, targetFile))
+	if err != nil {
+		return t, err
+	}
+	return t, json.Unmarshal(b, &t)
+}
+
+// StdinSocket is where the run takes its workload's stdin.
+func StdinSocket(dir string) string { return filepath.Join(dir, stdinSock) }
 
 // Start starts a shim for spec in dir, which must not exist yet. The lock
 // is taken here and handed to the shim as its fd 3, so that there is no
@@ -148,16 +165,19 @@ func ReadState(dir string) (State, error) {
 	return s, nil
 }
 
-func writeState(dir string, s State) error {
-	b, err := json.Marshal(s)
+func writeState(dir string, s State) error { return writeJSON(filepath.Join(dir, stateFile), s) }
+
+// writeJSON replaces path atomically: readers see the old or the new file.
+func writeJSON(path string, v any) error {
+	b, err := json.Marshal(v)
 	if err != nil {
 		return err
 	}
-	tmp := filepath.Join(dir, stateFile+".tmp")
+	tmp := path + ".tmp"
 	if err := os.WriteFile(tmp, b, 0o600); err != nil {
 		return err
 	}
-	return os.Rename(tmp, filepath.Join(dir, stateFile))
+	return os.Rename(tmp, path)
 }
 
 // Stop asks the shim to end its VM (SIGTERM) and waits until it has; after

@@ -82,6 +82,10 @@ type Config struct {
 type Driver interface {
 	Name() string
 	Start(ctx context.Context, cfg Config) (VM, error)
+	// Dial connects to channel port (0: the workload's session; 1 to
+	// protocol.ExecPorts: exec sessions) of a VM it started, from any
+	// process: the node agent execs into VMs its shims run.
+	Dial(ctx context.Context, runDir string, port int) (net.Conn, error)
 }
 
 // VM is a running VM.

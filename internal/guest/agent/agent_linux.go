@@ -68,15 +68,16 @@ func run(build string) error {
 	if err := mountEarly(); err != nil {
 		return err
 	}
+	go reap.run()
 	// The workload may be OOM-killed; the agent must not be.
 	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 
-	port, err := openPort(10 * time.Second)
+	port, err := openPort(protocol.SerialPortName, 10*time.Second, 2*time.Millisecond)
 	if err != nil {
 		return err
 	}
-	s := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port}
-	return s.serve(build)
+	s := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port, build: build}
+	return s.serve(false)
 }
 
 func mountEarly() error {
@@ -106,14 +107,18 @@ func mountEarly() error {
 	return nil
 }
 
-// openPort finds the virtio-serial port named protocol.SerialPortName and waits until the
-// host end is connected: before that, reads return EOF at once.
-func openPort(timeout time.Duration) (*os.File, error) {
+// openPort finds the virtio-serial port called name and waits until the
+// host end is connected (checking every interval): before that, reads
+// return EOF at once. A zero timeout waits for ever.
+func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
+	if timeout == 0 {
+		timeout = 100 * 365 * 24 * time.Hour
+	}
 	deadline := time.Now().Add(timeout)
 	for {
 		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
 		for _, n := range names {
-			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == protocol.SerialPortName {
+			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == name {
 				f, err := os.OpenFile("/dev/"+filepath.Base(filepath.Dir(n)), os.O_RDWR, 0)
 				if err != nil {
 					return nil, err
@@ -129,12 +134,12 @@ func openPort(timeout time.Duration) (*os.File, error) {
 						f.Close()
 						return nil, errors.New("host never connected to the agent port")
 					}
-					time.Sleep(2 * time.Millisecond)
+					time.Sleep(interval)
 				}
 			}
 		}
 		if time.Now().After(deadline) {
-			return nil, fmt.Errorf("no virtio-serial port named %s", protocol.SerialPortName)
+			return nil, fmt.Errorf("no virtio-serial port named %s", name)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
@@ -142,6 +147,7 @@ func openPort(timeout time.Duration) (*os.File, error) {
 
 // session is one conversation with the host: handshake, start, streams, exit.
 type session struct {
+	build string
 	r    *protocol.Reader
 	w    *protocol.Writer
 	port *os.File
@@ -160,7 +166,9 @@ type running struct {
 	stdin *stdinWriter
 }
 
-func (s *session) serve(build string) error {
+// serve runs the session: the workload's (on the first port), or an exec
+// session's (exec true).
+func (s *session) serve(exec bool) error {
 	f, err := s.r.Read()
 	if err != nil {
 		return fmt.Errorf("read hello: %w", err)
@@ -172,7 +180,7 @@ func (s *session) serve(build string) error {
 	if err := protocol.Decode(f, &hello); err != nil {
 		return err
 	}
-	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version, Agent: build}); err != nil {
+	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version, Agent: s.build}); err != nil {
 		return err
 	}
 	if hello.Version != protocol.Version {
@@ -189,6 +197,9 @@ func (s *session) serve(build string) error {
 	if err := protocol.Decode(f, &st); err != nil {
 		return err
 	}
+	if st.Exec != exec {
+		return fmt.Errorf("start with exec=%v on a port for exec=%v", st.Exec, exec)
+	}
 	// From here on one goroutine reads the host's frames.
 	s.bye = make(chan struct{})
 	go s.control()
@@ -196,7 +207,8 @@ func (s *session) serve(build string) error {
 	if s.hostGone.Load() {
 		// Nobody to report to (hearth died): power off now. Writes to a
 		// port whose host end is closed wait for a host that never comes.
-		return errors.New("the host went away; powering off")
+		// (For an exec session: end the session.)
+		return errors.New("the host went away")
 	}
 	sent := make(chan error, 1)
 	go func() { sent <- s.w.WriteJSON(protocol.TExit, exit) }()
@@ -219,12 +231,14 @@ func failure(code int, format string, args ...any) protocol.Exit {
 }
 
 func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
-	if st.Time != 0 {
-		tv := unix.NsecToTimeval(st.Time)
-		_ = unix.Settimeofday(&tv)
-	}
-	if err := setupRoot(st); err != nil {
-		return failure(exitHearth, "set up root filesystem: %v", err)
+	if !st.Exec {
+		if st.Time != 0 {
+			tv := unix.NsecToTimeval(st.Time)
+			_ = unix.Settimeofday(&tv)
+		}
+		if err := setupRoot(st); err != nil {
+			return failure(exitHearth, "set up root filesystem: %v", err)
+		}
 	}
 	if len(st.Args) == 0 {
 		return failure(exitHearth, "no command: the image has no Entrypoint or Cmd and none was given")
@@ -257,8 +271,6 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: id.UID, Gid: id.GID, Groups: id.Groups},
 	}
-	sigs := make(chan os.Signal, 16)
-	signal.Notify(sigs, unix.SIGCHLD)
 	oomBefore := oomKills()
 
 	wio, err := startIO(cmd, st)
@@ -286,7 +298,16 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	defer wl.stdin.close()
 	// Only now: the host starts sending stdin when it sees Started, and
 	// the control loop must have somewhere to put it.
+	exited := reap.wait(pid)
 	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
+	if !st.Exec {
+		// The sandbox runs: from now on, exec sessions may come.
+		startExecPorts.Do(func() {
+			for i := 1; i <= protocol.ExecPorts; i++ {
+				go s.execLoop(i)
+			}
+		})
+	}
 
 	var pumps sync.WaitGroup
 	for _, p := range wio.outputs {
@@ -297,11 +318,14 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 		}()
 	}
 
-	status := reapUntil(pid, sigs)
-	// Like the end of a container's PID namespace: whatever the workload left
-	// behind dies with it, so that its copies of stdout and stderr close.
-	_ = unix.Kill(-1, unix.SIGKILL)
-	reapAll()
+	status := <-exited
+	if !st.Exec {
+		// Like the end of a container's PID namespace: whatever the
+		// workload left behind (exec sessions too) dies with it, so that
+		// its copies of stdout and stderr close.
+		_ = unix.Kill(-1, unix.SIGKILL)
+		reapAll()
+	}
 	waitTimeout(&pumps, 2*time.Second)
 
 	exit := protocol.Exit{Code: status.ExitStatus()}
@@ -323,9 +347,43 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
-// reapUntil reaps every child (PID 1's duty: orphans are re-parented to it)
-// until the workload itself has exited, and returns its status.
-func reapUntil(pid int, sigs <-chan os.Signal) unix.WaitStatus {
+var startExecPorts sync.Once
+
+// execLoop serves exec sessions on exec port i, one after another, for the
+// life of the sandbox.
+func (s *session) execLoop(i int) {
+	name := protocol.ExecPortName(i)
+	for {
+		// Until a host connects, the port is polled: every 20 ms is a
+		// few hundred syscalls a second for all ports, and adds at most
+		// 20 ms to an exec's start.
+		port, err := openPort(name, 0, 20*time.Millisecond)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "hearth-agent: exec port %s: %v\n", name, err)
+			return
+		}
+		es := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port, build: s.build}
+		if err := es.serve(true); err != nil {
+			fmt.Fprintf(os.Stderr, "hearth-agent: exec session on %s: %v\n", name, err)
+		}
+		port.Close()
+	}
+}
+
+// reap is PID 1's reaper: one goroutine collects every child that exits
+// (orphans are re-parented to PID 1), and hands each status to whoever
+// waits for that pid (the workload's session, or an exec session's).
+var reap = &reaper{waiting: map[int]chan unix.WaitStatus{}, exited: map[int]unix.WaitStatus{}}
+
+type reaper struct {
+	mu      sync.Mutex
+	waiting map[int]chan unix.WaitStatus
+	exited  map[int]unix.WaitStatus // reaped before anyone asked
+}
+
+func (r *reaper) run() {
+	sigs := make(chan os.Signal, 16)
+	signal.Notify(sigs, unix.SIGCHLD)
 	for {
 		for {
 			var ws unix.WaitStatus
@@ -333,12 +391,34 @@ func reapUntil(pid int, sigs <-chan os.Signal) unix.WaitStatus {
 			if err != nil || p <= 0 {
 				break
 			}
-			if p == pid {
-				return ws
+			r.mu.Lock()
+			if ch, ok := r.waiting[p]; ok {
+				ch <- ws
+				delete(r.waiting, p)
+			} else {
+				if len(r.exited) > 4096 { // orphans nobody waits for
+					clear(r.exited)
+				}
+				r.exited[p] = ws
 			}
+			r.mu.Unlock()
 		}
 		<-sigs
 	}
+}
+
+// wait returns where pid's exit status will be sent.
+func (r *reaper) wait(pid int) <-chan unix.WaitStatus {
+	ch := make(chan unix.WaitStatus, 1)
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if ws, ok := r.exited[pid]; ok {
+		delete(r.exited, pid)
+		ch <- ws
+		return ch
+	}
+	r.waiting[pid] = ch
+	return ch
 }
 
 func reapAll() {

@@ -24,6 +24,14 @@ import (
 // protocol where there is no vsock.
 const SerialPortName = "hearth.0"
 
+// ExecPorts is how many more ports (hearth.1 to hearth.N) carry exec
+// sessions: each runs one more process in the running sandbox at a time,
+// with the same protocol (Hello, then Start with Exec set).
+const ExecPorts = 3
+
+// ExecPortName names exec port i (1 to ExecPorts).
+func ExecPortName(i int) string { return fmt.Sprintf("hearth.%d", i) }
+
 // PowerOffEnv set to 1 in the guest kernel's command line (which the kernel
 // passes to init as environment) makes the agent power off as soon as it
 // runs: a bare boot of hearth's own kernel and initramfs, for benchmarks.
@@ -31,7 +39,7 @@ const PowerOffEnv = "HEARTH_POWEROFF"
 
 // Version is bumped on every incompatible change; both sides refuse a peer
 // with another version during the handshake.
-const Version = 1
+const Version = 2
 
 // MaxPayload bounds one frame, so that a corrupt or hostile length cannot
 // make the reader allocate without limit.
@@ -205,6 +213,9 @@ type Start struct {
 	Cols     uint16   `json:"cols,omitempty"`
 	Stdin    bool     `json:"stdin,omitempty"` // whether the host forwards stdin; else it is /dev/null
 	Time     int64    `json:"time,omitempty"`  // host wall clock, Unix nanoseconds
+	// Exec runs Args in the sandbox that already runs (an exec port's
+	// session): the disks, hostname and clock are left as they are.
+	Exec bool `json:"exec,omitempty"`
 }
 
 // Started reports that the workload runs.

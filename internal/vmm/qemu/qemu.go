@@ -92,10 +92,18 @@ func Args(cfg vmm.Config) []string {
 		"-chardev", "socket,id=console,path=" + run(consoleSock) + ",server=off",
 		"-serial", "chardev:console",
 		"-qmp", "unix:" + run(qmpSock) + ",server=on,wait=off",
-		"-device", "virtio-serial-device,max_ports=2",
-		"-chardev", "socket,id=agent,path=" + run(agentSock) + ",server=on,wait=off",
-		"-device", "virtserialport,chardev=agent,name=" + protocol.SerialPortName,
+		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
 		"-device", "virtio-rng-device",
+	}
+	// Port 0 carries the workload's session; 1 to ExecPorts exec sessions.
+	for i := 0; i <= protocol.ExecPorts; i++ {
+		name := protocol.SerialPortName
+		if i > 0 {
+			name = protocol.ExecPortName(i)
+		}
+		args = append(args,
+			"-chardev", fmt.Sprintf("socket,id=port%d,path=%s,server=on,wait=off", i, run(channelSock(i))),
+			"-device", fmt.Sprintf("virtserialport,chardev=port%d,name=%s", i, name))
 	}
 	for _, d := range cfg.Drives {
 		drive := fmt.Sprintf("id=%s,file=%s,format=raw,if=none,cache=unsafe,discard=unmap", d.ID, d.Path)
@@ -247,10 +255,28 @@ func (v *VM) checkRunning() error {
 // Channel connects to the agent's virtio-serial chardev. QEMU created it
 // before its QMP socket answered, so no retry is needed.
 func (v *VM) Channel(ctx context.Context) (net.Conn, error) {
-	var d net.Dialer
-	c, err := d.DialContext(ctx, "unix", v.path(agentSock))
+	return (&Driver{}).Dial(ctx, v.cfg.RunDir, 0)
+}
+
+// channelSock is the chardev socket of port i.
+func channelSock(i int) string {
+	if i == 0 {
+		return agentSock
+	}
+	return fmt.Sprintf("exec%d.sock", i)
+}
+
+// Dial connects to port i of the VM whose run directory is runDir. Each
+// port's chardev takes one connection at a time: the caller keeps exec
+// ports apart.
+func (d *Driver) Dial(ctx context.Context, runDir string, port int) (net.Conn, error) {
+	if port < 0 || port > protocol.ExecPorts {
+		return nil, fmt.Errorf("no channel port %d", port)
+	}
+	var dl net.Dialer
+	c, err := dl.DialContext(ctx, "unix", filepath.Join(runDir, channelSock(port)))
 	if err != nil {
-		return nil, fmt.Errorf("connect to guest agent channel: %w", err)
+		return nil, fmt.Errorf("connect to guest agent channel %d: %w", port, err)
 	}
 	return c, nil
 }
