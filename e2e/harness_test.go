@@ -54,6 +54,8 @@ func newHarness(t *testing.T) *harness {
 			"HEARTH_CACHE="+cacheDir,
 			"HEARTH_KERNEL="+config.Kernel(),
 			"HEARTH_AGENT="+filepath.Join(bin, "hearth-agent"),
+			// Local runs: no hearth API, whatever the caller's shell has.
+			"KUBECONFIG=",
 		),
 	}
 	t.Cleanup(func() { testenv.CheckNoLeaks(t, runRoot) })
