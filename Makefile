@@ -15,9 +15,11 @@ setup: ## install Debian packages and build the guest kernel (root; idempotent)
 kernel: ## build the guest kernel (cached by its inputs under ~/.cache/hearth/kernel)
 	kernel/build.sh
 
-build: ## build bin/hearth, bin/hearth-agent (static) and bin/hearth-mkimage
+build: ## build bin/hearth, bin/hearthd, bin/hearth-shim, bin/hearth-agent (static) and bin/hearth-mkimage
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-agent ./cmd/hearth-agent
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth ./cmd/hearth
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearthd ./cmd/hearthd
+	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-shim ./cmd/hearth-shim
 	$(GO) build -o $(BIN)/hearth-mkimage ./cmd/hearth-mkimage
 
 demo: setup build ## set everything up, build a busybox image locally and run a command in a VM

@@ -39,24 +39,25 @@ type EnvVar struct {
 	Value string `json:"value,omitempty"`
 }
 
-// Resources is what one sandbox's VM gets.
+// Resources is what one sandbox's VM gets. The fields are pointers so that
+// a client that leaves one out (a Go client included) gets the default.
 type Resources struct {
 	// CPU is the number of virtual CPUs (rounded up to whole CPUs for the
 	// VM; the scheduler counts the quantity as given).
 	// +kubebuilder:default="1"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).isGreaterThan(quantity('0'))",message="must be positive"
 	// +optional
-	CPU resource.Quantity `json:"cpu,omitempty"`
+	CPU *resource.Quantity `json:"cpu,omitempty"`
 	// Memory is the guest's RAM.
 	// +kubebuilder:default="256Mi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('48Mi')) >= 0",message="must be at least 48Mi: a guest needs that much to boot"
 	// +optional
-	Memory resource.Quantity `json:"memory,omitempty"`
+	Memory *resource.Quantity `json:"memory,omitempty"`
 	// Disk is the size of the writable layer over the image.
 	// +kubebuilder:default="1Gi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('8Mi')) >= 0",message="must be at least 8Mi"
 	// +optional
-	Disk resource.Quantity `json:"disk,omitempty"`
+	Disk *resource.Quantity `json:"disk,omitempty"`
 }
 
 // SandboxSpec is what to run and where.
@@ -185,4 +186,22 @@ const (
 
 func init() {
 	SchemeBuilder.Register(&Sandbox{}, &SandboxList{})
+}
+
+// Default values of Resources, as the CRD defaults them.
+var (
+	DefaultCPU    = resource.MustParse("1")
+	DefaultMemory = resource.MustParse("256Mi")
+	DefaultDisk   = resource.MustParse("1Gi")
+)
+
+// Requests are the resources with defaults filled in.
+func (r Resources) Requests() (cpu, memory, disk resource.Quantity) {
+	get := func(q *resource.Quantity, d resource.Quantity) resource.Quantity {
+		if q == nil {
+			return d.DeepCopy()
+		}
+		return q.DeepCopy()
+	}
+	return get(r.CPU, DefaultCPU), get(r.Memory, DefaultMemory), get(r.Disk, DefaultDisk)
 }

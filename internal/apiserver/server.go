@@ -26,6 +26,8 @@ import (
 	extapiserver "k8s.io/apiextensions-apiserver/pkg/apiserver"
 	extoptions "k8s.io/apiextensions-apiserver/pkg/cmd/server/options"
 	extopenapi "k8s.io/apiextensions-apiserver/pkg/generated/openapi"
+	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/util/sets"
 	"k8s.io/apiserver/pkg/authentication/authenticator"
 	x509request "k8s.io/apiserver/pkg/authentication/request/x509"
 	"k8s.io/apiserver/pkg/authorization/authorizer"
@@ -34,16 +36,14 @@ import (
 	genericapiserver "k8s.io/apiserver/pkg/server"
 	"k8s.io/apiserver/pkg/server/dynamiccertificates"
 	genericfilters "k8s.io/apiserver/pkg/server/filters"
-	"k8s.io/apiserver/pkg/storage/storagebackend"
 	genericoptions "k8s.io/apiserver/pkg/server/options"
-	"k8s.io/apimachinery/pkg/util/sets"
+	"k8s.io/apiserver/pkg/storage/storagebackend"
 	"k8s.io/apiserver/pkg/util/openapi"
 	"k8s.io/apiserver/pkg/util/webhook"
 	clientgoinformers "k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
-	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/component-base/compatibility"
 
 	"hearth.dev/hearth/internal/apiserver/coreopenapi"
@@ -141,6 +141,7 @@ func New(c Config) (*Server, error) {
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
 	extCfg.MergedResourceConfig = extapiserver.DefaultAPIResourceConfigSource()
+	extCfg.AdmissionControl = finalizerAdmission{}
 	namer := openapinamer.NewDefinitionNamer(extapiserver.Scheme, clientgoscheme.Scheme)
 	defs := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(extopenapi.GetOpenAPIDefinitions)
 	extCfg.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(defs, namer)

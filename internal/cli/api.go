@@ -386,9 +386,9 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 			Image: spec.Image, Args: spec.Command, WorkingDir: spec.WorkingDir, User: spec.User,
 			Stdin: spec.Stdin, TTY: spec.TTY,
 			Resources: v1alpha1.Resources{
-				CPU:    *resource.NewQuantity(int64(spec.CPUs), resource.DecimalSI),
-				Memory: *resource.NewQuantity(int64(spec.MemoryMiB)<<20, resource.BinarySI),
-				Disk:   *resource.NewQuantity(int64(spec.DiskMiB)<<20, resource.BinarySI),
+				CPU:    resource.NewQuantity(int64(spec.CPUs), resource.DecimalSI),
+				Memory: resource.NewQuantity(int64(spec.MemoryMiB)<<20, resource.BinarySI),
+				Disk:   resource.NewQuantity(int64(spec.DiskMiB)<<20, resource.BinarySI),
 			},
 			RestartPolicy: v1alpha1.RestartNever,
 		},

@@ -9,6 +9,7 @@ import (
 
 	"hearth.dev/hearth/internal/bench"
 	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/initramfs"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -68,6 +69,48 @@ one JSON object.`,
 	boot.Flags().IntVarP(&n, "n", "n", 10, "boots of each kind")
 	boot.Flags().IntVar(&memory, "memory", 256, "guest memory in MiB")
 	boot.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
-	cmd.AddCommand(boot)
+	cmd.AddCommand(boot, benchAPICmd(g))
+	return cmd
+}
+
+func benchAPICmd(g *globals) *cobra.Command {
+	var n, conc, boots int
+	var accelFlag string
+	cmd := &cobra.Command{
+		Use:   "api",
+		Short: "Sandbox creates per second through the API server, against raw etcd puts",
+		Long: `Starts an all-in-one hearth in this process, with its own data directory and
+ports, and creates N Sandboxes through the API server from C clients (a host
+selector no host matches keeps them from booting), then puts N objects of the
+same size straight into the same etcd. With --boots (root, QEMU and the guest
+kernel), it then times one sandbox from create to Running through the API
+against a local run of the same image to the workload's start. The last line
+is one JSON object.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			work, err := os.MkdirTemp("", "hb")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			o := bench.APIOptions{N: n, Concurrency: conc, Boots: boots, WorkDir: work, Out: c.OutOrStdout(), Log: g.log}
+			if boots > 0 {
+				if o.Runtime, err = g.runtime(accelFlag, "missing", "", nil, nil); err != nil {
+					return err
+				}
+			}
+			hearthd.RouteKlog(g.log)
+			res, err := bench.API(c.Context(), o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), res.JSON())
+			return nil
+		},
+	}
+	cmd.Flags().IntVarP(&n, "n", "n", 2000, "sandboxes to create (and etcd puts)")
+	cmd.Flags().IntVarP(&conc, "concurrency", "c", 32, "clients creating at once")
+	cmd.Flags().IntVar(&boots, "boots", 5, "times one sandbox goes from create to Running (0: skip)")
+	cmd.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
 	return cmd
 }

@@ -76,9 +76,9 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.DurationVar(&g.registryTimeout, "registry-timeout", 30*time.Second, "give up on a registry that does not answer within this time")
 
 	pf.StringVar(&g.kubeconfigPath, "kubeconfig", "", "the hearth API's kubeconfig (default $KUBECONFIG); with one, run goes through the API")
-	pf.StringVarP(&g.namespace, "namespace", "n", "", "the API namespace (default: the kubeconfig's, else default)")
+	pf.StringVar(&g.namespace, "namespace", "", "the API namespace (default: the kubeconfig's, else default)")
 
-	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g), shimCmd(),
+	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g),
 		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g))
 	return finish(root.Execute(), stderr)
 }

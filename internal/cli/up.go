@@ -12,7 +12,6 @@ import (
 	"github.com/spf13/cobra"
 
 	"hearth.dev/hearth/internal/hearthd"
-	"hearth.dev/hearth/internal/shim"
 )
 
 func upCmd(g *globals) *cobra.Command {
@@ -74,22 +73,7 @@ With no --roles it runs both, as 'hearth up' does.`,
 	root.SetErr(stderr)
 	root.PersistentFlags().StringVar(&g.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	o.AddFlags(root.Flags())
-	root.AddCommand(versionCmd(), shimCmd())
+	root.AddCommand(versionCmd())
 	return finish(root.Execute(), stderr)
 }
 
-// shimCmd is the per-sandbox supervisor the node agent starts (internal/shim).
-func shimCmd() *cobra.Command {
-	return &cobra.Command{
-		Use:    "shim RUN-DIR",
-		Short:  "Supervise one run of a sandbox (started by the node agent)",
-		Hidden: true,
-		Args:   cobra.ExactArgs(1),
-		RunE: func(_ *cobra.Command, args []string) error {
-			if code := shim.Main(args[0]); code != 0 {
-				return &ExitError{Code: code}
-			}
-			return nil
-		},
-	}
-}

@@ -4,7 +4,6 @@
 package config
 
 import (
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -53,18 +52,24 @@ func RunRoot() string {
 
 // Agent finds the hearth-agent binary: $HEARTH_AGENT, else beside the
 // running executable, else on PATH.
-func Agent() (string, error) {
-	if a := os.Getenv("HEARTH_AGENT"); a != "" {
+func Agent() (string, error) { return companion("hearth-agent", "HEARTH_AGENT") }
+
+// Shim finds the hearth-shim binary the node agent starts for each run of
+// a sandbox: $HEARTH_SHIM, else beside the running executable, else on PATH.
+func Shim() (string, error) { return companion("hearth-shim", "HEARTH_SHIM") }
+
+func companion(name, env string) (string, error) {
+	if a := os.Getenv(env); a != "" {
 		return a, nil
 	}
 	if exe, err := os.Executable(); err == nil {
-		p := filepath.Join(filepath.Dir(exe), "hearth-agent")
+		p := filepath.Join(filepath.Dir(exe), name)
 		if _, err := os.Stat(p); err == nil {
 			return p, nil
 		}
 	}
-	if p, err := exec.LookPath("hearth-agent"); err == nil {
+	if p, err := exec.LookPath(name); err == nil {
 		return p, nil
 	}
-	return "", errors.New("hearth-agent not found beside hearth, on PATH or in $HEARTH_AGENT: build it with `make build`")
+	return "", fmt.Errorf("%s not found beside hearth, on PATH or in $%s: build it with `make build`", name, env)
 }

@@ -112,37 +112,52 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 	if err := os.MkdirAll(dataDir, 0o700); err != nil {
 		return fmt.Errorf("data directory: %w", err)
 	}
+	// Two tiers: the servers (etcd, the API server) and the workers that
+	// use them (controllers, the node agent). Shutdown stops the workers
+	// first, so that they do not spend their last moments failing to reach
+	// a server that is already gone.
 	ctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
-	errs := make(chan error, 4)
-	var waits []<-chan struct{}
-	run := func(name string, f func(context.Context) error) {
+	serveCtx, stopServers := context.WithCancel(context.WithoutCancel(ctx))
+	defer stopServers()
+	workCtx, stopWorkers := context.WithCancel(ctx)
+	defer stopWorkers()
+	var servers, workers []<-chan struct{}
+	start := func(name string, worker bool, f func(context.Context) error) {
 		done := make(chan struct{})
-		waits = append(waits, done)
+		runCtx := serveCtx
+		if worker {
+			runCtx, workers = workCtx, append(workers, done)
+		} else {
+			servers = append(servers, done)
+		}
 		go func() {
 			defer close(done)
-			err := f(ctx)
-			if err != nil && ctx.Err() == nil {
-				err = fmt.Errorf("%s: %w", name, err)
-				cancel(err)
+			if err := f(runCtx); err != nil && runCtx.Err() == nil {
+				cancel(fmt.Errorf("%s: %w", name, err))
 			}
-			errs <- err
 		}()
+	}
+	shutdown := func() {
+		stopWorkers()
+		waitAll(workers)
+		stopServers()
+		waitAll(servers)
 	}
 
 	if o.has(RoleControlPlane) {
-		cp, err := startControlPlane(ctx, log, dataDir, o, run)
+		cp, err := startControlPlane(serveCtx, log, dataDir, o, start)
 		if err != nil {
 			cancel(err)
-			waitAll(waits)
+			shutdown()
 			return err
 		}
 		defer cp.close()
 	}
 	if o.has(RoleNode) {
-		if err := startNode(ctx, log, dataDir, o, run); err != nil {
+		if err := startNode(log, dataDir, o, start); err != nil {
 			cancel(err)
-			waitAll(waits)
+			shutdown()
 			return err
 		}
 	}
@@ -150,7 +165,7 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		ready(Kubeconfig(dataDir))
 	}
 	<-ctx.Done()
-	waitAll(waits)
+	shutdown()
 	if err := context.Cause(ctx); err != nil && !errors.Is(err, context.Canceled) {
 		return err
 	}
@@ -174,7 +189,7 @@ func (cp *controlPlane) close() {
 	}
 }
 
-func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o Options, run func(string, func(context.Context) error)) (*controlPlane, error) {
+func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o Options, start func(string, bool, func(context.Context) error)) (*controlPlane, error) {
 	ca, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki"))
 	if err != nil {
 		return nil, err
@@ -237,7 +252,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		return nil, err
 	}
 	cp.loopback = srv.Loopback()
-	run("etcd", func(ctx context.Context) error {
+	start("etcd", false, func(ctx context.Context) error {
 		select {
 		case err := <-member.Err():
 			return err
@@ -245,12 +260,12 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 			return nil
 		}
 	})
-	run("api server", srv.Run)
+	start("api server", false, srv.Run)
 	if err := waitReady(ctx, cp.loopback); err != nil {
 		return cp, err
 	}
 	log.Info("API server ready", "url", server)
-	run("controllers", func(ctx context.Context) error { return runControllers(ctx, log, cp.loopback) })
+	start("controllers", true, func(ctx context.Context) error { return runControllers(ctx, log, cp.loopback) })
 	return cp, nil
 }
 

@@ -6,6 +6,7 @@ import (
 
 	"github.com/go-logr/logr"
 	"k8s.io/klog/v2"
+	ctrl "sigs.k8s.io/controller-runtime"
 )
 
 func logrFrom(log *slog.Logger) logr.Logger { return logr.FromSlogHandler(log.Handler()) }
@@ -18,7 +19,9 @@ func RouteKlog(log *slog.Logger) {
 	if log.Enabled(context.Background(), slog.LevelDebug) {
 		min = slog.LevelInfo
 	}
-	klog.SetSlogLogger(slog.New(minLevel{log.Handler(), min}).With("component", "k8s"))
+	quiet := slog.New(minLevel{log.Handler(), min}).With("component", "k8s")
+	klog.SetSlogLogger(quiet)
+	ctrl.SetLogger(logr.FromSlogHandler(quiet.Handler()))
 }
 
 // minLevel drops records below its level.
@@ -31,5 +34,7 @@ func (h minLevel) Enabled(ctx context.Context, l slog.Level) bool {
 	return l >= h.min && h.Handler.Enabled(ctx, l)
 }
 
-func (h minLevel) WithAttrs(a []slog.Attr) slog.Handler { return minLevel{h.Handler.WithAttrs(a), h.min} }
-func (h minLevel) WithGroup(n string) slog.Handler      { return minLevel{h.Handler.WithGroup(n), h.min} }
+func (h minLevel) WithAttrs(a []slog.Attr) slog.Handler {
+	return minLevel{h.Handler.WithAttrs(a), h.min}
+}
+func (h minLevel) WithGroup(n string) slog.Handler { return minLevel{h.Handler.WithGroup(n), h.min} }

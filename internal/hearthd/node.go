@@ -14,6 +14,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
 
+	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/node"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/vmm"
@@ -30,7 +31,6 @@ type NodeOptions struct {
 	Accel         string
 	InsecureRegs  []string
 	LogMaxBytes   int64
-	ShimExecuable string
 }
 
 // AddFlags registers the node agent's flags.
@@ -47,7 +47,7 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
 }
 
-func startNode(ctx context.Context, log *slog.Logger, dataDir string, o Options, run func(string, func(context.Context) error)) error {
+func startNode(log *slog.Logger, dataDir string, o Options, start func(string, bool, func(context.Context) error)) error {
 	n := o.Node
 	name := n.Name
 	if name == "" {
@@ -87,7 +87,7 @@ func startNode(ctx context.Context, log *slog.Logger, dataDir string, o Options,
 			return fmt.Errorf("%s %q: %w", q.flag, q.v, err)
 		}
 	}
-	if cfg.Exe, err = os.Executable(); err != nil {
+	if cfg.Shim, err = config.Shim(); err != nil {
 		return err
 	}
 	// The node's certificates come from the CA in the data directory: the
@@ -113,6 +113,6 @@ func startNode(ctx context.Context, log *slog.Logger, dataDir string, o Options,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: ca.CertFile(), CertFile: client.CertFile, KeyFile: client.KeyFile},
 		QPS:             200, Burst: 400,
 	}
-	run("node agent", func(ctx context.Context) error { return node.Run(ctx, restCfg, cfg) })
+	start("node agent", true, func(ctx context.Context) error { return node.Run(ctx, restCfg, cfg) })
 	return nil
 }

@@ -67,4 +67,3 @@ func TestFollowAcrossRotation(t *testing.T) {
 		t.Error("lines lost or repeated")
 	}
 }
-

@@ -61,8 +61,8 @@ type Config struct {
 	Accel        vmm.Accel
 	// InsecureRegistries are reached over plain HTTP by image pulls.
 	InsecureRegistries []string
-	// Exe is the binary whose hidden "shim" command supervises a run.
-	Exe string
+	// Shim is the hearth-shim binary that supervises each run.
+	Shim string
 	// CA checks the API server's client certificate; Serving is the
 	// stream server's certificate.
 	CA      *pki.CA
@@ -171,9 +171,9 @@ func (a *Agent) capacity() corev1.ResourceList {
 		max = 100
 	}
 	return corev1.ResourceList{
-		corev1.ResourceCPU:          cpu,
-		corev1.ResourceMemory:       mem,
-		corev1.ResourceStorage:      disk,
+		corev1.ResourceCPU:         cpu,
+		corev1.ResourceMemory:      mem,
+		corev1.ResourceStorage:     disk,
 		v1alpha1.ResourceSandboxes: *resource.NewQuantity(int64(max), resource.DecimalSI),
 	}
 }

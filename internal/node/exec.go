@@ -12,8 +12,8 @@ import (
 	"sync"
 	"time"
 
-	apiremotecommand "k8s.io/apimachinery/pkg/util/remotecommand"
 	"k8s.io/apimachinery/pkg/types"
+	apiremotecommand "k8s.io/apimachinery/pkg/util/remotecommand"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
 	utilexec "k8s.io/utils/exec"
 

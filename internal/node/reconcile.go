@@ -64,6 +64,9 @@ func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	if !equalStatus(orig.Status, sb.Status) {
+		a.log.Debug("status", "sandbox", sb.Namespace+"/"+sb.Name, "phase", sb.Status.Phase, "reason", sb.Status.Reason)
+	}
 	if err := a.writeStatus(ctx, orig, &sb); err != nil {
 		if apierrors.IsConflict(err) {
 			return reconcile.Result{Requeue: true}, nil
@@ -190,14 +193,16 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		LogMax:             a.cfg.LogMax,
 		Accel:              string(a.cfg.Accel),
 		InsecureRegistries: a.cfg.InsecureRegistries,
-	}, a.cfg.Exe)
+	}, a.cfg.Shim)
 	if err != nil {
 		return reconcile.Result{}, err
 	}
 	a.watches.ensure(sb, runDir)
+	a.log.Debug("run started", "sandbox", sb.Namespace+"/"+sb.Name, "run", n)
 	st := &sb.Status
-	st.Phase, st.Reason, st.Message, st.RestartCount = v1alpha1.PhaseBooting, "", "", int32(n)
 	st.ExitCode, st.FinishedAt = nil, nil
+	a.observe(sb, shim.State{Phase: shim.Booting})
+	st.RestartCount = int32(n)
 	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", sb.Spec.Image, n)
 	return reconcile.Result{}, nil
 }
@@ -334,7 +339,7 @@ func logPath(dir string, run int) string { return filepath.Join(dir, strconv.Ito
 
 // sandboxSpec is what the runtime runs for a Sandbox.
 func sandboxSpec(sb *v1alpha1.Sandbox) (sandbox.Spec, error) {
-	r := sb.Spec.Resources
+	cpu, memory, disk := sb.Spec.Resources.Requests()
 	const mib = 1 << 20
 	s := sandbox.Spec{
 		Image:      sb.Spec.Image,
@@ -344,9 +349,9 @@ func sandboxSpec(sb *v1alpha1.Sandbox) (sandbox.Spec, error) {
 		User:       sb.Spec.User,
 		TTY:        sb.Spec.TTY,
 		Stdin:      sb.Spec.Stdin,
-		CPUs:       int(r.CPU.Value()), // rounds up
-		MemoryMiB:  int(r.Memory.Value() / mib),
-		DiskMiB:    int(r.Disk.Value() / mib),
+		CPUs:       int(cpu.Value()), // rounds up
+		MemoryMiB:  int(memory.Value() / mib),
+		DiskMiB:    int(disk.Value() / mib),
 		Name:       sb.Name,
 	}
 	for _, e := range sb.Spec.Env {

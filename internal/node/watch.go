@@ -14,7 +14,7 @@ import (
 	"hearth.dev/hearth/internal/shim"
 )
 
-// watches polls the state files of live runs (a stat every 50 ms) and
+// watches polls the state files of live runs (a stat every 10 ms) and
 // wakes the sandbox's reconcile when one changes or its shim ends, so that
 // status follows a run within tens of milliseconds without the shim
 // having to reach the agent (which may be restarting).
@@ -57,7 +57,7 @@ func (w *watches) poll(ctx context.Context, obj *v1alpha1.Sandbox, runDir string
 		select {
 		case <-ctx.Done():
 			return
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(10 * time.Millisecond):
 		}
 		alive := shim.Alive(runDir)
 		changed := false

@@ -282,10 +282,10 @@ func MakeDisk(ctx context.Context, path string, sizeMiB int) error {
 type session struct {
 	vm     vmm.VM
 	runDir string
-	sio   IO
-	start time.Time
-	log   *slog.Logger
-	w     *protocol.Writer
+	sio    IO
+	start  time.Time
+	log    *slog.Logger
+	w      *protocol.Writer
 }
 
 // vmError is err with what the VM said last: a guest kernel panic line

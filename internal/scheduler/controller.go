@@ -6,8 +6,10 @@ import (
 	"log/slog"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
+	"golang.org/x/sync/errgroup"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
@@ -64,10 +66,14 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		Complete(c)
 }
 
-// Reconcile runs one scheduling pass.
+// Reconcile runs one scheduling pass: placements are decided in memory,
+// oldest sandbox first, then written concurrently, bindings before the
+// reports of sandboxes that fit nowhere.
 func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconcile.Result, error) {
+	// The cache's objects, not copies: a pass reads thousands of them and
+	// copies only the few it writes.
 	var sbs v1alpha1.SandboxList
-	if err := c.Client.List(ctx, &sbs); err != nil {
+	if err := c.Client.List(ctx, &sbs, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
 	}
 	var hostList v1alpha1.HostList
@@ -80,46 +86,76 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	}
 	hosts, byName := c.snapshot(hostList.Items, leases.Items, sbs.Items)
 
-	var pending []*v1alpha1.Sandbox
+	var pending, release []*v1alpha1.Sandbox
 	for i := range sbs.Items {
 		sb := &sbs.Items[i]
-		if sb.Status.HostName != "" {
-			continue
-		}
-		if !sb.DeletionTimestamp.IsZero() {
+		switch {
+		case sb.Status.HostName != "":
+		case !sb.DeletionTimestamp.IsZero():
 			// Never bound: nothing on any host to clean up.
-			if controllerutil.RemoveFinalizer(sb, v1alpha1.Finalizer) {
-				if err := c.Client.Update(ctx, sb); err != nil && !apierrors.IsNotFound(err) {
-					return reconcile.Result{}, err
-				}
+			if controllerutil.ContainsFinalizer(sb, v1alpha1.Finalizer) {
+				release = append(release, sb)
 			}
-			continue
+		default:
+			if _, ok := c.assumedHost(sb.UID); !ok {
+				pending = append(pending, sb)
+			}
 		}
-		if _, ok := c.assumedHost(sb.UID); ok {
-			continue
-		}
-		pending = append(pending, sb)
 	}
 	sort.SliceStable(pending, func(i, j int) bool {
 		return pending[i].CreationTimestamp.Before(&pending[j].CreationTimestamp)
 	})
-	var retry bool
+	type decision struct {
+		sb        *v1alpha1.Sandbox
+		host, why string
+	}
+	var binds, waits []decision
 	for _, sb := range pending {
 		name, why := Place(hosts, sb)
-		if err := c.bind(ctx, sb, name, why); err != nil {
-			if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
-				retry = true
-				continue
-			}
-			return reconcile.Result{}, err
-		}
 		if name != "" {
 			Add(byName[name].Used, Requests(sb))
+			binds = append(binds, decision{sb, name, ""})
+		} else if sb.Status.Phase != v1alpha1.PhasePending || sb.Status.Reason != "Unschedulable" || sb.Status.Message != why {
+			waits = append(waits, decision{sb, "", why})
 		}
+	}
+	var retry atomic.Bool
+	write := func(ds []decision) error {
+		return forEach(ctx, len(ds), func(i int) error {
+			err := c.bind(ctx, ds[i].sb.DeepCopy(), ds[i].host, ds[i].why)
+			if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
+				retry.Store(true)
+				return nil
+			}
+			return err
+		})
+	}
+	if err := write(binds); err != nil {
+		return reconcile.Result{}, err
+	}
+	if err := write(waits); err != nil {
+		return reconcile.Result{}, err
+	}
+	if err := forEach(ctx, len(release), func(i int) error {
+		sb := release[i].DeepCopy()
+		controllerutil.RemoveFinalizer(sb, v1alpha1.Finalizer)
+		return client.IgnoreNotFound(c.Client.Update(ctx, sb))
+	}); err != nil {
+		return reconcile.Result{}, err
 	}
 	// Hosts' leases expire without an event: look again while any host is
 	// ready, so that a silent host is noticed.
-	return reconcile.Result{Requeue: retry, RequeueAfter: LeaseTimeout / 2}, nil
+	return reconcile.Result{Requeue: retry.Load(), RequeueAfter: LeaseTimeout / 2}, nil
+}
+
+// forEach runs f(0..n-1) on up to 16 goroutines and returns the first error.
+func forEach(ctx context.Context, n int, f func(int) error) error {
+	g, _ := errgroup.WithContext(ctx)
+	g.SetLimit(16)
+	for i := range n {
+		g.Go(func() error { return f(i) })
+	}
+	return g.Wait()
 }
 
 // snapshot builds the hosts as placement sees them, counting what is
@@ -168,18 +204,11 @@ func (c *Controller) assumedHost(uid types.UID) (string, bool) {
 	return a.host, ok
 }
 
-// bind writes the placement (or why there is none) to the sandbox.
+// bind writes the placement (or why there is none) to the sandbox. The
+// finalizer is on it from its creation (the API server's admission).
 func (c *Controller) bind(ctx context.Context, sb *v1alpha1.Sandbox, hostName, why string) error {
-	if controllerutil.AddFinalizer(sb, v1alpha1.Finalizer) {
-		if err := c.Client.Update(ctx, sb); err != nil {
-			return err
-		}
-	}
 	now := metav1.Now()
 	if hostName == "" {
-		if sb.Status.Phase == v1alpha1.PhasePending && sb.Status.Reason == "Unschedulable" && sb.Status.Message == why {
-			return nil
-		}
 		sb.Status.Phase, sb.Status.Reason, sb.Status.Message = v1alpha1.PhasePending, "Unschedulable", why
 		meta.SetStatusCondition(&sb.Status.Conditions, metav1.Condition{Type: v1alpha1.ConditionScheduled,
 			Status: metav1.ConditionFalse, Reason: "Unschedulable", Message: why, LastTransitionTime: now})

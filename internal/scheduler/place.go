@@ -31,11 +31,11 @@ type HostInfo struct {
 
 // Requests is what a sandbox asks of a host.
 func Requests(sb *v1alpha1.Sandbox) corev1.ResourceList {
-	r := sb.Spec.Resources
+	cpu, memory, disk := sb.Spec.Resources.Requests()
 	return corev1.ResourceList{
-		corev1.ResourceCPU:          r.CPU,
-		corev1.ResourceMemory:       r.Memory,
-		corev1.ResourceStorage:      r.Disk,
+		corev1.ResourceCPU:         cpu,
+		corev1.ResourceMemory:      memory,
+		corev1.ResourceStorage:     disk,
 		v1alpha1.ResourceSandboxes: resource.MustParse("1"),
 	}
 }

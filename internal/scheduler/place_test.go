@@ -5,6 +5,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	"k8s.io/utils/ptr"
 
 	"hearth.dev/hearth/api/v1alpha1"
 )
@@ -21,7 +22,7 @@ func sandbox(cpu string, sel map[string]string) *v1alpha1.Sandbox {
 	return &v1alpha1.Sandbox{Spec: v1alpha1.SandboxSpec{
 		Image:        "x",
 		HostSelector: sel,
-		Resources:    v1alpha1.Resources{CPU: resource.MustParse(cpu), Memory: resource.MustParse("256Mi"), Disk: resource.MustParse("1Gi")},
+		Resources:    v1alpha1.Resources{CPU: ptr.To(resource.MustParse(cpu))},
 	}}
 }
 

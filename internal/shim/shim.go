@@ -89,8 +89,8 @@ func StdinSocket(dir string) string { return filepath.Join(dir, stdinSock) }
 
 // Start starts a shim for spec in dir, which must not exist yet. The lock
 // is taken here and handed to the shim as its fd 3, so that there is no
-// moment in which the run exists but looks dead. exe is the hearth or
-// hearthd binary: its hidden "shim" command is Main.
+// moment in which the run exists but looks dead. exe is the hearth-shim
+// binary (cmd/hearth-shim), whose main is Main.
 func Start(dir string, spec Spec, exe string) (int, error) {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
 		return 0, err
@@ -118,7 +118,7 @@ func Start(dir string, spec Spec, exe string) (int, error) {
 		return 0, err
 	}
 	defer out.Close()
-	cmd := exec.Command(exe, "shim", dir)
+	cmd := exec.Command(exe, dir)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{lock}
 	// Its own session: not in the node agent's process group, so a Ctrl-C

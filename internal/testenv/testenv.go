@@ -82,6 +82,7 @@ func Binaries(t testing.TB) string {
 		for _, b := range []struct{ pkg, out string }{
 			{"./cmd/hearth", "hearth"},
 			{"./cmd/hearth-agent", "hearth-agent"},
+			{"./cmd/hearth-shim", "hearth-shim"},
 		} {
 			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", filepath.Join(binDir, b.out), b.pkg)
 			cmd.Dir = root

@@ -148,10 +148,10 @@ func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
 // session is one conversation with the host: handshake, start, streams, exit.
 type session struct {
 	build string
-	r    *protocol.Reader
-	w    *protocol.Writer
-	port *os.File
-	bye  chan struct{} // closed when the host said Bye or went away
+	r     *protocol.Reader
+	w     *protocol.Writer
+	port  *os.File
+	bye   chan struct{} // closed when the host said Bye or went away
 
 	hostGone atomic.Bool // the host's end of the channel closed
 

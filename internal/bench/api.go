@@ -1,0 +1,321 @@
+package bench
+
+import (
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	clientv3 "go.etcd.io/etcd/client/v3"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/client-go/tools/clientcmd"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/hearthd"
+	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/sandbox"
+)
+
+// APIOptions configure the API benchmark.
+type APIOptions struct {
+	N           int // sandboxes created, and etcd puts
+	Concurrency int
+	// Boots is how many times one sandbox is timed from create to
+	// Running, against the same runtime's local run; 0 skips that part
+	// (it needs root, QEMU and the guest kernel).
+	Boots   int
+	Runtime *sandbox.Runtime
+	WorkDir string
+	Out     io.Writer
+	Log     *slog.Logger
+}
+
+// APIResult is what the API benchmark measured.
+type APIResult struct {
+	Bench            string  `json:"bench"`
+	N                int     `json:"n"`
+	Concurrency      int     `json:"concurrency"`
+	ObjectBytes      int     `json:"object_bytes"`
+	CreatesPerSec    float64 `json:"creates_per_sec"`
+	EtcdPutsPerSec   float64 `json:"etcd_puts_per_sec"`
+	RatioToEtcd      float64 `json:"ratio_to_etcd"`
+	Boots            int     `json:"boots,omitempty"`
+	APIRunningP50ms  float64 `json:"api_create_to_running_p50_ms,omitempty"`
+	LocalRunningP50  float64 `json:"local_run_to_running_p50_ms,omitempty"`
+	ControlPlaneAdds float64 `json:"control_plane_adds_ms,omitempty"`
+}
+
+// JSON renders r as one line.
+func (r *APIResult) JSON() string {
+	b, _ := json.Marshal(r)
+	return string(b)
+}
+
+// API starts an all-in-one hearth in this process and measures it: Sandbox
+// creates per second through the API server (with a hostSelector no host
+// matches, so nothing boots) against raw puts of objects of the same size
+// to the same etcd, in the same run; then, with Boots > 0, the time from
+// create to Running of one sandbox against a local run of the same image.
+func API(ctx context.Context, o APIOptions) (*APIResult, error) {
+	if o.Concurrency == 0 {
+		o.Concurrency = 32
+	}
+	res := &APIResult{Bench: "api", N: o.N, Concurrency: o.Concurrency}
+	dataDir := filepath.Join(o.WorkDir, "d")
+	ports := make([]int, 4)
+	for i := range ports {
+		p, err := freePort()
+		if err != nil {
+			return nil, err
+		}
+		ports[i] = p
+	}
+	opts := hearthd.Options{
+		DataDir: dataDir, Roles: []string{hearthd.RoleControlPlane}, BindAddress: "127.0.0.1",
+		Port: ports[0], EtcdClientPort: ports[1], EtcdPeerPort: ports[2], Version: "bench",
+	}
+	if o.Boots > 0 {
+		opts.Roles = append(opts.Roles, hearthd.RoleNode)
+		opts.Node = hearthd.NodeOptions{Name: "bench", Listen: "127.0.0.1:" + strconv.Itoa(ports[3]), Accel: string(o.Runtime.Accel),
+			MaxSandboxes: 10, LogMaxBytes: 1 << 20}
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	ready := make(chan string, 1)
+	done := make(chan error, 1)
+	go func() { done <- hearthd.Run(ctx, o.Log, opts, func(kc string) { ready <- kc }) }()
+	defer func() {
+		cancel()
+		<-done
+	}()
+	var kubeconfig string
+	select {
+	case kubeconfig = <-ready:
+	case err := <-done:
+		return nil, fmt.Errorf("hearth did not start: %w", err)
+	}
+	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	if err != nil {
+		return nil, err
+	}
+	cfg.QPS, cfg.Burst = -1, 0 // no client-side rate limit
+	c, err := client.New(cfg, client.Options{Scheme: hearthd.Scheme})
+	if err != nil {
+		return nil, err
+	}
+	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}); err != nil {
+		return nil, err
+	}
+
+	// Creates through the API server.
+	d, err := parallel(ctx, o.N, o.Concurrency, func(i int) error {
+		return c.Create(ctx, benchSandbox(i))
+	})
+	if err != nil {
+		return nil, fmt.Errorf("create sandboxes: %w", err)
+	}
+	res.CreatesPerSec = round(float64(o.N)/d.Seconds(), 0)
+	fmt.Fprintf(o.Out, "API server: %d sandbox creates in %s with %d clients: %.0f/s\n", o.N, d.Round(time.Millisecond), o.Concurrency, res.CreatesPerSec)
+
+	// Raw puts of objects of the same size to the same etcd.
+	etcd, err := etcdClient(dataDir, ports[1])
+	if err != nil {
+		return nil, err
+	}
+	defer etcd.Close()
+	got, err := etcd.Get(ctx, "/registry/hearth.dev/sandboxes/bench/bench-0")
+	if err != nil || len(got.Kvs) == 0 {
+		return nil, fmt.Errorf("read a stored sandbox from etcd: %v", err)
+	}
+	res.ObjectBytes = len(got.Kvs[0].Value)
+	value := string(got.Kvs[0].Value)
+	d, err = parallel(ctx, o.N, o.Concurrency, func(i int) error {
+		_, err := etcd.Put(ctx, "/bench/raw/"+strconv.Itoa(i), value)
+		return err
+	})
+	if err != nil {
+		return nil, fmt.Errorf("etcd puts: %w", err)
+	}
+	res.EtcdPutsPerSec = round(float64(o.N)/d.Seconds(), 0)
+	res.RatioToEtcd = round(res.CreatesPerSec/res.EtcdPutsPerSec, 3)
+	fmt.Fprintf(o.Out, "etcd: %d puts of %d bytes with %d clients: %.0f/s; API creates are %.0f%% of it\n",
+		o.N, res.ObjectBytes, o.Concurrency, res.EtcdPutsPerSec, 100*res.RatioToEtcd)
+
+	if o.Boots > 0 {
+		// One sandbox on an otherwise idle control plane.
+		if err := c.DeleteAllOf(ctx, &v1alpha1.Sandbox{}, client.InNamespace("bench"), client.MatchingLabels{"bench": "api"}); err != nil {
+			return nil, err
+		}
+		for {
+			var left v1alpha1.SandboxList
+			if err := c.List(ctx, &left, client.InNamespace("bench")); err != nil {
+				return nil, err
+			}
+			if len(left.Items) == 0 {
+				break
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if err := timeBoots(ctx, o, c, res); err != nil {
+			return nil, err
+		}
+	}
+	return res, nil
+}
+
+func benchSandbox(i int) *v1alpha1.Sandbox {
+	return &v1alpha1.Sandbox{
+		ObjectMeta: metav1.ObjectMeta{Namespace: "bench", Name: "bench-" + strconv.Itoa(i), Labels: map[string]string{"bench": "api"}},
+		Spec: v1alpha1.SandboxSpec{
+			Image:        "registry.example/tools:1",
+			Command:      []string{"sh", "-c", "echo hello"},
+			HostSelector: map[string]string{"bench": "no-such-host"},
+		},
+	}
+}
+
+// parallel runs f(0..n-1) on workers and returns how long it took.
+func parallel(ctx context.Context, n, workers int, f func(int) error) (time.Duration, error) {
+	var next atomic.Int64
+	var wg sync.WaitGroup
+	errs := make(chan error, workers)
+	start := time.Now()
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1)) - 1
+				if i >= n || ctx.Err() != nil {
+					return
+				}
+				if err := f(i); err != nil {
+					errs <- err
+					return
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	d := time.Since(start)
+	select {
+	case err := <-errs:
+		return 0, err
+	default:
+	}
+	return d, nil
+}
+
+func etcdClient(dataDir string, port int) (*clientv3.Client, error) {
+	dir := filepath.Join(dataDir, "pki")
+	ca, err := pki.LoadOrCreateCA(dir)
+	if err != nil {
+		return nil, err
+	}
+	cert, err := tls.LoadX509KeyPair(filepath.Join(dir, "apiserver-etcd-client.crt"), filepath.Join(dir, "apiserver-etcd-client.key"))
+	if err != nil {
+		return nil, err
+	}
+	return clientv3.New(clientv3.Config{
+		Endpoints:   []string{"https://127.0.0.1:" + strconv.Itoa(port)},
+		DialTimeout: 5 * time.Second,
+		TLS:         &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool(), MinVersion: tls.VersionTLS12},
+		Logger:      nil,
+	})
+}
+
+func freePort() (int, error) {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// timeBoots times one sandbox from create to Running through the API,
+// interleaved with local runs of the same image to the workload's start.
+func timeBoots(ctx context.Context, o APIOptions, c client.Client, res *APIResult) error {
+	layout := filepath.Join(o.WorkDir, "image")
+	base, err := imagebuild.Busybox()
+	if err != nil {
+		return err
+	}
+	img, err := imagebuild.Image(v1.Config{Cmd: []string{"sleep", "1000"}}, base)
+	if err != nil {
+		return err
+	}
+	if err := imagebuild.WriteLayout(layout, "bench", img); err != nil {
+		return err
+	}
+	ref := "oci:" + layout + ":bench"
+	spec := sandbox.Spec{Image: ref, CPUs: 1, MemoryMiB: 256, DiskMiB: 1024}
+	local := func() (time.Duration, error) {
+		rctx, stop := context.WithCancel(ctx)
+		defer stop()
+		start := time.Now()
+		var took time.Duration
+		_, err := o.Runtime.Run(rctx, spec, sandbox.IO{Stdout: io.Discard, Stderr: io.Discard, Started: func() {
+			took = time.Since(start)
+			stop()
+		}})
+		if took == 0 {
+			return 0, fmt.Errorf("local run: %w", err)
+		}
+		return took, nil
+	}
+	if _, err := local(); err != nil { // converts the image once
+		return err
+	}
+	var viaAPI, viaLocal, added []time.Duration
+	for i := range o.Boots {
+		l, err := local()
+		if err != nil {
+			return err
+		}
+		sb := &v1alpha1.Sandbox{
+			ObjectMeta: metav1.ObjectMeta{Namespace: "bench", Name: "boot-" + strconv.Itoa(i)},
+			Spec:       v1alpha1.SandboxSpec{Image: ref},
+		}
+		start := time.Now()
+		if err := c.Create(ctx, sb); err != nil {
+			return err
+		}
+		for sb.Status.Phase != v1alpha1.PhaseRunning {
+			if sb.Status.Phase.Terminal() {
+				return fmt.Errorf("sandbox %s ended %s: %s", sb.Name, sb.Status.Reason, sb.Status.Message)
+			}
+			time.Sleep(5 * time.Millisecond)
+			if err := c.Get(ctx, client.ObjectKeyFromObject(sb), sb); err != nil {
+				return err
+			}
+		}
+		a := time.Since(start)
+		if err := c.Delete(ctx, sb); err != nil {
+			return err
+		}
+		// The runtime's own part of this run (image, disk, boot) is in
+		// its status: the rest is the control plane's.
+		own := time.Duration(sb.Status.BootMillis) * time.Millisecond
+		viaAPI, viaLocal, added = append(viaAPI, a), append(viaLocal, l), append(added, a-own)
+		fmt.Fprintf(o.Out, "boot %d: create to Running through the API %4.0f ms (runtime %4.0f ms of it)   local run to running %4.0f ms\n",
+			i+1, ms(a), ms(own), ms(l))
+	}
+	res.Boots = o.Boots
+	res.APIRunningP50ms, res.LocalRunningP50 = pct(viaAPI, 50), pct(viaLocal, 50)
+	res.ControlPlaneAdds = pct(added, 50)
+	fmt.Fprintf(o.Out, "create to Running: p50 %.0f ms through the API, %.0f ms locally (ratio %.2f); the control plane's own part: p50 %.0f ms\n",
+		res.APIRunningP50ms, res.LocalRunningP50, res.APIRunningP50ms/res.LocalRunningP50, res.ControlPlaneAdds)
+	return nil
+}
