@@ -242,10 +242,17 @@ func TestSandboxStreams(t *testing.T) {
 	if r.stdout != "1\n2\n3\n" {
 		t.Errorf("logs -f: %q (exit %d, %s)", r.stdout, r.code, r.stderr)
 	}
-	// hearth run through the API.
+	// hearth run through the API, with stdin.
 	r = c.hearth("", "run", img, "--", "sh", "-c", "echo through the API; exit 5")
 	if r.code != 5 || r.stdout != "through the API\n" {
 		t.Errorf("hearth run via the API: exit %d, %q, %s", r.code, r.stdout, r.stderr)
+	}
+	r = c.hearth("twelve bytes", "run", "-i", img, "--", "wc", "-c")
+	if r.code != 0 || strings.TrimSpace(r.stdout) != "12" {
+		t.Errorf("hearth run -i via the API: exit %d, %q, %s", r.code, r.stdout, r.stderr)
+	}
+	if out := c.mustKubectl("get", "sandboxes", "-o", "name"); strings.Contains(out, "run-") {
+		t.Errorf("hearth run left its sandbox behind: %s", out)
 	}
 }
 

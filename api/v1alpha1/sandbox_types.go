@@ -103,6 +103,10 @@ type SandboxSpec struct {
 	// Stdin keeps the workload's stdin open for `hearth attach`.
 	// +optional
 	Stdin bool `json:"stdin,omitempty"`
+	// StdinOnce closes the workload's stdin when the first attached
+	// client's input ends (`hearth run -i` through the API).
+	// +optional
+	StdinOnce bool `json:"stdinOnce,omitempty"`
 	// TTY gives the workload a terminal.
 	// +optional
 	TTY bool `json:"tty,omitempty"`

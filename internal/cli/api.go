@@ -129,14 +129,14 @@ func (a *api) stream(ctx context.Context, name, sub string, command []string, tt
 	for _, c := range command {
 		req = req.Param("command", c)
 	}
-	req = req.Param("stdin", fmt.Sprint(stdin != nil)).Param("stdout", "true").
-		Param("stderr", fmt.Sprint(!tty)).Param("tty", fmt.Sprint(tty))
+	req = req.Param("stdin", fmt.Sprint(stdin != nil)).Param("stdout", fmt.Sprint(stdout != nil)).
+		Param("stderr", fmt.Sprint(stderr != nil && !tty)).Param("tty", fmt.Sprint(tty))
 	ex, err := remotecommand.NewSPDYExecutor(a.cfg, "POST", req.URL())
 	if err != nil {
 		return err
 	}
 	so := remotecommand.StreamOptions{Stdin: stdin, Stdout: stdout, Tty: tty, TerminalSizeQueue: sizes}
-	if !tty {
+	if !tty && stderr != nil {
 		so.Stderr = stderr
 	}
 	return ex.StreamWithContext(ctx, so)
@@ -384,7 +384,7 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 		ObjectMeta: metav1.ObjectMeta{Namespace: a.ns, Name: spec.Name},
 		Spec: v1alpha1.SandboxSpec{
 			Image: spec.Image, Args: spec.Command, WorkingDir: spec.WorkingDir, User: spec.User,
-			Stdin: spec.Stdin, TTY: spec.TTY,
+			Stdin: spec.Stdin, StdinOnce: spec.Stdin, TTY: spec.TTY,
 			Resources: v1alpha1.Resources{
 				CPU:    resource.NewQuantity(int64(spec.CPUs), resource.DecimalSI),
 				Memory: resource.NewQuantity(int64(spec.MemoryMiB)<<20, resource.BinarySI),
@@ -419,7 +419,9 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 		return err
 	}
 	if spec.Stdin {
-		go func() { _ = a.interact(cmd, sb.Name, "attach", nil, true, spec.TTY) }()
+		// Input through attach; output through the log, which has it
+		// all from the start.
+		go func() { _ = a.stream(ctx, sb.Name, "attach", nil, false, cmd.InOrStdin(), nil, nil, nil) }()
 	}
 	if err := a.logs(ctx, sb.Name, true, false, cmd.OutOrStdout()); err != nil {
 		return err

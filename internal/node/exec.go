@@ -156,10 +156,17 @@ func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ 
 			return fmt.Errorf("attach to %s: the sandbox takes no stdin (create it with spec.stdin: true)", name)
 		}
 		defer c.Close()
-		go func() { _, _ = io.Copy(c, in) }()
+		go func() {
+			_, _ = io.Copy(c, in)
+			// The end of the input: the shim closes the workload's
+			// stdin (stdinOnce) or waits for the next client.
+			_ = c.(*net.UnixConn).CloseWrite()
+		}()
 	}
 	if out == nil {
-		<-ctx.Done()
+		for shim.Alive(runDir) && ctx.Err() == nil {
+			time.Sleep(100 * time.Millisecond)
+		}
 		return nil
 	}
 	dir := filepath.Dir(runDir)

@@ -191,6 +191,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		Sandbox:            spec,
 		Log:                logPath(dir, n),
 		LogMax:             a.cfg.LogMax,
+		StdinOnce:          sb.Spec.StdinOnce,
 		Accel:              string(a.cfg.Accel),
 		InsecureRegistries: a.cfg.InsecureRegistries,
 	}, a.cfg.Shim)

@@ -81,7 +81,7 @@ func run(log *slog.Logger, dir string, st *State) error {
 		},
 	}
 	if spec.Sandbox.Stdin {
-		stdin, err := serveStdin(ctx, dir)
+		stdin, err := serveStdin(ctx, dir, spec.StdinOnce)
 		if err != nil {
 			return err
 		}
@@ -135,8 +135,9 @@ func run(log *slog.Logger, dir string, st *State) error {
 }
 
 // serveStdin is the workload's stdin: what anyone attached writes to the
-// run's stdin.sock, one connection after another.
-func serveStdin(ctx context.Context, dir string) (io.Reader, error) {
+// run's stdin.sock, one connection after another; with once, the end of
+// the first connection's input is the end of the workload's stdin.
+func serveStdin(ctx context.Context, dir string, once bool) (io.Reader, error) {
 	ln, err := net.Listen("unix", filepath.Join(dir, stdinSock))
 	if err != nil {
 		return nil, fmt.Errorf("stdin socket: %w", err)
@@ -151,6 +152,11 @@ func serveStdin(ctx context.Context, dir string) (io.Reader, error) {
 			}
 			_, _ = io.Copy(w, c)
 			c.Close()
+			if once {
+				w.Close()
+				ln.Close()
+				return
+			}
 		}
 	}()
 	return r, nil

@@ -35,6 +35,9 @@ type Spec struct {
 	Log     string       `json:"log"`    // the workload's output goes here
 	LogMax  int64        `json:"logMax"` // bytes before rotation
 	Accel   string       `json:"accel"`
+	// StdinOnce closes the workload's stdin when the first client's input
+	// on stdin.sock ends.
+	StdinOnce bool `json:"stdinOnce,omitempty"`
 	// InsecureRegistries are reached over plain HTTP.
 	InsecureRegistries []string `json:"insecureRegistries,omitempty"`
 }
