@@ -4,7 +4,7 @@ BIN     := bin
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -s -w -X main.version=$(VERSION)
 
-.PHONY: help setup kernel build demo test test-unit verify bench clean
+.PHONY: help setup kernel build generate demo test test-unit verify bench clean
 
 help: ## list the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -22,6 +22,9 @@ build: ## build bin/hearth, bin/hearthd, bin/hearth-shim, bin/hearth-agent (stat
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-shim ./cmd/hearth-shim
 	$(GO) build -o $(BIN)/hearth-mkimage ./cmd/hearth-mkimage
 
+generate: ## regenerate the CRDs, deep copies and OpenAPI models from the API types
+	scripts/generate.sh
+
 demo: setup build ## set everything up, build a busybox image locally and run a command in a VM
 	$(BIN)/hearth-mkimage -o /tmp/hearth-demo -t latest
 	$(BIN)/hearth run oci:/tmp/hearth-demo:latest -- sh -c 'echo "hello from a micro-VM: $$(uname -sr), $$(nproc) cpu, $$(id -un)"'
@@ -30,7 +33,7 @@ test: setup verify ## everything CI runs: setup, verify, then all tests with -ra
 	$(GO) test -race -count=1 -timeout 30m ./...
 
 test-unit: ## the tests that need no root, VM or registry
-	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/
+	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/ ./internal/scheduler/ ./internal/logfile/
 
 verify: ## gofmt, go vet, and go.mod tidy
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
@@ -39,8 +42,9 @@ verify: ## gofmt, go vet, and go.mod tidy
 	  if ! diff -q go.mod /tmp/hearth.go.mod.bak >/dev/null || ! diff -q go.sum /tmp/hearth.go.sum.bak >/dev/null; then \
 	    cp /tmp/hearth.go.mod.bak go.mod; cp /tmp/hearth.go.sum.bak go.sum; echo "go mod tidy changes go.mod/go.sum"; exit 1; fi
 
-bench: build ## hearth bench boot: hearth run vs a bare QEMU boot
+bench: build ## hearth bench boot (hearth run vs a bare QEMU boot) and hearth bench api (API creates vs etcd puts)
 	$(BIN)/hearth bench boot
+	$(BIN)/hearth bench api
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

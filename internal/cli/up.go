@@ -76,4 +76,3 @@ With no --roles it runs both, as 'hearth up' does.`,
 	root.AddCommand(versionCmd())
 	return finish(root.Execute(), stderr)
 }
-

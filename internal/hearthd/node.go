@@ -22,15 +22,15 @@ import (
 
 // NodeOptions configure the node agent.
 type NodeOptions struct {
-	Name          string
-	Listen        string
-	Address       string
-	Labels        map[string]string
-	MaxSandboxes  int
-	CPU, Memory   string
-	Accel         string
-	InsecureRegs  []string
-	LogMaxBytes   int64
+	Name         string
+	Listen       string
+	Address      string
+	Labels       map[string]string
+	MaxSandboxes int
+	CPU, Memory  string
+	Accel        string
+	InsecureRegs []string
+	LogMaxBytes  int64
 }
 
 // AddFlags registers the node agent's flags.
