@@ -92,6 +92,22 @@ func TestSandboxWithKubectl(t *testing.T) {
 		}
 	}
 
+	if out := c.mustKubectl("get", "events", "--field-selector", "involvedObject.name=job-2"); !hasRow(out, "Normal", "Started", "job-2") {
+		t.Errorf("kubectl get events:\n%s", out)
+	}
+	if r := c.hearth("", "get", "job-2", "-o", "json"); !strings.Contains(r.stdout, `"phase": "Succeeded"`) {
+		t.Errorf("hearth get -o json: %s %s", r.stdout, r.stderr)
+	}
+	if r := c.hearth("", "ps"); !hasRow(r.stdout, "job-1", "Failed", "3", "host-1") {
+		t.Errorf("hearth ps:\n%s", r.stdout)
+	}
+	if r := c.hearth("", "rm", "job-1"); r.code != 0 {
+		t.Errorf("hearth rm job-1: exit %d, %s", r.code, r.stderr)
+	}
+	if r := c.hearth("", "rm", "job-1"); r.code == 0 || !strings.Contains(r.stderr, `sandbox "job-1" not found`) {
+		t.Errorf("hearth rm of a missing sandbox: exit %d, %s", r.code, r.stderr)
+	}
+
 	// -o yaml round-trips; server-side apply merges.
 	specBefore := c.field("job-2", ".spec")
 	y := c.mustKubectl("get", "sandbox", "job-2", "-o", "yaml")

@@ -6,6 +6,8 @@ import (
 
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	extv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
+	"k8s.io/apiextensions-apiserver/pkg/registry/customresource/tableconvertor"
 	apivalidation "k8s.io/apimachinery/pkg/api/validation"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
@@ -107,6 +109,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 			ns.Status.Phase = corev1.NamespaceActive
 		},
 		validateName: apivalidation.NameIsDNSLabel,
+		columns:      []extv1.CustomResourceColumnDefinition{col("Status", "string", ".status.phase"), col("Age", "date", ".metadata.creationTimestamp")},
 		fields: func(obj runtime.Object) fields.Set {
 			ns := obj.(*corev1.Namespace)
 			return fields.Set{"metadata.name": ns.Name, "status.phase": string(ns.Status.Phase)}
@@ -120,6 +123,8 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 		new: func() runtime.Object { return &corev1.Event{} }, newList: func() runtime.Object { return &corev1.EventList{} },
 		validateName: apivalidation.NameIsDNSSubdomain,
 		fields:       func(obj runtime.Object) fields.Set { return eventFields(obj.(*corev1.Event)) },
+		columns: []extv1.CustomResourceColumnDefinition{col("Last Seen", "date", ".lastTimestamp"), col("Type", "string", ".type"),
+			col("Reason", "string", ".reason"), col("Object", "string", ".involvedObject.name"), col("Message", "string", ".message")},
 		// Events expire, as kube-apiserver's --event-ttl.
 		ttl: 3600,
 	})
@@ -130,6 +135,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 		gr: coordinationv1.Resource("leases"), singular: "lease", namespaced: true,
 		new: func() runtime.Object { return &coordinationv1.Lease{} }, newList: func() runtime.Object { return &coordinationv1.LeaseList{} },
 		validateName: apivalidation.NameIsDNSSubdomain,
+		columns:      []extv1.CustomResourceColumnDefinition{col("Holder", "string", ".spec.holderIdentity"), col("Age", "date", ".metadata.creationTimestamp")},
 	})
 	if err != nil {
 		return nil, nil, err
@@ -152,6 +158,12 @@ type resource struct {
 	validateName apivalidation.ValidateNameFunc
 	fields       func(runtime.Object) fields.Set // beyond metadata.name/namespace
 	ttl          uint64                          // seconds; 0 keeps objects
+	// columns are kubectl get's, beyond the name (kube-apiserver's own).
+	columns []extv1.CustomResourceColumnDefinition
+}
+
+func col(name, typ, path string) extv1.CustomResourceColumnDefinition {
+	return extv1.CustomResourceColumnDefinition{Name: name, Type: typ, JSONPath: path}
 }
 
 func newStore(getter generic.RESTOptionsGetter, r resource) (*genericregistry.Store, error) {
@@ -165,6 +177,13 @@ func newStore(getter generic.RESTOptionsGetter, r resource) (*genericregistry.St
 		UpdateStrategy:            s,
 		DeleteStrategy:            s,
 		TableConvertor:            rest.NewDefaultTableConvertor(r.gr),
+	}
+	if len(r.columns) > 0 {
+		tc, err := tableconvertor.New(r.columns)
+		if err != nil {
+			return nil, err
+		}
+		store.TableConvertor = tc
 	}
 	if r.ttl > 0 {
 		store.TTLFunc = func(runtime.Object, uint64, bool) (uint64, error) { return r.ttl, nil }

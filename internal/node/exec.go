@@ -33,33 +33,26 @@ import (
 
 const streamIdle = 4 * time.Hour
 
-func (a *Agent) serveExec(w http.ResponseWriter, r *http.Request) {
-	sb, _, ok := a.sandbox(w, r)
-	if !ok {
-		return
+// serveRemoteCommand serves exec, or attach with attach set.
+func (a *Agent) serveRemoteCommand(attach bool) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		sb, _, ok := a.sandbox(w, r)
+		if !ok {
+			return
+		}
+		opts, err := streamOptions(r)
+		if err != nil {
+			http.Error(w, err.Error(), http.StatusBadRequest)
+			return
+		}
+		name, uid := sb.Namespace+"/"+sb.Name, string(sb.UID)
+		if attach {
+			remotecommand.ServeAttach(w, r, a, name, uid, "", opts, streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
+			return
+		}
+		remotecommand.ServeExec(w, r, a, name, uid, "", r.URL.Query()["command"], opts,
+			streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
 	}
-	opts, err := streamOptions(r)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
-		return
-	}
-	cmd := r.URL.Query()["command"]
-	remotecommand.ServeExec(w, r, a, sb.Namespace+"/"+sb.Name, string(sb.UID), "", cmd, opts,
-		streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
-}
-
-func (a *Agent) serveAttach(w http.ResponseWriter, r *http.Request) {
-	sb, _, ok := a.sandbox(w, r)
-	if !ok {
-		return
-	}
-	opts, err := streamOptions(r)
-	if err != nil {
-		http.Error(w, err.Error(), http.StatusBadRequest)
-		return
-	}
-	remotecommand.ServeAttach(w, r, a, sb.Namespace+"/"+sb.Name, string(sb.UID), "", opts,
-		streamIdle, 30*time.Second, apiremotecommand.SupportedStreamingProtocols)
 }
 
 // currentRun is the directory of the sandbox's latest run, if it runs.

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
 )
@@ -73,7 +74,7 @@ func (a *Agent) collect(ctx context.Context) error {
 // bound to this host.
 func (a *Agent) exists(ctx context.Context, uid types.UID) bool {
 	var list v1alpha1.SandboxList
-	if err := a.reader.List(ctx, &list); err != nil {
+	if err := a.reader.List(ctx, &list, client.MatchingFields{"status.hostName": a.cfg.Name}); err != nil {
 		return true // when in doubt, keep
 	}
 	for _, sb := range list.Items {

@@ -31,8 +31,8 @@ func (a *Agent) serveStreams(ctx context.Context) error {
 	}
 	mux := http.NewServeMux()
 	mux.HandleFunc("GET /sandboxes/{ns}/{name}/log", a.serveLog)
-	mux.HandleFunc("/sandboxes/{ns}/{name}/exec", a.serveExec)
-	mux.HandleFunc("/sandboxes/{ns}/{name}/attach", a.serveAttach)
+	mux.HandleFunc("/sandboxes/{ns}/{name}/exec", a.serveRemoteCommand(false))
+	mux.HandleFunc("/sandboxes/{ns}/{name}/attach", a.serveRemoteCommand(true))
 	srv := &http.Server{
 		Handler: onlyAPIServers(mux),
 		TLSConfig: &tls.Config{

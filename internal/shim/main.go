@@ -27,6 +27,9 @@ func Main(dir string) int {
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil)).With("run", dir)
 	lock := os.NewFile(3, "lock")
 	defer lock.Close()
+	// Held by this process alone: not by QEMU or mkfs, which would keep
+	// the run looking alive after the shim is gone.
+	syscall.CloseOnExec(3)
 	st := State{Phase: Booting, Pid: os.Getpid()}
 	if err := run(log, dir, &st); err != nil {
 		log.Error("run failed", "err", err)

@@ -9,6 +9,7 @@
 //
 //	spec.json   what to run (written by the node agent before the start)
 //	lock        flock-held by the shim for its whole life: held means alive
+//	pid         the shim's process id (written by the node agent)
 //	state.json  what happened (written by the shim, replaced atomically)
 //	shim.log    the shim's own messages
 package shim
@@ -21,6 +22,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"syscall"
 	"time"
 
@@ -71,6 +73,7 @@ const (
 	lockFile  = "lock"
 	stateFile = "state.json"
 	logFile   = "shim.log"
+	pidFile   = "pid"
 	// targetFile is the sandbox.Target of the running VM, for exec.
 	targetFile = "target.json"
 	// stdinSock takes the workload's stdin (Spec.Sandbox.Stdin), for attach.
@@ -131,6 +134,11 @@ func Start(dir string, spec Spec, exe string) (int, error) {
 		return 0, fmt.Errorf("start shim: %w", err)
 	}
 	pid := cmd.Process.Pid
+	if err := os.WriteFile(filepath.Join(dir, pidFile), []byte(strconv.Itoa(pid)), 0o600); err != nil {
+		_ = cmd.Process.Kill()
+		_ = cmd.Wait()
+		return 0, err
+	}
 	// Nobody waits for it but init once the agent is gone; while the agent
 	// lives, reap it so that it does not linger as a zombie.
 	go func() { _ = cmd.Wait() }()
@@ -185,21 +193,23 @@ func writeJSON(path string, v any) error {
 
 // Stop asks the shim to end its VM (SIGTERM) and waits until it has; after
 // grace it kills it, which kills the VM too (QEMU dies with its parent).
+// Only a shim that still holds the lock is signalled, so a recycled pid is
+// never hit.
 func Stop(ctx context.Context, dir string, grace time.Duration) error {
-	if !Alive(dir) {
-		return nil
-	}
-	s, err := ReadState(dir)
-	if err != nil || s.Pid == 0 {
-		// The shim writes its pid before anything else; give it a moment.
-		time.Sleep(50 * time.Millisecond)
-		if s, err = ReadState(dir); err != nil {
-			return err
+	b, err := os.ReadFile(filepath.Join(dir, pidFile))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) && !Alive(dir) {
+			return nil
 		}
+		return fmt.Errorf("shim pid: %w", err)
+	}
+	pid, err := strconv.Atoi(string(b))
+	if err != nil || pid <= 0 {
+		return fmt.Errorf("shim pid %q: %v", b, err)
 	}
 	signal := func(sig syscall.Signal) {
-		if s.Pid > 0 && Alive(dir) {
-			_ = syscall.Kill(s.Pid, sig)
+		if Alive(dir) {
+			_ = syscall.Kill(pid, sig)
 		}
 	}
 	signal(syscall.SIGTERM)

@@ -21,7 +21,8 @@ func TestArgs(t *testing.T) {
 			"reboot=t rdinit=/init 8250.nr_uarts=1 loglevel=7",
 			"id=image,file=/img,format=raw,if=none,readonly=on", "virtio-blk-device,drive=image,serial=image",
 			"id=rw,file=/rw,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
-			"virtserialport,chardev=agent,name=hearth.0",
+			"virtserialport,chardev=port0,name=hearth.0",
+			"socket,id=port3,path=/run/x/exec3.sock,server=on,wait=off", "virtserialport,chardev=port3,name=hearth.3",
 			"-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny"}},
 		{vmm.KVM, []string{"-accel kvm", "-cpu host"}},
 	} {

@@ -1,0 +1,54 @@
+package pki
+
+import (
+	"crypto/x509"
+	"os"
+	"testing"
+	"time"
+)
+
+func TestIssueAndReuse(t *testing.T) {
+	dir := t.TempDir()
+	ca, err := LoadOrCreateCA(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := Request{Name: "node-a", CN: "hearth-node:a", Groups: []string{GroupNodes}, Client: true, Server: true, Hosts: []string{"127.0.0.1", "a.example"}}
+	p, err := ca.Ensure(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := loadCert(p.CertFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, usage := range []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth, x509.ExtKeyUsageServerAuth} {
+		if _, err := c.Verify(x509.VerifyOptions{Roots: ca.Pool(), DNSName: "a.example", KeyUsages: []x509.ExtKeyUsage{usage}}); err != nil {
+			t.Errorf("verify for %v: %v", usage, err)
+		}
+	}
+	if c.Subject.Organization[0] != GroupNodes || c.Subject.CommonName != "hearth-node:a" {
+		t.Errorf("subject %v", c.Subject)
+	}
+	// The same request keeps the same certificate; another one replaces it.
+	before, _ := os.Stat(p.CertFile)
+	time.Sleep(10 * time.Millisecond)
+	if _, err := ca.Ensure(req); err != nil {
+		t.Fatal(err)
+	}
+	if after, _ := os.Stat(p.CertFile); !after.ModTime().Equal(before.ModTime()) {
+		t.Error("an unchanged request reissued the certificate")
+	}
+	req.Hosts = append(req.Hosts, "b.example")
+	if _, err := ca.Ensure(req); err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := loadCert(p.CertFile); c.VerifyHostname("b.example") != nil {
+		t.Error("a new host did not reissue the certificate")
+	}
+	// The CA is loaded, not made again.
+	again, err := LoadOrCreateCA(dir)
+	if err != nil || !again.Cert.Equal(ca.Cert) {
+		t.Errorf("reloaded CA differs: %v", err)
+	}
+}
