@@ -150,6 +150,9 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		if err != nil {
 			cancel(err)
 			shutdown()
+			if cp != nil {
+				cp.close()
+			}
 			return err
 		}
 		defer cp.close()

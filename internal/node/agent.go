@@ -135,14 +135,15 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		Complete(a); err != nil {
 		return err
 	}
-	must := func(err error) {
-		if err != nil {
-			panic(err)
+	for _, r := range []manager.RunnableFunc{
+		func(ctx context.Context) error { return a.heartbeat(ctx, direct) },
+		a.collectGarbage,
+		a.serveStreams,
+	} {
+		if err := mgr.Add(r); err != nil {
+			return err
 		}
 	}
-	must(mgr.Add(manager.RunnableFunc(func(ctx context.Context) error { return a.heartbeat(ctx, direct) })))
-	must(mgr.Add(manager.RunnableFunc(a.collectGarbage)))
-	must(mgr.Add(manager.RunnableFunc(a.serveStreams)))
 	a.log.Info("node agent running", "state", cfg.StateDir, "streams", cfg.Address, "accel", cfg.Accel)
 	err = mgr.Start(ctx)
 	a.watches.stopAll()
