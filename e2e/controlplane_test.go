@@ -408,7 +408,9 @@ func TestManySandboxes(t *testing.T) {
 		}
 		for k := range counts {
 			if strings.HasPrefix(k, "Failed") {
-				t.Fatalf("a sandbox failed: %v", counts)
+				failed := c.mustKubectl("get", "sandboxes", "--field-selector", "status.phase=Failed", "-o",
+					"jsonpath={range .items[*]}{.metadata.name}: {.status.reason}: {.status.message}{\"\\n\"}{end}")
+				t.Fatalf("a sandbox failed: %v\n%s", counts, failed)
 			}
 		}
 		if time.Now().After(deadline) {

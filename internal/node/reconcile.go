@@ -33,6 +33,9 @@ const (
 	backoffBase = time.Second
 	backoffMax  = time.Minute
 	stopGrace   = 10 * time.Second
+	// maxBootRetries is how many times a sandbox whose VM did not boot is
+	// booted again before it fails.
+	maxBootRetries = 2
 )
 
 func controllerOptions() controller.Options {
@@ -123,7 +126,11 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 	if st.Phase.Terminal() {
 		return reconcile.Result{}, nil
 	}
-	if !restarts(sb.Spec.RestartPolicy, state.ExitCode) {
+	// A VM that did not boot is the host's failure, not the workload's:
+	// boot again a few times, whatever the restart policy, as the kubelet
+	// retries a pod sandbox it could not create.
+	bootRetry := state.Reason == "BootError" && n < maxBootRetries
+	if !bootRetry && !restarts(sb.Spec.RestartPolicy, state.ExitCode) {
 		a.observe(sb, state)
 		a.finish(sb, state, false)
 		return reconcile.Result{}, nil
