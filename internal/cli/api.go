@@ -415,7 +415,15 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 			fmt.Fprintf(cmd.ErrOrStderr(), "hearth: remove sandbox %s: %v\n", sb.Name, err)
 		}
 	}()
-	if err := a.waitStarted(ctx, sb); err != nil {
+	said := ""
+	err = a.waitFor(ctx, sb, func() bool {
+		if sb.Status.Reason == "Unschedulable" && sb.Status.Message != said {
+			said = sb.Status.Message
+			fmt.Fprintf(cmd.ErrOrStderr(), "hearth: sandbox %s waits for a host: %s\n", sb.Name, said)
+		}
+		return sb.Status.Phase == v1alpha1.PhaseRunning || sb.Status.Phase.Terminal()
+	})
+	if err != nil {
 		return err
 	}
 	if spec.Stdin {
@@ -445,13 +453,6 @@ func ptrOr(p *int32, d int32) int32 {
 		return d
 	}
 	return *p
-}
-
-// waitStarted waits until the sandbox's workload runs (or has ended).
-func (a *api) waitStarted(ctx context.Context, sb *v1alpha1.Sandbox) error {
-	return a.waitFor(ctx, sb, func() bool {
-		return sb.Status.Phase == v1alpha1.PhaseRunning || sb.Status.Phase.Terminal()
-	})
 }
 
 func (a *api) waitEnded(ctx context.Context, sb *v1alpha1.Sandbox) error {
