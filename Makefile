@@ -27,7 +27,7 @@ generate: ## regenerate the CRDs, deep copies and OpenAPI models from the API ty
 
 demo: setup build ## set everything up, build a busybox image locally and run a command in a VM
 	$(BIN)/hearth-mkimage -o /tmp/hearth-demo -t latest
-	$(BIN)/hearth run oci:/tmp/hearth-demo:latest -- sh -c 'echo "hello from a micro-VM: $$(uname -sr), $$(nproc) cpu, $$(id -un)"'
+	$(BIN)/hearth run --local oci:/tmp/hearth-demo:latest -- sh -c 'echo "hello from a micro-VM: $$(uname -sr), $$(nproc) cpu, $$(id -un)"'
 
 test: setup verify ## everything CI runs: setup, verify, then all tests with -race (root)
 	$(GO) test -race -count=1 -timeout 30m ./...

@@ -154,7 +154,7 @@ func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
 }
 
 func timeHearth(ctx context.Context, o BootOptions, ref string, extra ...string) (time.Duration, error) {
-	args := append([]string{"run", "--memory", strconv.Itoa(o.MemoryMiB) + "M", "--accel", string(o.Accel), ref}, extra...)
+	args := append([]string{"run", "--local", "--memory", strconv.Itoa(o.MemoryMiB) + "M", "--accel", string(o.Accel), ref}, extra...)
 	if len(extra) == 0 {
 		args = append(args, "true")
 	}
