@@ -168,6 +168,10 @@ func col(name, typ, path string) extv1.CustomResourceColumnDefinition {
 
 func newStore(getter generic.RESTOptionsGetter, r resource) (*genericregistry.Store, error) {
 	s := strategy{ObjectTyper: coreScheme, NameGenerator: names.SimpleNameGenerator, r: r}
+	table, err := tableconvertor.New(r.columns)
+	if err != nil {
+		return nil, err
+	}
 	store := &genericregistry.Store{
 		NewFunc:                   r.new,
 		NewListFunc:               r.newList,
@@ -176,14 +180,7 @@ func newStore(getter generic.RESTOptionsGetter, r resource) (*genericregistry.St
 		CreateStrategy:            s,
 		UpdateStrategy:            s,
 		DeleteStrategy:            s,
-		TableConvertor:            rest.NewDefaultTableConvertor(r.gr),
-	}
-	if len(r.columns) > 0 {
-		tc, err := tableconvertor.New(r.columns)
-		if err != nil {
-			return nil, err
-		}
-		store.TableConvertor = tc
+		TableConvertor:            table,
 	}
 	if r.ttl > 0 {
 		store.TTLFunc = func(runtime.Object, uint64, bool) (uint64, error) { return r.ttl, nil }

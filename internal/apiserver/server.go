@@ -28,7 +28,6 @@ import (
 	extopenapi "k8s.io/apiextensions-apiserver/pkg/generated/openapi"
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/sets"
-	"k8s.io/apiserver/pkg/authentication/authenticator"
 	x509request "k8s.io/apiserver/pkg/authentication/request/x509"
 	"k8s.io/apiserver/pkg/authorization/authorizer"
 	discoveryendpoint "k8s.io/apiserver/pkg/endpoints/discovery/aggregated"
@@ -52,8 +51,6 @@ import (
 
 // Config is one API server.
 type Config struct {
-	// Listener, if set, is where it serves; otherwise BindAddress:Port.
-	Listener    net.Listener
 	BindAddress net.IP
 	Port        int
 	Serving     pki.Pair // its serving certificate
@@ -70,7 +67,6 @@ type Config struct {
 type Server struct {
 	generic  *genericapiserver.GenericAPIServer
 	loopback *rest.Config
-	log      *slog.Logger
 }
 
 // New builds the server; Run serves it.
@@ -82,7 +78,6 @@ func New(c Config) (*Server, error) {
 	etcd.StorageConfig.Transport.TrustedCAFile = c.CA.CertFile()
 
 	serving := genericoptions.NewSecureServingOptions().WithLoopback()
-	serving.Listener = c.Listener
 	serving.BindAddress, serving.BindPort = c.BindAddress, c.Port
 	serving.ServerCert.CertKey = genericoptions.CertKey{CertFile: c.Serving.CertFile, KeyFile: c.Serving.KeyFile}
 
@@ -149,7 +144,10 @@ func New(c Config) (*Server, error) {
 	// Streams are long-running like watches: no request timeout for them.
 	extCfg.LongRunningFunc = genericfilters.BasicLongRunningRequestCheck(
 		sets.NewString("watch", "proxy"), sets.NewString("attach", "exec", "proxy", "log", "portforward"))
-	streams := newStreamProxy(c, extCfg.LoopbackClientConfig)
+	streams, err := newStreamProxy(c, extCfg.LoopbackClientConfig)
+	if err != nil {
+		return nil, err
+	}
 	extCfg.BuildHandlerChainFunc = func(h http.Handler, gc *genericapiserver.Config) http.Handler {
 		return genericapiserver.DefaultBuildHandlerChain(streams.wrap(h), gc)
 	}
@@ -166,7 +164,7 @@ func New(c Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("CRD API server: %w", err)
 	}
-	s := &Server{generic: server.GenericAPIServer, loopback: extCfg.LoopbackClientConfig, log: c.Log}
+	s := &Server{generic: server.GenericAPIServer, loopback: extCfg.LoopbackClientConfig}
 	server.GenericAPIServer.AddPostStartHookOrDie("hearth-informers", func(hc genericapiserver.PostStartHookContext) error {
 		informers.Start(hc.Done())
 		return nil
@@ -196,8 +194,6 @@ func applyAuth(gc *genericapiserver.Config, ca *pki.CA) {
 // KubeVersion is the Kubernetes API version hearth serves (that of the
 // k8s.io libraries it is built with).
 const KubeVersion = "1.37"
-
-var _ authenticator.Request = (*x509request.Authenticator)(nil)
 
 // authorize lets hearth's own identities do everything: the admin
 // (system:masters), node agents and the loopback client. Certificates from

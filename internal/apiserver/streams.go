@@ -26,24 +26,27 @@ import (
 // audit) in front of the CRD handler, on the same paths a built-in
 // resource would have: /apis/hearth.dev/v1alpha1/namespaces/NS/sandboxes/NAME/exec.
 type streamProxy struct {
-	loopback  *rest.Config
-	client    client.Client
+	client    client.Client // the server itself, through its loopback
 	transport *http.Transport
-	err       error
 }
 
-func newStreamProxy(c Config, loopback *rest.Config) *streamProxy {
-	p := &streamProxy{loopback: loopback}
+func newStreamProxy(c Config, loopback *rest.Config) (*streamProxy, error) {
 	cert, err := tls.LoadX509KeyPair(c.NodeClient.CertFile, c.NodeClient.KeyFile)
 	if err != nil {
-		p.err = fmt.Errorf("node client certificate: %w", err)
-		return p
+		return nil, fmt.Errorf("node client certificate: %w", err)
 	}
-	p.transport = &http.Transport{
-		TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.CA.Pool(), MinVersion: tls.VersionTLS12},
-		Proxy:           nil,
+	// The client's REST mapper discovers lazily, at the first request, by
+	// when the server serves.
+	cl, err := client.New(loopback, client.Options{Scheme: Scheme})
+	if err != nil {
+		return nil, err
 	}
-	return p
+	return &streamProxy{
+		client: cl,
+		transport: &http.Transport{
+			TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.CA.Pool(), MinVersion: tls.VersionTLS12},
+		},
+	}, nil
 }
 
 var streamPrefix = "/apis/" + v1alpha1.GroupVersion.Group + "/" + v1alpha1.GroupVersion.Version + "/namespaces/"
@@ -87,16 +90,6 @@ func (p *streamProxy) wrap(next http.Handler) http.Handler {
 
 // locate finds the node agent serving the sandbox.
 func (p *streamProxy) locate(r *http.Request, ns, name, sub string) (*url.URL, error) {
-	if p.err != nil {
-		return nil, apierrors.NewServiceUnavailable(p.err.Error())
-	}
-	if p.client == nil {
-		c, err := client.New(p.loopback, client.Options{Scheme: Scheme})
-		if err != nil {
-			return nil, apierrors.NewServiceUnavailable(err.Error())
-		}
-		p.client = c
-	}
 	ctx := r.Context()
 	var sb v1alpha1.Sandbox
 	if err := p.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &sb); err != nil {

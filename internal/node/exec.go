@@ -7,7 +7,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -55,31 +54,31 @@ func (a *Agent) serveRemoteCommand(attach bool) http.HandlerFunc {
 	}
 }
 
-// currentRun is the directory of the sandbox's latest run, if it runs.
-func (a *Agent) currentRun(uid string) (string, error) {
+// currentRun is the sandbox's directory and its latest run, if it runs.
+func (a *Agent) currentRun(uid string) (string, int, error) {
 	dir := a.sandboxDir(types.UID(uid))
 	runs, err := listRuns(dir)
 	if err != nil {
-		return "", err
+		return "", 0, err
 	}
 	if len(runs) == 0 {
-		return "", errors.New("the sandbox has not started")
+		return "", 0, errors.New("the sandbox has not started")
 	}
-	runDir := filepath.Join(dir, "run-"+strconv.Itoa(runs[len(runs)-1]))
-	if !shim.Alive(runDir) {
-		return "", errors.New("the sandbox is not running")
+	n := runs[len(runs)-1]
+	if !shim.Alive(runDir(dir, n)) {
+		return "", 0, errors.New("the sandbox is not running")
 	}
-	return runDir, nil
+	return dir, n, nil
 }
 
 // ExecInContainer runs cmd in the sandbox (remotecommand.Executor).
 func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ string, cmd []string,
 	in io.Reader, out, errw io.WriteCloser, tty bool, resize <-chan remotecommand.TerminalSize, _ time.Duration) error {
-	runDir, err := a.currentRun(uid)
+	dir, n, err := a.currentRun(uid)
 	if err != nil {
 		return fmt.Errorf("exec in %s: %w", name, err)
 	}
-	target, err := shim.ReadTarget(runDir)
+	target, err := shim.ReadTarget(runDir(dir, n))
 	if err != nil {
 		return fmt.Errorf("exec in %s: the workload has not started yet", name)
 	}
@@ -139,12 +138,13 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 // goes.
 func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ string,
 	in io.Reader, out, errw io.WriteCloser, _ bool, _ <-chan remotecommand.TerminalSize) error {
-	runDir, err := a.currentRun(uid)
+	dir, n, err := a.currentRun(uid)
 	if err != nil {
 		return fmt.Errorf("attach to %s: %w", name, err)
 	}
+	run := runDir(dir, n)
 	if in != nil {
-		c, err := net.Dial("unix", shim.StdinSocket(runDir))
+		c, err := net.Dial("unix", shim.StdinSocket(run))
 		if err != nil {
 			return fmt.Errorf("attach to %s: the sandbox takes no stdin (create it with spec.stdin: true)", name)
 		}
@@ -157,14 +157,12 @@ func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ 
 		}()
 	}
 	if out == nil {
-		for shim.Alive(runDir) && ctx.Err() == nil {
+		for shim.Alive(run) && ctx.Err() == nil {
 			time.Sleep(100 * time.Millisecond)
 		}
 		return nil
 	}
-	dir := filepath.Dir(runDir)
-	n, _ := strconv.Atoi(filepath.Base(runDir)[len("run-"):])
-	return logfile.Tail(ctx, logPath(dir, n), out, func() bool { return !shim.Alive(runDir) })
+	return logfile.Tail(ctx, logPath(dir, n), out, func() bool { return !shim.Alive(run) })
 }
 
 // ports hands out each sandbox's exec ports, one exec per port at a time.

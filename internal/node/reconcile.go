@@ -67,9 +67,6 @@ func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile
 	if err != nil {
 		return reconcile.Result{}, err
 	}
-	if !equalStatus(orig.Status, sb.Status) {
-		a.log.Debug("status", "sandbox", sb.Namespace+"/"+sb.Name, "phase", sb.Status.Phase, "reason", sb.Status.Reason)
-	}
 	if err := a.writeStatus(ctx, orig, &sb); err != nil {
 		if apierrors.IsConflict(err) {
 			return reconcile.Result{Requeue: true}, nil
@@ -89,34 +86,32 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		return a.start(ctx, sb, dir, 0)
 	}
 	n := runs[len(runs)-1]
-	runDir := filepath.Join(dir, "run-"+strconv.Itoa(n))
-	state, err := shim.ReadState(runDir)
+	run := runDir(dir, n)
+	state, err := shim.ReadState(run)
 	if err != nil {
 		return reconcile.Result{}, err
 	}
-	alive := shim.Alive(runDir)
+	alive := shim.Alive(run)
 	st.RestartCount = int32(n)
 
 	// The deadline counts from the first start and ends the sandbox.
+	var untilDeadline time.Duration
 	if deadline, ok := a.deadline(sb, dir); ok && !st.Phase.Terminal() {
-		if wait := time.Until(deadline); wait <= 0 {
-			if err := shim.Stop(ctx, runDir, stopGrace); err != nil {
+		if untilDeadline = time.Until(deadline); untilDeadline <= 0 {
+			if err := shim.Stop(ctx, run, stopGrace); err != nil {
 				return reconcile.Result{}, err
 			}
 			a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 128 + 9, Reason: "DeadlineExceeded",
 				Message: fmt.Sprintf("the sandbox ran longer than its timeoutSeconds (%d)", *sb.Spec.TimeoutSeconds)}, true)
 			a.recorder.Eventf(sb, corev1.EventTypeWarning, "DeadlineExceeded", "Stopped after %ds", *sb.Spec.TimeoutSeconds)
 			return reconcile.Result{}, nil
-		} else if alive {
-			defer func() { a.watches.ensure(sb, runDir) }()
-			return reconcile.Result{RequeueAfter: wait}, nil
 		}
 	}
 
 	if alive {
-		a.watches.ensure(sb, runDir)
+		a.watches.ensure(sb, run)
 		a.observe(sb, state)
-		return reconcile.Result{}, nil
+		return reconcile.Result{RequeueAfter: untilDeadline}, nil
 	}
 	if state.Phase != shim.Exited {
 		// The shim died without a word (killed, crashed): its VM died with it.
@@ -193,8 +188,8 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 			return reconcile.Result{}, err
 		}
 	}
-	runDir := filepath.Join(dir, "run-"+strconv.Itoa(n))
-	_, err = shim.Start(runDir, shim.Spec{
+	run := runDir(dir, n)
+	_, err = shim.Start(run, shim.Spec{
 		Sandbox:            spec,
 		Log:                logPath(dir, n),
 		LogMax:             a.cfg.LogMax,
@@ -205,7 +200,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	if err != nil {
 		return reconcile.Result{}, err
 	}
-	a.watches.ensure(sb, runDir)
+	a.watches.ensure(sb, run)
 	a.log.Debug("run started", "sandbox", sb.Namespace+"/"+sb.Name, "run", n)
 	st := &sb.Status
 	st.ExitCode, st.FinishedAt = nil, nil
@@ -265,6 +260,7 @@ func (a *Agent) writeStatus(ctx context.Context, orig, sb *v1alpha1.Sandbox) err
 	if equalStatus(orig.Status, sb.Status) {
 		return nil
 	}
+	a.log.Debug("status", "sandbox", sb.Namespace+"/"+sb.Name, "phase", sb.Status.Phase, "reason", sb.Status.Reason)
 	return a.client.Status().Patch(ctx, sb, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
 }
 
@@ -317,7 +313,7 @@ func stopAll(ctx context.Context, dir string) error {
 	}
 	var errs []error
 	for _, n := range runs {
-		errs = append(errs, shim.Stop(ctx, filepath.Join(dir, "run-"+strconv.Itoa(n)), stopGrace))
+		errs = append(errs, shim.Stop(ctx, runDir(dir, n), stopGrace))
 	}
 	return errors.Join(errs...)
 }
@@ -343,7 +339,9 @@ func listRuns(dir string) ([]int, error) {
 	return runs, nil
 }
 
-func logPath(dir string, run int) string { return filepath.Join(dir, strconv.Itoa(run)+".log") }
+// runDir is run n's directory in a sandbox directory; logPath its log.
+func runDir(dir string, n int) string  { return filepath.Join(dir, "run-"+strconv.Itoa(n)) }
+func logPath(dir string, n int) string { return filepath.Join(dir, strconv.Itoa(n)+".log") }
 
 // sandboxSpec is what the runtime runs for a Sandbox.
 func sandboxSpec(sb *v1alpha1.Sandbox) (sandbox.Spec, error) {

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"path/filepath"
 	"slices"
 	"strconv"
 	"time"
@@ -114,10 +113,10 @@ func (a *Agent) serveLog(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, fmt.Sprintf("sandbox %s/%s has not started yet", sb.Namespace, sb.Name), http.StatusBadRequest)
 		return
 	}
-	runDir := filepath.Join(dir, "run-"+strconv.Itoa(runs[i]))
+	run := runDir(dir, runs[i])
 	w.Header().Set("Content-Type", "text/plain")
 	w.Header().Set("Transfer-Encoding", "chunked")
-	done := func() bool { return !shim.Alive(runDir) }
+	done := func() bool { return !shim.Alive(run) }
 	out := flushWriter{w: w, rc: http.NewResponseController(w)}
 	if err := logfile.Read(r.Context(), logPath(dir, runs[i]), out, follow && !previous, done); err != nil {
 		a.log.Debug("serve log", "err", err)

@@ -3,7 +3,6 @@ package node
 import (
 	"context"
 	"os"
-	"path/filepath"
 	"sync"
 	"time"
 
@@ -52,7 +51,7 @@ func (w *watches) ensure(sb *v1alpha1.Sandbox, runDir string) {
 
 func (w *watches) poll(ctx context.Context, obj *v1alpha1.Sandbox, runDir string) {
 	var last time.Time
-	state := filepath.Join(runDir, "state.json")
+	state := shim.StatePath(runDir)
 	for {
 		select {
 		case <-ctx.Done():

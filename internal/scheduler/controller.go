@@ -97,7 +97,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 				release = append(release, sb)
 			}
 		default:
-			if _, ok := c.assumedHost(sb.UID); !ok {
+			if !c.isAssumed(sb.UID) {
 				pending = append(pending, sb)
 			}
 		}
@@ -197,11 +197,13 @@ func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1
 	return hosts, byName
 }
 
-func (c *Controller) assumedHost(uid types.UID) (string, bool) {
+// isAssumed reports whether uid was bound in an earlier pass that the
+// cache has not caught up with.
+func (c *Controller) isAssumed(uid types.UID) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	a, ok := c.assumed[uid]
-	return a.host, ok
+	_, ok := c.assumed[uid]
+	return ok
 }
 
 // bind writes the placement (or why there is none) to the sandbox. The

@@ -30,7 +30,7 @@ func Main(dir string) int {
 	// Held by this process alone: not by QEMU or mkfs, which would keep
 	// the run looking alive after the shim is gone.
 	syscall.CloseOnExec(3)
-	st := State{Phase: Booting, Pid: os.Getpid()}
+	st := State{Phase: Booting}
 	if err := run(log, dir, &st); err != nil {
 		log.Error("run failed", "err", err)
 		st.Phase, st.FinishedAt = Exited, time.Now()

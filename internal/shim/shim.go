@@ -54,7 +54,6 @@ const (
 // State is what the shim reports.
 type State struct {
 	Phase      string    `json:"phase"`
-	Pid        int       `json:"pid"` // the shim's
 	StartedAt  time.Time `json:"startedAt,omitzero"`
 	FinishedAt time.Time `json:"finishedAt,omitzero"`
 	BootMillis int64     `json:"bootMillis,omitempty"`
@@ -89,6 +88,9 @@ func ReadTarget(dir string) (sandbox.Target, error) {
 	}
 	return t, json.Unmarshal(b, &t)
 }
+
+// StatePath is the run's state file, replaced whenever the state changes.
+func StatePath(dir string) string { return filepath.Join(dir, stateFile) }
 
 // StdinSocket is where the run takes its workload's stdin.
 func StdinSocket(dir string) string { return filepath.Join(dir, stdinSock) }

@@ -59,7 +59,7 @@ func TestStartAliveStop(t *testing.T) {
 
 func TestStateRoundTrip(t *testing.T) {
 	dir := t.TempDir()
-	want := State{Phase: Exited, Pid: 42, ExitCode: 3, Reason: "Error", Message: "boom", BootMillis: 120}
+	want := State{Phase: Exited, ExitCode: 3, Reason: "Error", Message: "boom", BootMillis: 120}
 	if err := writeState(dir, want); err != nil {
 		t.Fatal(err)
 	}
