@@ -277,7 +277,7 @@ func TestSandboxRestartPolicyAndTimeout(t *testing.T) {
 	img := tools(t)
 	c := startCluster(t, h)
 	c.mustKubectlIn(sandboxYAML("flaky", img, "", "  restartPolicy: OnFailure\n", "sh", "-c", "echo run at $(date +%s%N); exit 1")+"---\n"+
-		sandboxYAML("slow", img, "", "  timeoutSeconds: 8\n", "sleep", "1000"), "apply", "-f", "-")
+		sandboxYAML("slow", img, "", "  timeoutSeconds: 20\n", "sleep", "1000"), "apply", "-f", "-")
 	deadline := time.Now().Add(3 * time.Minute)
 	for n, _ := strconv.Atoi(c.field("flaky", ".status.restartCount")); n < 2; n, _ = strconv.Atoi(c.field("flaky", ".status.restartCount")) {
 		if time.Now().After(deadline) {
@@ -292,11 +292,12 @@ func TestSandboxRestartPolicyAndTimeout(t *testing.T) {
 	if ph := c.field("flaky", ".status.phase"); ph == "Failed" || ph == "Succeeded" {
 		t.Errorf("flaky ended (%s) under restartPolicy OnFailure", ph)
 	}
-	// A deadline does not keep a sandbox from showing that it runs.
-	if p := c.waitPhase("slow", 2*time.Minute, "Running", "Failed"); p != "Running" {
-		t.Errorf("slow never showed Running before its deadline")
-	}
 	c.waitPhase("slow", 2*time.Minute, "Failed")
+	// A deadline does not keep a sandbox from showing that it ran: the
+	// node agent records the move to Running (with room to boot under load).
+	if reasons := c.mustKubectl("get", "events", "--field-selector", "involvedObject.name=slow", "-o", "jsonpath={.items[*].reason}"); !strings.Contains(reasons, "Started") {
+		t.Errorf("slow was never Running before its deadline; its events: %s", reasons)
+	}
 	if got := c.field("slow", ".status.reason"); got != "DeadlineExceeded" {
 		t.Errorf("slow ended with reason %q, want DeadlineExceeded", got)
 	}
