@@ -2,6 +2,7 @@ package v1alpha1
 
 import (
 	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -10,6 +11,16 @@ type HostSpec struct {
 	// Unschedulable keeps new sandboxes off the host (cordon).
 	// +optional
 	Unschedulable bool `json:"unschedulable,omitempty"`
+	// Taints repel sandboxes that do not tolerate them. NoSchedule and
+	// NoExecute keep new sandboxes off; PreferNoSchedule only scores the
+	// host lower.
+	// +optional
+	Taints []corev1.Taint `json:"taints,omitempty"`
+	// Overcommit multiplies allocatable resources for placement, per
+	// resource (cpu: "4" lets the host take four times its CPUs in
+	// requests). Missing resources are not overcommitted.
+	// +optional
+	Overcommit map[corev1.ResourceName]resource.Quantity `json:"overcommit,omitempty"`
 }
 
 // HostStatus is what the node agent reports.
@@ -30,6 +41,10 @@ type HostStatus struct {
 	// Version of the node agent.
 	// +optional
 	Version string `json:"version,omitempty"`
+	// Images are the image references this host holds converted, so that
+	// the scheduler can prefer it for sandboxes of those images.
+	// +optional
+	Images []string `json:"images,omitempty"`
 	// +listType=map
 	// +listMapKey=type
 	// +optional
@@ -67,6 +82,18 @@ const ResourceSandboxes corev1.ResourceName = "sandboxes"
 
 // HostConditionReady is true while the host's lease is renewed.
 const HostConditionReady = "Ready"
+
+// Well-known host labels, for hostSelector and affinity topology keys.
+const (
+	// LabelHostname is set by every node agent to its host's name.
+	LabelHostname = "hearth.dev/hostname"
+	// LabelZone is the host's failure domain (hearthd --zone).
+	LabelZone = "topology.hearth.dev/zone"
+)
+
+// TaintUnreachable is put on a host whose heartbeat has lapsed
+// (NoSchedule), as Kubernetes taints an unreachable node.
+const TaintUnreachable = "hearth.dev/unreachable"
 
 // LeaseNamespace holds the hosts' heartbeat Leases (one per host, named
 // after it), as kube-node-lease does for kubelets.

@@ -1,6 +1,8 @@
 package v1alpha1
 
 import (
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
@@ -100,6 +102,18 @@ type SandboxSpec struct {
 	// HostSelector restricts the sandbox to hosts with these labels.
 	// +optional
 	HostSelector map[string]string `json:"hostSelector,omitempty"`
+	// Tolerations let the sandbox onto hosts with matching taints.
+	// +optional
+	Tolerations []corev1.Toleration `json:"tolerations,omitempty"`
+	// Affinity attracts the sandbox to, or repels it from, hosts or zones
+	// that run other sandboxes of this namespace.
+	// +optional
+	Affinity *Affinity `json:"affinity,omitempty"`
+	// Placement overrides the scheduler's policy for this sandbox: Spread
+	// (the emptiest host) or Binpack (the fullest that fits).
+	// +kubebuilder:validation:Enum=Spread;Binpack
+	// +optional
+	Placement Placement `json:"placement,omitempty"`
 	// Stdin keeps the workload's stdin open for `hearth attach`.
 	// +optional
 	Stdin bool `json:"stdin,omitempty"`
@@ -112,12 +126,51 @@ type SandboxSpec struct {
 	TTY bool `json:"tty,omitempty"`
 }
 
+// Placement is how the scheduler chooses among hosts that fit.
+type Placement string
+
+const (
+	PlacementSpread  Placement = "Spread"
+	PlacementBinpack Placement = "Binpack"
+)
+
+// Affinity are rules over the other sandboxes of the namespace.
+type Affinity struct {
+	// SandboxAffinity: place the sandbox in a topology domain (a host, a
+	// zone) that runs sandboxes matching each term.
+	// +optional
+	SandboxAffinity []AffinityTerm `json:"sandboxAffinity,omitempty"`
+	// SandboxAntiAffinity: place it in a domain that runs none of them.
+	// +optional
+	SandboxAntiAffinity []AffinityTerm `json:"sandboxAntiAffinity,omitempty"`
+}
+
+// AffinityTerm selects sandboxes and names the host label whose values
+// are the topology domains.
+type AffinityTerm struct {
+	// LabelSelector picks the sandboxes of the rule (in this namespace).
+	LabelSelector *metav1.LabelSelector `json:"labelSelector"`
+	// TopologyKey is a host label: hearth.dev/hostname (one domain per
+	// host, the default) or topology.hearth.dev/zone, or any other.
+	// +kubebuilder:default="hearth.dev/hostname"
+	// +optional
+	TopologyKey string `json:"topologyKey,omitempty"`
+	// Weight makes the rule a preference (1-100, added to the score of
+	// the hosts that satisfy it). Without it the rule is required.
+	// +kubebuilder:validation:Minimum=1
+	// +kubebuilder:validation:Maximum=100
+	// +optional
+	Weight int32 `json:"weight,omitempty"`
+}
+
 // SandboxStatus is what hearth observed.
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || (has(self.hostName) && self.hostName == oldSelf.hostName)",message="hostName is set once, when the sandbox is bound"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || oldSelf.hostName == '' || !has(self.hostName) || self.hostName == '' || self.hostName == oldSelf.hostName",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host"
 type SandboxStatus struct {
 	// +optional
 	Phase Phase `json:"phase,omitempty"`
 	// HostName is the Host the sandbox is bound to; only binding sets it.
+	// It is cleared when the sandbox is placed again (its host was lost,
+	// or drained).
 	// +optional
 	HostName string `json:"hostName,omitempty"`
 	// +optional
@@ -134,7 +187,7 @@ type SandboxStatus struct {
 	ExitCode *int32 `json:"exitCode,omitempty"`
 	// Reason is a CamelCase word for why the sandbox is in its phase
 	// (Unschedulable, ImagePullError, BootError, DeadlineExceeded, BackOff,
-	// OOMKilled, Error, Completed).
+	// OOMKilled, Error, Completed, HostLost, Evicted).
 	// +optional
 	Reason string `json:"reason,omitempty"`
 	// +optional
@@ -186,7 +239,24 @@ const Finalizer = "hearth.dev/vm"
 const (
 	ConditionScheduled = "Scheduled"
 	ConditionReady     = "Ready"
+	// ConditionEvicting asks the sandbox's host to stop it and give it
+	// back to the scheduler (hearth host drain).
+	ConditionEvicting = "Evicting"
 )
+
+// Unbind gives the sandbox back to the scheduler: it is to be placed
+// again, on another host, and run from the start there.
+func (s *SandboxStatus) Unbind(reason, message string) {
+	s.HostName, s.Phase, s.Reason, s.Message, s.IP = "", PhasePending, reason, message, ""
+	s.ExitCode, s.FinishedAt, s.StartedAt, s.BootMillis = nil, nil, nil, 0
+	s.RestartCount++
+	now := metav1.Now()
+	meta.RemoveStatusCondition(&s.Conditions, ConditionEvicting)
+	meta.SetStatusCondition(&s.Conditions, metav1.Condition{Type: ConditionScheduled, Status: metav1.ConditionFalse,
+		Reason: reason, Message: message, LastTransitionTime: now})
+	meta.SetStatusCondition(&s.Conditions, metav1.Condition{Type: ConditionReady, Status: metav1.ConditionFalse,
+		Reason: reason, Message: message, LastTransitionTime: now})
+}
 
 func init() {
 	SchemeBuilder.Register(&Sandbox{}, &SandboxList{})

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"path/filepath"
 	"strconv"
 	"sync"
@@ -18,7 +17,6 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
@@ -73,47 +71,18 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 		o.Concurrency = 32
 	}
 	res := &APIResult{Bench: "api", N: o.N, Concurrency: o.Concurrency}
-	dataDir := filepath.Join(o.WorkDir, "d")
-	ports := make([]int, 4)
-	for i := range ports {
-		p, err := freePort()
-		if err != nil {
-			return nil, err
+	cp, err := startHearth(ctx, o.Log, o.WorkDir, func(opts *hearthd.Options) {
+		if o.Boots > 0 {
+			opts.Roles = append(opts.Roles, hearthd.RoleNode)
+			opts.Node.Name, opts.Node.Accel = "bench", string(o.Runtime.Accel)
+			opts.Node.MaxSandboxes, opts.Node.LogMaxBytes = 10, 1<<20
 		}
-		ports[i] = p
-	}
-	opts := hearthd.Options{
-		DataDir: dataDir, Roles: []string{hearthd.RoleControlPlane}, BindAddress: "127.0.0.1",
-		Port: ports[0], EtcdClientPort: ports[1], EtcdPeerPort: ports[2], Version: "bench",
-	}
-	if o.Boots > 0 {
-		opts.Roles = append(opts.Roles, hearthd.RoleNode)
-		opts.Node = hearthd.NodeOptions{Name: "bench", Listen: "127.0.0.1:" + strconv.Itoa(ports[3]), Accel: string(o.Runtime.Accel),
-			MaxSandboxes: 10, LogMaxBytes: 1 << 20}
-	}
-	ctx, cancel := context.WithCancel(ctx)
-	ready := make(chan string, 1)
-	done := make(chan error, 1)
-	go func() { done <- hearthd.Run(ctx, o.Log, opts, func(kc string) { ready <- kc }) }()
-	defer func() {
-		cancel()
-		<-done
-	}()
-	var kubeconfig string
-	select {
-	case kubeconfig = <-ready:
-	case err := <-done:
-		return nil, fmt.Errorf("hearth did not start: %w", err)
-	}
-	cfg, err := clientcmd.BuildConfigFromFlags("", kubeconfig)
+	})
 	if err != nil {
 		return nil, err
 	}
-	cfg.QPS, cfg.Burst = -1, 0 // no client-side rate limit
-	c, err := client.NewWithWatch(cfg, client.Options{Scheme: hearthd.Scheme})
-	if err != nil {
-		return nil, err
-	}
+	defer cp.stop()
+	c, dataDir := cp.client, cp.dataDir
 	if err := c.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}); err != nil {
 		return nil, err
 	}
@@ -129,7 +98,7 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	fmt.Fprintf(o.Out, "API server: %d sandbox creates in %s with %d clients: %.0f/s\n", o.N, d.Round(time.Millisecond), o.Concurrency, res.CreatesPerSec)
 
 	// Raw puts of objects of the same size to the same etcd.
-	etcd, err := etcdClient(dataDir, ports[1])
+	etcd, err := etcdClient(dataDir, cp.etcdPort)
 	if err != nil {
 		return nil, err
 	}
@@ -233,15 +202,6 @@ func etcdClient(dataDir string, port int) (*clientv3.Client, error) {
 		TLS:         &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: ca.Pool(), MinVersion: tls.VersionTLS12},
 		Logger:      nil,
 	})
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // timeBoots times one sandbox from create to Running through the API,

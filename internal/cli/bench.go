@@ -69,7 +69,7 @@ one JSON object.`,
 	boot.Flags().IntVarP(&n, "n", "n", 10, "boots of each kind")
 	boot.Flags().IntVar(&memory, "memory", 256, "guest memory in MiB")
 	boot.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
-	cmd.AddCommand(boot, benchAPICmd(g))
+	cmd.AddCommand(boot, benchAPICmd(g), benchSchedulerCmd(g))
 	return cmd
 }
 
@@ -112,5 +112,47 @@ is one JSON object.`,
 	cmd.Flags().IntVarP(&conc, "concurrency", "c", 32, "clients creating at once")
 	cmd.Flags().IntVar(&boots, "boots", 5, "times one sandbox goes from create to Running (0: skip)")
 	cmd.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
+	return cmd
+}
+
+func benchSchedulerCmd(g *globals) *cobra.Command {
+	o := bench.SchedulerOptions{}
+	cmd := &cobra.Command{
+		Use:   "scheduler",
+		Short: "Placements per second against a large simulated cluster, and binds per second through the API",
+		Long: `First the placement function alone: a snapshot of --hosts simulated hosts
+in ten zones carrying --bound sandboxes of 1,000 apps (a third with required
+host anti-affinity, a third preferring other zones), then --placements more
+replicas placed one after another, as a scheduling pass does; against
+--baseline placements that score every fitting host instead of a sample.
+Then, unless --api-hosts is 0, an all-in-one control plane in this process
+with --api-hosts hosts that exist only as API objects: --api-sandboxes are
+created, a scheduler is started, and the time until all are bound is taken,
+against plain status writes of the same sandboxes. The last line is one
+JSON object.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			work, err := os.MkdirTemp("", "hb")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			o.WorkDir, o.Out, o.Log = work, c.OutOrStdout(), g.log
+			hearthd.RouteKlog(g.log)
+			res, err := bench.Scheduler(c.Context(), o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), res.JSON())
+			return nil
+		},
+	}
+	f := cmd.Flags()
+	f.IntVar(&o.Hosts, "hosts", 10000, "simulated hosts of the placement benchmark")
+	f.IntVar(&o.Bound, "bound", 100000, "sandboxes already bound to them")
+	f.IntVar(&o.Placements, "placements", 20000, "placements timed")
+	f.IntVar(&o.Baseline, "baseline", 1000, "placements timed scoring every fitting host")
+	f.IntVar(&o.APIHosts, "api-hosts", 1000, "hosts that exist only as API objects (0: skip the API part)")
+	f.IntVar(&o.APISandboxes, "api-sandboxes", 5000, "sandboxes bound through the API")
 	return cmd
 }

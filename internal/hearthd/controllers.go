@@ -2,10 +2,12 @@ package hearthd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"time"
 
+	"github.com/spf13/pflag"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -18,6 +20,7 @@ import (
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/hostlifecycle"
 	"hearth.dev/hearth/internal/scheduler"
 )
 
@@ -40,9 +43,44 @@ var clientcmdNegotiator = clientgoscheme.Codecs.WithoutConversion()
 // election lease).
 const SystemNamespace = "hearth-system"
 
-// runControllers runs the control plane's controllers (today the
-// scheduler), leader-elected so that several control-plane members can run.
-func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config) error {
+// ControllerOptions configure the control plane's controllers.
+type ControllerOptions struct {
+	// Placement is the scheduler's default policy: Spread or Binpack.
+	Placement string
+	// HostTimeout: a host whose lease is not renewed for this long is
+	// NotReady. HostLostAfter: one NotReady for this long is lost, and its
+	// sandboxes are placed again elsewhere.
+	HostTimeout, HostLostAfter time.Duration
+	// Disabled runs no controllers (benchmarks that drive the scheduler
+	// themselves).
+	Disabled bool
+}
+
+// AddFlags registers the controllers' flags.
+func (o *ControllerOptions) AddFlags(fs *pflag.FlagSet) {
+	fs.StringVar(&o.Placement, "placement", string(v1alpha1.PlacementSpread), "the scheduler's default placement: Spread (emptiest host) or Binpack (fullest that fits); a sandbox's spec.placement overrides it")
+	fs.DurationVar(&o.HostTimeout, "host-timeout", hostlifecycle.DefaultTimeout, "a host whose heartbeat lapses this long is NotReady")
+	fs.DurationVar(&o.HostLostAfter, "host-lost-after", hostlifecycle.DefaultLostAfter, "a host NotReady this long is lost: its sandboxes are placed on other hosts")
+}
+
+func (o *ControllerOptions) validate() error {
+	switch v1alpha1.Placement(o.Placement) {
+	case v1alpha1.PlacementSpread, v1alpha1.PlacementBinpack:
+	case "":
+		o.Placement = string(v1alpha1.PlacementSpread)
+	default:
+		return fmt.Errorf("--placement %q: want Spread or Binpack", o.Placement)
+	}
+	if o.HostTimeout < 0 || o.HostLostAfter < 0 {
+		return errors.New("--host-timeout and --host-lost-after must not be negative")
+	}
+	return nil
+}
+
+// runControllers runs the control plane's controllers (the scheduler and
+// the host lifecycle), leader-elected so that several control-plane
+// members can run.
+func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config, o ControllerOptions) error {
 	c, err := client.New(cfg, client.Options{Scheme: Scheme})
 	if err != nil {
 		return err
@@ -71,8 +109,14 @@ func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config) err
 	if err != nil {
 		return err
 	}
-	sched := &scheduler.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-scheduler"), Log: log}
+	sched := &scheduler.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-scheduler"), Log: log,
+		Policy: v1alpha1.Placement(o.Placement), HostTimeout: o.HostTimeout}
 	if err := sched.SetupWithManager(mgr); err != nil {
+		return err
+	}
+	life := &hostlifecycle.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-host-lifecycle"), Log: log,
+		Timeout: o.HostTimeout, LostAfter: o.HostLostAfter}
+	if err := life.SetupWithManager(ctx, mgr); err != nil {
 		return err
 	}
 	return mgr.Start(ctx)

@@ -44,6 +44,7 @@ type Options struct {
 	// also in the serving certificate.
 	AdvertiseAddress string
 	Node             NodeOptions
+	Controllers      ControllerOptions
 	Version          string
 }
 
@@ -67,6 +68,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.EtcdClientPort, "etcd-client-port", 2379, "embedded etcd's client port (loopback only)")
 	fs.IntVar(&o.EtcdPeerPort, "etcd-peer-port", 2380, "embedded etcd's peer port (loopback only)")
 	fs.StringVar(&o.AdvertiseAddress, "advertise-address", "", "address clients and node agents reach the API server at (default: --bind-address)")
+	o.Controllers.AddFlags(fs)
 	o.Node.AddFlags(fs)
 }
 
@@ -86,6 +88,9 @@ func (o *Options) validate() error {
 	}
 	if o.DataDir == "" {
 		return errors.New("--data-dir is empty")
+	}
+	if err := o.Controllers.validate(); err != nil {
+		return err
 	}
 	if net.ParseIP(o.BindAddress) == nil {
 		return fmt.Errorf("--bind-address %q is not an IP address", o.BindAddress)
@@ -268,7 +273,9 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		return cp, err
 	}
 	log.Info("API server ready", "url", server)
-	start("controllers", true, func(ctx context.Context) error { return runControllers(ctx, log, cp.loopback) })
+	if !o.Controllers.Disabled {
+		start("controllers", true, func(ctx context.Context) error { return runControllers(ctx, log, cp.loopback, o.Controllers) })
+	}
 	return cp, nil
 }
 

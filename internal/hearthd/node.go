@@ -2,12 +2,14 @@ package hearthd
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"github.com/spf13/pflag"
 	"k8s.io/apimachinery/pkg/api/resource"
@@ -15,6 +17,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/node"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/vmm"
@@ -23,6 +26,9 @@ import (
 // NodeOptions configure the node agent.
 type NodeOptions struct {
 	Name         string
+	Zone         string
+	Server       string
+	Heartbeat    time.Duration
 	Listen       string
 	Address      string
 	Labels       map[string]string
@@ -39,6 +45,9 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Listen, "node-listen", "127.0.0.1:10250", "where the node agent serves sandbox streams to the API server")
 	fs.StringVar(&o.Address, "node-address", "", "how the API server reaches the node agent (default: --node-listen)")
 	fs.StringToStringVar(&o.Labels, "node-labels", nil, "labels of this host, for sandboxes' hostSelector (k=v,...)")
+	fs.StringVar(&o.Zone, "zone", "", "this host's failure domain (the topology.hearth.dev/zone label, for spreading replicas)")
+	fs.StringVar(&o.Server, "server", "", "the API server a node-only hearthd joins (https://HOST:PORT; default: this machine's, from --advertise-address and --port)")
+	fs.DurationVar(&o.Heartbeat, "heartbeat-interval", 10*time.Second, "how often the node agent renews its host's lease")
 	fs.IntVar(&o.MaxSandboxes, "max-sandboxes", 100, "most sandboxes this host runs at once")
 	fs.StringVar(&o.CPU, "node-cpu", "", "CPUs this host offers to sandboxes (default: all)")
 	fs.StringVar(&o.Memory, "node-memory", "", "memory this host offers to sandboxes (default: all)")
@@ -68,7 +77,8 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		log.Warn("no usable KVM: guests run under TCG software emulation, which is not a security boundary")
 	}
 	cfg := node.Config{
-		Name: name, Labels: n.Labels, Listen: n.Listen, Address: n.Address,
+		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,
+		Images: &image.Store{Dir: filepath.Join(config.CacheDir(), "images"), Log: log},
 		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
 		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log),
@@ -90,29 +100,51 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	if cfg.Shim, err = config.Shim(); err != nil {
 		return err
 	}
-	// The node's certificates come from the CA in the data directory: the
-	// node role runs beside a control plane that shares it.
-	ca, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki"))
-	if err != nil {
-		return err
-	}
-	cfg.CA = ca
 	host, _, err := net.SplitHostPort(cfg.Address)
 	if err != nil {
 		return fmt.Errorf("--node-address %q: %w", cfg.Address, err)
 	}
-	if cfg.Serving, err = ca.Ensure(pki.Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}); err != nil {
-		return err
-	}
-	client, err := ca.Ensure(pki.Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{pki.GroupNodes}, Client: true})
+	// The node's certificates: issued here when the data directory holds
+	// the CA's key (the node runs beside the control plane), else those
+	// `hearth host credentials` wrote for it on the control plane.
+	ca, err := pki.LoadCA(filepath.Join(dataDir, "pki"), !o.has(RoleControlPlane))
 	if err != nil {
 		return err
 	}
+	cfg.CA = ca
+	if cfg.Serving, err = ca.Ensure(NodeServingRequest(name, host)); err != nil {
+		return credentialsHint(err, name, host)
+	}
+	client, err := ca.Ensure(NodeClientRequest(name))
+	if err != nil {
+		return credentialsHint(err, name, host)
+	}
+	server := n.Server
+	if server == "" {
+		server = "https://" + net.JoinHostPort(o.AdvertiseAddress, fmt.Sprint(o.Port))
+	}
 	restCfg := &rest.Config{
-		Host:            "https://" + net.JoinHostPort(o.AdvertiseAddress, fmt.Sprint(o.Port)),
+		Host:            server,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: ca.CertFile(), CertFile: client.CertFile, KeyFile: client.KeyFile},
 		QPS:             200, Burst: 400,
 	}
 	start("node agent", true, func(ctx context.Context) error { return node.Run(ctx, restCfg, cfg) })
 	return nil
+}
+
+// NodeServingRequest is the certificate a node agent serves streams with.
+func NodeServingRequest(name, host string) pki.Request {
+	return pki.Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}
+}
+
+// NodeClientRequest is the certificate a node agent calls the API with.
+func NodeClientRequest(name string) pki.Request {
+	return pki.Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{pki.GroupNodes}, Client: true}
+}
+
+func credentialsHint(err error, name, host string) error {
+	if errors.Is(err, pki.ErrNoCAKey) {
+		return fmt.Errorf("%w: on the control plane, run `hearth host credentials %s --address %s --out DIR` and copy DIR to this host's --data-dir", err, name, host)
+	}
+	return err
 }

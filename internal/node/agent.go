@@ -15,6 +15,8 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"slices"
+	"sort"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -42,6 +44,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -50,6 +53,14 @@ import (
 type Config struct {
 	Name   string
 	Labels map[string]string
+	// Zone is the host's failure domain (the topology.hearth.dev/zone
+	// label); empty: none.
+	Zone string
+	// Heartbeat is how often the Lease is renewed (10 s unless set).
+	Heartbeat time.Duration
+	// Images is the image store the shims convert into; the host reports
+	// what it holds, for the scheduler's image locality.
+	Images *image.Store
 	// StateDir holds one directory per sandbox (its runs and logs).
 	StateDir string
 	// Listen is where the stream server listens; Address is how the API
@@ -85,6 +96,11 @@ type Agent struct {
 	wake     chan event.GenericEvent
 	watches  *watches
 	ports    ports
+	// gcNow asks for a garbage collection pass now: a sandbox left this
+	// host (deleted, or moved elsewhere).
+	gcNow chan struct{}
+	// images last reported in the Host's status.
+	images []string
 }
 
 // Run runs the agent until ctx ends.
@@ -116,6 +132,11 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		recorder: mgr.GetEventRecorderFor("hearth-node/" + cfg.Name),
 		log:      cfg.Log.With("host", cfg.Name),
 		wake:     make(chan event.GenericEvent, 256),
+		gcNow:    make(chan struct{}, 1),
+	}
+	if cfg.Heartbeat == 0 {
+		cfg.Heartbeat = 10 * time.Second
+		a.cfg.Heartbeat = cfg.Heartbeat
 	}
 	a.watches = newWatches(a.wake)
 	// The Host first, so that the scheduler can place work as soon as
@@ -179,12 +200,26 @@ func (a *Agent) capacity() corev1.ResourceList {
 	}
 }
 
-// register creates or updates the Host with what this machine has.
+// labels are the host's: the configured ones and the well-known hostname
+// and zone labels.
+func (a *Agent) labels() map[string]string {
+	l := map[string]string{v1alpha1.LabelHostname: a.cfg.Name}
+	if a.cfg.Zone != "" {
+		l[v1alpha1.LabelZone] = a.cfg.Zone
+	}
+	for k, v := range a.cfg.Labels {
+		l[k] = v
+	}
+	return l
+}
+
+// register creates or updates the Host with what this machine has. The
+// spec (cordon, taints, overcommit) is the operator's and left alone.
 func (a *Agent) register(ctx context.Context, c client.Client) error {
 	var h v1alpha1.Host
 	err := c.Get(ctx, types.NamespacedName{Name: a.cfg.Name}, &h)
 	if apierrors.IsNotFound(err) {
-		h = v1alpha1.Host{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Name, Labels: a.cfg.Labels}}
+		h = v1alpha1.Host{ObjectMeta: metav1.ObjectMeta{Name: a.cfg.Name, Labels: a.labels()}}
 		if err := c.Create(ctx, &h); err != nil {
 			return err
 		}
@@ -192,7 +227,7 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 		return err
 	} else {
 		changed := false
-		for k, v := range a.cfg.Labels {
+		for k, v := range a.labels() {
 			if h.Labels[k] != v {
 				if h.Labels == nil {
 					h.Labels = map[string]string{}
@@ -209,6 +244,8 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 	capacity := a.capacity()
 	h.Status.Capacity, h.Status.Allocatable = capacity, capacity
 	h.Status.Accel, h.Status.Address, h.Status.Version = string(a.cfg.Accel), a.cfg.Address, a.cfg.Version
+	a.images = a.heldImages()
+	h.Status.Images = a.images
 	msg := "the node agent is running"
 	if a.cfg.Accel == vmm.TCG {
 		msg += "; guests run under TCG software emulation, which is not a security boundary"
@@ -219,19 +256,58 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 	return c.Status().Update(ctx, &h)
 }
 
-// heartbeat renews the host's Lease every 10 s, as the kubelet does.
+// heartbeat renews the host's Lease every Heartbeat (10 s, as the
+// kubelet does), and reports the images the host holds when they change.
 func (a *Agent) heartbeat(ctx context.Context, c client.Client) error {
-	const every = 10 * time.Second
 	for {
 		if err := a.renew(ctx, c); err != nil && ctx.Err() == nil {
 			a.log.Warn("renew host lease", "err", err)
 		}
+		if err := a.reportImages(ctx, c); err != nil && ctx.Err() == nil {
+			a.log.Warn("report images", "err", err)
+		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(every):
+		case <-time.After(a.cfg.Heartbeat):
 		}
 	}
+}
+
+// heldImages lists the image references in the host's store, sorted.
+func (a *Agent) heldImages() []string {
+	if a.cfg.Images == nil {
+		return nil
+	}
+	entries, err := a.cfg.Images.List()
+	if err != nil {
+		a.log.Warn("list images", "err", err)
+		return a.images
+	}
+	refs := make([]string, 0, len(entries))
+	for _, e := range entries {
+		refs = append(refs, e.Ref)
+	}
+	sort.Strings(refs)
+	return refs
+}
+
+func (a *Agent) reportImages(ctx context.Context, c client.Client) error {
+	held := a.heldImages()
+	if slices.Equal(held, a.images) {
+		return nil
+	}
+	var h v1alpha1.Host
+	if err := c.Get(ctx, types.NamespacedName{Name: a.cfg.Name}, &h); err != nil {
+		return err
+	}
+	patch := client.MergeFrom(h.DeepCopy())
+	h.Status.Images = held
+	if err := c.Status().Patch(ctx, &h, patch); err != nil {
+		return err
+	}
+	a.images = held
+	return nil
 }
 
 func (a *Agent) renew(ctx context.Context, c client.Client) error {
@@ -241,7 +317,7 @@ func (a *Agent) renew(ctx context.Context, c client.Client) error {
 	if apierrors.IsNotFound(err) {
 		l = coordinationv1.Lease{
 			ObjectMeta: metav1.ObjectMeta{Namespace: v1alpha1.LeaseNamespace, Name: a.cfg.Name},
-			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(a.cfg.Name), LeaseDurationSeconds: ptr.To[int32](40),
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(a.cfg.Name), LeaseDurationSeconds: ptr.To(int32(4 * a.cfg.Heartbeat / time.Second)),
 				AcquireTime: &now, RenewTime: &now},
 		}
 		return c.Create(ctx, &l)

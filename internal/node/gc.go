@@ -13,9 +13,11 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 )
 
-// collectGarbage removes, at start and then every 30 s, the directories
-// (and stops the VMs) of sandboxes that no longer exist or are no longer
-// bound here: what a sandbox deleted while the agent was down left behind.
+// collectGarbage removes, at start, every 30 s and when a sandbox leaves
+// the host, the directories (and stops the VMs) of sandboxes that no
+// longer exist or are no longer bound here: what a sandbox deleted while
+// the agent was down left behind, and the copies a lost host still runs of
+// sandboxes that were placed again elsewhere.
 func (a *Agent) collectGarbage(ctx context.Context) error {
 	for {
 		if err := a.collect(ctx); err != nil && ctx.Err() == nil {
@@ -25,6 +27,7 @@ func (a *Agent) collectGarbage(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-time.After(30 * time.Second):
+		case <-a.gcNow:
 		}
 	}
 }

@@ -48,15 +48,23 @@ func controllerOptions() controller.Options {
 func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
 	var sb v1alpha1.Sandbox
 	if err := a.client.Get(ctx, req.NamespacedName, &sb); err != nil {
-		// Gone: the garbage collector removes what it left.
+		if apierrors.IsNotFound(err) {
+			// Gone from this host (deleted, or bound elsewhere): the
+			// garbage collector stops and removes what it left.
+			a.collectSoon()
+		}
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	if sb.Status.HostName != a.cfg.Name {
+		a.collectSoon()
 		return reconcile.Result{}, nil
 	}
 	dir := a.sandboxDir(sb.UID)
 	if !sb.DeletionTimestamp.IsZero() {
 		return reconcile.Result{}, a.remove(ctx, &sb, dir)
+	}
+	if meta.IsStatusConditionTrue(sb.Status.Conditions, v1alpha1.ConditionEvicting) {
+		return reconcile.Result{}, a.evict(ctx, &sb, dir)
 	}
 	runs, err := listRuns(dir)
 	if err != nil {
@@ -288,13 +296,8 @@ func conditionsEqual(a, b []metav1.Condition) bool {
 // remove stops the sandbox's VM, removes everything it had on this host,
 // and only then lets the object go.
 func (a *Agent) remove(ctx context.Context, sb *v1alpha1.Sandbox, dir string) error {
-	if err := stopAll(ctx, dir); err != nil {
+	if err := a.removeRuns(ctx, sb, dir); err != nil {
 		return err
-	}
-	a.watches.drop(sb.UID)
-	a.ports.forget(string(sb.UID))
-	if err := os.RemoveAll(dir); err != nil {
-		return fmt.Errorf("remove %s: %w", dir, err)
 	}
 	if controllerutil.RemoveFinalizer(sb, v1alpha1.Finalizer) {
 		if err := a.client.Update(ctx, sb); err != nil {
@@ -303,6 +306,42 @@ func (a *Agent) remove(ctx context.Context, sb *v1alpha1.Sandbox, dir string) er
 	}
 	a.log.Debug("sandbox removed", "sandbox", sb.Namespace+"/"+sb.Name)
 	return nil
+}
+
+// evict stops the sandbox here and gives it back to the scheduler, which
+// places it on another host (hearth host drain).
+func (a *Agent) evict(ctx context.Context, sb *v1alpha1.Sandbox, dir string) error {
+	if err := a.removeRuns(ctx, sb, dir); err != nil {
+		return err
+	}
+	orig := sb.DeepCopy()
+	sb.Status.Unbind("Evicted", fmt.Sprintf("evicted from host %s (drained); placing the sandbox again", a.cfg.Name))
+	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Evicted", "Stopped on host %s, which is being drained", a.cfg.Name)
+	if err := a.writeStatus(ctx, orig, sb); err != nil && !apierrors.IsConflict(err) {
+		return client.IgnoreNotFound(err)
+	}
+	return nil
+}
+
+// removeRuns stops the sandbox's VMs and removes everything it had here.
+func (a *Agent) removeRuns(ctx context.Context, sb *v1alpha1.Sandbox, dir string) error {
+	if err := stopAll(ctx, dir); err != nil {
+		return err
+	}
+	a.watches.drop(sb.UID)
+	a.ports.forget(string(sb.UID))
+	if err := os.RemoveAll(dir); err != nil {
+		return fmt.Errorf("remove %s: %w", dir, err)
+	}
+	return nil
+}
+
+// collectSoon asks for a garbage collection pass.
+func (a *Agent) collectSoon() {
+	select {
+	case a.gcNow <- struct{}{}:
+	default:
+	}
 }
 
 // stopAll stops every live run of a sandbox directory.

@@ -84,6 +84,42 @@ func LoadOrCreateCA(dir string) (*CA, error) {
 	return ca, nil
 }
 
+// ErrNoCAKey is returned when a certificate must be issued by a CA whose
+// key is not on this machine.
+var ErrNoCAKey = errors.New("no CA key here to issue certificates")
+
+// LoadCA loads the CA in dir. Unless mustExist, it is created on first use
+// (LoadOrCreateCA); else its certificate must be there, and its key may
+// not be (a node that joins with credentials issued elsewhere): Ensure then
+// only finds certificates, it cannot issue them.
+func LoadCA(dir string, mustExist bool) (*CA, error) {
+	if _, err := os.Stat(filepath.Join(dir, "ca.key")); !mustExist || err == nil {
+		return LoadOrCreateCA(dir)
+	}
+	ca := &CA{Dir: dir}
+	c, err := loadCert(ca.CertFile())
+	if err != nil {
+		return nil, fmt.Errorf("no cluster CA certificate in %s: %w", dir, err)
+	}
+	ca.Cert = c
+	return ca, nil
+}
+
+// Issuer returns a CA that signs with ca's key into another directory,
+// with ca's certificate copied there: the credentials of a node that
+// joins from another machine.
+func (ca *CA) Issuer(dir string) (*CA, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, err
+	}
+	b, err := os.ReadFile(ca.CertFile())
+	if err != nil {
+		return nil, err
+	}
+	out := &CA{Dir: dir, Cert: ca.Cert, key: ca.key}
+	return out, os.WriteFile(out.CertFile(), b, 0o644)
+}
+
 // Pool is a cert pool holding the CA.
 func (ca *CA) Pool() *x509.CertPool {
 	p := x509.NewCertPool()
@@ -111,6 +147,9 @@ func (ca *CA) Ensure(req Request) (Pair, error) {
 	p := Pair{filepath.Join(ca.Dir, req.Name+".crt"), filepath.Join(ca.Dir, req.Name+".key")}
 	if c, err := loadCert(p.CertFile); err == nil && matches(c, req) && c.CheckSignatureFrom(ca.Cert) == nil {
 		return p, nil
+	}
+	if ca.key == nil {
+		return p, fmt.Errorf("%s: %w", p.CertFile, ErrNoCAKey)
 	}
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {

@@ -26,9 +26,9 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 )
 
-// LeaseTimeout is how long a host's lease may go unrenewed before the
-// scheduler stops placing sandboxes on it.
-const LeaseTimeout = 40 * time.Second
+// DefaultHostTimeout is how long a host's lease may go unrenewed before
+// the scheduler stops placing sandboxes on it.
+const DefaultHostTimeout = 40 * time.Second
 
 // Controller binds sandboxes. Every change to a sandbox, host or host
 // lease triggers one pass over all pending sandboxes: a pass sees the
@@ -38,6 +38,10 @@ type Controller struct {
 	Client   client.Client
 	Recorder record.EventRecorder
 	Log      *slog.Logger
+	// Policy is the default placement (Spread unless set).
+	Policy v1alpha1.Placement
+	// HostTimeout is DefaultHostTimeout unless set.
+	HostTimeout time.Duration
 
 	mu sync.Mutex
 	// assumed are bindings written but not yet seen in the cache, so that
@@ -47,7 +51,7 @@ type Controller struct {
 
 type assumption struct {
 	host string
-	req  corev1.ResourceList
+	sb   *v1alpha1.Sandbox
 }
 
 var passKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "pass"}}
@@ -55,6 +59,9 @@ var passKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "pass
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	c.assumed = map[types.UID]assumption{}
+	if c.HostTimeout == 0 {
+		c.HostTimeout = DefaultHostTimeout
+	}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{passKey}
 	})
@@ -84,7 +91,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	if err := c.Client.List(ctx, &leases, client.InNamespace(v1alpha1.LeaseNamespace)); err != nil {
 		return reconcile.Result{}, err
 	}
-	hosts, byName := c.snapshot(hostList.Items, leases.Items, sbs.Items)
+	snap := c.snapshot(hostList.Items, leases.Items, sbs.Items)
 
 	var pending, release []*v1alpha1.Sandbox
 	for i := range sbs.Items {
@@ -110,12 +117,26 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		host, why string
 	}
 	var binds, waits []decision
+	// Sandboxes alike (same requests and constraints, no affinity) that
+	// found no host in this pass will not find one later in it: capacity
+	// only shrinks as the pass goes.
+	failed := map[string]string{}
 	for _, sb := range pending {
-		name, why := Place(hosts, sb)
-		if name != "" {
-			Add(byName[name].Used, Requests(sb))
-			binds = append(binds, decision{sb, name, ""})
-		} else if sb.Status.Phase != v1alpha1.PhasePending || sb.Status.Reason != "Unschedulable" || sb.Status.Message != why {
+		key := equivalence(sb)
+		why, known := failed[key]
+		if !known || key == "" {
+			d := snap.Place(sb)
+			if d.Host != "" {
+				snap.Assume(sb, d.Host)
+				binds = append(binds, decision{sb, d.Host, ""})
+				continue
+			}
+			why = d.Reason
+			if key != "" {
+				failed[key] = why
+			}
+		}
+		if sb.Status.Phase != v1alpha1.PhasePending || sb.Status.Reason != "Unschedulable" || sb.Status.Message != why {
 			waits = append(waits, decision{sb, "", why})
 		}
 	}
@@ -145,7 +166,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	}
 	// Hosts' leases expire without an event: look again while any host is
 	// ready, so that a silent host is noticed.
-	return reconcile.Result{Requeue: retry.Load(), RequeueAfter: LeaseTimeout / 2}, nil
+	return reconcile.Result{Requeue: retry.Load(), RequeueAfter: c.HostTimeout / 2}, nil
 }
 
 // forEach runs f(0..n-1) on up to 16 goroutines and returns the first error.
@@ -158,43 +179,52 @@ func forEach(ctx context.Context, n int, f func(int) error) error {
 	return g.Wait()
 }
 
-// snapshot builds the hosts as placement sees them, counting what is
+// equivalence is a key shared by sandboxes that fit the same hosts, or ""
+// for those with affinity terms (which depend on their labels).
+func equivalence(sb *v1alpha1.Sandbox) string {
+	if sb.Spec.Affinity != nil {
+		return ""
+	}
+	r := Requests(sb)
+	return fmt.Sprintf("%s|%v|%v|%v|%s", sb.Namespace, r, sb.Spec.HostSelector, sb.Spec.Tolerations, sb.Spec.Placement)
+}
+
+// snapshot builds the cluster as placement sees it, counting what is
 // bound and what was just bound.
-func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1.Lease, sbs []v1alpha1.Sandbox) ([]*HostInfo, map[string]*HostInfo) {
+func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1.Lease, sbs []v1alpha1.Sandbox) *Snapshot {
+	timeout := c.HostTimeout
+	if timeout == 0 {
+		timeout = DefaultHostTimeout
+	}
 	renewed := map[string]time.Time{}
 	for _, l := range leases {
 		if l.Spec.RenewTime != nil {
 			renewed[l.Name] = l.Spec.RenewTime.Time
 		}
 	}
-	byName := map[string]*HostInfo{}
-	hosts := make([]*HostInfo, 0, len(hostItems))
+	hosts := make([]*Host, 0, len(hostItems))
 	for i := range hostItems {
 		h := &hostItems[i]
 		ready := meta.IsStatusConditionTrue(h.Status.Conditions, v1alpha1.HostConditionReady) &&
-			time.Since(renewed[h.Name]) < LeaseTimeout
-		hi := &HostInfo{Name: h.Name, Labels: h.Labels, Ready: ready, Cordoned: h.Spec.Unschedulable,
-			Allocatable: h.Status.Allocatable, Used: corev1.ResourceList{}}
-		hosts = append(hosts, hi)
-		byName[h.Name] = hi
+			time.Since(renewed[h.Name]) < timeout
+		hosts = append(hosts, HostFrom(h, ready))
 	}
+	snap := NewSnapshot(hosts, c.Policy)
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	for i := range sbs {
 		sb := &sbs[i]
 		if sb.Status.HostName != "" {
 			delete(c.assumed, sb.UID)
-			if h := byName[sb.Status.HostName]; h != nil && !sb.Status.Phase.Terminal() {
-				Add(h.Used, Requests(sb))
+			if !sb.Status.Phase.Terminal() {
+				snap.Assume(sb, sb.Status.HostName)
 			}
 		}
 	}
 	for _, a := range c.assumed {
-		if h := byName[a.host]; h != nil {
-			Add(h.Used, a.req)
-		}
+		snap.Assume(a.sb, a.host)
 	}
-	return hosts, byName
+	return snap
 }
 
 // isAssumed reports whether uid was bound in an earlier pass that the
@@ -223,7 +253,7 @@ func (c *Controller) bind(ctx context.Context, sb *v1alpha1.Sandbox, hostName, w
 		return err
 	}
 	c.mu.Lock()
-	c.assumed[sb.UID] = assumption{host: hostName, req: Requests(sb)}
+	c.assumed[sb.UID] = assumption{host: hostName, sb: sb}
 	c.mu.Unlock()
 	if c.Recorder != nil {
 		c.Recorder.Eventf(sb, corev1.EventTypeNormal, "Scheduled", "Bound to host %s", hostName)

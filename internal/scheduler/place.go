@@ -1,5 +1,6 @@
 // Package scheduler binds pending Sandboxes to Hosts. Placement is a pure
-// function from an immutable snapshot of the cluster to a host (Place); the
+// function from an immutable snapshot of the cluster to a decision
+// (Snapshot.Place, with its filter and score plugins in plugins.go); the
 // controller (controller.go) builds the snapshot from its cache, places the
 // pending sandboxes oldest first and writes each binding through the
 // sandbox's status subresource, the one path that sets status.hostName.
@@ -7,113 +8,84 @@ package scheduler
 
 import (
 	"fmt"
+	"hash/fnv"
 	"sort"
 	"strings"
-
-	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/api/resource"
-	"k8s.io/apimachinery/pkg/labels"
 
 	"hearth.dev/hearth/api/v1alpha1"
 )
 
-// HostInfo is one host as the scheduler sees it.
-type HostInfo struct {
-	Name        string
-	Labels      map[string]string
-	Ready       bool
-	Cordoned    bool
-	Allocatable corev1.ResourceList
-	// Used is the sum of the requests of the sandboxes bound to it that
-	// have not ended.
-	Used corev1.ResourceList
+// Decision is where a sandbox goes: Host, or "" and Reason, which says
+// why no host fits, with counts per reason as kube-scheduler says it:
+// "0/3 hosts are available: 2 insufficient memory, 1 didn't match the host
+// selector."
+type Decision struct {
+	Host   string
+	Reason string
+	Score  int64
 }
 
-// Requests is what a sandbox asks of a host.
-func Requests(sb *v1alpha1.Sandbox) corev1.ResourceList {
-	cpu, memory, disk := sb.Spec.Resources.Requests()
-	return corev1.ResourceList{
-		corev1.ResourceCPU:         cpu,
-		corev1.ResourceMemory:      memory,
-		corev1.ResourceStorage:     disk,
-		v1alpha1.ResourceSandboxes: resource.MustParse("1"),
+// minFeasible and the percentage below bound how many fitting hosts are
+// scored: past that, a better host is rarely worth the time, as
+// kube-scheduler's percentageOfNodesToScore reasons. Small clusters are
+// always scored whole.
+const minFeasible = 100
+
+func feasibleWanted(n int) int {
+	if n <= minFeasible {
+		return n
 	}
+	pct := max(5, 50-n/125)
+	return max(minFeasible, n*pct/100)
 }
 
-// Add adds b to a.
-func Add(a, b corev1.ResourceList) {
-	for k, v := range b {
-		q := a[k]
-		q.Add(v)
-		a[k] = q
+// Place decides where sb goes. It reads the snapshot and nothing else:
+// hosts are examined from a starting point derived from the sandbox's
+// name (so that concurrent decisions spread over a large cluster) until
+// enough fit, and the best scoring of those wins, ties to the first name.
+func (s *Snapshot) Place(sb *v1alpha1.Sandbox) Decision {
+	n := len(s.Hosts)
+	if n == 0 {
+		return Decision{Reason: "no hosts are registered"}
 	}
-}
-
-// Place picks the host for sb: among the ready, uncordoned hosts that match
-// its hostSelector and have room, the one with the most CPU left (spreading
-// load); ties by name. It returns "" and why when none fits.
-func Place(hosts []*HostInfo, sb *v1alpha1.Sandbox) (string, string) {
-	sel := labels.SelectorFromSet(sb.Spec.HostSelector)
-	req := Requests(sb)
-	var fits []*HostInfo
-	why := map[string]int{}
-	for _, h := range hosts {
-		switch {
-		case !h.Ready:
-			why["not ready"]++
-		case h.Cordoned:
-			why["unschedulable"]++
-		case !sel.Matches(labels.Set(h.Labels)):
-			why["didn't match the host selector"]++
-		default:
-			if short := insufficient(h, req); short != "" {
-				why["insufficient "+short]++
-				continue
+	q, err := s.query(sb)
+	if err != nil {
+		return Decision{Reason: err.Error()}
+	}
+	want := feasibleWanted(n)
+	if s.Sample > 0 {
+		want = min(s.Sample, n)
+	}
+	h := fnv.New32a()
+	h.Write([]byte(sb.Namespace + "/" + sb.Name))
+	start := int(h.Sum32() % uint32(n))
+	var why map[string]int
+	best, bestScore, found := -1, int64(0), 0
+	for k := 0; k < n && found < want; k++ {
+		i := (start + k) % n
+		host := s.Hosts[i]
+		if r := q.filter(i, host); r != "" {
+			if why == nil {
+				why = map[string]int{}
 			}
-			fits = append(fits, h)
-		}
-	}
-	if len(fits) == 0 {
-		return "", unschedulable(len(hosts), why)
-	}
-	sort.Slice(fits, func(i, j int) bool {
-		a, b := free(fits[i], corev1.ResourceCPU), free(fits[j], corev1.ResourceCPU)
-		if c := a.Cmp(b); c != 0 {
-			return c > 0
-		}
-		return fits[i].Name < fits[j].Name
-	})
-	return fits[0].Name, ""
-}
-
-func free(h *HostInfo, r corev1.ResourceName) resource.Quantity {
-	q := h.Allocatable[r].DeepCopy()
-	q.Sub(h.Used[r])
-	return q
-}
-
-// insufficient names the first resource h lacks for req.
-func insufficient(h *HostInfo, req corev1.ResourceList) string {
-	for _, r := range []corev1.ResourceName{corev1.ResourceCPU, corev1.ResourceMemory, corev1.ResourceStorage, v1alpha1.ResourceSandboxes} {
-		alloc, ok := h.Allocatable[r]
-		if !ok {
+			why[r]++
 			continue
 		}
-		need := req[r].DeepCopy()
-		need.Add(h.Used[r])
-		if need.Cmp(alloc) > 0 {
-			return string(r)
+		found++
+		sc := q.score(i, host)
+		if best < 0 || sc > bestScore || (sc == bestScore && host.Name < s.Hosts[best].Name) {
+			best, bestScore = i, sc
 		}
 	}
-	return ""
+	if best < 0 {
+		return Decision{Reason: unschedulable(n, why)}
+	}
+	return Decision{Host: s.Hosts[best].Name, Score: bestScore}
 }
 
 // unschedulable says why no host fits, as the Kubernetes scheduler does:
 // "0/3 hosts are available: 2 insufficient cpu, 1 not ready."
 func unschedulable(n int, why map[string]int) string {
-	if n == 0 {
-		return "no hosts are registered"
-	}
 	parts := make([]string, 0, len(why))
 	for w, c := range why {
 		parts = append(parts, fmt.Sprintf("%d %s", c, w))

@@ -1,0 +1,198 @@
+package cli
+
+import (
+	"context"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/spf13/cobra"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/hearthd"
+	"hearth.dev/hearth/internal/pki"
+)
+
+func hostCmd(g *globals) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "host",
+		Short: "Manage hosts: cordon, uncordon, drain, join credentials",
+	}
+	cordon := func(use, short string, unschedulable bool) *cobra.Command {
+		return &cobra.Command{
+			Use:   use + " NAME...",
+			Short: short,
+			Args:  cobra.MinimumNArgs(1),
+			RunE: func(cmd *cobra.Command, args []string) error {
+				a, err := g.api()
+				if err != nil {
+					return err
+				}
+				for _, name := range args {
+					if err := a.setUnschedulable(cmd.Context(), name, unschedulable); err != nil {
+						return err
+					}
+					fmt.Fprintf(cmd.OutOrStdout(), "host/%s %sed\n", name, use)
+				}
+				return nil
+			},
+		}
+	}
+	cmd.AddCommand(
+		cordon("cordon", "Keep new sandboxes off a host; those on it keep running", true),
+		cordon("uncordon", "Let the scheduler place sandboxes on a host again", false),
+		drainCmd(g), credentialsCmd())
+	return cmd
+}
+
+func (a *api) setUnschedulable(ctx context.Context, name string, v bool) error {
+	h := &v1alpha1.Host{}
+	if err := a.client.Get(ctx, types.NamespacedName{Name: name}, h); err != nil {
+		if apierrors.IsNotFound(err) {
+			return fmt.Errorf("host %q not found", name)
+		}
+		return err
+	}
+	patch := client.MergeFrom(h.DeepCopy())
+	h.Spec.Unschedulable = v
+	return a.client.Patch(ctx, h, patch)
+}
+
+func drainCmd(g *globals) *cobra.Command {
+	var timeout time.Duration
+	cmd := &cobra.Command{
+		Use:   "drain NAME",
+		Short: "Cordon a host and move its running sandboxes to other hosts",
+		Long: `Cordons the host, then asks its node agent to stop each sandbox that has not
+ended and give it back to the scheduler, which places it on another host
+where it starts again from its image (live migration will take its place).
+Sandboxes of a host that is not ready are given back at once. Waits until
+none is left on the host, or --timeout.`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			a, err := g.api()
+			if err != nil {
+				return err
+			}
+			ctx, cancel := context.WithTimeout(cmd.Context(), timeout)
+			defer cancel()
+			name := args[0]
+			if err := a.setUnschedulable(ctx, name, true); err != nil {
+				return err
+			}
+			var h v1alpha1.Host
+			if err := a.client.Get(ctx, types.NamespacedName{Name: name}, &h); err != nil {
+				return err
+			}
+			ready := meta.IsStatusConditionTrue(h.Status.Conditions, v1alpha1.HostConditionReady)
+			out := cmd.OutOrStdout()
+			fmt.Fprintf(out, "host/%s cordoned\n", name)
+			asked := map[types.UID]bool{}
+			for {
+				left, err := a.sandboxesOn(ctx, name)
+				if err != nil {
+					return err
+				}
+				if len(left) == 0 {
+					fmt.Fprintf(out, "host/%s drained\n", name)
+					return nil
+				}
+				for i := range left {
+					sb := &left[i]
+					if asked[sb.UID] {
+						continue
+					}
+					if err := a.evict(ctx, sb, name, ready); err != nil {
+						return fmt.Errorf("evict %s/%s: %w", sb.Namespace, sb.Name, err)
+					}
+					asked[sb.UID] = true
+					fmt.Fprintf(out, "evicting sandbox %s/%s\n", sb.Namespace, sb.Name)
+				}
+				select {
+				case <-ctx.Done():
+					return fmt.Errorf("host %s still has %d sandboxes after %s", name, len(left), timeout)
+				case <-time.After(200 * time.Millisecond):
+				}
+			}
+		},
+	}
+	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")
+	return cmd
+}
+
+// sandboxesOn lists the sandboxes bound to a host that have not ended.
+func (a *api) sandboxesOn(ctx context.Context, host string) ([]v1alpha1.Sandbox, error) {
+	var list v1alpha1.SandboxList
+	if err := a.client.List(ctx, &list, client.MatchingFields{"status.hostName": host}); err != nil {
+		return nil, err
+	}
+	var out []v1alpha1.Sandbox
+	for _, sb := range list.Items {
+		if !sb.Status.Phase.Terminal() && sb.DeletionTimestamp.IsZero() {
+			out = append(out, sb)
+		}
+	}
+	return out, nil
+}
+
+// evict asks the host's agent to stop the sandbox and give it back to the
+// scheduler (the Evicting condition); a host that is not ready cannot, so
+// the sandbox is given back directly.
+func (a *api) evict(ctx context.Context, sb *v1alpha1.Sandbox, host string, ready bool) error {
+	patch := client.MergeFromWithOptions(sb.DeepCopy(), client.MergeFromWithOptimisticLock{})
+	if ready {
+		meta.SetStatusCondition(&sb.Status.Conditions, metav1.Condition{Type: v1alpha1.ConditionEvicting, Status: metav1.ConditionTrue,
+			Reason: "Drain", Message: "host " + host + " is being drained"})
+	} else {
+		sb.Status.Unbind("Evicted", fmt.Sprintf("evicted from host %s (drained while not ready); placing the sandbox again", host))
+	}
+	err := a.client.Status().Patch(ctx, sb, patch)
+	if apierrors.IsNotFound(err) {
+		return nil
+	}
+	return err
+}
+
+func credentialsCmd() *cobra.Command {
+	var dataDir, address, out string
+	cmd := &cobra.Command{
+		Use:   "credentials NAME --address IP --out DIR",
+		Short: "Issue the certificates a node agent on another machine joins with",
+		Long: `Run on the control plane (it needs the CA key in --data-dir). Writes the
+cluster's CA certificate and the node's client and serving certificates
+under DIR/pki. Copy DIR to the new host and start it there with
+
+  hearthd --roles node --data-dir DIR --node-name NAME \
+    --node-listen IP:10250 --server https://CONTROL-PLANE:6443`,
+		Args: cobra.ExactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if address == "" || out == "" {
+				return fmt.Errorf("--address and --out are required")
+			}
+			ca, err := pki.LoadCA(filepath.Join(dataDir, "pki"), true)
+			if err != nil {
+				return err
+			}
+			issuer, err := ca.Issuer(filepath.Join(out, "pki"))
+			if err != nil {
+				return err
+			}
+			for _, r := range []pki.Request{hearthd.NodeServingRequest(args[0], address), hearthd.NodeClientRequest(args[0])} {
+				if _, err := issuer.Ensure(r); err != nil {
+					return err
+				}
+			}
+			fmt.Fprintf(cmd.OutOrStdout(), "credentials of host %s in %s\n", args[0], filepath.Join(out, "pki"))
+			return nil
+		},
+	}
+	cmd.Flags().StringVar(&dataDir, "data-dir", hearthd.DefaultDataDir(), "the control plane's data directory")
+	cmd.Flags().StringVar(&address, "address", "", "the address the new host's node agent serves streams at (in its certificate)")
+	cmd.Flags().StringVar(&out, "out", "", "where to write the credentials")
+	return cmd
+}
