@@ -105,7 +105,8 @@ func (o *Options) validate() error {
 }
 
 // Run runs the roles until ctx ends, then shuts them down. ready, if not
-// nil, is called once every role serves.
+// nil, is called once every role serves, with the admin kubeconfig's path
+// ("" without the control-plane role).
 func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig string)) error {
 	if err := o.validate(); err != nil {
 		return err
@@ -170,7 +171,11 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		}
 	}
 	if ready != nil {
-		ready(Kubeconfig(dataDir))
+		kc := ""
+		if o.has(RoleControlPlane) {
+			kc = Kubeconfig(dataDir)
+		}
+		ready(kc)
 	}
 	<-ctx.Done()
 	shutdown()

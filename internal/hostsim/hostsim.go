@@ -22,6 +22,7 @@ import (
 	"k8s.io/apimachinery/pkg/watch"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/controller/controllerutil"
 
 	"golang.org/x/sync/errgroup"
 
@@ -158,11 +159,26 @@ func (s *Sim) run(ctx context.Context) {
 			if !ok || (ev.Type != watch.Added && ev.Type != watch.Modified) {
 				continue
 			}
+			if !sb.DeletionTimestamp.IsZero() {
+				s.release(ctx, sb)
+				continue
+			}
 			if sb.Status.Phase == v1alpha1.PhaseScheduled && s.start(sb) {
 				go s.finish(ctx, sb)
 			}
 		}
 		w.Stop()
+	}
+}
+
+// release lets a deleted sandbox of a simulated host go, as its node
+// agent would once its VM was gone.
+func (s *Sim) release(ctx context.Context, sb *v1alpha1.Sandbox) {
+	s.mu.Lock()
+	_, ours := s.capacity[sb.Status.HostName]
+	s.mu.Unlock()
+	if ours && controllerutil.RemoveFinalizer(sb, v1alpha1.Finalizer) {
+		_ = s.o.Client.Update(ctx, sb)
 	}
 }
 

@@ -116,6 +116,12 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		}
 	}
 
+	if alive && st.Phase.Terminal() {
+		// Ended by the control plane while this host was cut off (its
+		// sandboxes were declared lost): the VM still here is a stale copy.
+		a.log.Info("stopping the VM of a sandbox that ended elsewhere", "sandbox", sb.Namespace+"/"+sb.Name, "reason", st.Reason)
+		return reconcile.Result{}, shim.Stop(ctx, run, stopGrace)
+	}
 	if alive {
 		a.watches.ensure(sb, run)
 		a.observe(sb, state)
