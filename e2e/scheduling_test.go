@@ -124,6 +124,11 @@ func TestScheduling(t *testing.T) {
 	if got := m.hostOf("z"); got != "host-3" {
 		t.Errorf("hostSelector zone z3: bound to %s", got)
 	}
+	// A binding is never moved to another host in one write.
+	out, err := m.kubectl("patch", "sandbox", "z", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"host-1"}}`)
+	if err == nil || !strings.Contains(out, "never changed to another host") {
+		t.Errorf("moving a binding: %v %s", err, out)
+	}
 	m.deleteAll()
 
 	t.Log("fits nowhere until room frees")

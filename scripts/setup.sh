@@ -12,6 +12,7 @@ packages=(
   busybox-static           # the demo and test images' userland
   docker-registry skopeo   # a real registry and pushes, for the tests
   xz-utils
+  iproute2                 # network namespaces, veth and bridges: the multi-host tests
 )
 missing=()
 for p in "${packages[@]}"; do

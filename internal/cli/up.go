@@ -44,7 +44,7 @@ func serve(ctx context.Context, log *slog.Logger, o hearthd.Options, out io.Writ
 	hearthd.RouteKlog(log)
 	return hearthd.Run(ctx, log, o, func(kubeconfig string) {
 		if kubeconfig == "" {
-			fmt.Fprintf(out, "hearth node agent is up; it joins %s\n", o.Node.Server)
+			fmt.Fprintln(out, "hearth node agent is up")
 			return
 		}
 		fmt.Fprintf(out, "hearth is up. Use it with:\n\n  export KUBECONFIG=%s\n  kubectl get hosts,sandboxes\n  kubectl apply -f examples/sandbox.yaml\n  hearth logs -f job-1; hearth exec -it job-1 -- sh\n\nCtrl-C stops it; sandboxes keep running and are re-adopted at the next start.\n", kubeconfig)

@@ -30,6 +30,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/retry"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
@@ -145,7 +146,8 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	if err := a.register(ctx, direct); err != nil {
+	// The host lifecycle controller may write the Host's status meanwhile.
+	if err := retry.RetryOnConflict(retry.DefaultBackoff, func() error { return a.register(ctx, direct) }); err != nil {
 		return fmt.Errorf("register host %s: %w", cfg.Name, err)
 	}
 	if err := ctrl.NewControllerManagedBy(mgr).
@@ -253,6 +255,11 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{
 		Type: v1alpha1.HostConditionReady, Status: metav1.ConditionTrue, Reason: "AgentReady", Message: msg,
 	})
+	// The lease first: a host that comes back Ready with a stale lease
+	// would be marked NotReady again until its first heartbeat.
+	if err := a.renew(ctx, c); err != nil {
+		return err
+	}
 	return c.Status().Update(ctx, &h)
 }
 

@@ -1,8 +1,10 @@
 package pki
 
 import (
+	"errors"
 	"crypto/x509"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 )
@@ -50,5 +52,44 @@ func TestIssueAndReuse(t *testing.T) {
 	again, err := LoadOrCreateCA(dir)
 	if err != nil || !again.Cert.Equal(ca.Cert) {
 		t.Errorf("reloaded CA differs: %v", err)
+	}
+}
+
+// A node that joins from another machine has the CA's certificate and its
+// own certificates, not the CA's key: it finds what was issued for it and
+// cannot issue more.
+func TestJoinCredentials(t *testing.T) {
+	cpDir, nodeDir := t.TempDir(), t.TempDir()
+	ca, err := LoadOrCreateCA(cpDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	issuer, err := ca.Issuer(nodeDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req := Request{Name: "node-a", CN: "hearth-node:a", Hosts: []string{"10.0.0.2"}, Server: true}
+	if _, err := issuer.Ensure(req); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(filepath.Join(nodeDir, "ca.key")); err == nil {
+		t.Fatal("the CA key was copied to the node")
+	}
+	node, err := LoadCA(nodeDir, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !node.Cert.Equal(ca.Cert) {
+		t.Error("the node's CA certificate is not the cluster's")
+	}
+	if _, err := node.Ensure(req); err != nil {
+		t.Errorf("finding the issued certificate: %v", err)
+	}
+	req.Hosts = []string{"10.0.0.3"}
+	if _, err := node.Ensure(req); !errors.Is(err, ErrNoCAKey) {
+		t.Errorf("issuing without the CA key: %v, want ErrNoCAKey", err)
+	}
+	if _, err := LoadCA(t.TempDir(), true); err == nil {
+		t.Error("LoadCA of an empty directory that must hold a CA succeeded")
 	}
 }
