@@ -164,7 +164,7 @@ type AffinityTerm struct {
 }
 
 // SandboxStatus is what hearth observed.
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || oldSelf.hostName == '' || !has(self.hostName) || self.hostName == '' || self.hostName == oldSelf.hostName",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || size(oldSelf.hostName) == 0 || !has(self.hostName) || size(self.hostName) == 0 || self.hostName == oldSelf.hostName",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host"
 type SandboxStatus struct {
 	// +optional
 	Phase Phase `json:"phase,omitempty"`

@@ -169,7 +169,9 @@ func benchBinds(ctx context.Context, o SchedulerOptions, res *SchedulerResult) e
 	sim, err := hostsim.Start(ctx, hostsim.Options{Client: c, Hosts: o.APIHosts, Prefix: "sim",
 		Allocatable: corev1.ResourceList{corev1.ResourceCPU: resource.MustParse("64"), corev1.ResourceMemory: resource.MustParse("256Gi"),
 			v1alpha1.ResourceSandboxes: resource.MustParse("110")},
-		Labels: func(i int) map[string]string { return map[string]string{v1alpha1.LabelZone: "zone-" + strconv.Itoa(i%10)} }})
+		Labels: func(i int) map[string]string {
+			return map[string]string{v1alpha1.LabelZone: "zone-" + strconv.Itoa(i%10)}
+		}})
 	if err != nil {
 		return err
 	}

@@ -165,12 +165,28 @@ func (s *Store) Use(digest string) (release func(), err error) {
 }
 
 func (s *Store) convert(ctx context.Context, ref, digest string, src v1.Image) (*Image, error) {
-	if img, err := s.load(ref, digest); err == nil {
-		return img, nil
-	}
-	release, err := s.lock(digest, unix.LOCK_EX)
-	if err != nil {
-		return nil, err
+	// Wait for the exclusive lock without blocking in flock: once another
+	// process has converted the image, the VMs it boots hold shared locks
+	// for as long as they run, and a blocked LOCK_EX would wait for all of
+	// them to end. Polling sees the converted image instead.
+	var release func()
+	for {
+		if img, err := s.load(ref, digest); err == nil {
+			return img, nil
+		}
+		r, err := s.lock(digest, unix.LOCK_EX|unix.LOCK_NB)
+		if err == nil {
+			release = r
+			break
+		}
+		if !errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
 	}
 	defer release()
 	if img, err := s.load(ref, digest); err == nil {

@@ -1,8 +1,8 @@
 package pki
 
 import (
-	"errors"
 	"crypto/x509"
+	"errors"
 	"os"
 	"path/filepath"
 	"testing"

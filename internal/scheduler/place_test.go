@@ -42,22 +42,24 @@ func with(sb *v1alpha1.Sandbox, mods ...mod) *v1alpha1.Sandbox {
 func labelled(l map[string]string) mod { return func(sb *v1alpha1.Sandbox) { sb.Labels = l } }
 
 func antiAffinity(key string, weight int32, match map[string]string) mod {
-	return func(sb *v1alpha1.Sandbox) {
-		if sb.Spec.Affinity == nil {
-			sb.Spec.Affinity = &v1alpha1.Affinity{}
-		}
-		sb.Spec.Affinity.SandboxAntiAffinity = append(sb.Spec.Affinity.SandboxAntiAffinity,
-			v1alpha1.AffinityTerm{LabelSelector: &metav1.LabelSelector{MatchLabels: match}, TopologyKey: key, Weight: weight})
-	}
+	return term(true, key, weight, match)
+}
+func affinity(key string, weight int32, match map[string]string) mod {
+	return term(false, key, weight, match)
 }
 
-func affinity(key string, weight int32, match map[string]string) mod {
+// term adds an (anti-)affinity term selecting match, over key's domains.
+func term(anti bool, key string, weight int32, match map[string]string) mod {
 	return func(sb *v1alpha1.Sandbox) {
 		if sb.Spec.Affinity == nil {
 			sb.Spec.Affinity = &v1alpha1.Affinity{}
 		}
-		sb.Spec.Affinity.SandboxAffinity = append(sb.Spec.Affinity.SandboxAffinity,
-			v1alpha1.AffinityTerm{LabelSelector: &metav1.LabelSelector{MatchLabels: match}, TopologyKey: key, Weight: weight})
+		t := v1alpha1.AffinityTerm{LabelSelector: &metav1.LabelSelector{MatchLabels: match}, TopologyKey: key, Weight: weight}
+		if anti {
+			sb.Spec.Affinity.SandboxAntiAffinity = append(sb.Spec.Affinity.SandboxAntiAffinity, t)
+		} else {
+			sb.Spec.Affinity.SandboxAffinity = append(sb.Spec.Affinity.SandboxAffinity, t)
+		}
 	}
 }
 
