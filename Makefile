@@ -33,7 +33,7 @@ test: setup verify ## everything CI runs: setup, verify, then all tests with -ra
 	$(GO) test -race -count=1 -timeout 30m ./...
 
 test-unit: ## the tests that need no root, VM or registry
-	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/ ./internal/scheduler/ ./internal/logfile/
+	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/ ./internal/scheduler/ ./internal/hostlifecycle/ ./internal/logfile/
 
 verify: ## gofmt, go vet, and go.mod tidy
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }
@@ -42,9 +42,10 @@ verify: ## gofmt, go vet, and go.mod tidy
 	  if ! diff -q go.mod /tmp/hearth.go.mod.bak >/dev/null || ! diff -q go.sum /tmp/hearth.go.sum.bak >/dev/null; then \
 	    cp /tmp/hearth.go.mod.bak go.mod; cp /tmp/hearth.go.sum.bak go.sum; echo "go mod tidy changes go.mod/go.sum"; exit 1; fi
 
-bench: build ## hearth bench boot (hearth run vs a bare QEMU boot) and hearth bench api (API creates vs etcd puts)
+bench: build ## hearth bench boot (hearth run vs a bare QEMU boot), api (API creates vs etcd puts), scheduler (placements/s, binds/s)
 	$(BIN)/hearth bench boot
 	$(BIN)/hearth bench api
+	$(BIN)/hearth bench scheduler
 
 clean: ## remove build outputs
 	rm -rf $(BIN)
