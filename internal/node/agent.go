@@ -109,6 +109,9 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if cfg.LogMax == 0 {
 		cfg.LogMax = 10 << 20
 	}
+	if cfg.Heartbeat == 0 {
+		cfg.Heartbeat = 10 * time.Second
+	}
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return err
 	}
@@ -134,10 +137,6 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		log:      cfg.Log.With("host", cfg.Name),
 		wake:     make(chan event.GenericEvent, 256),
 		gcNow:    make(chan struct{}, 1),
-	}
-	if cfg.Heartbeat == 0 {
-		cfg.Heartbeat = 10 * time.Second
-		a.cfg.Heartbeat = cfg.Heartbeat
 	}
 	a.watches = newWatches(a.wake)
 	// The Host first, so that the scheduler can place work as soon as

@@ -192,10 +192,6 @@ func equivalence(sb *v1alpha1.Sandbox) string {
 // snapshot builds the cluster as placement sees it, counting what is
 // bound and what was just bound.
 func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1.Lease, sbs []v1alpha1.Sandbox) *Snapshot {
-	timeout := c.HostTimeout
-	if timeout == 0 {
-		timeout = DefaultHostTimeout
-	}
 	renewed := map[string]time.Time{}
 	for _, l := range leases {
 		if l.Spec.RenewTime != nil {
@@ -206,7 +202,7 @@ func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1
 	for i := range hostItems {
 		h := &hostItems[i]
 		ready := meta.IsStatusConditionTrue(h.Status.Conditions, v1alpha1.HostConditionReady) &&
-			time.Since(renewed[h.Name]) < timeout
+			time.Since(renewed[h.Name]) < c.HostTimeout
 		hosts = append(hosts, HostFrom(h, ready))
 	}
 	snap := NewSnapshot(hosts, c.Policy)
