@@ -58,15 +58,15 @@ func Exec(ctx context.Context, driver vmm.Driver, t Target, port int, spec ExecS
 	return res, err
 }
 
-// execChannel is the slice of a vmm.VM an exec session uses: its channel.
-// The VM itself belongs to the process that started it (the shim).
+// execChannel is the slice of a VM an exec session uses: its channel. The
+// VM itself belongs to the process that started it (the shim).
 type execChannel struct {
 	driver vmm.Driver
 	dir    string
 	port   int
 }
 
-var _ vmm.VM = (*execChannel)(nil)
+var _ agentVM = (*execChannel)(nil)
 
 func (e *execChannel) Channel(ctx context.Context) (net.Conn, error) {
 	return e.driver.Dial(ctx, e.dir, e.port)
@@ -79,6 +79,4 @@ func (e *execChannel) Wait(ctx context.Context) error {
 	return ctx.Err()
 }
 
-func (e *execChannel) Kill() error     { return nil }
-func (e *execChannel) Pid() int        { return 0 }
 func (e *execChannel) Logs(int) string { return "" }

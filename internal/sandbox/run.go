@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -278,9 +279,17 @@ func MakeDisk(ctx context.Context, path string, sizeMiB int) error {
 	return nil
 }
 
+// agentVM is what a session needs of a VM: the guest agent's channel, its
+// end, and its last words.
+type agentVM interface {
+	Channel(ctx context.Context) (net.Conn, error)
+	Wait(ctx context.Context) error
+	Logs(n int) string
+}
+
 // session drives the guest agent's protocol for one run.
 type session struct {
-	vm     vmm.VM
+	vm     agentVM
 	runDir string
 	sio    IO
 	start  time.Time

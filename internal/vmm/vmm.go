@@ -10,10 +10,11 @@
 // order, vda first); Channel is PUT /vsock with a uds_path under RunDir,
 // dialled with "CONNECT <port>\n" (hybrid vsock); the Start action is
 // PUT /actions InstanceStart; Kill ends the process; Logs reads its log
-// FIFO and the serial console. Network interfaces (PUT
-// /network-interfaces, QEMU's -netdev tap) and snapshot/restore (PUT
-// /snapshot/create, /snapshot/load; QEMU's migrate to a file) join Config
-// and VM when the networking and snapshot work lands.
+// FIFO and the serial console; Pause and Resume are PATCH /vm {"state":
+// "Paused"|"Resumed"}, Snapshot is PUT /snapshot/create (mem_file_path,
+// snapshot_path) and Restore PUT /snapshot/load with a MAP_PRIVATE memory
+// backend (backend_type File). Network interfaces (PUT /network-interfaces,
+// QEMU's -netdev tap) join Config when the networking work lands.
 package vmm
 
 import (
@@ -76,12 +77,23 @@ type Config struct {
 	MemoryMiB int
 	Drives    []Drive
 	Accel     Accel
+	// MemoryFile, if set, backs guest RAM with this file (shared with the
+	// VMM's mapping), so that a snapshot of the VM is a copy of the file
+	// plus the device state. Snapshot needs it.
+	MemoryFile string
 }
 
 // Driver starts VMs.
 type Driver interface {
 	Name() string
 	Start(ctx context.Context, cfg Config) (VM, error)
+	// Restore starts a VM from a snapshot directory that VM.Snapshot
+	// wrote, running. cfg must describe the same machine (memory size,
+	// VCPUs, drives in the same order; the drives' files may be other
+	// copies) and MemoryFile is ignored: the snapshot's memory file is
+	// mapped copy-on-write, so that clones of one snapshot share its pages
+	// and never change it.
+	Restore(ctx context.Context, cfg Config, dir string) (VM, error)
 	// Dial connects to channel port (0: the workload's session; 1 to
 	// protocol.ExecPorts: exec sessions) of a VM it started, from any
 	// process: the node agent execs into VMs its shims run.
@@ -103,7 +115,25 @@ type VM interface {
 	// Logs returns the last n bytes of the VMM's and the guest console's
 	// output, for error messages.
 	Logs(n int) string
+	// Pause stops the guest's vCPUs; Resume runs them again.
+	Pause(ctx context.Context) error
+	Resume(ctx context.Context) error
+	// Snapshot pauses the VM and writes its memory and device state to
+	// dir (which must exist and be empty); the VM stays paused. The
+	// caller quiesces the guest first and copies the writable drives.
+	Snapshot(ctx context.Context, dir string) error
 }
+
+// Files of a snapshot directory.
+const (
+	SnapshotMemory = "memory" // guest RAM, as the VM's MemoryFile was
+	SnapshotState  = "state"  // the VMM's device state
+	SnapshotInfo   = "snapshot.json"
+)
+
+// ErrBadSnapshot means a snapshot directory is incomplete, corrupt or was
+// made for another machine or VMM.
+var ErrBadSnapshot = errors.New("bad snapshot")
 
 // ErrExited means the VMM process ended before the operation finished.
 var ErrExited = errors.New("VMM exited")

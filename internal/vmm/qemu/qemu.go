@@ -62,9 +62,29 @@ const logTail = 64 << 10
 const baseCmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init 8250.nr_uarts=1"
 
 // Args returns QEMU's command line for cfg.
-func Args(cfg vmm.Config) []string {
+func Args(cfg vmm.Config) []string { return args(cfg, cfg.MemoryFile, true) }
+
+// args is QEMU's command line with guest RAM in memFile (if not ""),
+// mapped shared (the file is the RAM) or private (copy-on-write over a
+// snapshot's memory, which the VM never changes).
+//
+// Snapshots use x-ignore-shared migration, as Kata Containers' VM
+// templates do: the source's RAM is a shared file mapping, so the
+// migration stream carries only device state; the destination maps the
+// saved file privately and receives no pages, so it runs on the file's
+// contents, and clones of one snapshot share its page cache.
+func args(cfg vmm.Config, memFile string, shared bool) []string {
 	run := func(name string) string { return filepath.Join(cfg.RunDir, name) }
 	machine := "microvm,acpi=off,pcie=off,isa-serial=on,x-option-roms=off"
+	var memory []string
+	if memFile != "" {
+		machine += ",memory-backend=ram"
+		share := "off"
+		if shared {
+			share = "on"
+		}
+		memory = []string{"-object", fmt.Sprintf("memory-backend-file,id=ram,size=%dM,mem-path=%s,share=%s", cfg.MemoryMiB, memFile, share)}
+	}
 	cpu := "max"
 	accel := "tcg,thread=multi"
 	if cfg.Accel == vmm.KVM {
@@ -95,6 +115,7 @@ func Args(cfg vmm.Config) []string {
 		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
 		"-device", "virtio-rng-device",
 	}
+	args = append(args, memory...)
 	// Port 0 carries the workload's session; 1 to ExecPorts exec sessions.
 	for i := 0; i <= protocol.ExecPorts; i++ {
 		name := protocol.SerialPortName
@@ -118,6 +139,18 @@ func Args(cfg vmm.Config) []string {
 
 // Start launches QEMU and returns once its QMP socket answers.
 func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
+	vm, err := d.launch(ctx, cfg, Args(cfg))
+	if err != nil {
+		return nil, err
+	}
+	if err := vm.checkRunning(); err != nil {
+		return nil, vm.fail(err)
+	}
+	return vm, nil
+}
+
+// launch starts QEMU with args and connects to its QMP socket.
+func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM, error) {
 	bin := d.Binary
 	if bin == "" {
 		bin = "qemu-system-x86_64"
@@ -137,7 +170,6 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 		defer close(consoleDone)
 		vm.readConsole(console)
 	}()
-	args := Args(cfg)
 	if os.Geteuid() == 0 {
 		if _, err := user.Lookup(unprivilegedUser); err == nil {
 			args = append(args, "-runas", unprivilegedUser)
@@ -171,13 +203,18 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 		close(vm.done)
 	}()
 	if err := vm.connectQMP(ctx); err != nil {
-		err = errors.Join(err, vm.Kill())
-		if logs := vm.Logs(2048); logs != "" {
-			err = fmt.Errorf("%w\n%s", err, logs)
-		}
-		return nil, err
+		return nil, vm.fail(err)
 	}
 	return vm, nil
+}
+
+// fail kills the VM and returns err with its logs.
+func (v *VM) fail(err error) error {
+	err = errors.Join(err, v.Kill())
+	if logs := v.Logs(2048); logs != "" {
+		err = fmt.Errorf("%w\n%s", err, logs)
+	}
+	return err
 }
 
 // VM is one QEMU process.
@@ -219,7 +256,7 @@ func (v *VM) connectQMP(ctx context.Context) error {
 			if err == nil {
 				if err = mon.Connect(); err == nil {
 					v.mon = mon
-					return v.checkRunning()
+					return nil
 				}
 			}
 		}
@@ -234,22 +271,60 @@ func (v *VM) connectQMP(ctx context.Context) error {
 }
 
 func (v *VM) checkRunning() error {
-	raw, err := v.mon.Run([]byte(`{"execute":"query-status"}`))
+	st, err := v.status()
 	if err != nil {
-		return fmt.Errorf("qmp query-status: %w", err)
+		return err
 	}
-	var st struct {
-		Return struct {
-			Status string `json:"status"`
-		} `json:"return"`
-	}
-	if err := json.Unmarshal(raw, &st); err != nil {
-		return fmt.Errorf("qmp query-status: %w", err)
-	}
-	if st.Return.Status != "running" {
-		return fmt.Errorf("qemu is %s, not running", st.Return.Status)
+	if st != "running" {
+		return fmt.Errorf("qemu is %s, not running", st)
 	}
 	return nil
+}
+
+// status is QEMU's run state: running, paused, inmigrate, postmigrate...
+func (v *VM) status() (string, error) {
+	var st struct {
+		Status string `json:"status"`
+	}
+	err := v.qmp("query-status", nil, &st)
+	return st.Status, err
+}
+
+// qmp runs a QMP command with arguments and decodes its return value
+// into ret (if not nil).
+func (v *VM) qmp(cmd string, args any, ret any) error {
+	return v.qmpFile(cmd, args, ret, nil)
+}
+
+// qmpFile is qmp passing a file descriptor with the command (getfd).
+func (v *VM) qmpFile(cmd string, args any, ret any, f *os.File) error {
+	req := map[string]any{"execute": cmd}
+	if args != nil {
+		req["arguments"] = args
+	}
+	b, err := json.Marshal(req)
+	if err != nil {
+		return err
+	}
+	var raw []byte
+	if f != nil {
+		raw, err = v.mon.RunWithFile(b, f)
+	} else {
+		raw, err = v.mon.Run(b)
+	}
+	if err != nil {
+		return fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	if ret == nil {
+		return nil
+	}
+	var resp struct {
+		Return json.RawMessage `json:"return"`
+	}
+	if err := json.Unmarshal(raw, &resp); err != nil {
+		return fmt.Errorf("qmp %s: %w", cmd, err)
+	}
+	return json.Unmarshal(resp.Return, ret)
 }
 
 // Channel connects to the agent's virtio-serial chardev. QEMU created it

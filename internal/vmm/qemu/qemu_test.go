@@ -36,3 +36,21 @@ func TestArgs(t *testing.T) {
 		}
 	}
 }
+
+func TestArgsMemoryFile(t *testing.T) {
+	c := vmm.Config{ID: "x", RunDir: "/run/x", MemoryMiB: 256, MemoryFile: "/run/x/memory"}
+	line := strings.Join(Args(c), " ")
+	for _, w := range []string{"microvm,acpi=off,pcie=off,isa-serial=on,x-option-roms=off,memory-backend=ram",
+		"-object memory-backend-file,id=ram,size=256M,mem-path=/run/x/memory,share=on"} {
+		if !strings.Contains(line, w) {
+			t.Errorf("%q lacks %q", line, w)
+		}
+	}
+	// A clone maps a snapshot's memory privately: copy-on-write.
+	if line := strings.Join(args(c, "/snap/memory", false), " "); !strings.Contains(line, "mem-path=/snap/memory,share=off") {
+		t.Errorf("restore: %q maps the snapshot shared", line)
+	}
+	if strings.Contains(strings.Join(Args(vmm.Config{MemoryMiB: 256}), " "), "memory-backend") {
+		t.Error("a memory backend without a memory file")
+	}
+}
