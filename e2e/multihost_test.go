@@ -17,15 +17,11 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/layout"
 	"golang.org/x/sys/unix"
 	"k8s.io/client-go/tools/clientcmd"
 
 	"hearth.dev/hearth/internal/testenv"
 	"hearth.dev/hearth/internal/vmm"
-
-	v1 "github.com/google/go-containerregistry/pkg/v1"
 )
 
 // multiHost is one control plane and N node agents on this machine, each
@@ -344,22 +340,6 @@ func dialIn(ns, addr string) (net.Conn, error) {
 	}()
 	r := <-ch
 	return r.c, r.err
-}
-
-// ociLayout writes img to an OCI layout directory and returns its
-// reference (oci:DIR:TAG): hosts in their own namespaces read it from the
-// shared filesystem, without a registry to reach.
-func ociLayout(t *testing.T, img v1.Image, tag string) string {
-	t.Helper()
-	dir := filepath.Join(t.TempDir(), "layout")
-	p, err := layout.Write(dir, empty.Index)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": tag})); err != nil {
-		t.Fatal(err)
-	}
-	return "oci:" + dir + ":" + tag
 }
 
 // hostOf is the host a sandbox is bound to, once it is.

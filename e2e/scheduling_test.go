@@ -84,7 +84,7 @@ func TestScheduling(t *testing.T) {
 	m := startMultiHost(t, h, 3, []string{"--host-timeout", "4s", "--host-lost-after", "3s"}, func(i int) []string {
 		return []string{"--node-cpu", "2", "--node-memory", "4Gi", "--max-sandboxes", "4", "--zone", fmt.Sprintf("z%d", i), "--heartbeat-interval", "1s"}
 	})
-	img := ociLayout(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}), "sched")
+	img := testenv.OCILayout(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}), "sched")
 
 	t.Log("spread: one sandbox per host")
 	m.apply(sb("s1", img, ""), sb("s2", img, ""), sb("s3", img, ""))

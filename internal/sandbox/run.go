@@ -124,19 +124,24 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}
 
 	log.Debug("image and disk ready", "took", time.Since(t0))
+	var memFile string
+	if spec.Snapshottable {
+		memFile = filepath.Join(runDir, "memory")
+	}
 	start := time.Now()
 	vm, err := rt.Driver.Start(ctx, vmm.Config{
-		ID:        id,
-		RunDir:    runDir,
-		Kernel:    rt.Kernel,
-		Initrd:    initrd,
-		Cmdline:   rt.KernelArgs,
-		VCPUs:     spec.CPUs,
-		MemoryMiB: spec.MemoryMiB,
-		Accel:     rt.Accel,
+		MemoryFile: memFile,
+		ID:         id,
+		RunDir:     runDir,
+		Kernel:     rt.Kernel,
+		Initrd:     initrd,
+		Cmdline:    rt.KernelArgs,
+		VCPUs:      spec.CPUs,
+		MemoryMiB:  spec.MemoryMiB,
+		Accel:      rt.Accel,
 		Drives: []vmm.Drive{
 			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
-			{ID: "rw", Path: disk, Serial: "rw"},
+			{ID: rwDrive, Path: disk, Serial: "rw"},
 		},
 	})
 	if err != nil {

@@ -28,6 +28,10 @@ type Spec struct {
 	MemoryMiB  int
 	DiskMiB    int
 	Name       string
+	// Snapshottable backs guest RAM with a file in the run directory, so
+	// that Snapshot can save the sandbox. (The run directory is usually on
+	// tmpfs: the file takes the memory the guest touches, as RAM would.)
+	Snapshottable bool
 }
 
 // Minimums below which a guest cannot boot or run anything useful.

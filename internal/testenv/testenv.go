@@ -22,6 +22,8 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/layout"
 
 	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/imagebuild"
@@ -202,6 +204,22 @@ func BusyboxImage(t testing.TB, cfg v1.Config, extra ...[]imagebuild.File) v1.Im
 		t.Fatal(err)
 	}
 	return img
+}
+
+// OCILayout writes img to an OCI layout directory and returns its
+// reference (oci:DIR:TAG): read from the filesystem, with no registry to
+// reach (from other network namespaces too).
+func OCILayout(t testing.TB, img v1.Image, tag string) string {
+	t.Helper()
+	dir := filepath.Join(t.TempDir(), "layout")
+	p, err := layout.Write(dir, empty.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := p.AppendImage(img, layout.WithAnnotations(map[string]string{"org.opencontainers.image.ref.name": tag})); err != nil {
+		t.Fatal(err)
+	}
+	return "oci:" + dir + ":" + tag
 }
 
 // CheckNoLeaks fails the test if anything under runRoot survived: a VMM

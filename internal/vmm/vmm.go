@@ -87,13 +87,23 @@ type Config struct {
 type Driver interface {
 	Name() string
 	Start(ctx context.Context, cfg Config) (VM, error)
-	// Restore starts a VM from a snapshot directory that VM.Snapshot
-	// wrote, running. cfg must describe the same machine (memory size,
+	// Restore starts a VM from a snapshot directory that Snapshot wrote,
+	// paused: the caller connects to its channels, so that the guest
+	// finds its host there, then calls Resume. cfg must describe the same machine (memory size,
 	// VCPUs, drives in the same order; the drives' files may be other
 	// copies) and MemoryFile is ignored: the snapshot's memory file is
 	// mapped copy-on-write, so that clones of one snapshot share its pages
 	// and never change it.
 	Restore(ctx context.Context, cfg Config, dir string) (VM, error)
+	// Snapshot pauses the VM whose run directory is runDir, from any
+	// process, and writes its memory and device state to dir (which must
+	// exist and be empty); the VM stays paused. It returns the Config the
+	// VM was started with. The caller quiesces the guest first and copies
+	// the writable drives. The VM needs a MemoryFile.
+	Snapshot(ctx context.Context, runDir, dir string) (Config, error)
+	// Pause stops the vCPUs of the VM in runDir; Resume runs them again.
+	Pause(ctx context.Context, runDir string) error
+	Resume(ctx context.Context, runDir string) error
 	// Dial connects to channel port (0: the workload's session; 1 to
 	// protocol.ExecPorts: exec sessions) of a VM it started, from any
 	// process: the node agent execs into VMs its shims run.
@@ -115,13 +125,6 @@ type VM interface {
 	// Logs returns the last n bytes of the VMM's and the guest console's
 	// output, for error messages.
 	Logs(n int) string
-	// Pause stops the guest's vCPUs; Resume runs them again.
-	Pause(ctx context.Context) error
-	Resume(ctx context.Context) error
-	// Snapshot pauses the VM and writes its memory and device state to
-	// dir (which must exist and be empty); the VM stays paused. The
-	// caller quiesces the guest first and copies the writable drives.
-	Snapshot(ctx context.Context, dir string) error
 }
 
 // Files of a snapshot directory.

@@ -123,25 +123,33 @@ func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
 				if err != nil {
 					return nil, err
 				}
-				for {
-					fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}
-					// Until the host connects, the port polls readable
-					// with POLLHUP and reads return EOF.
-					if _, err := unix.Poll(fds, 100); err == nil && fds[0].Revents&unix.POLLIN != 0 && fds[0].Revents&unix.POLLHUP == 0 {
-						return f, nil
-					}
-					if time.Now().After(deadline) {
-						f.Close()
-						return nil, errors.New("host never connected to the agent port")
-					}
-					time.Sleep(interval)
+				if err := waitHost(f, deadline, interval); err != nil {
+					f.Close()
+					return nil, err
 				}
+				return f, nil
 			}
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("no virtio-serial port named %s", name)
 		}
 		time.Sleep(2 * time.Millisecond)
+	}
+}
+
+// waitHost waits until a host is connected to the port and has sent
+// something. Until the host connects, the port polls readable with
+// POLLHUP and reads return EOF.
+func waitHost(f *os.File, deadline time.Time, interval time.Duration) error {
+	for {
+		fds := []unix.PollFd{{Fd: int32(f.Fd()), Events: unix.POLLIN}}
+		if _, err := unix.Poll(fds, 100); err == nil && fds[0].Revents&unix.POLLIN != 0 && fds[0].Revents&unix.POLLHUP == 0 {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return errors.New("host never connected to the agent port")
+		}
+		time.Sleep(interval)
 	}
 }
 
@@ -231,6 +239,12 @@ func failure(code int, format string, args ...any) protocol.Exit {
 }
 
 func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
+	if st.Control != "" {
+		if err := control(st); err != nil {
+			return failure(exitHearth, "%s: %v", st.Control, err)
+		}
+		return protocol.Exit{}
+	}
 	if !st.Exec {
 		if st.Time != 0 {
 			tv := unix.NsecToTimeval(st.Time)
@@ -350,23 +364,34 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
 var startExecPorts sync.Once
 
 // execLoop serves exec sessions on exec port i, one after another, for the
-// life of the sandbox.
+// life of the sandbox. The port stays open between sessions: closing and
+// reopening it makes the guest announce the port to QEMU each time, and
+// a close can be held off by a read still blocked in it (then the reopen
+// fails with EBUSY). Sessions are told apart by the protocol alone (Hello
+// ... Bye, read exactly: NewExactReader).
 func (s *session) execLoop(i int) {
 	name := protocol.ExecPortName(i)
+	// Until a host connects, the port is polled: every 20 ms is a few
+	// hundred syscalls a second for all ports, and adds at most 20 ms to
+	// an exec's start.
+	const poll = 20 * time.Millisecond
+	port, err := openPort(name, 0, poll)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "hearth-agent: exec port %s: %v\n", name, err)
+		return
+	}
+	forever := time.Now().Add(100 * 365 * 24 * time.Hour)
 	for {
-		// Until a host connects, the port is polled: every 20 ms is a
-		// few hundred syscalls a second for all ports, and adds at most
-		// 20 ms to an exec's start.
-		port, err := openPort(name, 0, 20*time.Millisecond)
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "hearth-agent: exec port %s: %v\n", name, err)
-			return
-		}
-		es := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port, build: s.build}
+		es := &session{r: protocol.NewExactReader(port), w: protocol.NewWriter(port), port: port, build: s.build}
 		if err := es.serve(true); err != nil {
 			fmt.Fprintf(os.Stderr, "hearth-agent: exec session on %s: %v\n", name, err)
 		}
-		port.Close()
+		if es.bye != nil {
+			// The session's reader ends with its Bye, or when its host
+			// goes: the next session must not share the port with it.
+			<-es.bye
+		}
+		_ = waitHost(port, forever, poll)
 	}
 }
 

@@ -42,6 +42,9 @@ func setupRoot(st *protocol.Start) error {
 	if err := unix.Mount(rw, "/mnt/rw", rwType, 0, rwData); err != nil {
 		return fmt.Errorf("mount writable disk %s: %w", rw, err)
 	}
+	if rwRoot, err = os.Open("/mnt/rw"); err != nil {
+		return err
+	}
 	for _, d := range []string{"/mnt/rw/upper", "/mnt/rw/work"} {
 		if err := os.MkdirAll(d, 0o755); err != nil {
 			return err

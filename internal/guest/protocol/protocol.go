@@ -39,7 +39,7 @@ const PowerOffEnv = "HEARTH_POWEROFF"
 
 // Version is bumped on every incompatible change; both sides refuse a peer
 // with another version during the handshake.
-const Version = 2
+const Version = 3
 
 // MaxPayload bounds one frame, so that a corrupt or hostile length cannot
 // make the reader allocate without limit.
@@ -94,13 +94,21 @@ type Frame struct {
 
 // Reader decodes frames from a stream.
 type Reader struct {
-	r   *bufio.Reader
+	r   io.Reader
 	buf []byte
 }
 
-// NewReader returns a Reader over r.
+// NewReader returns a Reader over r, reading ahead through a buffer.
 func NewReader(r io.Reader) *Reader {
 	return &Reader{r: bufio.NewReaderSize(r, 64<<10)}
+}
+
+// NewExactReader returns a Reader that never reads past the frame it
+// returns (two reads a frame), for a stream that carries one session
+// after another: the guest's exec ports, where a buffered reader could
+// swallow the start of the next session with the end of the last one.
+func NewExactReader(r io.Reader) *Reader {
+	return &Reader{r: r}
 }
 
 // Read returns the next frame. It returns io.EOF only at a clean frame
@@ -216,7 +224,30 @@ type Start struct {
 	// Exec runs Args in the sandbox that already runs (an exec port's
 	// session): the disks, hostname and clock are left as they are.
 	Exec bool `json:"exec,omitempty"`
+	// Control, on an exec port, asks the agent to act on the sandbox
+	// instead of running Args; the Exit reports how it went.
+	Control Control `json:"control,omitempty"`
+	// Entropy seeds the guest's random pool (Control Restored).
+	Entropy []byte `json:"entropy,omitempty"`
 }
+
+// Control is an action on a running sandbox, for snapshots.
+type Control string
+
+const (
+	// Quiesce flushes the writable layer and freezes it, so that a
+	// snapshot of its disk is consistent with the memory.
+	Quiesce Control = "quiesce"
+	// Thaw undoes Quiesce.
+	Thaw Control = "thaw"
+	// Restored tells a VM restored from a snapshot that it is a new
+	// sandbox: it thaws the writable layer, sets the clock (Time) and
+	// hostname (Hostname), gives the kernel's random pool the host's
+	// Entropy and reseeds it (clones of one snapshot must never share a
+	// random stream), and gives /etc/machine-id a new value if the image
+	// has one.
+	Restored Control = "restored"
+)
 
 // Started reports that the workload runs.
 type Started struct {

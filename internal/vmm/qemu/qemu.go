@@ -20,8 +20,6 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/digitalocean/go-qemu/qmp"
-
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -40,6 +38,8 @@ func (d *Driver) Name() string { return "qemu" }
 // Files under the run directory.
 const (
 	qmpSock     = "qmp.sock"
+	controlSock = "control.sock" // a second QMP monitor, for other processes (snapshot, pause)
+	vmFile      = "vm.json"      // the vmm.Config the VM was started with
 	agentSock   = "agent.sock"
 	consoleSock = "console.sock" // hearth listens, QEMU connects
 )
@@ -112,6 +112,9 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 		"-chardev", "socket,id=console,path=" + run(consoleSock) + ",server=off",
 		"-serial", "chardev:console",
 		"-qmp", "unix:" + run(qmpSock) + ",server=on,wait=off",
+		// QEMU serves each monitor one client at a time, and the process
+		// that started the VM keeps the first for its life.
+		"-qmp", "unix:" + run(controlSock) + ",server=on,wait=off",
 		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
 		"-device", "virtio-rng-device",
 	}
@@ -126,15 +129,61 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 			"-chardev", fmt.Sprintf("socket,id=port%d,path=%s,server=on,wait=off", i, run(channelSock(i))),
 			"-device", fmt.Sprintf("virtserialport,chardev=port%d,name=%s", i, name))
 	}
-	for _, d := range cfg.Drives {
-		drive := fmt.Sprintf("id=%s,file=%s,format=raw,if=none,cache=unsafe,discard=unmap", d.ID, d.Path)
-		if d.ReadOnly {
-			drive = fmt.Sprintf("id=%s,file=%s,format=raw,if=none,readonly=on", d.ID, d.Path)
+	// Drives are opened by hearth and handed to QEMU as file descriptors
+	// in fd sets (driveFiles), never by path: QEMU runs as nobody and
+	// cannot reach the run directory, yet it reopens a writable drive
+	// read-only when a migration (a snapshot) ends, which by path fails
+	// ("bdrv_inactivate_all() failed"). QEMU's image locking is off: its
+	// OFD locks on one set's two descriptors conflict with each other
+	// ("Failed to get "write" lock" when the VM resumes), and hearth gives
+	// each writable disk to one VM (forks get copies).
+	fd := 3
+	for i, d := range cfg.Drives {
+		set := i + 1
+		args = append(args, "-add-fd", fmt.Sprintf("fd=%d,set=%d", fd, set))
+		fd++
+		drive := fmt.Sprintf("id=%s,file=/dev/fdset/%d,file.locking=off,format=raw,if=none,readonly=on", d.ID, set)
+		if !d.ReadOnly {
+			args = append(args, "-add-fd", fmt.Sprintf("fd=%d,set=%d", fd, set))
+			fd++
+			drive = fmt.Sprintf("id=%s,file=/dev/fdset/%d,file.locking=off,format=raw,if=none,cache=unsafe,discard=unmap", d.ID, set)
 		}
 		args = append(args, "-drive", drive,
 			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", d.ID, d.Serial))
 	}
 	return args
+}
+
+// driveFiles opens the drives' files in the order args numbers them: one
+// read-only descriptor per drive, and a read-write one after it for a
+// writable drive.
+func driveFiles(cfg vmm.Config) ([]*os.File, error) {
+	var files []*os.File
+	open := func(path string, flag int) error {
+		f, err := os.OpenFile(path, flag, 0)
+		if err != nil {
+			return fmt.Errorf("drive: %w", err)
+		}
+		files = append(files, f)
+		return nil
+	}
+	for _, d := range cfg.Drives {
+		err := open(d.Path, os.O_RDONLY)
+		if err == nil && !d.ReadOnly {
+			err = open(d.Path, os.O_RDWR)
+		}
+		if err != nil {
+			closeAll(files)
+			return nil, err
+		}
+	}
+	return files, nil
+}
+
+func closeAll(files []*os.File) {
+	for _, f := range files {
+		f.Close()
+	}
 }
 
 // Start launches QEMU and returns once its QMP socket answers.
@@ -159,6 +208,13 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w (install it with: apt-get install qemu-system-x86)", err)
 	}
+	b, err := json.Marshal(cfg)
+	if err != nil {
+		return nil, err
+	}
+	if err := os.WriteFile(filepath.Join(cfg.RunDir, vmFile), b, 0o600); err != nil {
+		return nil, err
+	}
 	console, err := net.Listen("unix", filepath.Join(cfg.RunDir, consoleSock))
 	if err != nil {
 		return nil, fmt.Errorf("console socket: %w", err)
@@ -175,7 +231,14 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 			args = append(args, "-runas", unprivilegedUser)
 		}
 	}
+	files, err := driveFiles(cfg)
+	if err != nil {
+		console.Close()
+		return nil, err
+	}
+	defer closeAll(files) // QEMU has its own copies once started
 	cmd := exec.Command(path, args...)
+	cmd.ExtraFiles = files
 	cmd.Stdout, cmd.Stderr = vm.output, vm.output
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		// Its own process group: a Ctrl-C at the terminal is for the
@@ -223,7 +286,7 @@ type VM struct {
 	cmd     *exec.Cmd
 	done    chan struct{}
 	waitErr error
-	mon     *qmp.SocketMonitor
+	mon     *monitor
 	once    sync.Once
 	console *vmm.TailBuffer // the guest's serial console
 	output  *vmm.TailBuffer // QEMU's own stdout and stderr
@@ -252,12 +315,10 @@ func (v *VM) connectQMP(ctx context.Context) error {
 	defer tick.Stop()
 	for {
 		if _, err := os.Stat(v.path(qmpSock)); err == nil {
-			mon, err := qmp.NewSocketMonitor("unix", v.path(qmpSock), 5*time.Second)
-			if err == nil {
-				if err = mon.Connect(); err == nil {
-					v.mon = mon
-					return nil
-				}
+			if mon, err := dialMonitor(v.path(qmpSock)); err == nil {
+				mon.done, mon.exitErr = v.done, func() error { return v.waitErr }
+				v.mon = mon
+				return nil
 			}
 		}
 		select {
@@ -271,7 +332,7 @@ func (v *VM) connectQMP(ctx context.Context) error {
 }
 
 func (v *VM) checkRunning() error {
-	st, err := v.status()
+	st, err := v.mon.status()
 	if err != nil {
 		return err
 	}
@@ -279,52 +340,6 @@ func (v *VM) checkRunning() error {
 		return fmt.Errorf("qemu is %s, not running", st)
 	}
 	return nil
-}
-
-// status is QEMU's run state: running, paused, inmigrate, postmigrate...
-func (v *VM) status() (string, error) {
-	var st struct {
-		Status string `json:"status"`
-	}
-	err := v.qmp("query-status", nil, &st)
-	return st.Status, err
-}
-
-// qmp runs a QMP command with arguments and decodes its return value
-// into ret (if not nil).
-func (v *VM) qmp(cmd string, args any, ret any) error {
-	return v.qmpFile(cmd, args, ret, nil)
-}
-
-// qmpFile is qmp passing a file descriptor with the command (getfd).
-func (v *VM) qmpFile(cmd string, args any, ret any, f *os.File) error {
-	req := map[string]any{"execute": cmd}
-	if args != nil {
-		req["arguments"] = args
-	}
-	b, err := json.Marshal(req)
-	if err != nil {
-		return err
-	}
-	var raw []byte
-	if f != nil {
-		raw, err = v.mon.RunWithFile(b, f)
-	} else {
-		raw, err = v.mon.Run(b)
-	}
-	if err != nil {
-		return fmt.Errorf("qmp %s: %w", cmd, err)
-	}
-	if ret == nil {
-		return nil
-	}
-	var resp struct {
-		Return json.RawMessage `json:"return"`
-	}
-	if err := json.Unmarshal(raw, &resp); err != nil {
-		return fmt.Errorf("qmp %s: %w", cmd, err)
-	}
-	return json.Unmarshal(resp.Return, ret)
 }
 
 // Channel connects to the agent's virtio-serial chardev. QEMU created it

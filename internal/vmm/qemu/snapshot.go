@@ -5,12 +5,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"os"
 	"path/filepath"
 	"slices"
 	"time"
 
+	"hearth.dev/hearth/internal/sparse"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -52,27 +52,45 @@ func (a info) mismatch(b info) string {
 	return ""
 }
 
-// Pause stops the vCPUs.
-func (v *VM) Pause(context.Context) error { return v.qmp("stop", nil, nil) }
+// control connects to the control monitor of the VM in runDir and runs f.
+func control(runDir string, f func(*monitor) error) error {
+	m, err := dialMonitor(filepath.Join(runDir, controlSock))
+	if err != nil {
+		return fmt.Errorf("connect to the VM in %s: %w", runDir, err)
+	}
+	defer m.Disconnect()
+	return f(m)
+}
+
+// Pause stops the vCPUs of the VM in runDir.
+func (d *Driver) Pause(_ context.Context, runDir string) error {
+	return control(runDir, func(m *monitor) error { return m.qmp("stop", nil, nil) })
+}
 
 // Resume runs them again.
-func (v *VM) Resume(context.Context) error { return v.qmp("cont", nil, nil) }
+func (d *Driver) Resume(_ context.Context, runDir string) error {
+	return control(runDir, func(m *monitor) error { return m.qmp("cont", nil, nil) })
+}
 
-// Snapshot pauses the VM and saves it into dir: the device state through
-// QEMU's migration stream (written by QEMU to a file descriptor hearth
-// passes it: QEMU runs sandboxed, unable to open files or spawn), the
-// memory as a copy of the VM's memory file, and snapshot.json.
-func (v *VM) Snapshot(ctx context.Context, dir string) (err error) {
-	if v.cfg.MemoryFile == "" {
-		return errors.New("snapshot: the VM was started without a memory file")
-	}
-	version, err := v.version()
+// Snapshot pauses the VM in runDir and saves it into dir: the device
+// state through QEMU's migration stream (written by QEMU to a file
+// descriptor hearth passes it: QEMU runs sandboxed, unable to open files
+// or spawn), the memory as a copy of the VM's memory file, and
+// snapshot.json. It returns the configuration the VM was started with.
+func (d *Driver) Snapshot(ctx context.Context, runDir, dir string) (cfg vmm.Config, err error) {
+	b, err := os.ReadFile(filepath.Join(runDir, vmFile))
 	if err != nil {
-		return err
+		return cfg, fmt.Errorf("snapshot: no VM in %s: %w", runDir, err)
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return cfg, err
+	}
+	if cfg.MemoryFile == "" {
+		return cfg, errors.New("snapshot: the VM was started without a memory file")
 	}
 	state, err := os.OpenFile(filepath.Join(dir, vmm.SnapshotState), os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
 	if err != nil {
-		return fmt.Errorf("snapshot: %w", err)
+		return cfg, fmt.Errorf("snapshot: %w", err)
 	}
 	defer func() {
 		state.Close()
@@ -82,86 +100,45 @@ func (v *VM) Snapshot(ctx context.Context, dir string) (err error) {
 			}
 		}
 	}()
-	if err := v.Pause(ctx); err != nil {
-		return err
-	}
-	if err := v.ignoreShared(); err != nil {
-		return err
-	}
-	if err := v.qmpFile("getfd", map[string]string{"fdname": "snapshot"}, nil, state); err != nil {
-		return err
-	}
-	if err := v.qmp("migrate", map[string]string{"uri": "fd:snapshot"}, nil); err != nil {
-		return err
-	}
-	if err := v.waitMigration(ctx, "completed"); err != nil {
-		return fmt.Errorf("snapshot: %w", err)
-	}
-	if err := state.Sync(); err != nil {
-		return err
-	}
-	if err := copyFile(v.cfg.MemoryFile, filepath.Join(dir, vmm.SnapshotMemory)); err != nil {
-		return fmt.Errorf("snapshot memory: %w", err)
-	}
-	in := infoOf(v.cfg, version)
-	in.Created = time.Now().UTC()
-	b, err := json.MarshalIndent(in, "", "  ")
-	if err != nil {
-		return err
-	}
-	return os.WriteFile(filepath.Join(dir, vmm.SnapshotInfo), b, 0o600)
-}
-
-// ignoreShared leaves shared RAM (the memory file) out of the migration
-// stream: it is saved, or mapped, as the file itself.
-func (v *VM) ignoreShared() error {
-	return v.qmp("migrate-set-capabilities", map[string]any{
-		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
-	}, nil)
-}
-
-// waitMigration polls the migration until it reaches want, or fails.
-func (v *VM) waitMigration(ctx context.Context, want string) error {
-	for {
-		var st struct {
-			Status      string `json:"status"`
-			ErrorString string `json:"error-desc"`
-		}
-		if err := v.qmp("query-migrate", nil, &st); err != nil {
+	var version string
+	err = control(runDir, func(m *monitor) error {
+		if version, err = m.version(); err != nil {
 			return err
 		}
-		switch st.Status {
-		case want:
-			return nil
-		case "failed", "cancelled":
-			return fmt.Errorf("migration %s: %s", st.Status, st.ErrorString)
+		if err := m.qmp("stop", nil, nil); err != nil {
+			return err
 		}
-		select {
-		case <-ctx.Done():
-			return ctx.Err()
-		case <-v.done:
-			return fmt.Errorf("%w during migration: %v", vmm.ErrExited, v.waitErr)
-		case <-time.After(2 * time.Millisecond):
+		if err := m.ignoreShared(); err != nil {
+			return err
 		}
+		if err := m.qmpFile("getfd", map[string]string{"fdname": "snapshot"}, nil, state); err != nil {
+			return err
+		}
+		if err := m.qmp("migrate", map[string]string{"uri": "fd:snapshot"}, nil); err != nil {
+			return err
+		}
+		return m.waitMigration(ctx, "completed")
+	})
+	if err != nil {
+		return cfg, fmt.Errorf("snapshot: %w", err)
 	}
-}
-
-func (v *VM) version() (string, error) {
-	var ver struct {
-		QEMU struct {
-			Major, Minor, Micro int
-		} `json:"qemu"`
-		Package string `json:"package"`
+	if err := state.Sync(); err != nil {
+		return cfg, err
 	}
-	if err := v.qmp("query-version", nil, &ver); err != nil {
-		return "", err
+	if err := sparse.Copy(cfg.MemoryFile, filepath.Join(dir, vmm.SnapshotMemory)); err != nil {
+		return cfg, fmt.Errorf("snapshot memory: %w", err)
 	}
-	return fmt.Sprintf("%d.%d.%d %s", ver.QEMU.Major, ver.QEMU.Minor, ver.QEMU.Micro, ver.Package), nil
+	in := infoOf(cfg, version)
+	in.Created = time.Now().UTC()
+	if b, err = json.MarshalIndent(in, "", "  "); err != nil {
+		return cfg, err
+	}
+	return cfg, os.WriteFile(filepath.Join(dir, vmm.SnapshotInfo), b, 0o600)
 }
 
 // Restore starts QEMU waiting for an incoming migration, with guest RAM
 // mapped privately from the snapshot's memory file, and feeds it the
-// saved device state. A snapshot that is incomplete, corrupt or of
+// saved device state; the VM is left paused. A snapshot that is incomplete, corrupt or of
 // another machine is refused with vmm.ErrBadSnapshot and leaves no QEMU
 // behind.
 func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.VM, error) {
@@ -190,25 +167,25 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 	if err != nil {
 		return nil, err
 	}
-	version, err := vm.version()
+	version, err := vm.mon.version()
 	if err != nil {
 		return nil, vm.fail(err)
 	}
 	if why := saved.mismatch(infoOf(cfg, version)); why != "" {
 		return nil, errors.Join(fmt.Errorf("%w: %s", vmm.ErrBadSnapshot, why), vm.Kill())
 	}
-	if err := vm.ignoreShared(); err != nil {
+	if err := vm.mon.ignoreShared(); err != nil {
 		return nil, vm.fail(err)
 	}
-	if err := vm.qmpFile("getfd", map[string]string{"fdname": "snapshot"}, nil, state); err != nil {
+	if err := vm.mon.qmpFile("getfd", map[string]string{"fdname": "snapshot"}, nil, state); err != nil {
 		return nil, vm.fail(err)
 	}
-	if err := vm.qmp("migrate-incoming", map[string]string{"uri": "fd:snapshot"}, nil); err != nil {
+	if err := vm.mon.qmp("migrate-incoming", map[string]string{"uri": "fd:snapshot"}, nil); err != nil {
 		return nil, vm.fail(err)
 	}
 	// QEMU ends itself if the stream does not load. The guest was paused
-	// when it was saved, so it stays paused once loaded: run it.
-	if err := vm.waitMigration(ctx, "completed"); err != nil {
+	// when it was saved, so it stays paused once loaded, until Resume.
+	if err := vm.mon.waitMigration(ctx, "completed"); err != nil {
 		select {
 		case <-vm.done:
 			err = fmt.Errorf("%w: QEMU could not load it", vmm.ErrBadSnapshot)
@@ -216,26 +193,5 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 		}
 		return nil, vm.fail(err)
 	}
-	if err := vm.Resume(ctx); err != nil {
-		return nil, vm.fail(err)
-	}
 	return vm, nil
-}
-
-// copyFile copies src to a new file dst (the kernel copies, in-kernel).
-func copyFile(src, dst string) error {
-	in, err := os.Open(src)
-	if err != nil {
-		return err
-	}
-	defer in.Close()
-	out, err := os.OpenFile(dst, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
-	if err != nil {
-		return err
-	}
-	if _, err := io.Copy(out, in); err != nil {
-		out.Close()
-		return err
-	}
-	return out.Close()
 }

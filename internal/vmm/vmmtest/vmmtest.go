@@ -153,16 +153,20 @@ func snapshotRestore(t *testing.T, d vmm.Driver, cfg func(*testing.T) vmm.Config
 	}
 	defer vm.Kill()
 	time.Sleep(time.Second) // let the guest boot some way: the clones go on from wherever it was
-	if err := vm.Pause(ctx); err != nil {
+	if err := d.Pause(ctx, c.RunDir); err != nil {
 		t.Fatalf("pause: %v", err)
 	}
-	if err := vm.Resume(ctx); err != nil {
+	if err := d.Resume(ctx, c.RunDir); err != nil {
 		t.Fatalf("resume: %v", err)
 	}
 	snap := t.TempDir()
 	start := time.Now()
-	if err := vm.Snapshot(ctx, snap); err != nil {
+	saved, err := d.Snapshot(ctx, c.RunDir, snap)
+	if err != nil {
 		t.Fatalf("snapshot: %v\n%s", err, vm.Logs(4096))
+	}
+	if saved.MemoryMiB != c.MemoryMiB || saved.MemoryFile != c.MemoryFile {
+		t.Errorf("snapshot returned config %+v, want the VM's", saved)
 	}
 	t.Logf("snapshot of %d MiB in %s", c.MemoryMiB, time.Since(start).Round(time.Millisecond))
 	if err := vm.Kill(); err != nil {
@@ -186,6 +190,9 @@ func snapshotRestore(t *testing.T, d vmm.Driver, cfg func(*testing.T) vmm.Config
 			t.Fatalf("restore %d: %v", i, err)
 		}
 		defer clone.Kill()
+		if err := d.Resume(ctx, cc.RunDir); err != nil {
+			t.Fatalf("resume clone %d: %v", i, err)
+		}
 		t.Logf("restore %d in %s", i, time.Since(start).Round(time.Millisecond))
 		clones[i] = clone
 		maps, _ := os.ReadFile(fmt.Sprintf("/proc/%d/maps", clone.Pid()))

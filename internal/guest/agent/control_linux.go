@@ -1,0 +1,112 @@
+package agent
+
+import (
+	"crypto/rand"
+	"encoding/binary"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os"
+	"unsafe"
+
+	"golang.org/x/sys/unix"
+
+	"hearth.dev/hearth/internal/guest/protocol"
+)
+
+// rwRoot is the writable disk's filesystem, opened before the agent
+// changes root (after which the disk's own mount is out of reach; the
+// overlay above it cannot be frozen).
+var rwRoot *os.File
+
+// ioctls of linux/fs.h, which x/sys/unix does not name.
+const (
+	fifreeze = 0xc0045877 // _IOWR('X', 119, int)
+	fithaw   = 0xc0045878 // _IOWR('X', 120, int)
+)
+
+// control carries out a snapshot-related action on the running sandbox.
+func control(st *protocol.Start) error {
+	switch st.Control {
+	case protocol.Quiesce:
+		unix.Sync()
+		return freeze(fifreeze)
+	case protocol.Thaw:
+		return thaw()
+	case protocol.Restored:
+		return restored(st)
+	}
+	return fmt.Errorf("unknown control %q", st.Control)
+}
+
+func freeze(op uint) error {
+	if rwRoot == nil {
+		return errors.New("the writable layer is not mounted")
+	}
+	return unix.IoctlSetInt(int(rwRoot.Fd()), op, 0)
+}
+
+// thaw thaws the writable layer; one that is not frozen is fine.
+func thaw() error {
+	if err := freeze(fithaw); err != nil && !errors.Is(err, unix.EINVAL) {
+		return err
+	}
+	return nil
+}
+
+func restored(st *protocol.Start) error {
+	if err := thaw(); err != nil {
+		return err
+	}
+	if st.Time != 0 {
+		tv := unix.NsecToTimeval(st.Time)
+		if err := unix.Settimeofday(&tv); err != nil {
+			return fmt.Errorf("set the clock: %w", err)
+		}
+	}
+	if st.Hostname != "" {
+		if err := unix.Sethostname([]byte(st.Hostname)); err != nil {
+			return fmt.Errorf("set the hostname: %w", err)
+		}
+	}
+	if len(st.Entropy) > 0 {
+		if err := reseed(st.Entropy); err != nil {
+			return fmt.Errorf("reseed the random pool: %w", err)
+		}
+	}
+	// A machine-id the image has identifies this sandbox now; one it has
+	// not (most container images) is left absent.
+	if fi, err := os.Stat("/etc/machine-id"); err == nil && fi.Size() > 0 {
+		id := make([]byte, 16)
+		if _, err := rand.Read(id); err != nil {
+			return err
+		}
+		if err := os.WriteFile("/etc/machine-id", []byte(hex.EncodeToString(id)+"\n"), 0o444); err != nil {
+			return fmt.Errorf("machine-id: %w", err)
+		}
+	}
+	return nil
+}
+
+// reseed credits the host's entropy to the kernel's input pool
+// (RNDADDENTROPY: struct rand_pool_info) and makes the CRNG reseed from it
+// at once (RNDRESEEDCRNG), so that getrandom and /dev/urandom diverge
+// from every other clone's from the next byte on.
+func reseed(entropy []byte) error {
+	f, err := os.OpenFile("/dev/urandom", os.O_WRONLY, 0)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	info := make([]byte, 8+len(entropy))
+	binary.NativeEndian.PutUint32(info[0:], uint32(len(entropy)*8)) // entropy_count, in bits
+	binary.NativeEndian.PutUint32(info[4:], uint32(len(entropy)))   // buf_size
+	copy(info[8:], entropy)
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDADDENTROPY, uintptr(unsafe.Pointer(&info[0]))); errno != 0 {
+		return fmt.Errorf("RNDADDENTROPY: %w", errno)
+	}
+	if _, _, errno := unix.Syscall(unix.SYS_IOCTL, f.Fd(), unix.RNDRESEEDCRNG, 0); errno != 0 {
+		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
+	}
+	return nil
+}
