@@ -66,9 +66,10 @@ func TestSnapshotAndFork(t *testing.T) {
 	runCtx, stopRun := context.WithCancel(ctx)
 	ran := make(chan error, 1)
 	go func() {
-		// The count lives in the shell's memory; the file only shows it.
+		// The count lives in the shell's memory; the file only shows it
+		// (renamed into place, so that a read never finds it empty).
 		_, err := rt.Run(runCtx, Spec{Image: ref, CPUs: 1, MemoryMiB: 128, DiskMiB: 64, Name: "origin", Snapshottable: true,
-			Entrypoint: []string{"sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/counter; sleep 0.05; done"}},
+			Entrypoint: []string{"sh", "-c", "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/counter; sleep 0.05; done"}},
 			IO{Stdout: io.Discard, Stderr: io.Discard, Target: func(tg Target) { targets <- tg }})
 		ran <- err
 	}()
