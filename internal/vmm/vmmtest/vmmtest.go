@@ -47,28 +47,8 @@ func Run(t *testing.T, d vmm.Driver) {
 			t.Fatal(err)
 		}
 		defer vm.Kill()
-		conn, err := vm.Channel(ctx)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer conn.Close()
-		w, r := protocol.NewWriter(conn), protocol.NewReader(conn)
-		// An agent of another protocol version answers with its own
-		// version and powers off: the driver's channel carries both ways.
-		if err := w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version + 100}); err != nil {
-			t.Fatal(err)
-		}
-		f, err := r.Read()
-		if err != nil {
-			t.Fatalf("no hello from the guest: %v\n%s", err, vm.Logs(4096))
-		}
-		var h protocol.Hello
-		if f.Type != protocol.THello || protocol.Decode(f, &h) != nil || h.Version != protocol.Version {
-			t.Fatalf("guest answered %s %q", f.Type, f.Payload)
-		}
-		if err := vm.Wait(ctx); err != nil {
-			t.Fatalf("wait: %v", err)
-		}
+		// The driver's channel carries both ways.
+		hello(ctx, t, vm)
 		if !strings.Contains(vm.Logs(4096), "host speaks protocol") {
 			t.Errorf("the agent's complaint is not in the logs:\n%s", vm.Logs(4096))
 		}
