@@ -110,7 +110,7 @@ func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config, o C
 		return err
 	}
 	sched := &scheduler.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-scheduler"), Log: log,
-		Policy: v1alpha1.Placement(o.Placement), HostTimeout: o.HostTimeout}
+		Policy: v1alpha1.Placement(o.Placement)}
 	if err := sched.SetupWithManager(mgr); err != nil {
 		return err
 	}

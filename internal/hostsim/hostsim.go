@@ -14,9 +14,7 @@ import (
 	"sync"
 	"time"
 
-	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
-	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/watch"
@@ -27,6 +25,7 @@ import (
 	"golang.org/x/sync/errgroup"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/node"
 )
 
 // Options say which hosts to simulate.
@@ -113,17 +112,7 @@ func (s *Sim) register(ctx context.Context, name string, i int) error {
 }
 
 func (s *Sim) renew(ctx context.Context, name string) error {
-	now := metav1.NowMicro()
-	l := &coordinationv1.Lease{ObjectMeta: metav1.ObjectMeta{Namespace: v1alpha1.LeaseNamespace, Name: name},
-		Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(name), RenewTime: &now}}
-	err := s.o.Client.Create(ctx, l)
-	if apierrors.IsAlreadyExists(err) {
-		if err = s.o.Client.Get(ctx, client.ObjectKeyFromObject(l), l); err == nil {
-			l.Spec.RenewTime = &now
-			err = s.o.Client.Update(ctx, l)
-		}
-	}
-	return err
+	return node.RenewLease(ctx, s.o.Client, name, s.o.Heartbeat)
 }
 
 func (s *Sim) heartbeat(ctx context.Context) {

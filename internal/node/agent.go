@@ -317,13 +317,19 @@ func (a *Agent) reportImages(ctx context.Context, c client.Client) error {
 }
 
 func (a *Agent) renew(ctx context.Context, c client.Client) error {
+	return RenewLease(ctx, c, a.cfg.Name, a.cfg.Heartbeat)
+}
+
+// RenewLease renews, creating it the first time, the heartbeat Lease of
+// host, renewed every interval (it lasts four of them).
+func RenewLease(ctx context.Context, c client.Client, host string, interval time.Duration) error {
 	now := metav1.NowMicro()
 	var l coordinationv1.Lease
-	err := c.Get(ctx, types.NamespacedName{Namespace: v1alpha1.LeaseNamespace, Name: a.cfg.Name}, &l)
+	err := c.Get(ctx, types.NamespacedName{Namespace: v1alpha1.LeaseNamespace, Name: host}, &l)
 	if apierrors.IsNotFound(err) {
 		l = coordinationv1.Lease{
-			ObjectMeta: metav1.ObjectMeta{Namespace: v1alpha1.LeaseNamespace, Name: a.cfg.Name},
-			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(a.cfg.Name), LeaseDurationSeconds: ptr.To(int32(4 * a.cfg.Heartbeat / time.Second)),
+			ObjectMeta: metav1.ObjectMeta{Namespace: v1alpha1.LeaseNamespace, Name: host},
+			Spec: coordinationv1.LeaseSpec{HolderIdentity: ptr.To(host), LeaseDurationSeconds: ptr.To(int32(4 * interval / time.Second)),
 				AcquireTime: &now, RenewTime: &now},
 		}
 		return c.Create(ctx, &l)

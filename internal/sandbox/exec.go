@@ -38,22 +38,32 @@ func Exec(ctx context.Context, driver vmm.Driver, t Target, port int, spec ExecS
 	if len(spec.Args) == 0 {
 		return nil, errors.New("exec: no command given")
 	}
-	if log == nil {
-		log = slog.New(slog.DiscardHandler)
-	}
 	st := t.Start
-	st.Exec = true
 	st.Args = spec.Args
 	st.Env = mergeEnv(st.Env, spec.Env)
 	st.Dir = firstNonEmpty(spec.WorkingDir, st.Dir)
 	st.User = firstNonEmpty(spec.User, st.User)
 	st.TTY, st.Stdin, st.Rows, st.Cols = spec.TTY, spec.Stdin, spec.Rows, spec.Cols
-	st.Image, st.Writable, st.Time = protocol.Disk{}, protocol.Disk{}, 0
-	vm := &execChannel{driver: driver, dir: t.RunDir, port: port}
-	s := &session{vm: vm, runDir: t.RunDir, sio: sio, start: time.Now(), log: log}
+	st.Time = 0
+	res, err := onPort(ctx, driver, t.RunDir, port, st, sio, log)
+	if err != nil && errors.Is(err, ErrBoot) {
+		return nil, fmt.Errorf("exec: %w", err)
+	}
+	return res, err
+}
+
+// onPort runs one session (st, made an exec session) with the guest agent
+// of the sandbox in runDir, over exec port port.
+func onPort(ctx context.Context, driver vmm.Driver, runDir string, port int, st protocol.Start, sio IO, log *slog.Logger) (*Result, error) {
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	st.Exec = true
+	st.Image, st.Writable = protocol.Disk{}, protocol.Disk{}
+	s := &session{vm: &execChannel{driver: driver, dir: runDir, port: port}, runDir: runDir, sio: sio, start: time.Now(), log: log}
 	res, err := s.run(ctx, st, 30*time.Second)
 	if err != nil && errors.Is(err, ErrBoot) {
-		return nil, fmt.Errorf("exec: the sandbox's agent did not answer on exec port %d: %w", port, err)
+		return nil, fmt.Errorf("the sandbox's agent did not answer on exec port %d: %w", port, err)
 	}
 	return res, err
 }

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -47,11 +46,8 @@ type savedSandbox struct {
 // Control runs a control action (protocol.Control) in the running
 // sandbox t over exec port port.
 func Control(ctx context.Context, driver vmm.Driver, t Target, port int, st protocol.Start) error {
-	st.Exec, st.Args = true, nil
-	st.Image, st.Writable = protocol.Disk{}, protocol.Disk{}
-	s := &session{vm: &execChannel{driver: driver, dir: t.RunDir, port: port}, runDir: t.RunDir,
-		start: time.Now(), log: slog.New(slog.DiscardHandler)}
-	res, err := s.run(ctx, st, 30*time.Second)
+	st.Args = nil
+	res, err := onPort(ctx, driver, t.RunDir, port, st, IO{}, nil)
 	if err != nil {
 		return fmt.Errorf("%s: %w", st.Control, err)
 	}

@@ -7,10 +7,8 @@ import (
 	"sort"
 	"sync"
 	"sync/atomic"
-	"time"
 
 	"golang.org/x/sync/errgroup"
-	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
@@ -26,22 +24,17 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 )
 
-// DefaultHostTimeout is how long a host's lease may go unrenewed before
-// the scheduler stops placing sandboxes on it.
-const DefaultHostTimeout = 40 * time.Second
-
-// Controller binds sandboxes. Every change to a sandbox, host or host
-// lease triggers one pass over all pending sandboxes: a pass sees the
-// whole cluster, so freed capacity is reused at once and the oldest
-// pending sandbox goes first.
+// Controller binds sandboxes. Every change to a sandbox or host triggers
+// one pass over all pending sandboxes: a pass sees the whole cluster, so
+// freed capacity is reused at once and the oldest pending sandbox goes
+// first. A host is ready by its Ready condition, which the host lifecycle
+// controller keeps in line with its heartbeats (a lapse is a Host event).
 type Controller struct {
 	Client   client.Client
 	Recorder record.EventRecorder
 	Log      *slog.Logger
 	// Policy is the default placement (Spread unless set).
 	Policy v1alpha1.Placement
-	// HostTimeout is DefaultHostTimeout unless set.
-	HostTimeout time.Duration
 
 	mu sync.Mutex
 	// assumed are bindings written but not yet seen in the cache, so that
@@ -59,9 +52,6 @@ var passKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "pass
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	c.assumed = map[types.UID]assumption{}
-	if c.HostTimeout == 0 {
-		c.HostTimeout = DefaultHostTimeout
-	}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{passKey}
 	})
@@ -69,7 +59,6 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		Named("scheduler").
 		Watches(&v1alpha1.Sandbox{}, all).
 		Watches(&v1alpha1.Host{}, all).
-		Watches(&coordinationv1.Lease{}, all).
 		Complete(c)
 }
 
@@ -87,11 +76,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	if err := c.Client.List(ctx, &hostList); err != nil {
 		return reconcile.Result{}, err
 	}
-	var leases coordinationv1.LeaseList
-	if err := c.Client.List(ctx, &leases, client.InNamespace(v1alpha1.LeaseNamespace)); err != nil {
-		return reconcile.Result{}, err
-	}
-	snap := c.snapshot(hostList.Items, leases.Items, sbs.Items)
+	snap := c.snapshot(hostList.Items, sbs.Items)
 
 	var pending, release []*v1alpha1.Sandbox
 	for i := range sbs.Items {
@@ -164,9 +149,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	}); err != nil {
 		return reconcile.Result{}, err
 	}
-	// Hosts' leases expire without an event: look again while any host is
-	// ready, so that a silent host is noticed.
-	return reconcile.Result{Requeue: retry.Load(), RequeueAfter: c.HostTimeout / 2}, nil
+	return reconcile.Result{Requeue: retry.Load()}, nil
 }
 
 // forEach runs f(0..n-1) on up to 16 goroutines and returns the first error.
@@ -191,19 +174,11 @@ func equivalence(sb *v1alpha1.Sandbox) string {
 
 // snapshot builds the cluster as placement sees it, counting what is
 // bound and what was just bound.
-func (c *Controller) snapshot(hostItems []v1alpha1.Host, leases []coordinationv1.Lease, sbs []v1alpha1.Sandbox) *Snapshot {
-	renewed := map[string]time.Time{}
-	for _, l := range leases {
-		if l.Spec.RenewTime != nil {
-			renewed[l.Name] = l.Spec.RenewTime.Time
-		}
-	}
+func (c *Controller) snapshot(hostItems []v1alpha1.Host, sbs []v1alpha1.Sandbox) *Snapshot {
 	hosts := make([]*Host, 0, len(hostItems))
 	for i := range hostItems {
 		h := &hostItems[i]
-		ready := meta.IsStatusConditionTrue(h.Status.Conditions, v1alpha1.HostConditionReady) &&
-			time.Since(renewed[h.Name]) < c.HostTimeout
-		hosts = append(hosts, HostFrom(h, ready))
+		hosts = append(hosts, HostFrom(h, meta.IsStatusConditionTrue(h.Status.Conditions, v1alpha1.HostConditionReady)))
 	}
 	snap := NewSnapshot(hosts, c.Policy)
 	c.mu.Lock()
