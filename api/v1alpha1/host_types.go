@@ -45,6 +45,14 @@ type HostStatus struct {
 	// the scheduler can prefer it for sandboxes of those images.
 	// +optional
 	Images []string `json:"images,omitempty"`
+	// Snapshots are the Snapshots (namespace/name) in this host's
+	// snapshot store: a sandbox started from one runs here.
+	// +optional
+	Snapshots []string `json:"snapshots,omitempty"`
+	// Templates are the SandboxTemplates (namespace/name) this host holds
+	// a ready snapshot of.
+	// +optional
+	Templates []string `json:"templates,omitempty"`
 	// +listType=map
 	// +listMapKey=type
 	// +optional

@@ -63,11 +63,19 @@ type Resources struct {
 }
 
 // SandboxSpec is what to run and where.
+// +kubebuilder:validation:XValidation:rule="has(self.image) || has(self.source)",message="give an image, or a source to start from"
+// +kubebuilder:validation:XValidation:rule="has(self.source) == has(oldSelf.source) && (!has(self.source) || self.source == oldSelf.source)",message="source is immutable"
 type SandboxSpec struct {
 	// Image is an OCI image reference (a registry reference, oci:DIR[:TAG]
-	// or docker-archive:FILE).
+	// or docker-archive:FILE). A sandbox with a source may leave it out:
+	// it runs the source's image.
 	// +kubebuilder:validation:MinLength=1
-	Image string `json:"image"`
+	// +optional
+	Image string `json:"image,omitempty"`
+	// Source starts the sandbox from a snapshot, a template or a warm pool
+	// instead of booting the image.
+	// +optional
+	Source *SandboxSource `json:"source,omitempty"`
 	// Command replaces the image's Entrypoint.
 	// +optional
 	Command []string `json:"command,omitempty"`
@@ -124,6 +132,29 @@ type SandboxSpec struct {
 	// TTY gives the workload a terminal.
 	// +optional
 	TTY bool `json:"tty,omitempty"`
+}
+
+// SandboxSource is what a sandbox starts from; exactly one is set. From a
+// memory snapshot, a template or a warm pool the sandbox runs on from a
+// saved, running VM: its command and args, if given, run in it as the
+// workload (the saved process runs on beside it); without them the saved
+// workload is the sandbox's. From a disk-only snapshot it boots its image
+// (the snapshot's unless given) with the saved writable layer.
+// +kubebuilder:validation:XValidation:rule="(has(self.snapshot) ? 1 : 0) + (has(self.template) ? 1 : 0) + (has(self.warmPool) ? 1 : 0) == 1",message="set exactly one of snapshot, template and warmPool"
+type SandboxSource struct {
+	// Snapshot names a Snapshot in the namespace. The sandbox runs on the
+	// host that holds it.
+	// +optional
+	Snapshot string `json:"snapshot,omitempty"`
+	// Template names a SandboxTemplate in the namespace: the sandbox is a
+	// fork of its snapshot on the host it is placed on (made there first
+	// if the host has none).
+	// +optional
+	Template string `json:"template,omitempty"`
+	// WarmPool names a WarmPool in the namespace: the sandbox takes one of
+	// its ready sandboxes (a claim), or waits for one.
+	// +optional
+	WarmPool string `json:"warmPool,omitempty"`
 }
 
 // Placement is how the scheduler chooses among hosts that fit.
@@ -195,6 +226,10 @@ type SandboxStatus struct {
 	// RestartCount is how many times the workload was started again.
 	// +optional
 	RestartCount int32 `json:"restartCount,omitempty"`
+	// WarmPoolMember is the warm pool's sandbox whose VM this sandbox
+	// took over (spec.source.warmPool); set with the binding.
+	// +optional
+	WarmPoolMember string `json:"warmPoolMember,omitempty"`
 	// +listType=map
 	// +listMapKey=type
 	// +optional
@@ -260,6 +295,15 @@ func (s *SandboxStatus) Unbind(reason, message string) {
 
 func init() {
 	SchemeBuilder.Register(&Sandbox{}, &SandboxList{})
+}
+
+// ClaimsWarmPool reports whether the sandbox is to take over a running
+// sandbox of a warm pool. One with a command of its own does not: the
+// pool's VMs run the template's process, so it starts as a fork of the
+// pool's template instead.
+func (s *Sandbox) ClaimsWarmPool() bool {
+	src := s.Spec.Source
+	return src != nil && src.WarmPool != "" && len(s.Spec.Command) == 0 && len(s.Spec.Args) == 0
 }
 
 // Default values of Resources, as the CRD defaults them.

@@ -374,7 +374,7 @@ func (a *api) remove(ctx context.Context, name string, wait bool) error {
 
 // runRemote is hearth run through the API: create a Sandbox, stream its
 // output, wait for its end, delete it (unless --detach).
-func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) error {
+func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec, src *v1alpha1.SandboxSource) error {
 	a, err := g.api()
 	if err != nil {
 		return err
@@ -391,7 +391,23 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 				Disk:   resource.NewQuantity(int64(spec.DiskMiB)<<20, resource.BinarySI),
 			},
 			RestartPolicy: v1alpha1.RestartNever,
+			Source:        src,
 		},
+	}
+	if src != nil {
+		// The source's VM has its own size; a sandbox made from it
+		// requests what the flags say only when given.
+		fl := cmd.Flags()
+		r := &sb.Spec.Resources
+		if !fl.Changed("cpus") {
+			r.CPU = nil
+		}
+		if !fl.Changed("memory") {
+			r.Memory = nil
+		}
+		if !fl.Changed("disk") {
+			r.Disk = nil
+		}
 	}
 	if sb.Name == "" {
 		sb.GenerateName = "run-"
@@ -425,6 +441,10 @@ func runRemote(cmd *cobra.Command, g *globals, f *runFlags, spec sandbox.Spec) e
 	})
 	if err != nil {
 		return err
+	}
+	if sb.Status.Phase.Terminal() && sb.Status.StartedAt == nil {
+		// It never ran: there is no output to show, only why.
+		return &ExitError{Code: int(ptrOr(sb.Status.ExitCode, 125)), Msg: strings.TrimSpace(sb.Status.Reason + ": " + sb.Status.Message)}
 	}
 	if spec.Stdin {
 		// Input through attach; output through the log, which has it

@@ -79,7 +79,7 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringVar(&g.namespace, "namespace", "", "the API namespace (default: the kubeconfig's, else default)")
 
 	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g),
-		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g), hostCmd(g))
+		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g), hostCmd(g), snapshotCmd(g))
 	return finish(root.Execute(), stderr)
 }
 

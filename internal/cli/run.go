@@ -17,6 +17,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
+	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/sandbox"
@@ -31,12 +32,32 @@ type runFlags struct {
 	cpus                 int
 	memory, disk         string
 	accel, pull, kernel  string
+	// A source to start from instead of an image (through the API).
+	template, snapshot, pool string
+}
+
+// source is the sandbox source the flags name, or nil.
+func (f *runFlags) source() (*v1alpha1.SandboxSource, error) {
+	src := &v1alpha1.SandboxSource{Template: f.template, Snapshot: f.snapshot, WarmPool: f.pool}
+	n := 0
+	for _, v := range []string{f.template, f.snapshot, f.pool} {
+		if v != "" {
+			n++
+		}
+	}
+	switch n {
+	case 0:
+		return nil, nil
+	case 1:
+		return src, nil
+	}
+	return nil, errors.New("give one of --template, --snapshot and --pool")
 }
 
 func runCmd(g *globals) *cobra.Command {
 	f := &runFlags{}
 	cmd := &cobra.Command{
-		Use:   "run [flags] IMAGE [COMMAND [ARG...]]",
+		Use:   "run [flags] IMAGE [COMMAND [ARG...]]\n  hearth run [flags] --template NAME|--snapshot NAME|--pool NAME [COMMAND [ARG...]]",
 		Short: "Boot a micro-VM from an image and run a command in it",
 		Long: `Boot a micro-VM from IMAGE and run COMMAND in it, as docker run does.
 
@@ -45,13 +66,21 @@ IMAGE is a registry reference (localhost:5000/tools:1), an OCI layout
 COMMAND replaces the image's Cmd; the image's Entrypoint, Env, WorkingDir and
 User apply unless overridden by flags.
 
+Through the API, --template, --snapshot or --pool start the sandbox from a
+SandboxTemplate's snapshot, a Snapshot or a WarmPool's ready sandbox instead
+of booting an image: COMMAND, if given, runs in it as the workload (the saved
+process runs on beside it); without, the saved workload runs on. A disk-only
+snapshot boots the saved sandbox's image with the saved files. A --pool claim
+with a COMMAND starts as a fork of the pool's template (the pool's sandboxes
+run the template's process).
+
 The exit status is the workload's: 128+N if signal N killed it, 125 if hearth
 itself failed, 126 if the command cannot be invoked, 127 if it is not found.
 Ctrl-C sends SIGINT to the workload; a second Ctrl-C sends SIGKILL.`,
 		Example: `  hearth run localhost:5000/tools:1 -- sh -c 'echo hello; exit 3'
   echo data | hearth run -i localhost:5000/tools:1 -- wc -c
-  hearth run --rm -it localhost:5000/tools:1 -- sh`,
-		Args: cobra.MinimumNArgs(1),
+  hearth run --rm -it localhost:5000/tools:1 -- sh
+  hearth run --template python -- python3 -c 'print(2+2)'`,
 		RunE: func(cmd *cobra.Command, args []string) error {
 			return runRun(cmd, g, f, args)
 		},
@@ -74,6 +103,9 @@ Ctrl-C sends SIGINT to the workload; a second Ctrl-C sends SIGKILL.`,
 	fl.StringVar(&f.kernel, "kernel", "", "guest kernel (default $HEARTH_KERNEL, else the cache's kernel/vmlinux)")
 	fl.BoolVar(&f.local, "local", false, "run on this machine even when a hearth API is configured")
 	fl.BoolVarP(&f.detach, "detach", "d", false, "through the API: create the sandbox, print its name and return")
+	fl.StringVar(&f.template, "template", "", "through the API: start from this SandboxTemplate's snapshot (no IMAGE)")
+	fl.StringVar(&f.snapshot, "snapshot", "", "through the API: start from this Snapshot (no IMAGE)")
+	fl.StringVar(&f.pool, "pool", "", "through the API: take a ready sandbox of this WarmPool (no IMAGE)")
 	return cmd
 }
 
@@ -95,13 +127,24 @@ func (g *globals) runtime(accelFlag, pullFlag, kernel string, progress io.Writer
 
 func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 	stderr := cmd.ErrOrStderr()
-	command := args[1:]
+	src, err := f.source()
+	if err != nil {
+		return err
+	}
+	var img string
+	command := args
+	if src == nil {
+		if len(args) == 0 {
+			return errors.New("give an IMAGE to run, or --template, --snapshot or --pool")
+		}
+		img, command = args[0], args[1:]
+	}
 	if len(command) > 0 && command[0] == "--" {
 		// With flag parsing stopped at IMAGE, a "--" after it is ours.
 		command = command[1:]
 	}
 	spec := sandbox.Spec{
-		Image:      args[0],
+		Image:      img,
 		Command:    command,
 		WorkingDir: f.workdir,
 		User:       f.user,
@@ -110,7 +153,6 @@ func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 		CPUs:       f.cpus,
 		Name:       f.name,
 	}
-	var err error
 	if spec.MemoryMiB, err = parseMiB("--memory", f.memory); err != nil {
 		return err
 	}
@@ -120,11 +162,22 @@ func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {
 	if spec.Env, err = collectEnv(f.envFiles, f.env); err != nil {
 		return err
 	}
+	if src != nil {
+		if g.kubeconfig() == "" || f.local {
+			return errors.New("--template, --snapshot and --pool start sandboxes through the hearth API: give a --kubeconfig")
+		}
+		valid := spec
+		valid.Image = "-" // the source's
+		if err := valid.Validate(); err != nil {
+			return err
+		}
+		return runRemote(cmd, g, f, spec, src)
+	}
 	if err := spec.Validate(); err != nil {
 		return err
 	}
 	if g.kubeconfig() != "" && !f.local {
-		return runRemote(cmd, g, f, spec)
+		return runRemote(cmd, g, f, spec, nil)
 	}
 	stdin := cmd.InOrStdin()
 	stdinFile, _ := stdin.(*os.File)

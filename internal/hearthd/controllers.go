@@ -22,6 +22,7 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hostlifecycle"
 	"hearth.dev/hearth/internal/scheduler"
+	"hearth.dev/hearth/internal/warmpool"
 )
 
 // Scheme has hearth's types and Kubernetes' built-in ones, for the
@@ -117,6 +118,10 @@ func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config, o C
 	life := &hostlifecycle.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-host-lifecycle"), Log: log,
 		Timeout: o.HostTimeout, LostAfter: o.HostLostAfter}
 	if err := life.SetupWithManager(ctx, mgr); err != nil {
+		return err
+	}
+	pools := &warmpool.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-warmpool"), Log: log}
+	if err := pools.SetupWithManager(ctx, mgr); err != nil {
 		return err
 	}
 	return mgr.Start(ctx)

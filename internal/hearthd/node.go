@@ -81,6 +81,7 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		Images:       &image.Store{Dir: filepath.Join(config.CacheDir(), "images"), Log: log},
 		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
+		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),
 		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log),
 	}
 	if cfg.Address == "" {

@@ -17,6 +17,7 @@ import (
 	"runtime"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	coordinationv1 "k8s.io/api/coordination/v1"
@@ -64,6 +65,9 @@ type Config struct {
 	Images *image.Store
 	// StateDir holds one directory per sandbox (its runs and logs).
 	StateDir string
+	// SnapshotDir is the host's snapshot store (one directory per
+	// Snapshot); TemplateDir holds its snapshots of templates.
+	SnapshotDir, TemplateDir string
 	// Listen is where the stream server listens; Address is how the API
 	// server reaches it (host:port).
 	Listen, Address string
@@ -100,8 +104,20 @@ type Agent struct {
 	// gcNow asks for a garbage collection pass now: a sandbox left this
 	// host (deleted, or moved elsewhere).
 	gcNow chan struct{}
-	// images last reported in the Host's status.
-	images []string
+	// reportNow asks the heartbeat to report what the host holds now.
+	reportNow chan struct{}
+	// reported is what the Host's status last said the host holds.
+	reported  artifacts
+	snapMu    sync.Mutex // one snapshot at a time
+	templates *templates
+}
+
+// artifacts are what a host holds that makes starting sandboxes cheaper
+// there: the scheduler's locality input.
+type artifacts struct{ images, snapshots, templates []string }
+
+func (x artifacts) equal(y artifacts) bool {
+	return slices.Equal(x.images, y.images) && slices.Equal(x.snapshots, y.snapshots) && slices.Equal(x.templates, y.templates)
 }
 
 // Run runs the agent until ctx ends.
@@ -112,8 +128,10 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = 10 * time.Second
 	}
-	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
-		return err
+	for _, d := range []string{cfg.StateDir, cfg.SnapshotDir, cfg.TemplateDir} {
+		if err := os.MkdirAll(d, 0o700); err != nil {
+			return err
+		}
 	}
 	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
 		Scheme:                 cfg.Scheme,
@@ -130,14 +148,16 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		return err
 	}
 	a := &Agent{
-		cfg:      cfg,
-		client:   mgr.GetClient(),
-		reader:   mgr.GetAPIReader(),
-		recorder: mgr.GetEventRecorderFor("hearth-node/" + cfg.Name),
-		log:      cfg.Log.With("host", cfg.Name),
-		wake:     make(chan event.GenericEvent, 256),
-		gcNow:    make(chan struct{}, 1),
+		cfg:       cfg,
+		client:    mgr.GetClient(),
+		reader:    mgr.GetAPIReader(),
+		recorder:  mgr.GetEventRecorderFor("hearth-node/" + cfg.Name),
+		log:       cfg.Log.With("host", cfg.Name),
+		wake:      make(chan event.GenericEvent, 256),
+		gcNow:     make(chan struct{}, 1),
+		reportNow: make(chan struct{}, 1),
 	}
+	a.templates = &templates{a: a, ctx: ctx, builds: map[string]*templateBuild{}}
 	a.watches = newWatches(a.wake)
 	// The Host first, so that the scheduler can place work as soon as
 	// possible; with a direct client, as the cache is not started yet.
@@ -157,6 +177,12 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		Complete(a); err != nil {
 		return err
 	}
+	if err := ctrl.NewControllerManagedBy(mgr).
+		Named("snapshots").
+		For(&v1alpha1.Snapshot{}).
+		Complete(snapshotReconciler{a}); err != nil {
+		return err
+	}
 	for _, r := range []manager.RunnableFunc{
 		func(ctx context.Context) error { return a.heartbeat(ctx, direct) },
 		a.collectGarbage,
@@ -169,6 +195,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	a.log.Info("node agent running", "state", cfg.StateDir, "streams", cfg.Address, "accel", cfg.Accel)
 	err = mgr.Start(ctx)
 	a.watches.stopAll()
+	a.templates.wg.Wait()
 	return err
 }
 
@@ -245,8 +272,8 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 	capacity := a.capacity()
 	h.Status.Capacity, h.Status.Allocatable = capacity, capacity
 	h.Status.Accel, h.Status.Address, h.Status.Version = string(a.cfg.Accel), a.cfg.Address, a.cfg.Version
-	a.images = a.heldImages()
-	h.Status.Images = a.images
+	a.reported = a.held()
+	h.Status.Images, h.Status.Snapshots, h.Status.Templates = a.reported.images, a.reported.snapshots, a.reported.templates
 	msg := "the node agent is running"
 	if a.cfg.Accel == vmm.TCG {
 		msg += "; guests run under TCG software emulation, which is not a security boundary"
@@ -263,20 +290,34 @@ func (a *Agent) register(ctx context.Context, c client.Client) error {
 }
 
 // heartbeat renews the host's Lease every Heartbeat (10 s, as the
-// kubelet does), and reports the images the host holds when they change.
+// kubelet does), and reports what the host holds when it changes: at
+// once when asked (reportSoon), else with the heartbeat.
 func (a *Agent) heartbeat(ctx context.Context, c client.Client) error {
+	next := time.Now()
 	for {
-		if err := a.renew(ctx, c); err != nil && ctx.Err() == nil {
-			a.log.Warn("renew host lease", "err", err)
+		if !time.Now().Before(next) {
+			if err := a.renew(ctx, c); err != nil && ctx.Err() == nil {
+				a.log.Warn("renew host lease", "err", err)
+			}
+			next = time.Now().Add(a.cfg.Heartbeat)
 		}
-		if err := a.reportImages(ctx, c); err != nil && ctx.Err() == nil {
-			a.log.Warn("report images", "err", err)
+		if err := a.reportArtifacts(ctx, c); err != nil && ctx.Err() == nil {
+			a.log.Warn("report images and snapshots", "err", err)
 		}
 		select {
 		case <-ctx.Done():
 			return nil
-		case <-time.After(a.cfg.Heartbeat):
+		case <-time.After(time.Until(next)):
+		case <-a.reportNow:
 		}
+	}
+}
+
+// reportSoon asks for the host's artifacts to be reported now.
+func (a *Agent) reportSoon() {
+	select {
+	case a.reportNow <- struct{}{}:
+	default:
 	}
 }
 
@@ -288,7 +329,7 @@ func (a *Agent) heldImages() []string {
 	entries, err := a.cfg.Images.List()
 	if err != nil {
 		a.log.Warn("list images", "err", err)
-		return a.images
+		return a.reported.images
 	}
 	refs := make([]string, 0, len(entries))
 	for _, e := range entries {
@@ -298,9 +339,14 @@ func (a *Agent) heldImages() []string {
 	return refs
 }
 
-func (a *Agent) reportImages(ctx context.Context, c client.Client) error {
-	held := a.heldImages()
-	if slices.Equal(held, a.images) {
+// held is what the host holds now.
+func (a *Agent) held() artifacts {
+	return artifacts{images: a.heldImages(), snapshots: a.heldSnapshots(), templates: a.templates.held()}
+}
+
+func (a *Agent) reportArtifacts(ctx context.Context, c client.Client) error {
+	held := a.held()
+	if held.equal(a.reported) {
 		return nil
 	}
 	var h v1alpha1.Host
@@ -308,11 +354,11 @@ func (a *Agent) reportImages(ctx context.Context, c client.Client) error {
 		return err
 	}
 	patch := client.MergeFrom(h.DeepCopy())
-	h.Status.Images = held
+	h.Status.Images, h.Status.Snapshots, h.Status.Templates = held.images, held.snapshots, held.templates
 	if err := c.Status().Patch(ctx, &h, patch); err != nil {
 		return err
 	}
-	a.images = held
+	a.reported = held
 	return nil
 }
 

@@ -178,8 +178,9 @@ func (p *ports) take(ctx context.Context, uid string) (int, func(), error) {
 	}
 	ch, ok := p.free[uid]
 	if !ok {
-		ch = make(chan int, protocol.ExecPorts)
-		for i := 1; i <= protocol.ExecPorts; i++ {
+		// The ports above are the host's own (snapshots, a fork's command).
+		ch = make(chan int, sandbox.UserExecPorts)
+		for i := 1; i <= sandbox.UserExecPorts; i++ {
 			ch <- i
 		}
 		p.free[uid] = ch
@@ -191,7 +192,7 @@ func (p *ports) take(ctx context.Context, uid string) (int, func(), error) {
 	case <-ctx.Done():
 		return 0, nil, ctx.Err()
 	case <-time.After(10 * time.Second):
-		return 0, nil, fmt.Errorf("all %d exec sessions of the sandbox are in use", protocol.ExecPorts)
+		return 0, nil, fmt.Errorf("all %d exec sessions of the sandbox are in use", sandbox.UserExecPorts)
 	}
 }
 

@@ -17,10 +17,12 @@ import (
 // the host, the directories (and stops the VMs) of sandboxes that no
 // longer exist or are no longer bound here: what a sandbox deleted while
 // the agent was down left behind, and the copies a lost host still runs of
-// sandboxes that were placed again elsewhere.
+// sandboxes that were placed again elsewhere; and the snapshots of
+// Snapshots and templates that no longer exist.
 func (a *Agent) collectGarbage(ctx context.Context) error {
 	for {
-		if err := a.collect(ctx); err != nil && ctx.Err() == nil {
+		err := errors.Join(a.collect(ctx), a.collectSnapshots(ctx), a.templates.collect(ctx))
+		if err != nil && ctx.Err() == nil {
 			a.log.Warn("garbage collection", "err", err)
 		}
 		select {

@@ -16,6 +16,7 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/api/meta"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/controller"
@@ -87,10 +88,28 @@ func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile
 // step decides what the sandbox's runs call for and sets its status.
 func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs []int) (reconcile.Result, error) {
 	st := &sb.Status
+	if sb.Annotations[v1alpha1.AnnotationClaimedBy] != "" {
+		// A warm pool's sandbox that a claim takes over: its VM is the
+		// claim's now (adopt), not to be restarted nor stopped here.
+		return reconcile.Result{}, nil
+	}
+	if len(runs) == 0 && st.WarmPoolMember != "" && !st.Phase.Terminal() {
+		adopted, err := a.adopt(ctx, sb, dir)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if adopted {
+			if runs, err = listRuns(dir); err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+	}
 	if len(runs) == 0 {
 		if st.Phase.Terminal() {
 			return reconcile.Result{}, nil
 		}
+		// Not taken over (the pool's VM ended first): started from the
+		// pool's template instead.
 		return a.start(ctx, sb, dir, 0)
 	}
 	n := runs[len(runs)-1]
@@ -187,8 +206,14 @@ func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
 
 // start starts run n of the sandbox.
 func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n int) (reconcile.Result, error) {
-	spec, err := sandboxSpec(sb)
-	if err != nil {
+	spec := shim.Spec{Sandbox: sandboxSpec(sb)}
+	if sb.Spec.Source != nil {
+		res, why, err := a.fromSource(ctx, sb, &spec)
+		if err != nil || why != nil {
+			return res, err
+		}
+	}
+	if err := spec.Sandbox.Validate(); err != nil {
 		// The API's validation should have caught it; nothing will change
 		// until the object does.
 		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 125, Reason: "InvalidSpec", Message: err.Error()}, true)
@@ -203,15 +228,10 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		}
 	}
 	run := runDir(dir, n)
-	_, err = shim.Start(run, shim.Spec{
-		Sandbox:            spec,
-		Log:                logPath(dir, n),
-		LogMax:             a.cfg.LogMax,
-		StdinOnce:          sb.Spec.StdinOnce,
-		Accel:              string(a.cfg.Accel),
-		InsecureRegistries: a.cfg.InsecureRegistries,
-	}, a.cfg.Shim)
-	if err != nil {
+	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n))) // from the run directory
+	spec.LogMax, spec.StdinOnce = a.cfg.LogMax, sb.Spec.StdinOnce
+	spec.Accel, spec.InsecureRegistries = string(a.cfg.Accel), a.cfg.InsecureRegistries
+	if _, err := shim.Start(run, spec, a.cfg.Shim); err != nil {
 		return reconcile.Result{}, err
 	}
 	a.watches.ensure(sb, run)
@@ -220,8 +240,126 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	st.ExitCode, st.FinishedAt = nil, nil
 	a.observe(sb, shim.State{Phase: shim.Booting})
 	st.RestartCount = int32(n)
-	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", sb.Spec.Image, n)
+	if spec.Snapshot != "" {
+		a.recorder.Eventf(sb, corev1.EventTypeNormal, "Restoring", "Starting run %d from a snapshot", n)
+	} else {
+		a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", spec.Sandbox.Image, n)
+	}
 	return reconcile.Result{}, nil
+}
+
+// errWaiting says that a sandbox cannot start yet; its status says why.
+var errWaiting = errors.New("waiting")
+
+// fromSource sets spec up to start the sandbox from its source: a memory
+// snapshot or a template's snapshot to fork, or a disk-only snapshot's
+// writable layer. When it cannot start now, why is set and the status
+// says why: the sandbox waits, or has failed.
+func (a *Agent) fromSource(ctx context.Context, sb *v1alpha1.Sandbox, spec *shim.Spec) (res reconcile.Result, why error, err error) {
+	src, key := sb.Spec.Source, types.NamespacedName{Namespace: sb.Namespace}
+	fail := func(reason, format string, args ...any) (reconcile.Result, error, error) {
+		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 125, Reason: reason, Message: fmt.Sprintf(format, args...)}, true)
+		return reconcile.Result{}, errWaiting, nil
+	}
+	if src.Snapshot != "" {
+		var snap v1alpha1.Snapshot
+		key.Name = src.Snapshot
+		if err := a.client.Get(ctx, key, &snap); err != nil {
+			if apierrors.IsNotFound(err) {
+				return fail("SnapshotNotFound", "snapshot %q does not exist", src.Snapshot)
+			}
+			return reconcile.Result{}, nil, err
+		}
+		if snap.Status.Phase != v1alpha1.SnapshotReady || snap.Status.HostName != a.cfg.Name {
+			return fail("SnapshotNotFound", "snapshot %q is not in this host's store (it is %s on host %q)",
+				src.Snapshot, orNone(string(snap.Status.Phase)), snap.Status.HostName)
+		}
+		dir := a.snapshotPath(snap.UID)
+		saved, err := sandbox.ReadSaved(dir)
+		if err != nil {
+			return fail("BadSnapshot", "snapshot %q: %v", src.Snapshot, err)
+		}
+		if saved.Memory {
+			spec.Snapshot = dir
+		} else {
+			spec.Sandbox.DiskFrom = sandbox.DiskPath(dir)
+		}
+		if spec.Sandbox.Image == "" {
+			spec.Sandbox.Image = saved.Image
+		}
+		return reconcile.Result{}, nil, nil
+	}
+	key.Name = src.Template
+	if src.WarmPool != "" {
+		var pool v1alpha1.WarmPool
+		if err := a.client.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: src.WarmPool}, &pool); err != nil {
+			if apierrors.IsNotFound(err) {
+				return fail("WarmPoolNotFound", "warm pool %q does not exist", src.WarmPool)
+			}
+			return reconcile.Result{}, nil, err
+		}
+		key.Name = pool.Spec.Template
+	}
+	var tpl v1alpha1.SandboxTemplate
+	if err := a.client.Get(ctx, key, &tpl); err != nil {
+		if apierrors.IsNotFound(err) {
+			return fail("TemplateNotFound", "template %q does not exist", key.Name)
+		}
+		return reconcile.Result{}, nil, err
+	}
+	dir, retryAt, err := a.templates.snapshot(&tpl, sb)
+	switch {
+	case err == nil:
+		spec.Snapshot, spec.Sandbox.Image = dir, tpl.Spec.Image
+		return reconcile.Result{}, nil, nil
+	case errors.Is(err, errPreparing):
+		st := &sb.Status
+		st.Phase, st.Reason, st.Message = v1alpha1.PhaseBooting, "PreparingTemplate", err.Error()
+		return reconcile.Result{}, errWaiting, nil
+	case sb.Labels[v1alpha1.LabelWarmPool] != "":
+		// A warm pool's sandbox waits for the template to be tried
+		// again: failing would have the pool make another at once.
+		st := &sb.Status
+		st.Phase, st.Reason, st.Message = v1alpha1.PhaseBooting, "TemplateError", err.Error()
+		return reconcile.Result{RequeueAfter: time.Until(retryAt)}, errWaiting, nil
+	}
+	return fail("TemplateError", "template %q: %v", key.Name, err)
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "not taken"
+	}
+	return strings.ToLower(s)
+}
+
+// adopt moves the VM of the warm pool sandbox that sb claimed into sb's
+// directory: the shim works by relative paths, so it runs on, now as
+// sb's. The pool's sandbox object is deleted; its files are sb's.
+func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bool, error) {
+	var m v1alpha1.Sandbox
+	err := a.client.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: sb.Status.WarmPoolMember}, &m)
+	if err != nil || m.Annotations[v1alpha1.AnnotationClaimedBy] != string(sb.UID) {
+		return false, client.IgnoreNotFound(err)
+	}
+	mdir := a.sandboxDir(m.UID)
+	runs, err := listRuns(mdir)
+	if err != nil || len(runs) == 0 || !shim.Alive(runDir(mdir, runs[len(runs)-1])) {
+		return false, err
+	}
+	a.watches.drop(m.UID)
+	a.ports.forget(string(m.UID))
+	_ = os.Remove(dir) // an empty directory left by an earlier attempt
+	if err := os.Rename(mdir, dir); err != nil {
+		return false, fmt.Errorf("take over warm pool sandbox %s: %w", m.Name, err)
+	}
+	// The claim's own life (timeoutSeconds) starts now.
+	_ = os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600)
+	if err := a.client.Delete(ctx, &m); err != nil && !apierrors.IsNotFound(err) {
+		a.log.Warn("delete claimed warm pool sandbox", "sandbox", m.Name, "err", err)
+	}
+	a.recorder.Eventf(sb, corev1.EventTypeNormal, "Claimed", "Took over warm pool sandbox %s", m.Name)
+	return true, nil
 }
 
 // observe copies a run's state into the status.
@@ -388,25 +526,31 @@ func listRuns(dir string) ([]int, error) {
 func runDir(dir string, n int) string  { return filepath.Join(dir, "run-"+strconv.Itoa(n)) }
 func logPath(dir string, n int) string { return filepath.Join(dir, strconv.Itoa(n)+".log") }
 
-// sandboxSpec is what the runtime runs for a Sandbox.
-func sandboxSpec(sb *v1alpha1.Sandbox) (sandbox.Spec, error) {
-	cpu, memory, disk := sb.Spec.Resources.Requests()
+// sandboxSpec is what the runtime runs for a Sandbox (not validated: a
+// sandbox with a source takes its image from it).
+func sandboxSpec(sb *v1alpha1.Sandbox) sandbox.Spec {
+	s := specOf(sb.Name, sb.Spec.Image, sb.Spec.Command, sb.Spec.Args, sb.Spec.Env, sb.Spec.Resources)
+	s.WorkingDir, s.User, s.TTY, s.Stdin = sb.Spec.WorkingDir, sb.Spec.User, sb.Spec.TTY, sb.Spec.Stdin
+	return s
+}
+
+// specOf is the spec of a sandbox or template's VM. Every VM a node agent
+// starts keeps its memory in a file, so that it can be saved (Snapshot).
+func specOf(name, image string, command, args []string, env []v1alpha1.EnvVar, r v1alpha1.Resources) sandbox.Spec {
+	cpu, memory, disk := r.Requests()
 	const mib = 1 << 20
 	s := sandbox.Spec{
-		Image:      sb.Spec.Image,
-		Entrypoint: sb.Spec.Command,
-		Command:    sb.Spec.Args,
-		WorkingDir: sb.Spec.WorkingDir,
-		User:       sb.Spec.User,
-		TTY:        sb.Spec.TTY,
-		Stdin:      sb.Spec.Stdin,
-		CPUs:       int(cpu.Value()), // rounds up
-		MemoryMiB:  int(memory.Value() / mib),
-		DiskMiB:    int(disk.Value() / mib),
-		Name:       sb.Name,
+		Image:         image,
+		Entrypoint:    command,
+		Command:       args,
+		CPUs:          int(cpu.Value()), // rounds up
+		MemoryMiB:     int(memory.Value() / mib),
+		DiskMiB:       int(disk.Value() / mib),
+		Name:          name,
+		Snapshottable: true,
 	}
-	for _, e := range sb.Spec.Env {
+	for _, e := range env {
 		s.Env = append(s.Env, e.Name+"="+e.Value)
 	}
-	return s, s.Validate()
+	return s
 }

@@ -19,17 +19,17 @@ func TestSandboxSpec(t *testing.T) {
 		User:      "1000", WorkingDir: "/w", Stdin: true, TTY: true,
 	}}
 	sb.Name = "job"
-	got, err := sandboxSpec(sb)
-	if err != nil {
+	got := sandboxSpec(sb)
+	if err := got.Validate(); err != nil {
 		t.Fatal(err)
 	}
 	want := sandbox.Spec{Image: "img", Entrypoint: []string{"sh", "-c"}, Command: []string{"echo hi"}, Env: []string{"A=1", "B="},
-		WorkingDir: "/w", User: "1000", TTY: true, Stdin: true, CPUs: 2, MemoryMiB: 512, DiskMiB: 1024, Name: "job"}
+		WorkingDir: "/w", User: "1000", TTY: true, Stdin: true, CPUs: 2, MemoryMiB: 512, DiskMiB: 1024, Name: "job", Snapshottable: true}
 	if !reflect.DeepEqual(got, want) {
 		t.Errorf("sandboxSpec =\n%+v\nwant\n%+v", got, want)
 	}
 	sb.Spec.Resources.Memory = ptr.To(resource.MustParse("16Mi"))
-	if _, err := sandboxSpec(sb); err == nil {
+	if s := sandboxSpec(sb); s.Validate() == nil {
 		t.Error("16Mi of memory accepted")
 	}
 }

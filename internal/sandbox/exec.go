@@ -18,6 +18,9 @@ import (
 type Target struct {
 	RunDir string         `json:"runDir"`
 	Start  protocol.Start `json:"start"`
+	// Image and Digest are the image it runs, which its snapshots record.
+	Image  string `json:"image,omitempty"`
+	Digest string `json:"digest,omitempty"`
 }
 
 // ExecSpec is one more process in a running sandbox.

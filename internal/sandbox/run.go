@@ -22,6 +22,7 @@ import (
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/sparse"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -118,8 +119,12 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 			err = errors.Join(err, fmt.Errorf("remove run directory: %w", rerr))
 		}
 	}()
-	disk := filepath.Join(runDir, "disk.ext4")
-	if err := MakeDisk(ctx, disk, spec.DiskMiB); err != nil {
+	disk := filepath.Join(runDir, snapshotDisk)
+	if spec.DiskFrom != "" {
+		if err := sparse.Copy(spec.DiskFrom, disk); err != nil {
+			return nil, fmt.Errorf("%w: writable disk: %v", vmm.ErrBadSnapshot, err)
+		}
+	} else if err := MakeDisk(ctx, disk, spec.DiskMiB); err != nil {
 		return nil, err
 	}
 
@@ -170,6 +175,12 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		Cols:     spec.Cols,
 		Stdin:    spec.Stdin,
 		Time:     time.Now().UnixNano(),
+	}
+	if target := sio.Target; target != nil {
+		sio.Target = func(t Target) {
+			t.Image, t.Digest = spec.Image, img.Digest
+			target(t)
+		}
 	}
 	s := &session{vm: vm, runDir: runDir, sio: sio, start: start, log: log}
 	limit := rt.BootLimit
@@ -334,21 +345,9 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 		return nil, s.bootError(err.Error())
 	}
 	defer conn.Close()
-	// Whatever ends first, the caller's context or the VMM, unblocks reads.
-	stop := context.AfterFunc(ctx, func() { conn.Close() })
-	defer stop()
-	vmDone := make(chan struct{})
-	go func() {
-		if s.vm.Wait(ctx) != nil && ctx.Err() != nil {
-			return // the session ended first
-		}
-		close(vmDone)
-		// Let buffered frames drain before unblocking a read.
-		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
-	}()
+	vmDone := s.attach(ctx, conn)
 
 	r := protocol.NewReader(conn)
-	s.w = protocol.NewWriter(conn)
 	// Hello and Start go out together, before the guest has booted: the
 	// agent reads Start as soon as it has answered Hello, with no round trip
 	// between them. A guest of another protocol version answers Hello with
@@ -373,11 +372,61 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 	if f.Type != protocol.THello || protocol.Decode(f, &hello) != nil || hello.Version != protocol.Version {
 		return nil, fmt.Errorf("%w: guest agent %q speaks protocol %d, hearth %d", ErrBoot, hello.Agent, hello.Version, protocol.Version)
 	}
+	return s.serve(ctx, r, vmDone, st, false)
+}
 
+// resume serves the session of a workload that runs already: the one a
+// VM restored from a snapshot took over (Forked.Workload).
+func (s *session) resume(ctx context.Context, conn net.Conn, st protocol.Start) (*Result, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	defer conn.Close()
+	vmDone := s.attach(ctx, conn)
+	// Its stdin's window went with the session it was saved in.
+	st.Stdin = false
+	return s.serve(ctx, protocol.NewReader(conn), vmDone, st, true)
+}
+
+// attach ties conn to the session: whatever ends first, ctx or the VM,
+// unblocks its reads. The channel it returns closes when the VM has ended.
+func (s *session) attach(ctx context.Context, conn net.Conn) <-chan struct{} {
+	context.AfterFunc(ctx, func() { conn.Close() })
+	vmDone := make(chan struct{})
+	go func() {
+		if s.vm.Wait(ctx) != nil && ctx.Err() != nil {
+			return // the session ended first
+		}
+		close(vmDone)
+		// Let buffered frames drain before unblocking a read.
+		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
+	}()
+	s.w = protocol.NewWriter(conn)
+	return vmDone
+}
+
+// serve reads the workload's frames until it exits; running says that it
+// has started already.
+func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan struct{}, st protocol.Start, running bool) (*Result, error) {
 	res := &Result{}
 	credit := newCredit(protocol.StdinWindow)
 	defer credit.close()
 	var started sync.Once
+	onStarted := func() {
+		started.Do(func() {
+			res.Boot = time.Since(s.start)
+			s.log.Debug("workload started", "since_vmm_start", res.Boot)
+			if s.sio.Target != nil {
+				s.sio.Target(Target{RunDir: s.runDir, Start: st})
+			}
+			if s.sio.Started != nil {
+				s.sio.Started()
+			}
+			go s.forward(ctx, st, credit)
+		})
+	}
+	if running {
+		onStarted()
+	}
 	for {
 		f, err := r.Read()
 		if err != nil {
@@ -398,17 +447,7 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 		}
 		switch f.Type {
 		case protocol.TStarted:
-			started.Do(func() {
-				res.Boot = time.Since(s.start)
-				s.log.Debug("workload started", "since_vmm_start", res.Boot)
-				if s.sio.Target != nil {
-					s.sio.Target(Target{RunDir: s.runDir, Start: st})
-				}
-				if s.sio.Started != nil {
-					s.sio.Started()
-				}
-				go s.forward(ctx, st, credit)
-			})
+			onStarted()
 		case protocol.TStdout:
 			if _, err := s.sio.Stdout.Write(f.Payload); err != nil {
 				return nil, fmt.Errorf("write stdout: %w", err)

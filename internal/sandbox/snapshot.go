@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
@@ -19,15 +20,17 @@ import (
 // rwDrive is the ID of a sandbox's writable disk among its VM's drives.
 const rwDrive = "rw"
 
-// Exec ports of the control sessions around a snapshot. Two: the agent
-// reads a session's frames through a buffer, and a snapshot taken just
-// after the quiesce session may catch that session before it has closed
-// the port, so a session that followed on the same port could lose its
-// first frames to it (in the original after Resume, and in every fork).
-// Thaw and Restored use a port that is idle when the snapshot is taken.
+// Exec ports of the control sessions around a snapshot. Two: a snapshot
+// taken just after the quiesce session may catch that session before the
+// agent has finished it, and it then ends on its port in the original
+// after Resume and in every fork; Thaw and Restored use a port that is
+// idle when the snapshot is taken. MainPort runs a forked sandbox's own
+// command (RunSnapshot). Execs use the ports below them (UserExecPorts).
 const (
-	quiescePort = protocol.ExecPorts
-	resumePort  = protocol.ExecPorts - 1
+	quiescePort   = protocol.ExecPorts
+	resumePort    = protocol.ExecPorts - 1
+	MainPort      = protocol.ExecPorts - 2
+	UserExecPorts = protocol.ExecPorts - 3
 )
 
 // Files a sandbox snapshot holds besides the VMM's (vmm.Snapshot*).
@@ -36,11 +39,48 @@ const (
 	snapshotSandbox = "sandbox.json" // savedSandbox
 )
 
-// savedSandbox is how to start the sandbox again: its VM and its
-// workload's Start (which execs inherit).
-type savedSandbox struct {
-	VM    vmm.Config     `json:"vm"`
-	Start protocol.Start `json:"start"`
+// Saved is a sandbox snapshot's sandbox.json: how to start the sandbox
+// again.
+type Saved struct {
+	// Memory: the VM's memory and devices are saved, and a sandbox
+	// started from the snapshot runs on from where it was (Fork). Without
+	// it the snapshot holds the writable disk alone (SnapshotDisk).
+	Memory bool `json:"memory"`
+	// Protocol is the guest agent's protocol version in the saved VM.
+	Protocol int        `json:"protocol"`
+	VM       vmm.Config `json:"vm"`
+	// Start is the workload's, which execs inherit.
+	Start  protocol.Start `json:"start"`
+	Image  string         `json:"image,omitempty"`
+	Digest string         `json:"digest,omitempty"`
+}
+
+// ReadSaved reads the snapshot in dir.
+func ReadSaved(dir string) (*Saved, error) {
+	var saved Saved
+	b, err := os.ReadFile(filepath.Join(dir, snapshotSandbox))
+	if err == nil {
+		err = json.Unmarshal(b, &saved)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", vmm.ErrBadSnapshot, err)
+	}
+	if saved.Protocol != protocol.Version {
+		return nil, fmt.Errorf("%w: it was made with guest agent protocol %d, this hearth speaks %d", vmm.ErrBadSnapshot, saved.Protocol, protocol.Version)
+	}
+	return &saved, nil
+}
+
+// DiskPath is the writable layer saved in the snapshot dir.
+func DiskPath(dir string) string { return filepath.Join(dir, snapshotDisk) }
+
+func writeSaved(dir string, saved Saved) error {
+	saved.Protocol = protocol.Version
+	b, err := json.MarshalIndent(saved, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, snapshotSandbox), b, 0o600)
 }
 
 // Control runs a control action (protocol.Control) in the running
@@ -89,14 +129,29 @@ func Snapshot(ctx context.Context, driver vmm.Driver, t Target, dir string) (err
 	if disk == "" {
 		return errors.New("snapshot: the VM has no writable disk")
 	}
-	if err := sparse.Copy(disk, filepath.Join(dir, snapshotDisk)); err != nil {
+	if err := sparse.Copy(disk, DiskPath(dir)); err != nil {
 		return fmt.Errorf("snapshot the writable disk: %w", err)
 	}
-	b, err := json.MarshalIndent(savedSandbox{VM: cfg, Start: t.Start}, "", "  ")
-	if err != nil {
+	return writeSaved(dir, Saved{Memory: true, VM: cfg, Start: t.Start, Image: t.Image, Digest: t.Digest})
+}
+
+// SnapshotDisk saves the writable layer of the running sandbox t into
+// dir, an empty directory: the guest flushes and freezes it while it is
+// copied. A sandbox started with Spec.DiskFrom set to DiskPath(dir) boots
+// with those files.
+func SnapshotDisk(ctx context.Context, driver vmm.Driver, t Target, dir string) (err error) {
+	ctl := func(port int, c protocol.Control) error {
+		return Control(ctx, driver, t, port, protocol.Start{Control: c})
+	}
+	if err := ctl(quiescePort, protocol.Quiesce); err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, snapshotSandbox), b, 0o600)
+	defer func() { err = errors.Join(err, ctl(resumePort, protocol.Thaw)) }()
+	// Run and Fork both keep the writable layer here.
+	if err := sparse.Copy(filepath.Join(t.RunDir, snapshotDisk), DiskPath(dir)); err != nil {
+		return fmt.Errorf("snapshot the writable disk: %w", err)
+	}
+	return writeSaved(dir, Saved{Start: t.Start, Image: t.Image, Digest: t.Digest})
 }
 
 // Forked is a sandbox started from a snapshot.
@@ -116,13 +171,12 @@ type Forked struct {
 // and a new identity: hostname, clock, a reseeded random pool. Its
 // workload runs on from where the snapshot caught it.
 func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) (*Forked, error) {
-	var saved savedSandbox
-	b, err := os.ReadFile(filepath.Join(dir, snapshotSandbox))
-	if err == nil {
-		err = json.Unmarshal(b, &saved)
-	}
+	saved, err := ReadSaved(dir)
 	if err != nil {
-		return nil, fmt.Errorf("%w: %v", vmm.ErrBadSnapshot, err)
+		return nil, err
+	}
+	if !saved.Memory {
+		return nil, fmt.Errorf("%w: it holds a disk alone: boot a sandbox with it instead", vmm.ErrBadSnapshot)
 	}
 	cfg := saved.VM
 	cfg.ID, cfg.RunDir, cfg.MemoryFile = filepath.Base(runDir), runDir, ""
@@ -130,7 +184,7 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 	for i, d := range cfg.Drives {
 		if d.ID == rwDrive {
 			cfg.Drives[i].Path = filepath.Join(runDir, snapshotDisk)
-			if err := sparse.Copy(filepath.Join(dir, snapshotDisk), cfg.Drives[i].Path); err != nil {
+			if err := sparse.Copy(DiskPath(dir), cfg.Drives[i].Path); err != nil {
 				return nil, fmt.Errorf("%w: writable disk: %v", vmm.ErrBadSnapshot, err)
 			}
 		}
@@ -151,7 +205,7 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 		}
 		return nil, errors.Join(err, vm.Kill())
 	}
-	f := &Forked{VM: vm, Target: Target{RunDir: runDir, Start: saved.Start}, Workload: conn}
+	f := &Forked{VM: vm, Target: Target{RunDir: runDir, Start: saved.Start, Image: saved.Image, Digest: saved.Digest}, Workload: conn}
 	f.Target.Start.Hostname = hostname
 	entropy := make([]byte, 64)
 	if _, err = rand.Read(entropy); err == nil {
@@ -163,4 +217,95 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 		return nil, errors.Join(err, vm.Kill())
 	}
 	return f, nil
+}
+
+// RunSnapshot starts a sandbox from the snapshot in dir (a Fork) and runs
+// it to its end, as Run does a booted one. With spec.Entrypoint or
+// spec.Command set, that command is the workload: it runs over MainPort
+// in the environment of the snapshot's workload (with spec's Env,
+// WorkingDir and User over it), and the snapshot's own process runs on
+// beside it, its output dropped. Without, the snapshot's workload runs on
+// and its end is the sandbox's.
+func (rt *Runtime) RunSnapshot(ctx context.Context, dir string, spec Spec, sio IO) (res *Result, err error) {
+	log := rt.Log
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	saved, err := ReadSaved(dir)
+	if err != nil {
+		return nil, err
+	}
+	if saved.Digest != "" && rt.Images != nil {
+		// The snapshot's VM reads the image's root filesystem: keep it.
+		release, err := rt.Images.Use(saved.Digest)
+		if err != nil {
+			return nil, fmt.Errorf("%w: its image %s: %v", vmm.ErrBadSnapshot, saved.Image, err)
+		}
+		defer release()
+	}
+	rt.sweep(log)
+	id := newID()
+	runDir, unlock, err := rt.makeRunDir(id)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		unlock()
+		if rerr := os.RemoveAll(runDir); rerr != nil {
+			err = errors.Join(err, fmt.Errorf("remove run directory: %w", rerr))
+		}
+	}()
+	name := spec.Name
+	if name == "" {
+		name = "hearth-" + id
+	}
+	start := time.Now()
+	f, err := Fork(ctx, rt.Driver, dir, runDir, name)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, f.VM.Kill()) }()
+	log.Debug("forked", "snapshot", dir, "id", id, "took", time.Since(start))
+	if target := sio.Target; target != nil {
+		sio.Target = func(t Target) {
+			t.Image, t.Digest = saved.Image, saved.Digest
+			target(t)
+		}
+	}
+	if len(spec.Entrypoint) == 0 && len(spec.Command) == 0 {
+		s := &session{vm: f.VM, runDir: runDir, sio: sio, start: start, log: log}
+		return s.resume(ctx, f.Workload, f.Target.Start)
+	}
+	// A guest whose port is not read blocks on its writes: read the
+	// snapshot's workload's frames and drop them.
+	defer f.Workload.Close()
+	go func() {
+		r := protocol.NewReader(f.Workload)
+		for {
+			if _, err := r.Read(); err != nil {
+				return
+			}
+		}
+	}()
+	if sio.Target != nil {
+		sio.Target(f.Target)
+	}
+	var boot time.Duration
+	eio := sio
+	eio.Target, eio.Started = nil, func() {
+		boot = time.Since(start)
+		if sio.Started != nil {
+			sio.Started()
+		}
+	}
+	res, err = Exec(ctx, rt.Driver, f.Target, MainPort, ExecSpec{
+		Args: append(append([]string(nil), spec.Entrypoint...), spec.Command...),
+		Env:  spec.Env, WorkingDir: spec.WorkingDir, User: spec.User,
+		TTY: spec.TTY, Stdin: spec.Stdin, Rows: spec.Rows, Cols: spec.Cols,
+	}, eio, log)
+	if err != nil {
+		return nil, err
+	}
+	res.Boot = boot
+	return res, nil
 }

@@ -32,6 +32,9 @@ type Spec struct {
 	// that Snapshot can save the sandbox. (The run directory is usually on
 	// tmpfs: the file takes the memory the guest touches, as RAM would.)
 	Snapshottable bool
+	// DiskFrom is a writable layer to start with (a copy of it), instead
+	// of an empty one: a disk-only snapshot's (SnapshotDisk).
+	DiskFrom string
 }
 
 // Minimums below which a guest cannot boot or run anything useful.

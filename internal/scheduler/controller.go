@@ -88,6 +88,9 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 			if controllerutil.ContainsFinalizer(sb, v1alpha1.Finalizer) {
 				release = append(release, sb)
 			}
+		case sb.ClaimsWarmPool():
+			// Bound by the warm pool controller to the host of the
+			// pool's sandbox it takes.
 		default:
 			if !c.isAssumed(sb.UID) {
 				pending = append(pending, sb)

@@ -26,6 +26,9 @@ type query struct {
 	// domain holds matching sandboxes.
 	preferred []domainTerm
 	artifacts []artifact
+	// needs is an artifact the host must hold (a snapshot: it is not
+	// copied between hosts).
+	needs string
 }
 
 type artifact struct {
@@ -51,6 +54,9 @@ func (s *Snapshot) query(sb *v1alpha1.Sandbox) (*query, error) {
 		selector:    labels.SelectorFromSet(sb.Spec.HostSelector),
 		tolerations: sb.Spec.Tolerations,
 		policy:      s.Policy,
+	}
+	if src := sb.Spec.Source; src != nil && src.Snapshot != "" {
+		q.needs = ArtifactSnapshot + sb.Namespace + "/" + src.Snapshot
 	}
 	for _, key := range ArtifactKeys(sb) {
 		for kind, sc := range artifactScore {
@@ -115,6 +121,9 @@ func (q *query) filter(i int, h *Host) string {
 	}
 	if !q.selector.Empty() && !q.selector.Matches(labels.Set(h.Labels)) {
 		return "didn't match the host selector"
+	}
+	if q.needs != "" && !h.Artifacts[q.needs] {
+		return "didn't hold the snapshot"
 	}
 	if r := insufficient(h, q.req); r != "" {
 		return "insufficient " + r

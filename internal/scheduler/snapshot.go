@@ -77,10 +77,15 @@ func HostFrom(h *v1alpha1.Host, ready bool) *Host {
 			Sandboxes: scaled(v1alpha1.ResourceSandboxes, false),
 		},
 	}
-	if len(h.Status.Images) > 0 {
-		out.Artifacts = make(map[string]bool, len(h.Status.Images))
-		for _, img := range h.Status.Images {
-			out.Artifacts[ArtifactImage+img] = true
+	if n := len(h.Status.Images) + len(h.Status.Snapshots) + len(h.Status.Templates); n > 0 {
+		out.Artifacts = make(map[string]bool, n)
+		for _, kind := range []struct {
+			prefix string
+			held   []string
+		}{{ArtifactImage, h.Status.Images}, {ArtifactSnapshot, h.Status.Snapshots}, {ArtifactTemplate, h.Status.Templates}} {
+			for _, x := range kind.held {
+				out.Artifacts[kind.prefix+x] = true
+			}
 		}
 	}
 	return out
@@ -99,11 +104,15 @@ const (
 
 var artifactScore = map[string]int64{ArtifactImage: 10, ArtifactTemplate: 20, ArtifactSnapshot: 30, ArtifactWarmPool: 40}
 
-// ArtifactKeys are the artifacts a sandbox would start faster from.
-// Templates, snapshots and warm pools join the image here when sandboxes
-// can name them.
+// ArtifactKeys are the artifacts a sandbox would start faster from. (A
+// warm pool's claims are bound by the pool's controller, to the host of
+// the pool's sandbox they take; a snapshot is required, not preferred.)
 func ArtifactKeys(sb *v1alpha1.Sandbox) []string {
-	return []string{ArtifactImage + sb.Spec.Image}
+	keys := []string{ArtifactImage + sb.Spec.Image}
+	if src := sb.Spec.Source; src != nil && src.Template != "" {
+		keys = append(keys, ArtifactTemplate+sb.Namespace+"/"+src.Template)
+	}
+	return keys
 }
 
 // Snapshot is the cluster as placement sees it: the hosts, what is bound

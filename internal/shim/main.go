@@ -30,6 +30,11 @@ func Main(dir string) int {
 	// Held by this process alone: not by QEMU or mkfs, which would keep
 	// the run looking alive after the shim is gone.
 	syscall.CloseOnExec(3)
+	if err := os.Chdir(dir); err != nil {
+		log.Error("enter the run directory", "err", err)
+		return 1
+	}
+	dir = "."
 	st := State{Phase: Booting}
 	if err := run(log, dir, &st); err != nil {
 		log.Error("run failed", "err", err)
@@ -97,7 +102,12 @@ func run(log *slog.Logger, dir string, st *State) error {
 			log.Error("write state", "err", err)
 		}
 	}
-	res, err := rt.Run(ctx, spec.Sandbox, sio)
+	var res *sandbox.Result
+	if spec.Snapshot != "" {
+		res, err = rt.RunSnapshot(ctx, spec.Snapshot, spec.Sandbox, sio)
+	} else {
+		res, err = rt.Run(ctx, spec.Sandbox, sio)
+	}
 	st.Phase, st.FinishedAt = Exited, time.Now()
 	switch {
 	case ctx.Err() != nil:
@@ -110,6 +120,8 @@ func run(log *slog.Logger, dir string, st *State) error {
 		switch {
 		case errors.Is(err, image.ErrNotFound), errors.Is(err, image.ErrInvalid):
 			st.Reason = "ImagePullError"
+		case errors.Is(err, vmm.ErrBadSnapshot):
+			st.Reason = "BadSnapshot"
 		case errors.Is(err, sandbox.ErrBoot):
 			st.Reason = "BootError"
 		case errors.Is(err, sandbox.ErrStopped):

@@ -5,6 +5,11 @@
 // it. A node agent that restarts finds its sandboxes' shims by their run
 // directories and adopts them: it neither kills nor duplicates a VM.
 //
+// The shim works in its run directory (its working directory) by relative
+// paths only, so that the directory can be moved while it runs: a warm
+// pool's sandbox handed to the sandbox that claims it moves to that
+// sandbox's directory.
+//
 // A run directory holds:
 //
 //	spec.json   what to run (written by the node agent before the start)
@@ -34,9 +39,14 @@ import (
 // Spec is what one run runs.
 type Spec struct {
 	Sandbox sandbox.Spec `json:"sandbox"`
-	Log     string       `json:"log"`    // the workload's output goes here
-	LogMax  int64        `json:"logMax"` // bytes before rotation
-	Accel   string       `json:"accel"`
+	// Snapshot, if set, is a memory snapshot (an absolute path) to start
+	// the sandbox from instead of booting: sandbox.RunSnapshot.
+	Snapshot string `json:"snapshot,omitempty"`
+	// Log is where the workload's output goes; a relative path is from
+	// the run directory.
+	Log    string `json:"log"`
+	LogMax int64  `json:"logMax"` // bytes before rotation
+	Accel  string `json:"accel"`
 	// StdinOnce closes the workload's stdin when the first client's input
 	// on stdin.sock ends.
 	StdinOnce bool `json:"stdinOnce,omitempty"`
@@ -61,7 +71,7 @@ type State struct {
 	Signal     int       `json:"signal,omitempty"`
 	// Reason is a CamelCase word when the run did not end by itself or
 	// did not start: Completed, Error, OOMKilled, DiskFull, StartError,
-	// ImagePullError, BootError, Killed.
+	// ImagePullError, BootError, BadSnapshot, Killed.
 	Reason  string `json:"reason,omitempty"`
 	Message string `json:"message,omitempty"`
 }

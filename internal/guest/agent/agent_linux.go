@@ -69,6 +69,9 @@ func run(build string) error {
 		return err
 	}
 	go reap.run()
+	if err := loopbackUp(); err != nil {
+		fmt.Fprintf(os.Stderr, "hearth-agent: bring up lo: %v\n", err)
+	}
 	// The workload may be OOM-killed; the agent must not be.
 	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
 

@@ -6,7 +6,10 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"strconv"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -35,6 +38,12 @@ func control(st *protocol.Start) error {
 		return thaw()
 	case protocol.Restored:
 		return restored(st)
+	case protocol.Probe:
+		c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(st.Port)), time.Second)
+		if err != nil {
+			return err
+		}
+		return c.Close()
 	}
 	return fmt.Errorf("unknown control %q", st.Control)
 }
@@ -109,4 +118,23 @@ func reseed(entropy []byte) error {
 		return fmt.Errorf("RNDRESEEDCRNG: %w", errno)
 	}
 	return nil
+}
+
+// loopbackUp brings up the guest's lo, which workloads (and Probe) expect
+// whether or not the sandbox has a network.
+func loopbackUp() error {
+	fd, err := unix.Socket(unix.AF_INET, unix.SOCK_DGRAM|unix.SOCK_CLOEXEC, 0)
+	if err != nil {
+		return err
+	}
+	defer unix.Close(fd)
+	ifr, err := unix.NewIfreq("lo")
+	if err != nil {
+		return err
+	}
+	if err := unix.IoctlIfreq(fd, unix.SIOCGIFFLAGS, ifr); err != nil {
+		return err
+	}
+	ifr.SetUint16(ifr.Uint16() | unix.IFF_UP)
+	return unix.IoctlIfreq(fd, unix.SIOCSIFFLAGS, ifr)
 }

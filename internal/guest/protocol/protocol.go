@@ -26,8 +26,10 @@ const SerialPortName = "hearth.0"
 
 // ExecPorts is how many more ports (hearth.1 to hearth.N) carry exec
 // sessions: each runs one more process in the running sandbox at a time,
-// with the same protocol (Hello, then Start with Exec set).
-const ExecPorts = 3
+// with the same protocol (Hello, then Start with Exec set). The host keeps
+// the last three for itself (internal/sandbox: a forked sandbox's main
+// command, and the control sessions around a snapshot).
+const ExecPorts = 8
 
 // ExecPortName names exec port i (1 to ExecPorts).
 func ExecPortName(i int) string { return fmt.Sprintf("hearth.%d", i) }
@@ -229,6 +231,8 @@ type Start struct {
 	Control Control `json:"control,omitempty"`
 	// Entropy seeds the guest's random pool (Control Restored).
 	Entropy []byte `json:"entropy,omitempty"`
+	// Port is the TCP port that Control Probe connects to.
+	Port int `json:"port,omitempty"`
 }
 
 // Control is an action on a running sandbox, for snapshots.
@@ -247,6 +251,9 @@ const (
 	// random stream), and gives /etc/machine-id a new value if the image
 	// has one.
 	Restored Control = "restored"
+	// Probe succeeds if a TCP connection to 127.0.0.1:Port is accepted in
+	// the guest (a template's readiness check).
+	Probe Control = "probe"
 )
 
 // Started reports that the workload runs.

@@ -28,7 +28,13 @@ type info struct {
 }
 
 func infoOf(cfg vmm.Config, qemuVersion string) info {
-	in := info{QEMU: qemuVersion, Accel: cfg.Accel, Kernel: cfg.Kernel, MemoryMiB: cfg.MemoryMiB, VCPUs: max(cfg.VCPUs, 1)}
+	// The kernel by path, size and time: one rebuilt in place is another
+	// kernel, whose memory layout the saved one does not share.
+	kernel := cfg.Kernel
+	if fi, err := os.Stat(cfg.Kernel); err == nil {
+		kernel = fmt.Sprintf("%s (%d bytes, %s)", cfg.Kernel, fi.Size(), fi.ModTime().UTC().Format(time.RFC3339Nano))
+	}
+	in := info{QEMU: qemuVersion, Accel: cfg.Accel, Kernel: kernel, MemoryMiB: cfg.MemoryMiB, VCPUs: max(cfg.VCPUs, 1)}
 	for _, d := range cfg.Drives {
 		in.Drives = append(in.Drives, d.ID)
 	}
