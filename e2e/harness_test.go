@@ -30,6 +30,7 @@ func TestMain(m *testing.M) {
 	cacheDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	testenv.RemoveBinaries()
 	os.Exit(code)
 }
 

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"strings"
 	"log/slog"
 	"time"
 
@@ -16,6 +17,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
 
@@ -78,10 +80,28 @@ func (o *ControllerOptions) validate() error {
 	return nil
 }
 
-// runControllers runs the control plane's controllers (the scheduler and
-// the host lifecycle), leader-elected so that several control-plane
-// members can run.
+// runControllers runs the control plane's controllers (the scheduler, the
+// host lifecycle, the warm pools), leader-elected so that several
+// control-plane members can run. A member that loses the lease (its API
+// calls too slow to renew it, on a loaded machine) stops its controllers
+// and campaigns again, rather than ending hearthd: with one member, an
+// exit would take the whole control plane down.
 func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config, o ControllerOptions) error {
+	for {
+		err := runControllersOnce(ctx, log, cfg, o)
+		if ctx.Err() != nil || err == nil || !strings.Contains(err.Error(), "leader election lost") {
+			return err
+		}
+		log.Warn("controllers lost the leader lease; campaigning again", "err", err)
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+func runControllersOnce(ctx context.Context, log *slog.Logger, cfg *rest.Config, o ControllerOptions) error {
 	c, err := client.New(cfg, client.Options{Scheme: Scheme})
 	if err != nil {
 		return err
@@ -106,6 +126,9 @@ func runControllers(ctx context.Context, log *slog.Logger, cfg *rest.Config, o C
 		LeaseDuration:                 ptr.To(8 * time.Second),
 		RenewDeadline:                 ptr.To(5 * time.Second),
 		RetryPeriod:                   ptr.To(time.Second),
+		// Controller names are registered process-wide (for metrics);
+		// after a lost lease the same controllers start again.
+		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
 	})
 	if err != nil {
 		return err

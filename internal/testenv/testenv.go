@@ -71,6 +71,14 @@ var (
 	buildErr  error
 )
 
+// RemoveBinaries removes what Binaries built; a package's TestMain calls
+// it after its tests.
+func RemoveBinaries() {
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+}
+
 // Binaries builds hearth and hearth-agent once per test process and returns
 // the directory holding them.
 func Binaries(t testing.TB) string {

@@ -61,6 +61,46 @@ const logTail = 64 << 10
 //   - rdinit=/init: hearth-agent in the initramfs.
 const baseCmdline = "console=ttyS0 quiet panic=-1 reboot=t rdinit=/init 8250.nr_uarts=1"
 
+// tscCmdline gives a TCG guest the host's TSC frequency. Under TCG the
+// guest's TSC runs at the host's, but the guest cannot calibrate it (no
+// HPET or PM timer on microvm, the emulated PIT too jittery: "Marking TSC
+// unstable due to could not calculate TSC khz"), falls back to the jiffies
+// clocksource and can then never stop its tick: an idle guest took 250
+// timer interrupts a second, about 5% of a host CPU each, which a host
+// full of idle warm-pool sandboxes could not afford. With the frequency
+// given (tsc_early_khz) and the watchdog off (tsc=reliable: there is no
+// better clock to check it against) the guest runs tickless on the TSC.
+// Taken from the host's /proc/cpuinfo when its TSC is invariant.
+func tscCmdline(accel vmm.Accel) string {
+	if accel != vmm.TCG {
+		return ""
+	}
+	tscOnce.Do(func() {
+		b, err := os.ReadFile("/proc/cpuinfo")
+		if err != nil {
+			return
+		}
+		info := string(b)
+		if !strings.Contains(info, " constant_tsc") || !strings.Contains(info, " nonstop_tsc") {
+			return
+		}
+		for _, line := range strings.Split(info, "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == "cpu MHz" {
+				if mhz, err := strconv.ParseFloat(strings.TrimSpace(v), 64); err == nil && mhz > 0 {
+					tscArgs = fmt.Sprintf(" tsc_early_khz=%d tsc=reliable", int64(mhz*1000))
+				}
+				return
+			}
+		}
+	})
+	return tscArgs
+}
+
+var (
+	tscOnce sync.Once
+	tscArgs string
+)
+
 // Args returns QEMU's command line for cfg.
 func Args(cfg vmm.Config) []string { return args(cfg, cfg.MemoryFile, true) }
 
@@ -105,7 +145,7 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
 		"-kernel", cfg.Kernel,
 		"-initrd", cfg.Initrd,
-		"-append", strings.TrimSpace(baseCmdline + " " + cfg.Cmdline),
+		"-append", strings.TrimSpace(baseCmdline + tscCmdline(cfg.Accel) + " " + cfg.Cmdline),
 		// The console goes to a socket hearth listens on before QEMU
 		// starts, so QEMU's connect succeeds at once and no early output
 		// is lost.

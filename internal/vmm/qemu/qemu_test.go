@@ -18,13 +18,13 @@ func TestArgs(t *testing.T) {
 		want  []string
 	}{
 		{vmm.TCG, []string{"-accel tcg,thread=multi", "-cpu max", "-smp 2", "-m 512M", "-no-reboot",
-			"reboot=t rdinit=/init 8250.nr_uarts=1 loglevel=7",
+			"reboot=t rdinit=/init 8250.nr_uarts=1" + tscCmdline(vmm.TCG) + " loglevel=7",
 			"-add-fd fd=3,set=1 -drive id=image,file=/dev/fdset/1,file.locking=off,format=raw,if=none,readonly=on", "virtio-blk-device,drive=image,serial=image",
 			"-add-fd fd=4,set=2 -add-fd fd=5,set=2 -drive id=rw,file=/dev/fdset/2,file.locking=off,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
 			"virtserialport,chardev=port0,name=hearth.0",
 			"socket,id=port3,path=/run/x/exec3.sock,server=on,wait=off", "virtserialport,chardev=port3,name=hearth.3",
 			"-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny"}},
-		{vmm.KVM, []string{"-accel kvm", "-cpu host"}},
+		{vmm.KVM, []string{"-accel kvm", "-cpu host", "8250.nr_uarts=1 loglevel=7"}},
 	} {
 		c := base
 		c.Accel = tc.accel

@@ -1,0 +1,185 @@
+package e2e
+
+import (
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+func templateYAML(name, image, readiness string, command ...string) string {
+	var cmd []string
+	for _, c := range command {
+		cmd = append(cmd, fmt.Sprintf("%q", c))
+	}
+	return fmt.Sprintf(`apiVersion: hearth.dev/v1alpha1
+kind: SandboxTemplate
+metadata:
+  name: %s
+spec:
+  image: %s
+  command: [%s]
+  resources: {cpu: 100m, memory: 128Mi, disk: 64Mi}
+  readiness: %s
+`, name, image, strings.Join(cmd, ", "), readiness)
+}
+
+func poolYAML(name, template string, replicas int) string {
+	return fmt.Sprintf(`apiVersion: hearth.dev/v1alpha1
+kind: WarmPool
+metadata:
+  name: %s
+spec:
+  template: %s
+  replicas: %d
+`, name, template, replicas)
+}
+
+func claimYAML(name, pool string) string {
+	return fmt.Sprintf(`apiVersion: hearth.dev/v1alpha1
+kind: Sandbox
+metadata:
+  name: %s
+spec:
+  source: {warmPool: %s}
+  resources: {cpu: 100m, memory: 128Mi, disk: 64Mi}
+`, name, pool)
+}
+
+func (c *cluster) apply(manifest string) {
+	c.t.Helper()
+	if out, err := c.kubectlIn(manifest, "apply", "-f", "-"); err != nil {
+		c.t.Fatalf("kubectl apply: %v\n%s\n%s", err, out, manifest)
+	}
+}
+
+func (c *cluster) poolField(name, path string) string {
+	out, _ := c.kubectl("get", "warmpool", name, "-o", "jsonpath={"+path+"}")
+	return out
+}
+
+func TestTemplatesAndWarmPools(t *testing.T) {
+	h := newHarness(t)
+	img := tools(t)
+	c := startCluster(t, h, "--node-cpu", "64")
+
+	// The template's process marks itself ready after a while; the
+	// readiness check waits for the mark.
+	c.apply(templateYAML("shell", img, "{exec: [test, -e, /ready]}", "sh", "-c", "sleep 1; touch /ready; exec sleep 100000"))
+
+	t.Run("run --template", func(t *testing.T) {
+		r := c.hearth("", "run", "--template", "shell", "--", "sh", "-c", "test -e /ready && echo ready-from-template")
+		if r.code != 0 || r.stdout != "ready-from-template\n" {
+			t.Fatalf("hearth run --template: exit %d, %q, %s", r.code, r.stdout, r.stderr)
+		}
+		if got, _ := c.kubectl("get", "sandboxtemplate", "shell", "-o", "jsonpath={.status.hosts[0].name} {.status.hosts[0].ready}"); got != "host-1 true" {
+			t.Errorf("template status: %q", got)
+		}
+		waitFor(t, "host-1 to report the template", 30*time.Second, func() bool {
+			out, _ := c.kubectl("get", "host", "host-1", "-o", "jsonpath={.status.templates}")
+			return strings.Contains(out, "default/shell")
+		})
+	})
+
+	t.Run("50 claims against a pool of 5", func(t *testing.T) {
+		c.apply(poolYAML("pool", "shell", 5))
+		waitFor(t, "5 ready in the pool", 3*time.Minute, func() bool { return c.poolField("pool", ".status.readyReplicas") == "5" })
+
+		var manifest []string
+		for i := range 50 {
+			manifest = append(manifest, claimYAML(fmt.Sprintf("claim-%d", i), "pool"))
+		}
+		c.apply(strings.Join(manifest, "---\n"))
+		// Each claim, once running, checks that nobody had its VM
+		// before (a mark in the VM), and is deleted, as an agent's
+		// sandbox is when its work is done.
+		var wg sync.WaitGroup
+		var mu sync.Mutex
+		members := map[string]string{}
+		for i := range 50 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				name := fmt.Sprintf("claim-%d", i)
+				deadline := time.Now().Add(5 * time.Minute)
+				for c.field(name, ".status.phase") != "Running" {
+					if time.Now().After(deadline) {
+						out, _ := c.kubectl("get", "sandbox", name, "-o", "yaml")
+						t.Errorf("%s never ran:\n%s", name, out)
+						return
+					}
+					time.Sleep(200 * time.Millisecond)
+				}
+				member := c.field(name, ".status.warmPoolMember")
+				r := c.hearth("", "exec", name, "--", "sh", "-c", "test -e /claimed && exit 7; touch /claimed; test -e /ready && hostname")
+				if r.code != 0 {
+					t.Errorf("%s: exit %d (7: its VM was claimed before): %s %s", name, r.code, r.stdout, r.stderr)
+				}
+				if got := strings.TrimSpace(r.stdout); r.code == 0 && got != member {
+					t.Errorf("%s runs in VM %q, but took over %q", name, got, member)
+				}
+				mu.Lock()
+				if other, ok := members[member]; ok || member == "" {
+					t.Errorf("%s and %s both took over %q", name, other, member)
+				}
+				members[member] = name
+				mu.Unlock()
+				c.hearth("", "rm", name)
+			}()
+		}
+		wg.Wait()
+		if len(members) != 50 {
+			t.Errorf("%d distinct pool sandboxes served 50 claims", len(members))
+		}
+		waitFor(t, "the pool back to 5 ready", 3*time.Minute, func() bool {
+			return c.poolField("pool", "{.status.readyReplicas} {.status.replicas} {.status.waiting}") == "5 5 0"
+		})
+	})
+
+	t.Run("kubectl scale", func(t *testing.T) {
+		if out, err := c.kubectl("scale", "warmpool/pool", "--replicas", "2"); err != nil {
+			t.Fatalf("kubectl scale: %v\n%s", err, out)
+		}
+		waitFor(t, "the pool down to 2", time.Minute, func() bool {
+			out, _ := c.kubectl("get", "sandboxes", "-l", "hearth.dev/warm-pool=pool", "-o", "name")
+			return c.poolField("pool", "{.status.replicas}") == "2" && len(strings.Fields(out)) == 2
+		})
+		if out := c.mustKubectl("get", "warmpool", "pool"); !hasRow(out, "pool", "shell", "2", "2") {
+			t.Errorf("kubectl get warmpool:\n%s", out)
+		}
+	})
+
+	t.Run("a template that cannot start", func(t *testing.T) {
+		c.apply(templateYAML("broken", img, "{tcpPort: 8080, timeoutSeconds: 2}", "sh", "-c", "echo no server here; exit 3"))
+		c.apply(poolYAML("broken-pool", "broken", 2))
+		waitFor(t, "the pool to report its template's failure", 2*time.Minute, func() bool {
+			return c.poolField("broken-pool", `{.status.conditions[?(@.type=="Ready")].reason}`) == "TemplateError"
+		})
+		msg := c.poolField("broken-pool", `{.status.conditions[?(@.type=="Ready")].message}`)
+		if !strings.Contains(msg, "exited with code 3") || !strings.Contains(msg, "no server here") {
+			t.Errorf("the pool's condition says %q", msg)
+		}
+		// Not a tight loop: one more try in the next few seconds at most.
+		failures := func() int {
+			out, _ := c.kubectl("get", "sandboxtemplate", "broken", "-o", "jsonpath={.status.hosts[0].failures}")
+			n, _ := strconv.Atoi(out)
+			return n
+		}
+		first := failures()
+		time.Sleep(8 * time.Second)
+		if n := failures(); n > first+1 || n > 2 {
+			t.Errorf("the broken template was tried %d times in 8 s (after %d)", n, first)
+		}
+		out, _ := c.kubectl("get", "sandboxes", "-l", "hearth.dev/warm-pool=broken-pool", "-o", "name")
+		if n := len(strings.Fields(out)); n != 2 {
+			t.Errorf("the broken pool has %d sandboxes, want its 2 waiting", n)
+		}
+		c.mustKubectl("delete", "warmpool", "broken-pool", "pool")
+		waitFor(t, "the pools' sandboxes to go", time.Minute, func() bool {
+			out, _ := c.kubectl("get", "sandboxes", "-o", "name")
+			return strings.TrimSpace(out) == ""
+		})
+	})
+}
