@@ -121,9 +121,13 @@ func TestSnapshotsThroughTheAPI(t *testing.T) {
 	})
 
 	t.Run("a disk-only snapshot boots with its files", func(t *testing.T) {
-		r := c.hearth("", "run", "--snapshot", "disk", "--", "cat", "/root/f")
+		r := c.hearth("", "run", "--snapshot", "disk", "--", "sh", "-c", "cat /root/f; touch /root/mine")
 		if r.code != 0 || r.stdout != "saved\n" {
 			t.Errorf("hearth run --snapshot disk: exit %d, %q %s", r.code, r.stdout, r.stderr)
+		}
+		// Each sandbox gets a copy: the first one's write is its own.
+		if r := c.hearth("", "run", "--snapshot", "disk", "--", "test", "-e", "/root/mine"); r.code != 1 {
+			t.Errorf("a second sandbox from the disk snapshot sees the first one's file (exit %d: %s)", r.code, r.stderr)
 		}
 	})
 

@@ -55,8 +55,9 @@ func (c *cluster) apply(manifest string) {
 	}
 }
 
-func (c *cluster) poolField(name, path string) string {
-	out, _ := c.kubectl("get", "warmpool", name, "-o", "jsonpath={"+path+"}")
+// poolField reads a warm pool's fields with a JSONPath template.
+func (c *cluster) poolField(name, template string) string {
+	out, _ := c.kubectl("get", "warmpool", name, "-o", "jsonpath="+template)
 	return out
 }
 
@@ -85,7 +86,7 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 
 	t.Run("50 claims against a pool of 5", func(t *testing.T) {
 		c.apply(poolYAML("pool", "shell", 5))
-		waitFor(t, "5 ready in the pool", 3*time.Minute, func() bool { return c.poolField("pool", ".status.readyReplicas") == "5" })
+		waitFor(t, "5 ready in the pool", 3*time.Minute, func() bool { return c.poolField("pool", "{.status.readyReplicas}") == "5" })
 
 		var manifest []string
 		for i := range 50 {
@@ -134,7 +135,8 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 			t.Errorf("%d distinct pool sandboxes served 50 claims", len(members))
 		}
 		waitFor(t, "the pool back to 5 ready", 3*time.Minute, func() bool {
-			return c.poolField("pool", "{.status.readyReplicas} {.status.replicas} {.status.waiting}") == "5 5 0"
+			return c.poolField("pool", "{.status.readyReplicas} {.status.replicas}") == "5 5" &&
+				strings.Trim(c.poolField("pool", "{.status.waiting}"), "0") == ""
 		})
 	})
 
@@ -142,7 +144,7 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 		if out, err := c.kubectl("scale", "warmpool/pool", "--replicas", "2"); err != nil {
 			t.Fatalf("kubectl scale: %v\n%s", err, out)
 		}
-		waitFor(t, "the pool down to 2", time.Minute, func() bool {
+		waitFor(t, "the pool down to 2", 2*time.Minute, func() bool {
 			out, _ := c.kubectl("get", "sandboxes", "-l", "hearth.dev/warm-pool=pool", "-o", "name")
 			return c.poolField("pool", "{.status.replicas}") == "2" && len(strings.Fields(out)) == 2
 		})

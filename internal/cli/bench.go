@@ -69,7 +69,53 @@ one JSON object.`,
 	boot.Flags().IntVarP(&n, "n", "n", 10, "boots of each kind")
 	boot.Flags().IntVar(&memory, "memory", 256, "guest memory in MiB")
 	boot.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
-	cmd.AddCommand(boot, benchAPICmd(g), benchSchedulerCmd(g))
+	cmd.AddCommand(boot, benchAPICmd(g), benchSchedulerCmd(g), benchWarmCmd(g))
+	return cmd
+}
+
+func benchWarmCmd(g *globals) *cobra.Command {
+	o := bench.WarmOptions{}
+	var accelFlag string
+	cmd := &cobra.Command{
+		Use:   "warm",
+		Short: "Warm starts (a warm pool claim, a template restore) against a bare QEMU restore and a cold boot",
+		Long: `Runs an all-in-one hearth (control plane and node agent, root) in this
+process with a SandboxTemplate of a busybox image and a WarmPool of --pool.
+Then -n times: a Sandbox claims the pool, and the time from its create to
+the first byte of an exec's output in it is taken; every tenth start also
+times a Sandbox started from the template's snapshot the same way, and a
+bare QEMU restore of that snapshot to the guest agent's first answer (the
+VMM alone: the baseline). Cold boots of the image are timed the same way.
+Last, the host memory (PSS and RSS) of --clones pool sandboxes against as
+many cold-booted ones. The last line is one JSON object.
+
+hearth-shim and hearth-agent are found through $HEARTH_SHIM and
+$HEARTH_AGENT, else beside this executable (make build puts them in bin/).`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			var err error
+			if o.Accel, err = vmm.ParseAccel(accelFlag); err != nil {
+				return err
+			}
+			work, err := os.MkdirTemp("", "hw")
+			if err != nil {
+				return err
+			}
+			defer os.RemoveAll(work)
+			o.WorkDir, o.Out, o.Log = work, c.OutOrStdout(), g.log
+			hearthd.RouteKlog(g.log)
+			res, err := bench.Warm(c.Context(), o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), res.JSON())
+			return nil
+		},
+	}
+	cmd.Flags().IntVarP(&o.N, "n", "n", 50, "warm starts timed")
+	cmd.Flags().IntVar(&o.Pool, "pool", 3, "the warm pool's size")
+	cmd.Flags().IntVar(&o.Clones, "clones", 20, "VMs of each kind in the memory comparison (0: skip)")
+	cmd.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
 	return cmd
 }
 

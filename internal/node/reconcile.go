@@ -338,7 +338,13 @@ func orNone(s string) string {
 // sb's. The pool's sandbox object is deleted; its files are sb's.
 func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bool, error) {
 	var m v1alpha1.Sandbox
-	err := a.client.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: sb.Status.WarmPoolMember}, &m)
+	key := types.NamespacedName{Namespace: sb.Namespace, Name: sb.Status.WarmPoolMember}
+	err := a.client.Get(ctx, key, &m)
+	if err == nil && m.Annotations[v1alpha1.AnnotationClaimedBy] != string(sb.UID) {
+		// The claim's binding may reach this cache before the member's
+		// mark does: ask the API server.
+		err = a.reader.Get(ctx, key, &m)
+	}
 	if err != nil || m.Annotations[v1alpha1.AnnotationClaimedBy] != string(sb.UID) {
 		return false, client.IgnoreNotFound(err)
 	}

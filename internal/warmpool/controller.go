@@ -119,6 +119,12 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	}
 
 	seen := map[string]bool{}
+	claims := map[string]*v1alpha1.Sandbox{} // by UID
+	for i := range sbs.Items {
+		if sb := &sbs.Items[i]; sb.Labels[v1alpha1.LabelWarmPool] != pool.Name {
+			claims[string(sb.UID)] = sb
+		}
+	}
 	var ready, starting, waiting []*v1alpha1.Sandbox
 	var claimed int32
 	templateErr := ""
@@ -126,6 +132,10 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		sb := &sbs.Items[i]
 		seen[sb.Name] = true
 		switch {
+		case sb.Labels[v1alpha1.LabelWarmPool] == pool.Name && orphaned(sb, claims):
+			if err := c.remove(ctx, req.NamespacedName, sb); err != nil {
+				return reconcile.Result{}, err
+			}
 		case sb.Labels[v1alpha1.LabelWarmPool] != pool.Name: // a claim
 			switch {
 			case sb.Status.Phase.Terminal() || !sb.DeletionTimestamp.IsZero():
@@ -229,6 +239,18 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	return reconcile.Result{Requeue: requeue}, nil
+}
+
+// orphaned reports whether m was marked taken by a claim that is gone or
+// that went to another member: its VM will never be taken over.
+func orphaned(m *v1alpha1.Sandbox, claims map[string]*v1alpha1.Sandbox) bool {
+	uid := m.Annotations[v1alpha1.AnnotationClaimedBy]
+	if uid == "" || !m.DeletionTimestamp.IsZero() {
+		return false
+	}
+	cl, ok := claims[uid]
+	return !ok || !cl.DeletionTimestamp.IsZero() || cl.Status.Phase.Terminal() ||
+		(cl.Status.WarmPoolMember != "" && cl.Status.WarmPoolMember != m.Name)
 }
 
 // claim gives the pool's ready sandbox m to the claim cl: m is marked
