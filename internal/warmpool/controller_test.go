@@ -1,0 +1,121 @@
+package warmpool
+
+import (
+	"context"
+	"io"
+	"log/slog"
+	"testing"
+	"time"
+
+	"k8s.io/apimachinery/pkg/api/meta"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"k8s.io/client-go/tools/record"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"hearth.dev/hearth/api/v1alpha1"
+)
+
+func TestPool(t *testing.T) {
+	ctx := context.Background()
+	scheme := runtime.NewScheme()
+	_ = clientgoscheme.AddToScheme(scheme)
+	_ = v1alpha1.AddToScheme(scheme)
+	t0 := time.Date(2026, 1, 1, 0, 0, 0, 0, time.UTC)
+	at := func(s int) metav1.Time { return metav1.NewTime(t0.Add(time.Duration(s) * time.Second)) }
+
+	pool := &v1alpha1.WarmPool{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "p", UID: "pool-uid"},
+		Spec: v1alpha1.WarmPoolSpec{Template: "t", Replicas: 2}}
+	tpl := &v1alpha1.SandboxTemplate{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: "t"},
+		Spec: v1alpha1.SandboxTemplateSpec{Image: "img"}}
+	member := func(name string, created int, running bool, claimedBy string) *v1alpha1.Sandbox {
+		sb := &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, UID: types.UID(name + "-uid"),
+			CreationTimestamp: at(created), Labels: map[string]string{v1alpha1.LabelWarmPool: "p"}},
+			Spec:   v1alpha1.SandboxSpec{Source: &v1alpha1.SandboxSource{Template: "t"}},
+			Status: v1alpha1.SandboxStatus{HostName: "h-" + name, Phase: v1alpha1.PhaseBooting}}
+		if running {
+			sb.Status.Phase = v1alpha1.PhaseRunning
+			meta.SetStatusCondition(&sb.Status.Conditions, metav1.Condition{Type: v1alpha1.ConditionReady, Status: metav1.ConditionTrue, Reason: "Running"})
+		}
+		if claimedBy != "" {
+			sb.Annotations = map[string]string{v1alpha1.AnnotationClaimedBy: claimedBy}
+		}
+		return sb
+	}
+	claim := func(name string, created int) *v1alpha1.Sandbox {
+		return &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: "default", Name: name, UID: types.UID(name + "-uid"),
+			CreationTimestamp: at(created)},
+			Spec: v1alpha1.SandboxSpec{Source: &v1alpha1.SandboxSource{WarmPool: "p"}}}
+	}
+	c := fake.NewClientBuilder().WithScheme(scheme).
+		WithStatusSubresource(&v1alpha1.Sandbox{}, &v1alpha1.WarmPool{}).
+		WithIndex(&v1alpha1.Sandbox{}, poolIndex, func(o client.Object) []string {
+			if p := poolOf(o.(*v1alpha1.Sandbox)); p != "" {
+				return []string{p}
+			}
+			return nil
+		}).
+		WithObjects(pool, tpl,
+			member("old", 1, true, ""), member("young", 2, true, ""), member("booting", 3, false, ""),
+			member("orphan", 0, true, "gone-uid"),
+			claim("c1", 10), claim("c2", 11), claim("c3", 12)).
+		Build()
+	ctrl := &Controller{Client: c, Recorder: record.NewFakeRecorder(100), Log: slog.New(slog.NewTextHandler(io.Discard, nil)),
+		expect: map[types.NamespacedName]map[string]bool{}}
+	if _, err := ctrl.Reconcile(ctx, reconcile.Request{NamespacedName: client.ObjectKeyFromObject(pool)}); err != nil {
+		t.Fatal(err)
+	}
+	get := func(name string) *v1alpha1.Sandbox {
+		var sb v1alpha1.Sandbox
+		if err := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: name}, &sb); err != nil {
+			t.Fatalf("get %s: %v", name, err)
+		}
+		return &sb
+	}
+	// The oldest claims get the oldest ready members, on their hosts.
+	for cl, m := range map[string]string{"c1": "old", "c2": "young"} {
+		got := get(cl)
+		if got.Status.WarmPoolMember != m || got.Status.HostName != "h-"+m || got.Status.Phase != v1alpha1.PhaseScheduled {
+			t.Errorf("%s: member %q host %q phase %s, want %s on h-%s", cl, got.Status.WarmPoolMember, got.Status.HostName, got.Status.Phase, m, m)
+		}
+		if by := get(m).Annotations[v1alpha1.AnnotationClaimedBy]; by != string(got.UID) {
+			t.Errorf("member %s marked claimed by %q, want %s", m, by, got.UID)
+		}
+	}
+	if got := get("c3"); got.Status.HostName != "" || got.Status.Reason != "WaitingForWarmPool" {
+		t.Errorf("c3: host %q reason %q, want waiting", got.Status.HostName, got.Status.Reason)
+	}
+	// The orphan (claimed by a sandbox that is gone) is deleted.
+	if err := c.Get(ctx, client.ObjectKey{Namespace: "default", Name: "orphan"}, &v1alpha1.Sandbox{}); err == nil {
+		t.Error("the orphaned member is still there")
+	}
+	// Refill: 2 replicas + 1 waiting claim = 3 unclaimed wanted; "booting"
+	// is one, so two more are made.
+	var list v1alpha1.SandboxList
+	if err := c.List(ctx, &list, client.MatchingLabels{v1alpha1.LabelWarmPool: "p"}); err != nil {
+		t.Fatal(err)
+	}
+	unclaimed := 0
+	for _, sb := range list.Items {
+		if sb.Annotations[v1alpha1.AnnotationClaimedBy] == "" {
+			unclaimed++
+			if sb.GenerateName != "" && (sb.Spec.Source == nil || sb.Spec.Source.Template != "t" || len(sb.OwnerReferences) != 1) {
+				t.Errorf("member %s: source %+v owners %v", sb.Name, sb.Spec.Source, sb.OwnerReferences)
+			}
+		}
+	}
+	if unclaimed != 3 {
+		t.Errorf("%d unclaimed members, want 3", unclaimed)
+	}
+	var p v1alpha1.WarmPool
+	if err := c.Get(ctx, client.ObjectKeyFromObject(pool), &p); err != nil {
+		t.Fatal(err)
+	}
+	if st := p.Status; st.Claimed != 2 || st.Waiting != 1 || st.ReadyReplicas != 0 || st.Refilling != 3 || st.Selector != "hearth.dev/warm-pool=p" {
+		t.Errorf("status %+v", st)
+	}
+}
