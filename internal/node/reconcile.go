@@ -311,6 +311,8 @@ func (a *Agent) fromSource(ctx context.Context, sb *v1alpha1.Sandbox, spec *shim
 	switch {
 	case err == nil:
 		spec.Snapshot, spec.Sandbox.Image = dir, tpl.Spec.Image
+		// A pool's sandbox is claimed later: have it warm by then.
+		spec.Sandbox.WarmUp = sb.Labels[v1alpha1.LabelWarmPool] != ""
 		return reconcile.Result{}, nil, nil
 	case errors.Is(err, errPreparing):
 		st := &sb.Status

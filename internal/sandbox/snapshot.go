@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -270,6 +271,14 @@ func (rt *Runtime) RunSnapshot(ctx context.Context, dir string, spec Spec, sio I
 		sio.Target = func(t Target) {
 			t.Image, t.Digest = saved.Image, saved.Digest
 			target(t)
+		}
+	}
+	if spec.WarmUp {
+		wctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+		_, err := Exec(wctx, rt.Driver, f.Target, MainPort, ExecSpec{Args: []string{"true"}}, IO{Stdout: io.Discard, Stderr: io.Discard}, log)
+		cancel()
+		if err != nil {
+			log.Warn("warm-up exec", "err", err)
 		}
 	}
 	if len(spec.Entrypoint) == 0 && len(spec.Command) == 0 {
