@@ -109,16 +109,11 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}
 
 	id := newID()
-	runDir, unlock, err := rt.makeRunDir(id)
+	runDir, remove, err := rt.makeRunDir(id)
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		unlock()
-		if rerr := os.RemoveAll(runDir); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("remove run directory: %w", rerr))
-		}
-	}()
+	defer func() { err = errors.Join(err, remove()) }()
 	disk := filepath.Join(runDir, snapshotDisk)
 	if spec.DiskFrom != "" {
 		if err := sparse.Copy(spec.DiskFrom, disk); err != nil {
@@ -214,8 +209,9 @@ func newID() string {
 // life of this process, so that sweep can tell abandoned directories (their
 // owner was SIGKILLed) from live ones. The lock file is locked before it
 // takes its name, so that sweep never sees it unlocked while its owner lives.
-func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
-	dir := filepath.Join(rt.RunRoot, id)
+// remove gives the lock up and removes the directory.
+func (rt *Runtime) makeRunDir(id string) (dir string, remove func() error, err error) {
+	dir = filepath.Join(rt.RunRoot, id)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return "", nil, fmt.Errorf("run directory: %w", err)
 	}
@@ -231,7 +227,13 @@ func (rt *Runtime) makeRunDir(id string) (string, func(), error) {
 		f.Close()
 		return "", nil, err
 	}
-	return dir, func() { f.Close() }, nil
+	return dir, func() error {
+		f.Close()
+		if err := os.RemoveAll(dir); err != nil {
+			return fmt.Errorf("remove run directory: %w", err)
+		}
+		return nil
+	}, nil
 }
 
 // sweep removes run directories whose owner died without cleaning up:

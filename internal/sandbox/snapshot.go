@@ -246,16 +246,11 @@ func (rt *Runtime) RunSnapshot(ctx context.Context, dir string, spec Spec, sio I
 	}
 	rt.sweep(log)
 	id := newID()
-	runDir, unlock, err := rt.makeRunDir(id)
+	runDir, remove, err := rt.makeRunDir(id)
 	if err != nil {
 		return nil, err
 	}
-	defer func() {
-		unlock()
-		if rerr := os.RemoveAll(runDir); rerr != nil {
-			err = errors.Join(err, fmt.Errorf("remove run directory: %w", rerr))
-		}
-	}()
+	defer func() { err = errors.Join(err, remove()) }()
 	name := spec.Name
 	if name == "" {
 		name = "hearth-" + id
