@@ -196,4 +196,3 @@ func waitFor(t *testing.T, what string, timeout time.Duration, cond func() bool)
 		time.Sleep(100 * time.Millisecond)
 	}
 }
-
