@@ -56,7 +56,7 @@ func TestHelp(t *testing.T) {
 		}
 	}
 	var out, errb strings.Builder
-	if code := Main([]string{"run"}, strings.NewReader(""), &out, &errb); code != ExitHearth || !strings.Contains(errb.String(), "requires at least 1 arg") {
+	if code := Main([]string{"run"}, strings.NewReader(""), &out, &errb); code != ExitHearth || !strings.Contains(errb.String(), "give an IMAGE to run, or --template, --snapshot or --pool") {
 		t.Errorf("run without image: %d %q", code, errb.String())
 	}
 }

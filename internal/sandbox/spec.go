@@ -45,7 +45,7 @@ type Spec struct {
 
 // Minimums below which a guest cannot boot or run anything useful.
 const (
-	MinMemoryMiB = 48
+	MinMemoryMiB = 64
 	MinDiskMiB   = 8
 )
 

@@ -145,8 +145,8 @@ func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
 // POLLHUP and reads return EOF, so poll cannot wait for it. The port is
 // put in O_ASYNC mode instead: virtio_console sends SIGIO when the host
 // connects or data arrives, which wakes every waiting port to look again;
-// interval is only a fallback. (Polling eight exec ports every 20 ms cost
-// an idle guest under TCG about 8% of a host CPU.)
+// interval is only a fallback. (Polling every exec port every 20 ms cost an
+// idle guest under TCG several percent of a host CPU.)
 func waitHost(f *os.File, deadline time.Time, interval time.Duration) error {
 	fd := int(f.Fd())
 	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil && fl&unix.O_ASYNC == 0 {
