@@ -1,7 +1,6 @@
 package node
 
 import (
-	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
@@ -27,6 +26,7 @@ import (
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/qemu"
 )
 
@@ -171,7 +171,7 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	if err != nil {
 		return err
 	}
-	out := &tail{max: 2048}
+	out := &vmm.TailBuffer{Max: 2048}
 	targets := make(chan sandbox.Target, 1)
 	done := make(chan runEnd, 1)
 	runCtx, stop := context.WithCancel(ctx)
@@ -210,19 +210,19 @@ type runEnd struct {
 	err error
 }
 
-func (e runEnd) failure(out *tail) error {
+func (e runEnd) failure(out *vmm.TailBuffer) error {
 	if e.err != nil {
 		return e.err
 	}
 	if e.res.Error != "" {
 		return fmt.Errorf("the template's process could not start: %s", e.res.Error)
 	}
-	return fmt.Errorf("the template's process exited with code %d before it was ready (%s)", e.res.ExitCode, out)
+	return fmt.Errorf("the template's process exited with code %d before it was ready (%s)", e.res.ExitCode, output(out))
 }
 
 // ready runs the readiness check until it passes, the VM ends, or the
 // timeout. The checks use exec port 1: nothing else execs in a template.
-func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, timeout time.Duration, done chan runEnd, out *tail) error {
+func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, timeout time.Duration, done chan runEnd, out *vmm.TailBuffer) error {
 	if r == nil {
 		return nil
 	}
@@ -230,7 +230,7 @@ func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, ti
 	for {
 		var err error
 		if len(r.Exec) > 0 {
-			check := &tail{max: 512}
+			check := &vmm.TailBuffer{Max: 512}
 			var res *sandbox.Result
 			res, err = sandbox.Exec(ctx, &qemu.Driver{}, target, 1, sandbox.ExecSpec{Args: r.Exec},
 				sandbox.IO{Stdout: check, Stderr: check}, nil)
@@ -239,7 +239,7 @@ func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, ti
 			case res.Error != "":
 				err = errors.New(res.Error)
 			case res.ExitCode != 0:
-				err = fmt.Errorf("%q exited with code %d (%s)", r.Exec, res.ExitCode, check)
+				err = fmt.Errorf("%q exited with code %d (%s)", r.Exec, res.ExitCode, output(check))
 			}
 		} else {
 			err = sandbox.Control(ctx, &qemu.Driver{}, target, 1, protocol.Start{Control: protocol.Probe, Port: int(r.TCPPort)})
@@ -325,28 +325,10 @@ func templateSpec(tpl *v1alpha1.SandboxTemplate) sandbox.Spec {
 	return s
 }
 
-// tail keeps the last max bytes written to it.
-type tail struct {
-	mu  sync.Mutex
-	max int
-	b   []byte
-}
-
-func (t *tail) Write(p []byte) (int, error) {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	t.b = append(t.b, p...)
-	if len(t.b) > t.max {
-		t.b = t.b[len(t.b)-t.max:]
+// output is what a template's process printed last, for an error message.
+func output(t *vmm.TailBuffer) string {
+	if s := strings.TrimSpace(t.Tail(t.Max)); s != "" {
+		return "output: " + s
 	}
-	return len(p), nil
-}
-
-func (t *tail) String() string {
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if len(t.b) == 0 {
-		return "no output"
-	}
-	return "output: " + string(bytes.TrimSpace(t.b))
+	return "no output"
 }
