@@ -32,7 +32,6 @@ import (
 	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/sandbox"
-	"hearth.dev/hearth/internal/sparse"
 	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/qemu"
 )
@@ -361,16 +360,9 @@ func (w *warm) bare(ctx context.Context, i int) (time.Duration, error) {
 		return 0, err
 	}
 	defer os.RemoveAll(runDir)
-	cfg := saved.VM
-	cfg.ID, cfg.RunDir, cfg.MemoryFile = filepath.Base(runDir), runDir, ""
-	cfg.Drives = append([]vmm.Drive(nil), cfg.Drives...)
-	for j, d := range cfg.Drives {
-		if !d.ReadOnly {
-			cfg.Drives[j].Path = filepath.Join(runDir, "disk")
-			if err := sparse.Copy(sandbox.DiskPath(snap), cfg.Drives[j].Path); err != nil {
-				return 0, err
-			}
-		}
+	cfg, err := saved.RestoreConfig(snap, runDir)
+	if err != nil {
+		return 0, err
 	}
 	driver := &qemu.Driver{}
 	t0 := time.Now()

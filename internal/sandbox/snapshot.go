@@ -72,6 +72,24 @@ func ReadSaved(dir string) (*Saved, error) {
 	return &saved, nil
 }
 
+// RestoreConfig is the configuration of a VM restored from the snapshot
+// in dir to run in runDir: the saved machine, with a copy of the saved
+// writable layer in runDir.
+func (saved *Saved) RestoreConfig(dir, runDir string) (vmm.Config, error) {
+	cfg := saved.VM
+	cfg.ID, cfg.RunDir, cfg.MemoryFile = filepath.Base(runDir), runDir, ""
+	cfg.Drives = append([]vmm.Drive(nil), cfg.Drives...)
+	for i, d := range cfg.Drives {
+		if d.ID == rwDrive {
+			cfg.Drives[i].Path = filepath.Join(runDir, snapshotDisk)
+			if err := sparse.Copy(DiskPath(dir), cfg.Drives[i].Path); err != nil {
+				return vmm.Config{}, fmt.Errorf("%w: writable disk: %v", vmm.ErrBadSnapshot, err)
+			}
+		}
+	}
+	return cfg, nil
+}
+
 // DiskPath is the writable layer saved in the snapshot dir.
 func DiskPath(dir string) string { return filepath.Join(dir, snapshotDisk) }
 
@@ -179,16 +197,9 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 	if !saved.Memory {
 		return nil, fmt.Errorf("%w: it holds a disk alone: boot a sandbox with it instead", vmm.ErrBadSnapshot)
 	}
-	cfg := saved.VM
-	cfg.ID, cfg.RunDir, cfg.MemoryFile = filepath.Base(runDir), runDir, ""
-	cfg.Drives = append([]vmm.Drive(nil), cfg.Drives...)
-	for i, d := range cfg.Drives {
-		if d.ID == rwDrive {
-			cfg.Drives[i].Path = filepath.Join(runDir, snapshotDisk)
-			if err := sparse.Copy(DiskPath(dir), cfg.Drives[i].Path); err != nil {
-				return nil, fmt.Errorf("%w: writable disk: %v", vmm.ErrBadSnapshot, err)
-			}
-		}
+	cfg, err := saved.RestoreConfig(dir, runDir)
+	if err != nil {
+		return nil, err
 	}
 	vm, err := driver.Restore(ctx, cfg, dir)
 	if err != nil {
