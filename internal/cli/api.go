@@ -333,19 +333,25 @@ func rmCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var errs []error
-			for _, name := range args {
-				if err := a.remove(cmd.Context(), name, wait); err != nil {
-					errs = append(errs, err)
-					continue
-				}
-				fmt.Fprintln(cmd.OutOrStdout(), name)
-			}
-			return errors.Join(errs...)
+			return forEachName(cmd, args, func(name string) error { return a.remove(cmd.Context(), name, wait) })
 		},
 	}
 	cmd.Flags().BoolVar(&wait, "wait", true, "return once the VM is gone and the object deleted")
 	return cmd
+}
+
+// forEachName runs f for each name, printing the names it succeeded for,
+// and returns every failure.
+func forEachName(cmd *cobra.Command, names []string, f func(name string) error) error {
+	var errs []error
+	for _, name := range names {
+		if err := f(name); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), name)
+	}
+	return errors.Join(errs...)
 }
 
 // remove deletes a sandbox and, with wait, waits until it is gone.

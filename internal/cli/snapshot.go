@@ -2,7 +2,6 @@ package cli
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"text/tabwriter"
 	"time"
@@ -142,19 +141,14 @@ func snapshotRmCmd(g *globals) *cobra.Command {
 			if err != nil {
 				return err
 			}
-			var errs []error
-			for _, name := range args {
+			return forEachName(cmd, args, func(name string) error {
 				s := &v1alpha1.Snapshot{ObjectMeta: metav1.ObjectMeta{Namespace: a.ns, Name: name}}
-				if err := a.client.Delete(cmd.Context(), s); err != nil {
-					if apierrors.IsNotFound(err) {
-						err = fmt.Errorf("snapshot %q not found in namespace %s", name, a.ns)
-					}
-					errs = append(errs, err)
-					continue
+				err := a.client.Delete(cmd.Context(), s)
+				if apierrors.IsNotFound(err) {
+					return fmt.Errorf("snapshot %q not found in namespace %s", name, a.ns)
 				}
-				fmt.Fprintln(cmd.OutOrStdout(), name)
-			}
-			return errors.Join(errs...)
+				return err
+			})
 		},
 	}
 }
