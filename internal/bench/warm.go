@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -20,9 +19,6 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/client-go/kubernetes/scheme"
-	"k8s.io/client-go/rest"
-	"k8s.io/client-go/tools/remotecommand"
 	"k8s.io/utils/ptr"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
@@ -32,6 +28,7 @@ import (
 	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/sandboxapi"
 	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/qemu"
 )
@@ -319,26 +316,9 @@ func (f *firstByte) Write(p []byte) (int, error) {
 }
 
 // exec runs a command in a sandbox through the API server, as hearth
-// exec does (SPDY).
+// exec does.
 func (w *warm) exec(ctx context.Context, name string, out io.Writer, command ...string) error {
-	cfg := rest.CopyConfig(w.h.cfg)
-	cfg.GroupVersion = &v1alpha1.GroupVersion
-	cfg.APIPath = "/apis"
-	cfg.NegotiatedSerializer = scheme.Codecs.WithoutConversion()
-	rc, err := rest.RESTClientFor(cfg)
-	if err != nil {
-		return err
-	}
-	req := rc.Post().Namespace(warmNS).Resource("sandboxes").Name(name).SubResource("exec").
-		Param("stdout", "true").Param("stderr", "false").Param("stdin", "false").Param("tty", "false")
-	for _, c := range command {
-		req = req.Param("command", c)
-	}
-	ex, err := remotecommand.NewSPDYExecutor(w.h.cfg, http.MethodPost, req.URL())
-	if err != nil {
-		return err
-	}
-	return ex.StreamWithContext(ctx, remotecommand.StreamOptions{Stdout: out})
+	return sandboxapi.Stream(ctx, w.h.cfg, warmNS, name, "exec", command, false, nil, out, nil, nil)
 }
 
 // bare restores the template's snapshot with the VMM alone and times it

@@ -19,7 +19,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apimachinery/pkg/util/duration"
-	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"k8s.io/client-go/tools/remotecommand"
@@ -30,6 +29,7 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/sandboxapi"
 )
 
 // api is a connection to a hearth API server.
@@ -85,21 +85,9 @@ func (a *api) get(ctx context.Context, name string) (*v1alpha1.Sandbox, error) {
 }
 
 // streamRequest is the API request for a sandbox's stream subresource.
-func (a *api) streamRequest(verb, name, sub string) (*rest.Request, error) {
-	cfg := rest.CopyConfig(a.cfg)
-	cfg.GroupVersion = &v1alpha1.GroupVersion
-	cfg.APIPath = "/apis"
-	cfg.NegotiatedSerializer = clientgoscheme.Codecs.WithoutConversion()
-	rc, err := rest.RESTClientFor(cfg)
-	if err != nil {
-		return nil, err
-	}
-	return rc.Verb(verb).Namespace(a.ns).Resource("sandboxes").Name(name).SubResource(sub), nil
-}
-
 // logs copies a sandbox's output; with follow until its run ends.
 func (a *api) logs(ctx context.Context, name string, follow, previous bool, out io.Writer) error {
-	req, err := a.streamRequest(http.MethodGet, name, "log")
+	req, err := sandboxapi.Request(a.cfg, http.MethodGet, a.ns, name, "log")
 	if err != nil {
 		return err
 	}
@@ -116,30 +104,9 @@ func (a *api) logs(ctx context.Context, name string, follow, previous bool, out 
 	return err
 }
 
-// stream runs exec or attach over the API server with SPDY, which the
-// node agent's streaming library (the kubelet's) speaks. (kubectl prefers
-// WebSocket v5, which kube-apiserver translates to SPDY for kubelets;
-// hearth's API server proxies the connection as it is.)
+// stream runs exec or attach in the sandbox name.
 func (a *api) stream(ctx context.Context, name, sub string, command []string, tty bool, stdin io.Reader, stdout, stderr io.Writer, sizes remotecommand.TerminalSizeQueue) error {
-	req, err := a.streamRequest(http.MethodPost, name, sub)
-	if err != nil {
-		return err
-	}
-	// The parameters of Kubernetes' PodExecOptions.
-	for _, c := range command {
-		req = req.Param("command", c)
-	}
-	req = req.Param("stdin", fmt.Sprint(stdin != nil)).Param("stdout", fmt.Sprint(stdout != nil)).
-		Param("stderr", fmt.Sprint(stderr != nil && !tty)).Param("tty", fmt.Sprint(tty))
-	ex, err := remotecommand.NewSPDYExecutor(a.cfg, "POST", req.URL())
-	if err != nil {
-		return err
-	}
-	so := remotecommand.StreamOptions{Stdin: stdin, Stdout: stdout, Tty: tty, TerminalSizeQueue: sizes}
-	if !tty && stderr != nil {
-		so.Stderr = stderr
-	}
-	return ex.StreamWithContext(ctx, so)
+	return sandboxapi.Stream(ctx, a.cfg, a.ns, name, sub, command, tty, stdin, stdout, stderr, sizes)
 }
 
 // exitStatus turns a remote command's error into hearth's exit status.
