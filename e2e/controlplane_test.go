@@ -350,16 +350,12 @@ func TestHearthRestartAdoptsVMs(t *testing.T) {
 		c.mustKubectl("delete", "sandbox", "keeper", "--wait=false")
 		c.mustKubectl("patch", "sandbox", "keeper", "--type=json", "-p", `[{"op":"remove","path":"/metadata/finalizers"}]`)
 	})
-	deadline := time.Now().Add(time.Minute)
-	for len(c.vmPids()) != 1 {
-		if time.Now().After(deadline) {
-			t.Fatalf("the VM of a sandbox deleted while hearth was down still runs: %v", c.vmPids())
-		}
-		time.Sleep(200 * time.Millisecond)
-	}
-	if _, err := os.Stat(c.dataDir + "/node/sandboxes/" + uid); !os.IsNotExist(err) {
-		t.Errorf("its directory was not removed: %v", err)
-	}
+	// The agent stops the VM, then removes the directory: wait for both.
+	waitFor(t, "the VM of a sandbox deleted while hearth was down to stop", time.Minute, func() bool { return len(c.vmPids()) == 1 })
+	waitFor(t, "its directory to be removed", 10*time.Second, func() bool {
+		_, err := os.Stat(c.dataDir + "/node/sandboxes/" + uid)
+		return os.IsNotExist(err)
+	})
 }
 
 // startControlPlaneOnly runs hearth without its node agent, calls f, then
