@@ -21,6 +21,12 @@ type HostSpec struct {
 	// requests). Missing resources are not overcommitted.
 	// +optional
 	Overcommit map[corev1.ResourceName]resource.Quantity `json:"overcommit,omitempty"`
+	// SandboxCIDR is the range the host's sandboxes get addresses from;
+	// the control plane assigns it from the cluster's range once. Its
+	// first address is the sandboxes' gateway and DNS server.
+	// +kubebuilder:validation:XValidation:rule="self == oldSelf",message="sandboxCIDR is immutable"
+	// +optional
+	SandboxCIDR string `json:"sandboxCIDR,omitempty"`
 }
 
 // HostStatus is what the node agent reports.

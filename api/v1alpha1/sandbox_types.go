@@ -132,6 +132,17 @@ type SandboxSpec struct {
 	// TTY gives the workload a terminal.
 	// +optional
 	TTY bool `json:"tty,omitempty"`
+	// Ports are what the sandbox serves: the ingress and policies name
+	// them.
+	// +listType=map
+	// +listMapKey=port
+	// +listMapKey=protocol
+	// +optional
+	Ports []SandboxPort `json:"ports,omitempty"`
+	// Network is how the sandbox reaches beyond the cluster.
+	// +kubebuilder:default={}
+	// +optional
+	Network SandboxNetwork `json:"network,omitempty"`
 }
 
 // SandboxSource is what a sandbox starts from; exactly one is set. From a
@@ -204,6 +215,8 @@ type SandboxStatus struct {
 	// or drained).
 	// +optional
 	HostName string `json:"hostName,omitempty"`
+	// IP is the sandbox's address, leased from its host's sandbox CIDR
+	// before the VM starts; it is the sandbox's until it is deleted.
 	// +optional
 	IP string `json:"ip,omitempty"`
 	// StartedAt is when the workload last started.

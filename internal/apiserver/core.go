@@ -25,7 +25,8 @@ import (
 )
 
 // The core API: what kubectl and controller-runtime expect of any cluster
-// besides hearth's own resources. Namespaces and Events (core/v1) and
+// besides hearth's own resources. Namespaces, Events and Secrets (core/v1;
+// the ingress's certificates and access tokens) and
 // Leases (coordination.k8s.io/v1) are served by k8s.io/apiserver's generic
 // registry over the same etcd, with the k8s.io/api types.
 //
@@ -44,6 +45,7 @@ var (
 var coreKinds = map[schema.GroupVersion][]runtime.Object{
 	corev1.SchemeGroupVersion: {
 		&corev1.Namespace{}, &corev1.NamespaceList{}, &corev1.Event{}, &corev1.EventList{},
+		&corev1.Secret{}, &corev1.SecretList{},
 	},
 	coordinationv1.SchemeGroupVersion: {&coordinationv1.Lease{}, &coordinationv1.LeaseList{}},
 }
@@ -131,6 +133,29 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 	if err != nil {
 		return nil, nil, err
 	}
+	secrets, err := newStore(getter, resource{
+		gr: corev1.Resource("secrets"), singular: "secret", namespaced: true,
+		new: func() runtime.Object { return &corev1.Secret{} }, newList: func() runtime.Object { return &corev1.SecretList{} },
+		prepare: func(obj runtime.Object) {
+			// As kube-apiserver: stringData is write-only, merged into data.
+			sec := obj.(*corev1.Secret)
+			for k, v := range sec.StringData {
+				if sec.Data == nil {
+					sec.Data = map[string][]byte{}
+				}
+				sec.Data[k] = []byte(v)
+			}
+			sec.StringData = nil
+			if sec.Type == "" {
+				sec.Type = corev1.SecretTypeOpaque
+			}
+		},
+		validateName: apivalidation.NameIsDNSSubdomain,
+		columns: []extv1.CustomResourceColumnDefinition{col("Type", "string", ".type"), col("Age", "date", ".metadata.creationTimestamp")},
+	})
+	if err != nil {
+		return nil, nil, err
+	}
 	leases, err := newStore(getter, resource{
 		gr: coordinationv1.Resource("leases"), singular: "lease", namespaced: true,
 		new: func() runtime.Object { return &coordinationv1.Lease{} }, newList: func() runtime.Object { return &coordinationv1.LeaseList{} },
@@ -142,7 +167,8 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 	}
 	core := genericapiserver.NewDefaultAPIGroupInfo(corev1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	core.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
-		"namespaces": shortNames{ns, []string{"ns"}}, "events": shortNames{ev, []string{"ev"}}}
+		"namespaces": shortNames{ns, []string{"ns"}}, "events": shortNames{ev, []string{"ev"}},
+		"secrets": secrets}
 	coord := genericapiserver.NewDefaultAPIGroupInfo(coordinationv1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	coord.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{"leases": leases}
 	return &core, []*genericapiserver.APIGroupInfo{&coord}, nil
@@ -234,7 +260,11 @@ func (s strategy) PrepareForCreate(_ context.Context, obj runtime.Object) {
 	}
 }
 
-func (s strategy) PrepareForUpdate(context.Context, runtime.Object, runtime.Object) {}
+func (s strategy) PrepareForUpdate(_ context.Context, obj, _ runtime.Object) {
+	if s.r.prepare != nil {
+		s.r.prepare(obj)
+	}
+}
 
 func (s strategy) Validate(_ context.Context, obj runtime.Object) field.ErrorList {
 	m, err := metaOf(obj)
