@@ -57,7 +57,12 @@ func startCluster(t *testing.T, h *harness, extra ...string) *cluster {
 	c := &cluster{t: t, h: h, dataDir: dir, kubeconfig: filepath.Join(dir, "kubeconfig")}
 	c.args = append([]string{"up", "--data-dir", dir, "--log-level", "info",
 		"--port", freePort(t), "--etcd-client-port", freePort(t), "--etcd-peer-port", freePort(t),
-		"--node-listen", testenv.FreeAddr(t), "--node-name", "host-1"}, extra...)
+		"--node-listen", testenv.FreeAddr(t), "--node-name", "host-1",
+		// This machine's own network namespace is not the tests' to
+		// change: the networking tests give each host a namespace
+		// (multihost_test.go).
+		"--network=false",
+		"--ingress-http", testenv.FreeAddr(t), "--ingress-https", testenv.FreeAddr(t)}, extra...)
 	t.Cleanup(func() {
 		if c.running() {
 			// Delete what the test left, through the API, so that the

@@ -256,6 +256,9 @@ func (m *multiHost) cleanup() {
 		if entries, _ := os.ReadDir(filepath.Join(hn.dataDir, "node", "sandboxes")); len(entries) > 0 {
 			t.Errorf("%d sandbox directories left on host %s", len(entries), hn.name)
 		}
+		if out, err := exec.Command("ip", "-n", hn.ns, "-o", "link", "show").Output(); err == nil && strings.Contains(string(out), ": hs") {
+			t.Errorf("sandbox taps left on host %s:\n%s", hn.name, out)
+		}
 		_ = exec.Command("ip", "netns", "del", hn.ns).Run()
 	}
 	_ = exec.Command("ip", "netns", "del", "hdc-"+m.id).Run()

@@ -65,8 +65,10 @@ type NetworkPolicySpec struct {
 	// Ingress, plus Egress if the policy has egress rules.
 	// +optional
 	PolicyTypes []PolicyType `json:"policyTypes,omitempty"`
+	// +kubebuilder:validation:MaxItems=256
 	// +optional
 	Ingress []NetworkPolicyIngressRule `json:"ingress,omitempty"`
+	// +kubebuilder:validation:MaxItems=256
 	// +optional
 	Egress []NetworkPolicyEgressRule `json:"egress,omitempty"`
 }
@@ -74,8 +76,10 @@ type NetworkPolicySpec struct {
 // NetworkPolicyIngressRule allows traffic from any of From (everywhere if
 // empty) to any of Ports (every port if empty).
 type NetworkPolicyIngressRule struct {
+	// +kubebuilder:validation:MaxItems=256
 	// +optional
 	From []NetworkPolicyPeer `json:"from,omitempty"`
+	// +kubebuilder:validation:MaxItems=64
 	// +optional
 	Ports []NetworkPolicyPort `json:"ports,omitempty"`
 }
@@ -83,8 +87,10 @@ type NetworkPolicyIngressRule struct {
 // NetworkPolicyEgressRule allows traffic to any of To (everywhere if
 // empty) on any of Ports (every port if empty).
 type NetworkPolicyEgressRule struct {
+	// +kubebuilder:validation:MaxItems=256
 	// +optional
 	To []NetworkPolicyPeer `json:"to,omitempty"`
+	// +kubebuilder:validation:MaxItems=64
 	// +optional
 	Ports []NetworkPolicyPort `json:"ports,omitempty"`
 }
@@ -105,16 +111,19 @@ type NetworkPolicyPeer struct {
 
 // IPBlock is a CIDR minus some of its parts.
 type IPBlock struct {
+	// +kubebuilder:validation:MaxLength=18
 	// +kubebuilder:validation:XValidation:rule="isCIDR(self) && cidr(self).ip().family() == 4",message="must be an IPv4 CIDR"
 	CIDR string `json:"cidr"`
-	// +kubebuilder:validation:items:XValidation:rule="isCIDR(self) && cidr(self).ip().family() == 4",message="must be an IPv4 CIDR"
+	// Except are CIDRs inside CIDR (others are ignored).
+	// +kubebuilder:validation:MaxItems=64
+	// +kubebuilder:validation:items:Pattern=`^([0-9]{1,3}\.){3}[0-9]{1,3}/[0-9]{1,2}$`
 	// +optional
 	Except []string `json:"except,omitempty"`
 }
 
 // NetworkPolicyPort is a protocol and a port or range of ports. ICMP has
 // no ports.
-// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && self.port.type == int)",message="endPort needs a numeric port"
+// +kubebuilder:validation:XValidation:rule="!has(self.endPort) || (has(self.port) && type(self.port) == int)",message="endPort needs a numeric port"
 type NetworkPolicyPort struct {
 	// +kubebuilder:default=TCP
 	// +optional

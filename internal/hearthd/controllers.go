@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"strings"
 	"time"
 
@@ -23,6 +24,7 @@ import (
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hostlifecycle"
+	"hearth.dev/hearth/internal/network/ipam"
 	"hearth.dev/hearth/internal/scheduler"
 	"hearth.dev/hearth/internal/warmpool"
 )
@@ -57,6 +59,11 @@ type ControllerOptions struct {
 	// Disabled runs no controllers (benchmarks that drive the scheduler
 	// themselves).
 	Disabled bool
+	// SandboxCIDR is the cluster's sandbox range; each host gets a
+	// /HostCIDRSize of it.
+	SandboxCIDR  string
+	HostCIDRSize int
+	cluster      netip.Prefix
 }
 
 // AddFlags registers the controllers' flags.
@@ -64,6 +71,8 @@ func (o *ControllerOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Placement, "placement", string(v1alpha1.PlacementSpread), "the scheduler's default placement: Spread (emptiest host) or Binpack (fullest that fits); a sandbox's spec.placement overrides it")
 	fs.DurationVar(&o.HostTimeout, "host-timeout", hostlifecycle.DefaultTimeout, "a host whose heartbeat lapses this long is NotReady")
 	fs.DurationVar(&o.HostLostAfter, "host-lost-after", hostlifecycle.DefaultLostAfter, "a host NotReady this long is lost: its sandboxes are placed on other hosts")
+	fs.StringVar(&o.SandboxCIDR, "sandbox-cidr", "10.244.0.0/16", "the cluster's sandbox addresses (give every member and node the same); what sandboxes send beyond it is NAT'ed")
+	fs.IntVar(&o.HostCIDRSize, "host-cidr-size", 24, "the prefix length of each host's share of --sandbox-cidr (a /24 holds 253 sandboxes)")
 }
 
 func (o *ControllerOptions) validate() error {
@@ -77,7 +86,9 @@ func (o *ControllerOptions) validate() error {
 	if o.HostTimeout < 0 || o.HostLostAfter < 0 {
 		return errors.New("--host-timeout and --host-lost-after must not be negative")
 	}
-	return nil
+	var err error
+	o.cluster, err = ipam.Validate(o.SandboxCIDR, o.HostCIDRSize)
+	return err
 }
 
 // runControllers runs the control plane's controllers (the scheduler, the
@@ -141,6 +152,11 @@ func runControllersOnce(ctx context.Context, log *slog.Logger, cfg *rest.Config,
 	life := &hostlifecycle.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-host-lifecycle"), Log: log,
 		Timeout: o.HostTimeout, LostAfter: o.HostLostAfter}
 	if err := life.SetupWithManager(ctx, mgr); err != nil {
+		return err
+	}
+	ranges := &ipam.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-ipam"), Log: log,
+		Cluster: o.cluster, Bits: o.HostCIDRSize}
+	if err := ranges.SetupWithManager(mgr); err != nil {
 		return err
 	}
 	pools := &warmpool.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-warmpool"), Log: log}

@@ -30,6 +30,7 @@ import (
 const (
 	RoleControlPlane = "control-plane"
 	RoleNode         = "node"
+	RoleIngress      = "ingress"
 )
 
 // Options configure hearthd.
@@ -45,6 +46,7 @@ type Options struct {
 	AdvertiseAddress string
 	Node             NodeOptions
 	Controllers      ControllerOptions
+	Ingress          IngressOptions
 	Version          string
 }
 
@@ -62,7 +64,7 @@ func DefaultDataDir() string {
 // AddFlags registers the options as flags.
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir(), "where etcd's data, the CA, the kubeconfig and the node agent's state live")
-	fs.StringSliceVar(&o.Roles, "roles", []string{RoleControlPlane, RoleNode}, "roles to run: control-plane, node")
+	fs.StringSliceVar(&o.Roles, "roles", []string{RoleControlPlane, RoleNode, RoleIngress}, "roles to run: control-plane, node, ingress")
 	fs.StringVar(&o.BindAddress, "bind-address", "127.0.0.1", "address the API server listens on")
 	fs.IntVar(&o.Port, "port", 6443, "API server port")
 	fs.IntVar(&o.EtcdClientPort, "etcd-client-port", 2379, "embedded etcd's client port (loopback only)")
@@ -70,6 +72,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.AdvertiseAddress, "advertise-address", "", "address clients and node agents reach the API server at (default: --bind-address)")
 	o.Controllers.AddFlags(fs)
 	o.Node.AddFlags(fs)
+	o.Ingress.AddFlags(fs)
 }
 
 // Kubeconfig is the admin kubeconfig's path in dataDir.
@@ -79,8 +82,8 @@ func (o *Options) has(role string) bool { return slices.Contains(o.Roles, role) 
 
 func (o *Options) validate() error {
 	for _, r := range o.Roles {
-		if r != RoleControlPlane && r != RoleNode {
-			return fmt.Errorf("--roles: unknown role %q (want control-plane, node)", r)
+		if r != RoleControlPlane && r != RoleNode && r != RoleIngress {
+			return fmt.Errorf("--roles: unknown role %q (want control-plane, node, ingress)", r)
 		}
 	}
 	if len(o.Roles) == 0 {
@@ -151,6 +154,7 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		waitAll(servers)
 	}
 
+	var loopback *rest.Config
 	if o.has(RoleControlPlane) {
 		cp, err := startControlPlane(serveCtx, log, dataDir, o, start)
 		if err != nil {
@@ -162,6 +166,14 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 			return err
 		}
 		defer cp.close()
+		loopback = cp.loopback
+	}
+	if o.has(RoleIngress) {
+		if err := startIngress(log, loopback, o, start); err != nil {
+			cancel(err)
+			shutdown()
+			return err
+		}
 	}
 	if o.has(RoleNode) {
 		if err := startNode(log, dataDir, o, start); err != nil {

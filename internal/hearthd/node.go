@@ -37,6 +37,7 @@ type NodeOptions struct {
 	Accel        string
 	InsecureRegs []string
 	LogMaxBytes  int64
+	Network      bool
 }
 
 // AddFlags registers the node agent's flags.
@@ -54,6 +55,7 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.Accel, "accel", "auto", "how guests run: kvm, tcg or auto")
 	fs.StringSliceVar(&o.InsecureRegs, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
+	fs.BoolVar(&o.Network, "network", true, "give sandboxes a network: taps, addresses, routes, NAT, DNS and policies on this host (off: their interface is connected to nothing)")
 }
 
 func startNode(log *slog.Logger, dataDir string, o Options, start func(string, bool, func(context.Context) error)) error {
@@ -82,7 +84,8 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
 		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),
-		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log),
+		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log), ClusterCIDR: o.Controllers.cluster,
+		Network: n.Network,
 	}
 	if cfg.Address == "" {
 		cfg.Address = n.Listen

@@ -12,6 +12,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -83,6 +85,11 @@ type Config struct {
 	// stream server's certificate.
 	CA      *pki.CA
 	Serving pki.Pair
+	// Network gives sandboxes a network (internal/network); without it
+	// their interface is connected to nothing. ClusterCIDR is the
+	// cluster's sandbox range: what leaves it is NAT'ed.
+	Network     bool
+	ClusterCIDR netip.Prefix
 	// LogMax caps one run's log (rotated once: twice this is kept).
 	LogMax  int64
 	Version string
@@ -110,6 +117,9 @@ type Agent struct {
 	reported  artifacts
 	snapMu    sync.Mutex // one snapshot at a time
 	templates *templates
+	net       *hostNetwork
+	// server is the API server's address, which sandboxes never reach.
+	server string
 }
 
 // artifacts are what a host holds that makes starting sandboxes cheaper
@@ -158,6 +168,17 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		reportNow: make(chan struct{}, 1),
 	}
 	a.templates = &templates{a: a, ctx: ctx, builds: map[string]*templateBuild{}}
+	a.server = restCfg.Host
+	// Policies select peers anywhere: the network keeps a cache of every
+	// sandbox, policy, namespace and host of the cluster.
+	all, err := cache.New(restCfg, cache.Options{Scheme: cfg.Scheme})
+	if err != nil {
+		return err
+	}
+	if err := mgr.Add(all); err != nil {
+		return err
+	}
+	a.net = newHostNetwork(a, all, cfg.ClusterCIDR, cfg.Network)
 	a.watches = newWatches(a.wake)
 	// The Host first, so that the scheduler can place work as soon as
 	// possible; with a direct client, as the cache is not started yet.
@@ -187,6 +208,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		func(ctx context.Context) error { return a.heartbeat(ctx, direct) },
 		a.collectGarbage,
 		a.serveStreams,
+		a.net.run,
 	} {
 		if err := mgr.Add(r); err != nil {
 			return err
@@ -390,4 +412,30 @@ func RenewLease(ctx context.Context, c client.Client, host string, interval time
 // sandboxDir is where everything of one sandbox lives on this host.
 func (a *Agent) sandboxDir(uid types.UID) string {
 	return filepath.Join(a.cfg.StateDir, string(uid))
+}
+
+// controlPlaneAddr is the API server's IP address, if the agent reaches
+// it by one.
+func (a *Agent) controlPlaneAddr() (netip.Addr, bool) {
+	u, err := url.Parse(a.server)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	ip, err := netip.ParseAddr(u.Hostname())
+	return ip, err == nil && ip.Is4()
+}
+
+// requeueAll reconciles every sandbox of this host again.
+func (a *Agent) requeueAll(ctx context.Context) {
+	var list v1alpha1.SandboxList
+	if err := a.client.List(ctx, &list); err != nil {
+		return
+	}
+	for i := range list.Items {
+		select {
+		case a.wake <- event.GenericEvent{Object: &list.Items[i]}:
+		case <-ctx.Done():
+			return
+		}
+	}
 }

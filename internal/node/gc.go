@@ -40,7 +40,7 @@ func (a *Agent) collect(ctx context.Context) error {
 		return err
 	}
 	if len(entries) == 0 {
-		return nil
+		return a.net.collectTaps(a.cfg.StateDir)
 	}
 	// The cache holds exactly the sandboxes bound here (it is started by
 	// the time runnables run, and synced once List returns).
@@ -70,9 +70,9 @@ func (a *Agent) collect(ctx context.Context) error {
 			continue
 		}
 		a.watches.drop(uid)
-		errs = append(errs, os.RemoveAll(dir))
+		errs = append(errs, a.net.release(uid, dir), os.RemoveAll(dir))
 	}
-	return errors.Join(errs...)
+	return errors.Join(append(errs, a.net.collectTaps(a.cfg.StateDir))...)
 }
 
 // exists asks the API server (not the cache) whether a sandbox with uid is

@@ -76,6 +76,12 @@ func (a *Agent) Reconcile(ctx context.Context, req reconcile.Request) (reconcile
 	if err != nil {
 		return reconcile.Result{}, err
 	}
+	if sb.Status.Phase.Terminal() {
+		// Its VM is gone: so are its tap and its hold on the address.
+		if err := a.net.release(sb.UID, dir); err != nil {
+			a.log.Warn("release a sandbox's network", "sandbox", sb.Namespace+"/"+sb.Name, "err", err)
+		}
+	}
 	if err := a.writeStatus(ctx, orig, &sb); err != nil {
 		if apierrors.IsConflict(err) {
 			return reconcile.Result{Requeue: true}, nil
@@ -142,6 +148,9 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		return reconcile.Result{}, shim.Stop(ctx, run, stopGrace)
 	}
 	if alive {
+		if err := a.net.adopted(sb, dir); err != nil {
+			a.log.Warn("network of a running sandbox", "sandbox", sb.Namespace+"/"+sb.Name, "err", err)
+		}
 		a.watches.ensure(sb, run)
 		a.observe(sb, state)
 		return reconcile.Result{RequeueAfter: untilDeadline}, nil
@@ -206,6 +215,19 @@ func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
 
 // start starts run n of the sandbox.
 func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n int) (reconcile.Result, error) {
+	if a.net.enabled {
+		if !a.net.isReady() {
+			st := &sb.Status
+			st.Reason, st.Message = "WaitingForNetwork", "the host has no sandbox range from the control plane yet"
+			return reconcile.Result{RequeueAfter: time.Second}, nil
+		}
+		// The address first, written to the status before the VM starts
+		// (the caller writes it; this reconcile ends here), so that a
+		// restarted agent never leases it twice.
+		if changed, err := a.net.lease(sb); err != nil || changed {
+			return reconcile.Result{Requeue: changed}, err
+		}
+	}
 	spec := shim.Spec{Sandbox: sandboxSpec(sb)}
 	if sb.Spec.Source != nil {
 		res, why, err := a.fromSource(ctx, sb, &spec)
@@ -221,6 +243,13 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return reconcile.Result{}, err
+	}
+	if a.net.enabled {
+		tap, nic, err := a.net.attach(sb, dir)
+		if err != nil {
+			return reconcile.Result{}, fmt.Errorf("network: %w", err)
+		}
+		spec.Sandbox.Tap, spec.Sandbox.Network = tap, nic
 	}
 	if n == 0 {
 		if err := os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600); err != nil {
@@ -361,6 +390,11 @@ func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bo
 	if err := os.Rename(mdir, dir); err != nil {
 		return false, fmt.Errorf("take over warm pool sandbox %s: %w", m.Name, err)
 	}
+	// The member's address and tap go with its VM.
+	sb.Status.IP = m.Status.IP
+	if err := a.net.transfer(m.UID, sb.UID, m.Status.IP); err != nil {
+		a.log.Warn("take over a warm pool sandbox's address", "sandbox", m.Name, "err", err)
+	}
 	// The claim's own life (timeoutSeconds) starts now.
 	_ = os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600)
 	if err := a.client.Delete(ctx, &m); err != nil && !apierrors.IsNotFound(err) {
@@ -427,7 +461,7 @@ func (a *Agent) writeStatus(ctx context.Context, orig, sb *v1alpha1.Sandbox) err
 func equalStatus(a, b v1alpha1.SandboxStatus) bool {
 	// LastTransitionTime is kept by SetStatusCondition when the status
 	// does not change, so a deep comparison is exact.
-	return a.Phase == b.Phase && a.Reason == b.Reason && a.Message == b.Message &&
+	return a.Phase == b.Phase && a.Reason == b.Reason && a.Message == b.Message && a.IP == b.IP &&
 		a.RestartCount == b.RestartCount && a.BootMillis == b.BootMillis &&
 		ptr.Equal(a.ExitCode, b.ExitCode) && a.StartedAt.Equal(b.StartedAt) && a.FinishedAt.Equal(b.FinishedAt) &&
 		conditionsEqual(a.Conditions, b.Conditions)
@@ -482,6 +516,9 @@ func (a *Agent) removeRuns(ctx context.Context, sb *v1alpha1.Sandbox, dir string
 	}
 	a.watches.drop(sb.UID)
 	a.ports.forget(string(sb.UID))
+	if err := a.net.release(sb.UID, dir); err != nil {
+		return err
+	}
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove %s: %w", dir, err)
 	}

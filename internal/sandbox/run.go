@@ -139,6 +139,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		VCPUs:      spec.CPUs,
 		MemoryMiB:  spec.MemoryMiB,
 		Accel:      rt.Accel,
+		Net:        vmm.Net{Tap: spec.Tap},
 		Drives: []vmm.Drive{
 			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
 			{ID: rwDrive, Path: disk, Serial: "rw"},
@@ -170,6 +171,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		Cols:     spec.Cols,
 		Stdin:    spec.Stdin,
 		Time:     time.Now().UnixNano(),
+		Network:  spec.Network,
 	}
 	if target := sio.Target; target != nil {
 		sio.Target = func(t Target) {

@@ -184,12 +184,19 @@ type Forked struct {
 	Workload net.Conn
 }
 
+// Nic is a fork's network interface: its tap and the guest's
+// configuration (none: connected to nothing, and eth0 left as saved).
+type Nic struct {
+	Tap     string
+	Network *protocol.Network
+}
+
 // Fork starts a new sandbox from the snapshot in dir, in runDir (an
 // empty directory the caller owns, and removes after killing the VM): a
 // copy of the snapshot's writable disk, its memory mapped copy-on-write,
 // and a new identity: hostname, clock, a reseeded random pool. Its
 // workload runs on from where the snapshot caught it.
-func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) (*Forked, error) {
+func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string, nic Nic) (*Forked, error) {
 	saved, err := ReadSaved(dir)
 	if err != nil {
 		return nil, err
@@ -201,6 +208,7 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 	if err != nil {
 		return nil, err
 	}
+	cfg.Net.Tap = nic.Tap
 	vm, err := driver.Restore(ctx, cfg, dir)
 	if err != nil {
 		return nil, err
@@ -218,11 +226,11 @@ func Fork(ctx context.Context, driver vmm.Driver, dir, runDir, hostname string) 
 		return nil, errors.Join(err, vm.Kill())
 	}
 	f := &Forked{VM: vm, Target: Target{RunDir: runDir, Start: saved.Start, Image: saved.Image, Digest: saved.Digest}, Workload: conn}
-	f.Target.Start.Hostname = hostname
+	f.Target.Start.Hostname, f.Target.Start.Network = hostname, nic.Network
 	entropy := make([]byte, 64)
 	if _, err = rand.Read(entropy); err == nil {
 		err = Control(ctx, driver, f.Target, resumePort, protocol.Start{Control: protocol.Restored, Hostname: hostname,
-			Time: time.Now().UnixNano(), Entropy: entropy})
+			Time: time.Now().UnixNano(), Entropy: entropy, Network: nic.Network})
 	}
 	if err != nil {
 		conn.Close()
@@ -267,7 +275,7 @@ func (rt *Runtime) RunSnapshot(ctx context.Context, dir string, spec Spec, sio I
 		name = "hearth-" + id
 	}
 	start := time.Now()
-	f, err := Fork(ctx, rt.Driver, dir, runDir, name)
+	f, err := Fork(ctx, rt.Driver, dir, runDir, name, Nic{Tap: spec.Tap, Network: spec.Network})
 	if err != nil {
 		return nil, err
 	}

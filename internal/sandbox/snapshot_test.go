@@ -125,7 +125,7 @@ func TestSnapshotAndFork(t *testing.T) {
 				return
 			}
 			start := time.Now()
-			forks[i].Forked, forks[i].err = Fork(ctx, d, snap, dir, fmt.Sprintf("fork-%d", i))
+			forks[i].Forked, forks[i].err = Fork(ctx, d, snap, dir, fmt.Sprintf("fork-%d", i), Nic{})
 			forks[i].took = time.Since(start)
 			if forks[i].err == nil {
 				go io.Copy(io.Discard, forks[i].Workload)
@@ -181,7 +181,7 @@ func TestSnapshotAndFork(t *testing.T) {
 	if err := mkdir(dir); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := Fork(ctx, d, t.TempDir(), dir, "bad"); !errors.Is(err, vmm.ErrBadSnapshot) {
+	if _, err := Fork(ctx, d, t.TempDir(), dir, "bad", Nic{}); !errors.Is(err, vmm.ErrBadSnapshot) {
 		t.Errorf("fork of an empty directory: %v, want ErrBadSnapshot", err)
 	}
 }

@@ -9,6 +9,8 @@ import (
 	"strings"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/guest/protocol"
 )
 
 // Spec is what to run.
@@ -41,6 +43,11 @@ type Spec struct {
 	// DiskFrom is a writable layer to start with (a copy of it), instead
 	// of an empty one: a disk-only snapshot's (SnapshotDisk).
 	DiskFrom string
+	// Tap is the network interface's host side (the caller made it and
+	// routes Network's address to it); without it the guest's interface
+	// is connected to nothing.
+	Tap     string
+	Network *protocol.Network
 }
 
 // Minimums below which a guest cannot boot or run anything useful.

@@ -13,8 +13,8 @@
 // FIFO and the serial console; Pause and Resume are PATCH /vm {"state":
 // "Paused"|"Resumed"}, Snapshot is PUT /snapshot/create (mem_file_path,
 // snapshot_path) and Restore PUT /snapshot/load with a MAP_PRIVATE memory
-// backend (backend_type File). Network interfaces (PUT /network-interfaces,
-// QEMU's -netdev tap) join Config when the networking work lands.
+// backend (backend_type File). Net is PUT /network-interfaces/eth0
+// (host_dev_name, guest_mac GuestMAC).
 package vmm
 
 import (
@@ -81,7 +81,21 @@ type Config struct {
 	// VMM's mapping), so that a snapshot of the VM is a copy of the file
 	// plus the device state. Snapshot needs it.
 	MemoryFile string
+	// Net is the VM's network interface's host side. Every VM has one
+	// interface (so that any VM's snapshot can be restored onto a tap);
+	// without a tap it is connected to nothing.
+	Net Net
 }
+
+// Net is the host side of a VM's network interface.
+type Net struct {
+	Tap string `json:"tap,omitempty"` // a tap device the caller made
+}
+
+// GuestMAC is every guest's MAC address. Each guest is alone on its tap
+// (the host routes, it does not bridge), so one address serves them all,
+// and it survives a snapshot's restore onto another tap.
+const GuestMAC = "02:68:65:61:72:74"
 
 // Driver starts VMs.
 type Driver interface {

@@ -299,6 +299,11 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 		if err := setupRoot(st); err != nil {
 			return failure(exitHearth, "set up root filesystem: %v", err)
 		}
+		if st.Network != nil {
+			if err := setupNetwork(st.Network, st.Hostname); err != nil {
+				return failure(exitHearth, "set up the network: %v", err)
+			}
+		}
 	}
 	if len(st.Args) == 0 {
 		return failure(exitHearth, "no command: the image has no Entrypoint or Cmd and none was given")

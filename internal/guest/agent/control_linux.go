@@ -78,6 +78,11 @@ func restored(st *protocol.Start) error {
 			return fmt.Errorf("set the hostname: %w", err)
 		}
 	}
+	if st.Network != nil {
+		if err := setupNetwork(st.Network, st.Hostname); err != nil {
+			return fmt.Errorf("set up the network: %w", err)
+		}
+	}
 	if len(st.Entropy) > 0 {
 		if err := reseed(st.Entropy); err != nil {
 			return fmt.Errorf("reseed the random pool: %w", err)

@@ -43,7 +43,7 @@ const PowerOffEnv = "HEARTH_POWEROFF"
 
 // Version is bumped on every incompatible change; both sides refuse a peer
 // with another version during the handshake.
-const Version = 3
+const Version = 4
 
 // MaxPayload bounds one frame, so that a corrupt or hostile length cannot
 // make the reader allocate without limit.
@@ -235,6 +235,18 @@ type Start struct {
 	Entropy []byte `json:"entropy,omitempty"`
 	// Port is the TCP port that Control Probe connects to.
 	Port int `json:"port,omitempty"`
+	// Network configures the guest's eth0 (at the start, and again in a
+	// VM restored from a snapshot: Control Restored); none leaves it down.
+	Network *Network `json:"network,omitempty"`
+}
+
+// Network is the guest's side of its sandbox's network: a /32 address and
+// a default route through the host's gateway, which is its DNS server too.
+type Network struct {
+	Address string   `json:"address"` // CIDR: "10.244.1.5/32"
+	Gateway string   `json:"gateway"`
+	DNS     []string `json:"dns,omitempty"`
+	Search  []string `json:"search,omitempty"`
 }
 
 // Control is an action on a running sandbox, for snapshots.

@@ -157,6 +157,8 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 		"-qmp", "unix:" + run(controlSock) + ",server=on,wait=off",
 		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
 		"-device", "virtio-rng-device",
+		"-netdev", netdev(cfg.Net),
+		"-device", "virtio-net-device,netdev=net0,mac=" + vmm.GuestMAC,
 	}
 	args = append(args, memory...)
 	// Port 0 carries the workload's session; 1 to ExecPorts exec sessions.
@@ -192,6 +194,17 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", d.ID, d.Serial))
 	}
 	return args
+}
+
+// netdev is the backend of the VM's interface: its tap, opened by name
+// (QEMU opens it before -runas drops root; no vhost: /dev/vhost-net is
+// not everywhere), or a hub port with nothing else on the hub, which
+// drops what the guest sends.
+func netdev(n vmm.Net) string {
+	if n.Tap == "" {
+		return "hubport,id=net0,hubid=0"
+	}
+	return "tap,id=net0,ifname=" + n.Tap + ",script=no,downscript=no,vhost=off"
 }
 
 // driveFiles opens the drives' files in the order args numbers them: one

@@ -1,0 +1,346 @@
+package e2e
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"fmt"
+	"math/big"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/testenv"
+)
+
+// netImage is busybox plus nettool (e2e/testdata/nettool).
+func netImage(t *testing.T) string {
+	t.Helper()
+	bin := filepath.Join(t.TempDir(), "nettool")
+	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", bin, "./e2e/testdata/nettool")
+	cmd.Dir = testenv.ModuleRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build nettool: %v\n%s", err, out)
+	}
+	body, err := os.ReadFile(bin)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}, []imagebuild.File{{Path: "bin/nettool", Mode: 0o755, Body: body}})
+	return testenv.OCILayout(t, img, "net")
+}
+
+// netSandbox is a sandbox on a given host running a shell command.
+func netSandbox(name, img, host, labels, script string) string {
+	if labels == "" {
+		labels = "{}"
+	}
+	return fmt.Sprintf(`apiVersion: hearth.dev/v1alpha1
+kind: Sandbox
+metadata:
+  name: %s
+  labels: %s
+spec:
+  image: %s
+  command: [sh, -c, %q]
+  resources: {cpu: 500m, memory: 128Mi, disk: 64Mi}
+  hostSelector: {hearth.dev/hostname: %s}
+  ports: [{name: http, port: 8080}]
+---
+`, name, labels, img, script, host)
+}
+
+// sh runs a shell command in a sandbox; it returns the output and whether
+// it exited 0.
+func (m *multiHost) shIn(name, script string) (string, bool) {
+	m.t.Helper()
+	r := m.hearth("", "exec", name, "--", "sh", "-c", script)
+	return strings.TrimSpace(r.stdout + r.stderr), r.code == 0
+}
+
+// expectSh fails the test unless the command's success is want.
+func (m *multiHost) expectSh(what, name, script string, want bool) string {
+	m.t.Helper()
+	out, ok := m.shIn(name, script)
+	if ok != want {
+		m.t.Errorf("%s: %q in %s exited ok=%v, want %v: %s", what, script, name, ok, want, out)
+	}
+	return out
+}
+
+// TestNetworking runs sandboxes on two hosts (network namespaces joined
+// by a bridge): addresses, cross-host TCP, UDP and ICMP, DNS, what a
+// sandbox may never reach, NetworkPolicies, and the ingress.
+func TestNetworking(t *testing.T) {
+	h := newHarness(t)
+	ingressFlags := []string{"--roles", "control-plane,ingress", "--ingress-http", cpAddr + ":8480",
+		"--ingress-https", cpAddr + ":8443", "--ingress-domain", "hearth.test"}
+	m := startMultiHost(t, h, 2, ingressFlags, func(int) []string { return nil })
+	img := netImage(t)
+
+	serve := "nettool http :8080 hello-from-b & nettool udp-echo :5353 & nettool ws-echo :8081 & nettool slow :8082 & nc -ll -p 9090 -e cat & wait"
+	m.apply(netSandbox("a", img, "host-1", "{app: a}", "nc -ll -p 7070 -e cat & sleep 3600"),
+		netSandbox("b", img, "host-2", "{app: b}", serve))
+	m.waitPhase("a", 3*time.Minute, "Running")
+	m.waitPhase("b", 3*time.Minute, "Running")
+	ipA, ipB := m.field("a", ".status.ip"), m.field("b", ".status.ip")
+	if !strings.HasPrefix(ipA, "10.244.") || !strings.HasPrefix(ipB, "10.244.") || ipA[:9] == ipB[:9] {
+		t.Fatalf("addresses a=%q b=%q: want each from its host's 10.244.x.0/24", ipA, ipB)
+	}
+	if out, _ := m.shIn("a", "ip -4 addr show eth0"); !strings.Contains(out, ipA+"/32") {
+		t.Errorf("a's eth0 does not have its address %s: %s", ipA, out)
+	}
+
+	t.Log("across hosts: TCP, UDP, ICMP, DNS")
+	if out := m.expectSh("tcp", "a", "echo hi | nc -w 3 "+ipB+" 9090", true); out != "hi" {
+		t.Errorf("tcp echo from a to b: %q", out)
+	}
+	if out := m.expectSh("udp", "a", "nettool udp "+ipB+":5353 ping-udp", true); out != "ping-udp" {
+		t.Errorf("udp echo from a to b: %q", out)
+	}
+	m.expectSh("icmp", "a", "ping -c 1 -W 3 "+ipB, true)
+	if out := m.expectSh("dns", "a", "nslookup b.default.hearth", true); !strings.Contains(out, ipB) {
+		t.Errorf("nslookup b.default.hearth: %s", out)
+	}
+	if out := m.expectSh("resolv.conf", "a", "cat /etc/resolv.conf", true); !strings.Contains(out, "nameserver 10.244.") {
+		t.Errorf("resolv.conf: %s", out)
+	}
+
+	t.Log("never reached: the API server, a host's management address, metadata")
+	// The test can tell: from the host itself, the API port answers.
+	if out, err := exec.Command("ip", "netns", "exec", m.hosts[0].ns, "busybox", "nc", "-w", "2", cpAddr, "6443").CombinedOutput(); err != nil {
+		t.Fatalf("the API server is not reachable from host-1 itself: %v %s", err, out)
+	}
+	forbidden := func(when string) {
+		for _, dst := range []string{cpAddr + " 6443", m.hosts[1].addr + " 10250", m.hosts[0].addr + " 10250", "169.254.169.254 80"} {
+			m.expectSh(when+": "+dst, "a", "nc -w 2 "+dst+" </dev/null", false)
+		}
+	}
+	forbidden("without policies")
+
+	t.Log("policies")
+	m.mustKubectlIn(`apiVersion: hearth.dev/v1alpha1
+kind: NetworkPolicy
+metadata: {name: b-in}
+spec:
+  sandboxSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{sandboxSelector: {matchLabels: {app: a}}}]
+    ports: [{port: http}]
+`, "apply", "-f", "-")
+	waitFor(t, "the policy to reach host-2", 30*time.Second, func() bool {
+		_, ok := m.shIn("a", "echo x | nc -w 2 "+ipB+" 9090")
+		return !ok
+	})
+	if out := m.expectSh("a→b:8080 allowed", "a", "wget -qO- -T 3 http://"+ipB+":8080/x", true); out != "hello-from-b /x" {
+		t.Errorf("a→b:8080 under the policy: %q", out)
+	}
+	m.expectSh("a→b udp not allowed", "a", "nettool udp "+ipB+":5353 nope", false)
+	m.expectSh("b→a (b's egress is not isolated)", "b", "echo back | nc -w 3 "+ipA+" 7070", true)
+	m.mustKubectlIn(`apiVersion: hearth.dev/v1alpha1
+kind: NetworkPolicy
+metadata: {name: a-out}
+spec:
+  sandboxSelector: {matchLabels: {app: a}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [`+ipB+`/32]}}]
+`, "apply", "-f", "-")
+	waitFor(t, "a's egress policy", 30*time.Second, func() bool {
+		_, ok := m.shIn("a", "wget -qO- -T 2 http://"+ipB+":8080/")
+		return !ok
+	})
+	m.expectSh("dns under an egress policy", "a", "nslookup b.default.hearth", true)
+	forbidden("with policies")
+	m.mustKubectl("delete", "networkpolicy", "a-out", "b-in")
+	waitFor(t, "traffic after the policies are removed", 30*time.Second, func() bool {
+		_, ok := m.shIn("a", "echo x | nc -w 2 "+ipB+" 9090")
+		return ok
+	})
+
+	t.Log("ingress")
+	testIngress(t, m, ipB)
+}
+
+func testIngress(t *testing.T, m *multiHost, ipB string) {
+	client := &http.Client{Timeout: 10 * time.Second, Transport: &http.Transport{
+		DialContext: func(ctx context.Context, _, addr string) (net.Conn, error) {
+			_, port, _ := net.SplitHostPort(addr)
+			return dialIn("hdc-"+m.id, cpAddr+":"+port)
+		},
+		TLSClientConfig: &tls.Config{InsecureSkipVerify: true},
+	}}
+	get := func(url string, hdr ...string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest("GET", url, nil)
+		for i := 0; i+1 < len(hdr); i += 2 {
+			req.Header.Set(hdr[i], hdr[i+1])
+		}
+		resp, err := client.Do(req)
+		if err != nil {
+			t.Fatalf("GET %s: %v", url, err)
+		}
+		defer resp.Body.Close()
+		var b strings.Builder
+		_, _ = fmt.Fprint(&b, "")
+		buf := make([]byte, 4096)
+		n, _ := resp.Body.Read(buf)
+		return resp.StatusCode, strings.TrimSpace(string(buf[:n]))
+	}
+	// curl from the control plane's namespace: HTTP/1.1, h2c, h2 over TLS.
+	curl := func(args ...string) string {
+		t.Helper()
+		out, err := exec.Command("ip", append([]string{"netns", "exec", "hdc-" + m.id, "curl", "-sS", "--max-time", "10"}, args...)...).CombinedOutput()
+		if err != nil {
+			t.Errorf("curl %v: %v\n%s", args, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	host := "8080-b-default.hearth.test"
+	resolve := func(port string) string { return host + ":" + port + ":" + cpAddr }
+	if got := curl("--resolve", resolve("8480"), "-w", " %{http_version}", "http://"+host+":8480/one"); got != "hello-from-b /one 1.1" {
+		t.Errorf("HTTP/1.1 through the ingress: %q", got)
+	}
+	if got := curl("--http2-prior-knowledge", "--resolve", resolve("8480"), "-w", " %{http_version}", "http://"+host+":8480/two"); got != "hello-from-b /two 2" {
+		t.Errorf("h2c through the ingress: %q", got)
+	}
+	if got := curl("-k", "--http2", "--resolve", resolve("8443"), "-w", " %{http_version}", "https://"+host+":8443/three"); got != "hello-from-b /three 2" {
+		t.Errorf("h2 over TLS through the ingress: %q", got)
+	}
+
+	t.Log("WebSocket echo")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws://8081-b-default.hearth.test:8480/", &websocket.DialOptions{HTTPClient: client})
+	if err != nil {
+		t.Fatalf("WebSocket through the ingress: %v", err)
+	}
+	for _, msg := range []string{"first", "second"} {
+		if err := ws.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if _, b, err := ws.Read(ctx); err != nil || string(b) != msg {
+			t.Errorf("WebSocket echo of %q: %q, %v", msg, b, err)
+		}
+	}
+	ws.Close(websocket.StatusNormalClosure, "")
+
+	t.Log("routes: TLS by SNI, access tokens, 502, 503, 504")
+	certPEM, keyPEM := testCert(t, "app.example.test")
+	m.mustKubectl("create", "secret", "tls", "app-tls", "--cert", writeTemp(t, certPEM), "--key", writeTemp(t, keyPEM))
+	m.mustKubectl("create", "secret", "generic", "app-token", "--from-literal=token=s3cret")
+	m.mustKubectlIn(`apiVersion: hearth.dev/v1alpha1
+kind: Route
+metadata: {name: app}
+spec: {host: app.example.test, sandbox: b, port: http, tlsSecret: app-tls}
+---
+apiVersion: hearth.dev/v1alpha1
+kind: Route
+metadata: {name: private}
+spec: {host: app.example.test, pathPrefix: /private, sandbox: b, port: 8080, accessTokenSecret: app-token}
+---
+apiVersion: hearth.dev/v1alpha1
+kind: Route
+metadata: {name: gone}
+spec: {host: gone.example.test, sandbox: nobody, port: 8080}
+---
+apiVersion: hearth.dev/v1alpha1
+kind: Route
+metadata: {name: slow}
+spec: {host: slow.example.test, sandbox: b, port: 8082, timeoutSeconds: 1}
+---
+apiVersion: hearth.dev/v1alpha1
+kind: Route
+metadata: {name: waiting}
+spec: {host: waiting.example.test, sandbox: pending, port: 8080}
+`, "apply", "-f", "-")
+	m.apply(netSandbox("pending", "no-such-image-needed", "host-9", "", "true"))
+	caFile := writeTemp(t, certPEM)
+	waitFor(t, "the route to be served", 20*time.Second, func() bool {
+		out, _ := exec.Command("ip", "netns", "exec", "hdc-"+m.id, "curl", "-sS", "--max-time", "5", "--cacert", caFile,
+			"--resolve", "app.example.test:8443:"+cpAddr, "https://app.example.test:8443/sni").CombinedOutput()
+		return strings.TrimSpace(string(out)) == "hello-from-b /sni"
+	})
+	for _, tc := range []struct {
+		url  string
+		hdr  []string
+		code int
+		has  string
+	}{
+		{"http://app.example.test:8480/private/x", nil, 401, "needs an access token"},
+		{"http://app.example.test:8480/private/x", []string{"Authorization", "Bearer wrong"}, 401, "wrong access token"},
+		{"http://app.example.test:8480/private/x", []string{"Authorization", "Bearer s3cret"}, 200, "hello-from-b /private/x"},
+		{"http://app.example.test:8480/privateer", nil, 200, "hello-from-b /privateer"},
+		{"http://gone.example.test:8480/", nil, 502, "does not exist"},
+		{"http://waiting.example.test:8480/", nil, 503, "not running yet"},
+		{"http://slow.example.test:8480/", nil, 504, "did not answer in time"},
+		{"http://9999-b-default.hearth.test:8480/", nil, 502, "could not be reached"},
+		{"http://8080-nobody-default.hearth.test:8480/", nil, 502, "no sandbox"},
+	} {
+		code, body := get(tc.url, tc.hdr...)
+		if code != tc.code || !strings.Contains(body, tc.has) {
+			t.Errorf("GET %s %v: %d %q, want %d with %q", tc.url, tc.hdr, code, body, tc.code, tc.has)
+		}
+	}
+	// The sandbox goes and comes back on the other host, with another
+	// address: the ingress follows it.
+	m.mustKubectl("delete", "sandbox", "b")
+	m.apply(netSandbox("b", m.field("a", ".spec.image"), "host-1", "", "nettool http :8080 b-again"))
+	m.waitPhase("b", 3*time.Minute, "Running")
+	if ip := m.field("b", ".status.ip"); ip == ipB {
+		t.Errorf("b came back with the same address %s on another host", ip)
+	}
+	waitFor(t, "the ingress to follow b", 10*time.Second, func() bool {
+		code, body := get("http://" + host + ":8480/moved")
+		return code == 200 && body == "b-again /moved"
+	})
+}
+
+func writeTemp(t *testing.T, b []byte) string {
+	t.Helper()
+	f, err := os.CreateTemp(t.TempDir(), "pem")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	if _, err := f.Write(b); err != nil {
+		t.Fatal(err)
+	}
+	return f.Name()
+}
+
+// testCert is a self-signed certificate for name.
+func testCert(t *testing.T, name string) (certPEM, keyPEM []byte) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: name}, DNSNames: []string{name},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour), IsCA: true, BasicConstraintsValid: true,
+		KeyUsage: x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalPKCS8PrivateKey(key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb})
+}

@@ -1,0 +1,240 @@
+package ingress
+
+import (
+	"context"
+	"crypto/subtle"
+	"crypto/tls"
+	"fmt"
+	"net"
+	"net/http"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"hearth.dev/hearth/api/v1alpha1"
+)
+
+// apiResolver resolves requests from the API: Routes by host and path
+// prefix, then PORT-SANDBOX-NAMESPACE.DOMAIN host names.
+type apiResolver struct {
+	reader client.Reader // a cache: reads are cheap
+	domain string        // without a leading dot
+	routes atomic.Pointer[routeIndex]
+
+	mu    sync.Mutex
+	certs map[types.NamespacedName]certEntry
+}
+
+type certEntry struct {
+	version string
+	cert    *tls.Certificate
+}
+
+// routeIndex is every Route by host, longest path prefix first; it is
+// rebuilt whenever a Route changes.
+type routeIndex map[string][]*v1alpha1.Route
+
+func (x *apiResolver) rebuild(ctx context.Context) error {
+	var list v1alpha1.RouteList
+	if err := x.reader.List(ctx, &list); err != nil {
+		return err
+	}
+	idx := routeIndex{}
+	for i := range list.Items {
+		r := &list.Items[i]
+		idx[strings.ToLower(r.Spec.Host)] = append(idx[strings.ToLower(r.Spec.Host)], r)
+	}
+	for _, rs := range idx {
+		sort.Slice(rs, func(i, j int) bool { return len(prefix(rs[i])) > len(prefix(rs[j])) })
+	}
+	x.routes.Store(&idx)
+	return nil
+}
+
+func prefix(r *v1alpha1.Route) string {
+	if r.Spec.PathPrefix == "" {
+		return "/"
+	}
+	return r.Spec.PathPrefix
+}
+
+// matchPath reports whether path is under prefix, by whole segments.
+func matchPath(prefix, path string) bool {
+	if prefix == "/" {
+		return true
+	}
+	p := strings.TrimSuffix(prefix, "/")
+	return path == p || strings.HasPrefix(path, p+"/")
+}
+
+func hostOnly(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		hostport = h
+	}
+	return strings.ToLower(strings.TrimSuffix(hostport, "."))
+}
+
+func (x *apiResolver) route(host, path string) *v1alpha1.Route {
+	idx := x.routes.Load()
+	if idx == nil {
+		return nil
+	}
+	for _, r := range (*idx)[host] {
+		if matchPath(prefix(r), path) {
+			return r
+		}
+	}
+	return nil
+}
+
+// Resolve implements Resolver.
+func (x *apiResolver) Resolve(r *http.Request) (Target, *Refusal) {
+	host := hostOnly(r.Host)
+	ctx := r.Context()
+	if rt := x.route(host, r.URL.Path); rt != nil {
+		if no := x.checkToken(ctx, r, rt); no != nil {
+			return Target{}, no
+		}
+		t, no := x.target(ctx, rt.Namespace, rt.Spec.Sandbox, rt.Spec.Port)
+		t.Timeout = time.Duration(rt.Spec.TimeoutSeconds) * time.Second
+		if t.Timeout == 0 {
+			t.Timeout = 30 * time.Second
+		}
+		return t, no
+	}
+	label, ok := strings.CutSuffix(host, "."+x.domain)
+	if !ok || strings.Contains(label, ".") {
+		return Target{}, &Refusal{Code: http.StatusNotFound, Msg: fmt.Sprintf("no route for host %q", host)}
+	}
+	port, rest, ok := strings.Cut(label, "-")
+	if !ok {
+		return Target{}, &Refusal{Code: http.StatusNotFound, Msg: fmt.Sprintf("%q is not PORT-SANDBOX-NAMESPACE.%s", host, x.domain)}
+	}
+	// Both names may hold dashes: the split is the one that names a
+	// sandbox that exists.
+	var sb v1alpha1.Sandbox
+	for i := strings.LastIndex(rest, "-"); i > 0; i = strings.LastIndex(rest[:i], "-") {
+		if x.reader.Get(ctx, types.NamespacedName{Namespace: rest[i+1:], Name: rest[:i]}, &sb) == nil {
+			t, no := x.targetOf(&sb, intstr.Parse(port))
+			t.Timeout = 30 * time.Second
+			return t, no
+		}
+	}
+	return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("no sandbox for %q (want PORT-SANDBOX-NAMESPACE.%s)", host, x.domain)}
+}
+
+func (x *apiResolver) target(ctx context.Context, ns, name string, port intstr.IntOrString) (Target, *Refusal) {
+	var sb v1alpha1.Sandbox
+	if err := x.reader.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &sb); err != nil {
+		return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("sandbox %s/%s does not exist", ns, name)}
+	}
+	return x.targetOf(&sb, port)
+}
+
+func (x *apiResolver) targetOf(sb *v1alpha1.Sandbox, port intstr.IntOrString) (Target, *Refusal) {
+	name := sb.Namespace + "/" + sb.Name
+	switch {
+	case sb.Status.Phase.Terminal():
+		return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("sandbox %s has ended (%s)", name, sb.Status.Phase)}
+	case sb.Status.Phase != v1alpha1.PhaseRunning || sb.Status.IP == "":
+		return Target{}, &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 1,
+			Msg: fmt.Sprintf("sandbox %s is not running yet (%s)", name, orPending(sb.Status.Phase))}
+	}
+	n := int(port.IntVal)
+	if port.Type == intstr.String {
+		if v, err := strconv.Atoi(port.StrVal); err == nil {
+			n = v
+		} else {
+			n = 0
+			for _, p := range sb.Spec.Ports {
+				if p.Name == port.StrVal {
+					n = int(p.Port)
+				}
+			}
+		}
+	}
+	if n < 1 || n > 65535 {
+		return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("sandbox %s has no port %s", name, port.String())}
+	}
+	return Target{Addr: net.JoinHostPort(sb.Status.IP, strconv.Itoa(n))}, nil
+}
+
+func orPending(p v1alpha1.Phase) v1alpha1.Phase {
+	if p == "" {
+		return v1alpha1.PhasePending
+	}
+	return p
+}
+
+// checkToken enforces a Route's access token: "Authorization: Bearer
+// TOKEN" or "X-Hearth-Token: TOKEN", compared in constant time; the
+// token is not passed on to the sandbox.
+func (x *apiResolver) checkToken(ctx context.Context, r *http.Request, rt *v1alpha1.Route) *Refusal {
+	if rt.Spec.AccessTokenSecret == "" {
+		return nil
+	}
+	var sec corev1.Secret
+	if err := x.reader.Get(ctx, types.NamespacedName{Namespace: rt.Namespace, Name: rt.Spec.AccessTokenSecret}, &sec); err != nil || len(sec.Data["token"]) == 0 {
+		return &Refusal{Code: http.StatusServiceUnavailable, Msg: fmt.Sprintf("route %s/%s: its access token secret %q is missing or has no token", rt.Namespace, rt.Name, rt.Spec.AccessTokenSecret)}
+	}
+	got := r.Header.Get("X-Hearth-Token")
+	fromAuth := false
+	if got == "" {
+		if v, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
+			got, fromAuth = v, true
+		}
+	}
+	if got == "" {
+		return &Refusal{Code: http.StatusUnauthorized, Msg: "this route needs an access token (Authorization: Bearer TOKEN)"}
+	}
+	if subtle.ConstantTimeCompare([]byte(got), sec.Data["token"]) != 1 {
+		return &Refusal{Code: http.StatusUnauthorized, Msg: "wrong access token"}
+	}
+	r.Header.Del("X-Hearth-Token")
+	if fromAuth {
+		r.Header.Del("Authorization")
+	}
+	return nil
+}
+
+// certificate is the one for SNI name: a Route's TLS secret for that
+// host, if any.
+func (x *apiResolver) certificate(ctx context.Context, name string) (*tls.Certificate, error) {
+	idx := x.routes.Load()
+	if idx == nil {
+		return nil, nil
+	}
+	for _, rt := range (*idx)[strings.ToLower(name)] {
+		if rt.Spec.TLSSecret == "" {
+			continue
+		}
+		key := types.NamespacedName{Namespace: rt.Namespace, Name: rt.Spec.TLSSecret}
+		var sec corev1.Secret
+		if err := x.reader.Get(ctx, key, &sec); err != nil {
+			return nil, fmt.Errorf("route %s/%s: TLS secret %s: %w", rt.Namespace, rt.Name, key, err)
+		}
+		x.mu.Lock()
+		e, ok := x.certs[key]
+		x.mu.Unlock()
+		if ok && e.version == sec.ResourceVersion {
+			return e.cert, nil
+		}
+		c, err := tls.X509KeyPair(sec.Data[corev1.TLSCertKey], sec.Data[corev1.TLSPrivateKeyKey])
+		if err != nil {
+			return nil, fmt.Errorf("route %s/%s: TLS secret %s: %w", rt.Namespace, rt.Name, key, err)
+		}
+		x.mu.Lock()
+		x.certs[key] = certEntry{version: sec.ResourceVersion, cert: &c}
+		x.mu.Unlock()
+		return &c, nil
+	}
+	return nil, nil
+}

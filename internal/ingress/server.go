@@ -1,0 +1,191 @@
+package ingress
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/big"
+	"net"
+	"net/http"
+	"net/netip"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	kruntime "k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/rest"
+	toolscache "k8s.io/client-go/tools/cache"
+	"k8s.io/utils/ptr"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/network"
+)
+
+// Config is one ingress.
+type Config struct {
+	// HTTP serves HTTP/1.1 and h2c; HTTPS serves TLS (h2 and HTTP/1.1).
+	HTTP, HTTPS string
+	// Domain is where PORT-SANDBOX-NAMESPACE host names live.
+	Domain string
+	// Routes installs routes to every host's sandbox range through the
+	// host's address (when no node agent in this process does).
+	Routes bool
+	Scheme *kruntime.Scheme
+	Log    *slog.Logger
+}
+
+// Run serves until ctx ends.
+func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
+	c, err := cache.New(restCfg, cache.Options{Scheme: cfg.Scheme, DefaultUnsafeDisableDeepCopy: ptr.To(true)})
+	if err != nil {
+		return err
+	}
+	res := &apiResolver{reader: c, domain: cfg.Domain, certs: map[types.NamespacedName]certEntry{}}
+	rebuild := make(chan struct{}, 1)
+	kick := func() {
+		select {
+		case rebuild <- struct{}{}:
+		default:
+		}
+	}
+	objs := []client.Object{&v1alpha1.Route{}, &v1alpha1.Sandbox{}, &corev1.Secret{}}
+	if cfg.Routes {
+		objs = append(objs, &v1alpha1.Host{})
+	}
+	for _, obj := range objs {
+		inf, err := c.GetInformer(ctx, obj)
+		if err != nil {
+			return err
+		}
+		if _, isRoute := obj.(*v1alpha1.Route); isRoute || cfg.Routes {
+			if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+				AddFunc: func(any) { kick() }, UpdateFunc: func(any, any) { kick() }, DeleteFunc: func(any) { kick() },
+			}); err != nil {
+				return err
+			}
+		}
+	}
+	cacheErr := make(chan error, 1)
+	go func() { cacheErr <- c.Start(ctx) }()
+	if !c.WaitForCacheSync(ctx) {
+		return fmt.Errorf("ingress: the API's caches did not sync")
+	}
+	if err := res.rebuild(ctx); err != nil {
+		return err
+	}
+	fallback, err := selfSigned(cfg.Domain)
+	if err != nil {
+		return err
+	}
+	proxy := NewProxy(res)
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	plain := &http.Server{Addr: cfg.HTTP, Handler: proxy, Protocols: protocols, ReadHeaderTimeout: 30 * time.Second}
+	secure := &http.Server{Addr: cfg.HTTPS, Handler: proxy, ReadHeaderTimeout: 30 * time.Second,
+		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"},
+			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+				if c, err := res.certificate(hello.Context(), hello.ServerName); c != nil || err != nil {
+					if err != nil {
+						cfg.Log.Warn("ingress certificate", "sni", hello.ServerName, "err", err)
+						return fallback, nil
+					}
+					return c, nil
+				}
+				return fallback, nil
+			}}}
+	errc := make(chan error, 3)
+	for _, s := range []struct {
+		srv *http.Server
+		tls bool
+	}{{plain, false}, {secure, true}} {
+		if s.srv.Addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", s.srv.Addr)
+		if err != nil {
+			return fmt.Errorf("ingress: %w", err)
+		}
+		go func() {
+			var err error
+			if s.tls {
+				err = s.srv.ServeTLS(ln, "", "")
+			} else {
+				err = s.srv.Serve(ln)
+			}
+			if !errors.Is(err, http.ErrServerClosed) {
+				errc <- err
+			}
+		}()
+	}
+	cfg.Log.Info("ingress serving", "http", cfg.HTTP, "https", cfg.HTTPS, "domain", cfg.Domain)
+	for {
+		select {
+		case <-ctx.Done():
+			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			defer cancel()
+			return errors.Join(plain.Shutdown(sctx), secure.Shutdown(sctx))
+		case err := <-errc:
+			return fmt.Errorf("ingress: %w", err)
+		case err := <-cacheErr:
+			return err
+		case <-rebuild:
+			if err := res.rebuild(ctx); err != nil && ctx.Err() == nil {
+				cfg.Log.Warn("ingress routes", "err", err)
+			}
+			if cfg.Routes {
+				if err := syncHostRoutes(ctx, c); err != nil && ctx.Err() == nil {
+					cfg.Log.Warn("ingress: routes to the hosts' sandbox ranges", "err", err)
+				}
+			}
+		}
+	}
+}
+
+// syncHostRoutes routes each host's sandbox range through its address.
+func syncHostRoutes(ctx context.Context, c cache.Cache) error {
+	var hosts v1alpha1.HostList
+	if err := c.List(ctx, &hosts); err != nil {
+		return err
+	}
+	peers := map[netip.Prefix]netip.Addr{}
+	for _, h := range hosts.Items {
+		p, err := netip.ParsePrefix(h.Spec.SandboxCIDR)
+		host, _, herr := net.SplitHostPort(h.Status.Address)
+		via, aerr := netip.ParseAddr(host)
+		if err != nil || herr != nil || aerr != nil || via.IsLoopback() {
+			continue
+		}
+		peers[p.Masked()] = via
+	}
+	return network.SyncPeers(peers)
+}
+
+// selfSigned is a development certificate for *.domain and domain.
+func selfSigned(domain string) (*tls.Certificate, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return nil, err
+	}
+	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: "*." + domain, Organization: []string{"hearth ingress (self-signed)"}},
+		DNSNames: []string{"*." + domain, domain}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(1, 0, 0),
+		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		return nil, err
+	}
+	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+}

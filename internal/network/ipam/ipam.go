@@ -1,0 +1,118 @@
+// Package ipam hands out addresses: each host's sandbox range from the
+// cluster's (the control plane's controller, controller.go), and each
+// sandbox's address from its host's range (Pool, in the node agent).
+package ipam
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+	"sync"
+)
+
+// ErrFull means a range has no free subnet or address left.
+var ErrFull = errors.New("no free addresses")
+
+// NextRange is the first subnet of cluster with the given prefix length
+// that overlaps none of used.
+func NextRange(cluster netip.Prefix, bits int, used []netip.Prefix) (netip.Prefix, error) {
+	cluster = cluster.Masked()
+	if bits < cluster.Bits() || bits > 30 {
+		return netip.Prefix{}, fmt.Errorf("a /%d per host does not fit the cluster's %s", bits, cluster)
+	}
+	size := uint32(1) << (32 - bits)
+	n := uint32(1) << (bits - cluster.Bits())
+	base := u32(cluster.Addr())
+	for i := uint32(0); i < n; i++ {
+		p := netip.PrefixFrom(addr(base+i*size), bits)
+		free := true
+		for _, u := range used {
+			if u.Overlaps(p) {
+				free = false
+				break
+			}
+		}
+		if free {
+			return p, nil
+		}
+	}
+	return netip.Prefix{}, fmt.Errorf("%w: every /%d of %s is taken", ErrFull, bits, cluster)
+}
+
+func u32(a netip.Addr) uint32 {
+	b := a.As4()
+	return uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+}
+
+func addr(v uint32) netip.Addr {
+	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+}
+
+// Pool is a host's range: the first address is the gateway, the last the
+// broadcast address; the rest go to sandboxes, one per owner (a sandbox's
+// UID), lowest free first.
+type Pool struct {
+	mu     sync.Mutex
+	cidr   netip.Prefix
+	owners map[netip.Addr]string
+	byUID  map[string]netip.Addr
+}
+
+// NewPool is an empty pool over cidr.
+func NewPool(cidr netip.Prefix) *Pool {
+	return &Pool{cidr: cidr.Masked(), owners: map[netip.Addr]string{}, byUID: map[string]netip.Addr{}}
+}
+
+// Gateway is the range's first address.
+func (p *Pool) Gateway() netip.Addr { return p.cidr.Addr().Next() }
+
+// Reserve records that owner holds a; it fails if another owner does or
+// a is not a sandbox address of the range.
+func (p *Pool) Reserve(a netip.Addr, owner string) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if !p.usable(a) {
+		return fmt.Errorf("%s is not a sandbox address of %s", a, p.cidr)
+	}
+	if o, ok := p.owners[a]; ok && o != owner {
+		return fmt.Errorf("%s is already leased to %s", a, o)
+	}
+	if prev, ok := p.byUID[owner]; ok && prev != a {
+		delete(p.owners, prev)
+	}
+	p.owners[a], p.byUID[owner] = owner, a
+	return nil
+}
+
+// Allocate returns owner's address, leasing the lowest free one if it
+// has none.
+func (p *Pool) Allocate(owner string) (netip.Addr, error) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if a, ok := p.byUID[owner]; ok {
+		return a, nil
+	}
+	for a := p.Gateway().Next(); p.usable(a); a = a.Next() {
+		if _, taken := p.owners[a]; !taken {
+			p.owners[a], p.byUID[owner] = owner, a
+			return a, nil
+		}
+	}
+	return netip.Addr{}, fmt.Errorf("%w in %s", ErrFull, p.cidr)
+}
+
+// Release frees owner's address, if it has one.
+func (p *Pool) Release(owner string) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if a, ok := p.byUID[owner]; ok {
+		delete(p.owners, a)
+		delete(p.byUID, owner)
+	}
+}
+
+// usable: inside the range, past the gateway, before broadcast.
+func (p *Pool) usable(a netip.Addr) bool {
+	last := addr(u32(p.cidr.Addr()) | (1<<(32-p.cidr.Bits()) - 1))
+	return p.cidr.Contains(a) && a.Compare(p.Gateway()) > 0 && a.Compare(last) < 0
+}

@@ -1,0 +1,414 @@
+package node
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/types"
+	toolscache "k8s.io/client-go/tools/cache"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/guest/protocol"
+	"hearth.dev/hearth/internal/network"
+	"hearth.dev/hearth/internal/network/ipam"
+	"hearth.dev/hearth/internal/network/policy"
+)
+
+// tapPrefix starts the name of every sandbox tap ("hs" + 12 hex digits of
+// the sandbox's UID: 14 bytes, under IFNAMSIZ).
+const tapPrefix = "hs"
+
+// tapFile, in a sandbox's directory, names its tap: a warm pool's sandbox
+// taken over by a claim keeps its VM's tap under the claim's name.
+const tapFile = "tap"
+
+// hostNetwork is the node agent's side of the sandboxes' network: the
+// host's routes and NAT, address leases, the policy programs and DNS. It
+// watches every Sandbox, NetworkPolicy, Namespace and Host in the cluster
+// (policies select peers anywhere) through a cache of its own.
+type hostNetwork struct {
+	a       *Agent
+	cluster netip.Prefix
+	enabled bool
+	all     cache.Cache
+	host    *network.Host
+	pool    *ipam.Pool
+	dp      *policy.Datapath
+	ready   chan struct{}
+	resync  chan struct{}
+
+	mu  sync.Mutex
+	eps map[types.UID]endpoint
+}
+
+type endpoint struct {
+	ifindex int
+	addr    netip.Addr
+	tap     string
+}
+
+func newHostNetwork(a *Agent, all cache.Cache, cluster netip.Prefix, enabled bool) *hostNetwork {
+	return &hostNetwork{a: a, cluster: cluster, all: all, enabled: enabled, ready: make(chan struct{}), resync: make(chan struct{}, 1),
+		eps: map[types.UID]endpoint{}}
+}
+
+func (n *hostNetwork) isReady() bool {
+	select {
+	case <-n.ready:
+		return true
+	default:
+		return false
+	}
+}
+
+func (n *hostNetwork) resyncSoon() {
+	select {
+	case n.resync <- struct{}{}:
+	default:
+	}
+}
+
+// run waits for the host's range, sets the host up, then keeps routes,
+// special addresses and policies in line with the cluster.
+func (n *hostNetwork) run(ctx context.Context) error {
+	if !n.enabled {
+		return nil
+	}
+	cidr, err := n.waitRange(ctx)
+	if err != nil {
+		return err
+	}
+	n.host = &network.Host{CIDR: cidr, Cluster: n.cluster}
+	if err := n.host.Setup(); err != nil {
+		return fmt.Errorf("set up the host network: %w", err)
+	}
+	if n.dp, err = policy.Load(); err != nil {
+		return err
+	}
+	defer n.dp.Close()
+	if err := n.dp.SetNetwork(n.host.Gateway(), n.cluster); err != nil {
+		return err
+	}
+	n.pool = ipam.NewPool(cidr)
+	var mine v1alpha1.SandboxList
+	if err := n.a.client.List(ctx, &mine); err != nil {
+		return err
+	}
+	for _, sb := range mine.Items {
+		if a, err := netip.ParseAddr(sb.Status.IP); err == nil && !sb.Status.Phase.Terminal() {
+			if err := n.pool.Reserve(a, string(sb.UID)); err != nil {
+				n.a.log.Warn("sandbox address", "sandbox", sb.Namespace+"/"+sb.Name, "err", err)
+			}
+		}
+	}
+	for _, obj := range []client.Object{&v1alpha1.Sandbox{}, &v1alpha1.NetworkPolicy{}, &corev1.Namespace{}, &v1alpha1.Host{}} {
+		inf, err := n.all.GetInformer(ctx, obj)
+		if err != nil {
+			return err
+		}
+		if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+			AddFunc:    func(any) { n.resyncSoon() },
+			UpdateFunc: func(any, any) { n.resyncSoon() },
+			DeleteFunc: func(any) { n.resyncSoon() },
+		}); err != nil {
+			return err
+		}
+	}
+	dnsErr := make(chan error, 1)
+	d := &network.DNS{Addr: net.JoinHostPort(n.host.Gateway().String(), "53"), Lookup: n.lookup,
+		Upstreams: network.Upstreams("/etc/resolv.conf", n.host.Gateway()), Log: n.a.log}
+	go func() { dnsErr <- d.Serve(ctx) }()
+	close(n.ready)
+	n.a.log.Info("sandbox network ready", "range", cidr, "gateway", n.host.Gateway())
+	// Sandboxes waiting for the network start now.
+	n.a.requeueAll(ctx)
+	for {
+		if err := n.sync(ctx); err != nil && ctx.Err() == nil {
+			n.a.log.Warn("network sync", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case err := <-dnsErr:
+			if ctx.Err() == nil {
+				return fmt.Errorf("DNS server: %w", err)
+			}
+			return nil
+		case <-n.resync:
+		case <-time.After(30 * time.Second):
+		}
+	}
+}
+
+// waitRange waits for the control plane to give the host its range.
+func (n *hostNetwork) waitRange(ctx context.Context) (netip.Prefix, error) {
+	logged := false
+	for {
+		var h v1alpha1.Host
+		if err := n.a.reader.Get(ctx, types.NamespacedName{Name: n.a.cfg.Name}, &h); err == nil && h.Spec.SandboxCIDR != "" {
+			return netip.ParsePrefix(h.Spec.SandboxCIDR)
+		}
+		if !logged {
+			n.a.log.Info("waiting for the control plane to give this host a sandbox range")
+			logged = true
+		}
+		select {
+		case <-ctx.Done():
+			return netip.Prefix{}, ctx.Err()
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+}
+
+// sync brings routes to the other hosts, the addresses no sandbox may
+// reach, and every local sandbox's policy in line with the cluster.
+func (n *hostNetwork) sync(ctx context.Context) error {
+	var hosts v1alpha1.HostList
+	if err := n.all.List(ctx, &hosts); err != nil {
+		return err
+	}
+	peers := map[netip.Prefix]netip.Addr{}
+	special := map[netip.Prefix]uint32{netip.MustParsePrefix("169.254.0.0/16"): policy.Forbidden}
+	for _, h := range hosts.Items {
+		via, ok := hostAddr(h.Status.Address)
+		if !ok {
+			continue
+		}
+		// Every host's address: forbidden to sandboxes, trusted as a source.
+		special[netip.PrefixFrom(via, 32)] = policy.Forbidden | policy.Trusted
+		p, err := netip.ParsePrefix(h.Spec.SandboxCIDR)
+		if err != nil || h.Name == n.a.cfg.Name {
+			continue
+		}
+		peers[p.Masked()] = via
+	}
+	addrs, nets, err := network.LocalPrefixes()
+	if err != nil {
+		return err
+	}
+	for _, p := range append(addrs, nets...) {
+		if p.Addr() != n.host.Gateway() {
+			special[p] = policy.Forbidden | policy.Trusted
+		}
+	}
+	if cp, ok := n.a.controlPlaneAddr(); ok {
+		special[netip.PrefixFrom(cp, 32)] = policy.Forbidden | policy.Trusted
+	}
+	errs := []error{network.SyncPeers(peers), n.dp.SetSpecial(special)}
+	return errors.Join(append(errs, n.syncPolicies(ctx))...)
+}
+
+func hostAddr(hostport string) (netip.Addr, bool) {
+	h, _, err := net.SplitHostPort(hostport)
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	a, err := netip.ParseAddr(h)
+	return a, err == nil && a.Is4() && !a.IsLoopback()
+}
+
+// syncPolicies compiles and applies the policy of each local sandbox.
+func (n *hostNetwork) syncPolicies(ctx context.Context) error {
+	var pols v1alpha1.NetworkPolicyList
+	var sbs v1alpha1.SandboxList
+	var nss corev1.NamespaceList
+	for _, l := range []client.ObjectList{&pols, &sbs, &nss} {
+		if err := n.all.List(ctx, l); err != nil {
+			return err
+		}
+	}
+	c := &policy.Cluster{Policies: pols.Items, Namespaces: map[string]map[string]string{}}
+	byUID := map[types.UID]policy.Sandbox{}
+	for _, ns := range nss.Items {
+		c.Namespaces[ns.Name] = ns.Labels
+	}
+	for _, sb := range sbs.Items {
+		s := policy.Sandbox{Namespace: sb.Namespace, Name: sb.Name, Labels: sb.Labels, Ports: sb.Spec.Ports}
+		byUID[sb.UID] = s
+		if a, err := netip.ParseAddr(sb.Status.IP); err == nil && !sb.Status.Phase.Terminal() {
+			s.IP = a
+			c.Sandboxes = append(c.Sandboxes, s)
+		}
+	}
+	n.mu.Lock()
+	eps := make(map[types.UID]endpoint, len(n.eps))
+	for k, v := range n.eps {
+		eps[k] = v
+	}
+	n.mu.Unlock()
+	var errs []error
+	for uid, ep := range eps {
+		// A sandbox not in this cache yet is selected by no policy until
+		// the next sync, which its arrival in the cache triggers.
+		s := byUID[uid]
+		s.IP = ep.addr
+		r := policy.Compile(c, s)
+		if r.Truncated {
+			n.a.log.Warn("a sandbox's policy has more port ranges per peer than the data path holds; the rest are denied",
+				"sandbox", s.Namespace+"/"+s.Name, "max", policy.MaxPorts)
+		}
+		errs = append(errs, n.dp.SetPolicy(ep.ifindex, r))
+	}
+	return errors.Join(errs...)
+}
+
+// lookup resolves NAME.NAMESPACE.hearth for the DNS server.
+func (n *hostNetwork) lookup(name, namespace string) (netip.Addr, bool) {
+	var sb v1alpha1.Sandbox
+	if err := n.all.Get(context.Background(), types.NamespacedName{Namespace: namespace, Name: name}, &sb); err != nil {
+		return netip.Addr{}, false
+	}
+	a, err := netip.ParseAddr(sb.Status.IP)
+	return a, err == nil && !sb.Status.Phase.Terminal()
+}
+
+// lease gives the sandbox an address if it has none. It reports whether
+// status.ip changed: the caller writes the status before it starts the
+// VM, so that a restarted agent knows every address it leased.
+func (n *hostNetwork) lease(sb *v1alpha1.Sandbox) (changed bool, err error) {
+	owner := string(sb.UID)
+	if a, err := netip.ParseAddr(sb.Status.IP); err == nil && n.host.CIDR.Contains(a) {
+		return false, n.pool.Reserve(a, owner)
+	}
+	a, err := n.pool.Allocate(owner)
+	if err != nil {
+		return false, err
+	}
+	sb.Status.IP = a.String()
+	return true, nil
+}
+
+// attach makes the sandbox's tap, routes its address there and puts the
+// policy programs on it; it returns what the VM needs.
+func (n *hostNetwork) attach(sb *v1alpha1.Sandbox, dir string) (tap string, cfg *protocol.Network, err error) {
+	addr, err := netip.ParseAddr(sb.Status.IP)
+	if err != nil {
+		return "", nil, fmt.Errorf("sandbox %s has no address", sb.Name)
+	}
+	tap = readTap(dir)
+	if tap == "" {
+		tap = tapPrefix + strings.ReplaceAll(string(sb.UID), "-", "")[:12]
+		if err := os.WriteFile(filepath.Join(dir, tapFile), []byte(tap), 0o600); err != nil {
+			return "", nil, err
+		}
+	}
+	ifindex, err := n.host.AddTap(tap, addr)
+	if err != nil {
+		return "", nil, err
+	}
+	if err := n.dp.Attach(ifindex, addr, sb.Spec.Network.NATEnabled()); err != nil {
+		return "", nil, err
+	}
+	n.mu.Lock()
+	n.eps[sb.UID] = endpoint{ifindex: ifindex, addr: addr, tap: tap}
+	n.mu.Unlock()
+	n.resyncSoon()
+	gw := n.host.Gateway().String()
+	return tap, &protocol.Network{Address: addr.String() + "/32", Gateway: gw, DNS: []string{gw},
+		Search: []string{sb.Namespace + "." + strings.TrimSuffix(network.Zone, ".")}}, nil
+}
+
+// adopted re-attaches a running sandbox's tap after an agent restart or a
+// warm pool claim (whose tap keeps its member's name).
+func (n *hostNetwork) adopted(sb *v1alpha1.Sandbox, dir string) error {
+	if !n.isReady() || readTap(dir) == "" || sb.Status.IP == "" {
+		return nil
+	}
+	n.mu.Lock()
+	ep, ok := n.eps[sb.UID]
+	n.mu.Unlock()
+	if ok && ep.addr.String() == sb.Status.IP {
+		return nil
+	}
+	if _, err := n.lease(sb); err != nil {
+		return err
+	}
+	_, _, err := n.attach(sb, dir)
+	return err
+}
+
+// transfer gives a warm pool member's address and tap to the claim that
+// took its VM over.
+func (n *hostNetwork) transfer(from, to types.UID, addr string) error {
+	if !n.isReady() {
+		return nil
+	}
+	n.pool.Release(string(from))
+	if a, err := netip.ParseAddr(addr); err == nil {
+		if err := n.pool.Reserve(a, string(to)); err != nil {
+			return err
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if ep, ok := n.eps[from]; ok {
+		n.eps[to] = ep
+		delete(n.eps, from)
+	}
+	return nil
+}
+
+// release takes the programs off the sandbox's tap, removes it and frees
+// its address.
+func (n *hostNetwork) release(uid types.UID, dir string) error {
+	if !n.isReady() {
+		return nil
+	}
+	n.mu.Lock()
+	ep, ok := n.eps[uid]
+	delete(n.eps, uid)
+	n.mu.Unlock()
+	var errs []error
+	if ok {
+		errs = append(errs, n.dp.Detach(ep.ifindex))
+	}
+	if tap := readTap(dir); tap != "" {
+		errs = append(errs, network.DelTap(tap))
+	}
+	n.pool.Release(string(uid))
+	return errors.Join(errs...)
+}
+
+// collectTaps removes sandbox taps that no sandbox directory names.
+func (n *hostNetwork) collectTaps(stateDir string) error {
+	if !n.isReady() {
+		return nil
+	}
+	taps, err := network.Taps(tapPrefix)
+	if err != nil {
+		return err
+	}
+	used := map[string]bool{}
+	entries, _ := os.ReadDir(stateDir)
+	for _, e := range entries {
+		if t := readTap(filepath.Join(stateDir, e.Name())); t != "" {
+			used[t] = true
+		}
+	}
+	var errs []error
+	for _, t := range taps {
+		if !used[t] {
+			errs = append(errs, network.DelTap(t))
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func readTap(dir string) string {
+	b, err := os.ReadFile(filepath.Join(dir, tapFile))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
