@@ -113,6 +113,10 @@ func TestNetworking(t *testing.T) {
 	if out := m.expectSh("udp", "a", "nettool udp "+ipB+":5353 ping-udp", true); out != "ping-udp" {
 		t.Errorf("udp echo from a to b: %q", out)
 	}
+	if out := m.expectSh("http", "a", "timeout 5 wget -O- http://"+ipB+":8080/x 2>&1", true); !strings.Contains(out, "hello-from-b /x") {
+		t.Errorf("http from a to b: %q", out)
+	}
+	// (busybox wget -T crashes: timeout(1) bounds it instead.)
 	m.expectSh("icmp", "a", "ping -c 1 -W 3 "+ipB, true)
 	if out := m.expectSh("dns", "a", "nslookup b.default.hearth", true); !strings.Contains(out, ipB) {
 		t.Errorf("nslookup b.default.hearth: %s", out)
@@ -147,7 +151,7 @@ spec:
 		_, ok := m.shIn("a", "echo x | nc -w 2 "+ipB+" 9090")
 		return !ok
 	})
-	if out := m.expectSh("a→b:8080 allowed", "a", "wget -qO- -T 3 http://"+ipB+":8080/x", true); out != "hello-from-b /x" {
+	if out := m.expectSh("a→b:8080 allowed", "a", "timeout 5 wget -O- http://"+ipB+":8080/x 2>&1", true); !strings.Contains(out, "hello-from-b /x") {
 		t.Errorf("a→b:8080 under the policy: %q", out)
 	}
 	m.expectSh("a→b udp not allowed", "a", "nettool udp "+ipB+":5353 nope", false)
@@ -162,7 +166,7 @@ spec:
   - to: [{ipBlock: {cidr: 10.244.0.0/16, except: [`+ipB+`/32]}}]
 `, "apply", "-f", "-")
 	waitFor(t, "a's egress policy", 30*time.Second, func() bool {
-		_, ok := m.shIn("a", "wget -qO- -T 2 http://"+ipB+":8080/")
+		_, ok := m.shIn("a", "timeout 3 wget -qO- http://"+ipB+":8080/")
 		return !ok
 	})
 	m.expectSh("dns under an egress policy", "a", "nslookup b.default.hearth", true)
@@ -209,7 +213,7 @@ func testIngress(t *testing.T, m *multiHost, ipB string) {
 		if err != nil {
 			t.Errorf("curl %v: %v\n%s", args, err, out)
 		}
-		return strings.TrimSpace(string(out))
+		return strings.ReplaceAll(strings.TrimSpace(string(out)), "\n", "")
 	}
 	host := "8080-b-default.hearth.test"
 	resolve := func(port string) string { return host + ":" + port + ":" + cpAddr }
