@@ -13,6 +13,9 @@ packages=(
   docker-registry skopeo   # a real registry and pushes, for the tests
   xz-utils
   iproute2                 # network namespaces, veth and bridges: the multi-host tests
+  nftables                 # the hosts' NAT for sandboxes (nft)
+  curl                     # the ingress tests (HTTP/1.1, h2c, h2)
+  nginx-light              # hearth bench ingress: nginx as the reverse proxy to measure against
 )
 missing=()
 for p in "${packages[@]}"; do

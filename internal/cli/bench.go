@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -69,7 +70,11 @@ one JSON object.`,
 	boot.Flags().IntVarP(&n, "n", "n", 10, "boots of each kind")
 	boot.Flags().IntVar(&memory, "memory", 256, "guest memory in MiB")
 	boot.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
-	cmd.AddCommand(boot, benchAPICmd(g), benchSchedulerCmd(g), benchWarmCmd(g))
+	cmd.AddCommand(boot, benchAPICmd(g), benchSchedulerCmd(g), benchWarmCmd(g), benchIngressCmd(g), benchPolicyCmd(g), &cobra.Command{
+		Use: "ingress-proxy LISTEN BACKEND", Hidden: true, Args: cobra.ExactArgs(2),
+		Short: "the ingress data path alone, for hearth bench ingress",
+		RunE:  func(_ *cobra.Command, args []string) error { return bench.ServeProxy(args[0], args[1]) },
+	})
 	return cmd
 }
 
@@ -116,6 +121,67 @@ $HEARTH_AGENT, else beside this executable (make build puts them in bin/).`,
 	cmd.Flags().IntVar(&o.Pool, "pool", 3, "the warm pool's size")
 	cmd.Flags().IntVar(&o.Clones, "clones", 20, "VMs of each kind in the memory comparison (0: skip)")
 	cmd.Flags().StringVar(&accelFlag, "accel", "auto", "kvm, tcg or auto")
+	return cmd
+}
+
+func benchIngressCmd(g *globals) *cobra.Command {
+	o := bench.IngressOptions{}
+	cmd := &cobra.Command{
+		Use:   "ingress",
+		Short: "The ingress's added latency and throughput against a direct connection and against nginx",
+		Long: `Serves a small HTTP response from a backend in a network namespace of its
+own, and runs one load generator against it three ways, interleaved in
+--rounds rounds: directly, through hearth's ingress data path (the proxy
+hearthd --roles=ingress serves), and through nginx configured as a
+reverse proxy (keep-alive to the backend, no access log). Each round times
+requests one at a time on one connection (latency with nothing queued)
+and then --conc connections flat out (requests/s). Needs root (network
+namespaces) and nginx. The last line is one JSON object: addedP50ms is
+hearth's p50 over the direct p50 at one connection, rpsVsNginx its
+requests/s over nginx's.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			o.Out, o.Log = c.OutOrStdout(), g.log
+			res, err := bench.Ingress(c.Context(), o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), res.JSON())
+			return nil
+		},
+	}
+	cmd.Flags().DurationVar(&o.Duration, "duration", 4*time.Second, "time per target, load and round")
+	cmd.Flags().IntVar(&o.Conc, "conc", 16, "connections of the throughput runs")
+	cmd.Flags().IntVar(&o.Rounds, "rounds", 3, "rounds over the three targets")
+	return cmd
+}
+
+func benchPolicyCmd(g *globals) *cobra.Command {
+	o := bench.PolicyOptions{}
+	cmd := &cobra.Command{
+		Use:   "policy",
+		Short: "TCP throughput and latency through the policy programs holding many rules, against no programs",
+		Long: `Routes two sandbox namespaces through a host namespace set up as a node
+agent sets up a host (veths in the place of taps) and measures bulk TCP
+throughput and the p99 of one-byte round trips between them: without
+programs, and with the tcx policy programs on both sides holding --rules
+rules each (an egress policy on one, an ingress policy on the other),
+alternating in --rounds rounds. Needs root. The last line is one JSON
+object; ratio is the throughput with the programs over without.`,
+		Args: cobra.NoArgs,
+		RunE: func(c *cobra.Command, _ []string) error {
+			o.Out, o.Log = c.OutOrStdout(), g.log
+			res, err := bench.Policy(c.Context(), o)
+			if err != nil {
+				return err
+			}
+			fmt.Fprintln(c.OutOrStdout(), res.JSON())
+			return nil
+		},
+	}
+	cmd.Flags().IntVar(&o.Rules, "rules", 1000, "rules in each side's policy")
+	cmd.Flags().DurationVar(&o.Duration, "duration", 3*time.Second, "time per measurement and round")
+	cmd.Flags().IntVar(&o.Rounds, "rounds", 3, "rounds")
 	return cmd
 }
 

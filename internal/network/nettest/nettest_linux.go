@@ -90,3 +90,33 @@ func Dial(ctx context.Context, ns, network, addr string) (c net.Conn, err error)
 	err = Do(ns, func() error { c, err = (&net.Dialer{}).DialContext(ctx, network, addr); return err })
 	return c, err
 }
+
+// Scope is a TB for code that is not a test (the benchmarks): Fatalf
+// panics with an error that Run returns, and Run undoes every Cleanup.
+type Scope struct{ cleanups []func() }
+
+type fatal struct{ err error }
+
+func (s *Scope) Helper()                           {}
+func (s *Scope) Cleanup(f func())                  { s.cleanups = append(s.cleanups, f) }
+func (s *Scope) Fatalf(format string, args ...any) { panic(fatal{fmt.Errorf(format, args...)}) }
+
+// Run calls f with a fresh Scope and cleans up after it.
+func Run(f func(s *Scope) error) (err error) {
+	s := &Scope{}
+	defer func() {
+		for i := len(s.cleanups) - 1; i >= 0; i-- {
+			s.cleanups[i]()
+		}
+	}()
+	defer func() {
+		if r := recover(); r != nil {
+			f, ok := r.(fatal)
+			if !ok {
+				panic(r)
+			}
+			err = f.err
+		}
+	}()
+	return f(s)
+}

@@ -12,7 +12,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/vishvananda/netlink"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -44,36 +43,12 @@ func newLab(t *testing.T) *lab {
 	if os.Geteuid() != 0 {
 		testenv.Need(t, false, "network namespaces and eBPF need root")
 	}
-	s := nettest.Suffix()
-	l := &lab{t: t, host: nettest.NS(t, "hpH"+s), a: nettest.NS(t, "hpA"+s), b: nettest.NS(t, "hpB"+s),
-		net: &network.Host{CIDR: netip.MustParsePrefix("10.99.1.0/24"), Cluster: netip.MustParsePrefix("10.99.0.0/16")}}
+	r := nettest.NewRouted(t, 2, netip.MustParsePrefix("10.99.1.0/24"), netip.MustParsePrefix("10.99.0.0/16"))
+	l := &lab{t: t, host: r.Host, a: r.Sandboxes[0].NS, b: r.Sandboxes[1].NS, ifA: r.Sandboxes[0].Ifindex, ifB: r.Sandboxes[1].Ifindex, net: r.Net}
 	// The host's management network: an address the sandboxes must not reach.
 	nettest.Sh(t, "ip", "-n", l.host, "link", "add", "mg0", "type", "veth", "peer", "name", "mg1")
 	nettest.Sh(t, "ip", "-n", l.host, "addr", "add", mgmt.String()+"/24", "dev", "mg0")
 	nettest.Sh(t, "ip", "-n", l.host, "link", "set", "mg0", "up")
-	for _, sb := range []struct {
-		ns   string
-		addr netip.Addr
-		idx  *int
-	}{{l.a, addrA, &l.ifA}, {l.b, addrB, &l.ifB}} {
-		dev := "t" + sb.ns
-		nettest.Sh(t, "ip", "-n", l.host, "link", "add", dev, "type", "veth", "peer", "name", "eth0", "netns", sb.ns)
-		nettest.Sh(t, "ip", "-n", sb.ns, "addr", "add", sb.addr.String()+"/32", "dev", "eth0")
-		nettest.Sh(t, "ip", "-n", sb.ns, "link", "set", "eth0", "up")
-		nettest.Sh(t, "ip", "-n", sb.ns, "route", "add", l.net.Gateway().String(), "dev", "eth0", "scope", "link")
-		nettest.Sh(t, "ip", "-n", sb.ns, "route", "add", "default", "via", l.net.Gateway().String(), "dev", "eth0")
-		l.do(func() error {
-			if err := l.net.Setup(); err != nil {
-				return err
-			}
-			link, err := netlink.LinkByName(dev)
-			if err != nil {
-				return err
-			}
-			*sb.idx, err = l.net.Plug(link, sb.addr)
-			return err
-		})
-	}
 	l.do(func() error {
 		var err error
 		if l.dp, err = policy.Load(); err != nil {
