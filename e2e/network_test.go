@@ -177,6 +177,26 @@ spec:
 		return ok
 	})
 
+	t.Log("a fork of a snapshot gets an address of its own")
+	if r := m.hearth("", "snapshot", "create", "--name", "snap-a", "a"); r.code != 0 {
+		t.Fatalf("snapshot create: %s %s", r.stdout, r.stderr)
+	}
+	if r := m.hearth("", "run", "-d", "--snapshot", "snap-a", "--name", "a2"); r.code != 0 {
+		t.Fatalf("run --snapshot: %s %s", r.stdout, r.stderr)
+	}
+	m.waitPhase("a2", 2*time.Minute, "Running")
+	ipA2 := m.field("a2", ".status.ip")
+	if ipA2 == "" || ipA2 == ipA {
+		t.Errorf("the fork's address %q (a's is %s)", ipA2, ipA)
+	}
+	if out, _ := m.shIn("a2", "ip -4 addr show eth0"); !strings.Contains(out, ipA2+"/32") || strings.Contains(out, ipA+"/") {
+		t.Errorf("the fork's eth0 does not have its own address %s alone: %s", ipA2, out)
+	}
+	if out := m.expectSh("tcp from the fork", "a2", "echo fork | nc -w 3 "+ipB+" 9090", true); out != "fork" {
+		t.Errorf("tcp echo from the fork to b: %q", out)
+	}
+	m.expectSh("the original still reaches b", "a", "echo x | nc -w 3 "+ipB+" 9090", true)
+
 	t.Log("ingress")
 	testIngress(t, m, ipB)
 }
