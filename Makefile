@@ -42,11 +42,13 @@ verify: ## gofmt, go vet, and go.mod tidy
 	  if ! diff -q go.mod /tmp/hearth.go.mod.bak >/dev/null || ! diff -q go.sum /tmp/hearth.go.sum.bak >/dev/null; then \
 	    cp /tmp/hearth.go.mod.bak go.mod; cp /tmp/hearth.go.sum.bak go.sum; echo "go mod tidy changes go.mod/go.sum"; exit 1; fi
 
-bench: build ## hearth bench boot (hearth run vs a bare QEMU boot), api (API creates vs etcd puts), scheduler (placements/s, binds/s), warm (warm starts vs a bare restore)
+bench: build ## hearth bench boot (hearth run vs a bare QEMU boot), api (API creates vs etcd puts), scheduler (placements/s, binds/s), warm (warm starts vs a bare restore), ingress (vs direct and nginx), policy (1,000 rules vs none)
 	$(BIN)/hearth bench boot
 	$(BIN)/hearth bench api
 	$(BIN)/hearth bench scheduler
 	$(BIN)/hearth bench warm
+	$(BIN)/hearth bench ingress
+	$(BIN)/hearth bench policy
 
 clean: ## remove build outputs
 	rm -rf $(BIN)

@@ -5,8 +5,6 @@ import (
 	"reflect"
 	"testing"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/util/intstr"
 	"sigs.k8s.io/yaml"
 
 	"hearth.dev/hearth/api/v1alpha1"
@@ -80,6 +78,4 @@ spec:
 			}
 		})
 	}
-	_ = metav1.LabelSelector{}
-	_ = intstr.FromInt32
 }

@@ -1,0 +1,90 @@
+package ingress
+
+import (
+	"context"
+	"net/http/httptest"
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/runtime"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
+	"sigs.k8s.io/controller-runtime/pkg/client/fake"
+
+	"hearth.dev/hearth/api/v1alpha1"
+)
+
+func TestResolve(t *testing.T) {
+	scheme := runtime.NewScheme()
+	_ = clientgoscheme.AddToScheme(scheme)
+	_ = v1alpha1.AddToScheme(scheme)
+	sb := func(ns, name string, phase v1alpha1.Phase, ip string) *v1alpha1.Sandbox {
+		return &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
+			Spec:   v1alpha1.SandboxSpec{Ports: []v1alpha1.SandboxPort{{Name: "web", Port: 3000}}},
+			Status: v1alpha1.SandboxStatus{Phase: phase, IP: ip}}
+	}
+	route := func(name, host, prefix, sandbox string, port intstr.IntOrString, token string) *v1alpha1.Route {
+		return &v1alpha1.Route{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name},
+			Spec: v1alpha1.RouteSpec{Host: host, PathPrefix: prefix, Sandbox: sandbox, Port: port, AccessTokenSecret: token}}
+	}
+	c := fake.NewClientBuilder().WithScheme(scheme).WithObjects(
+		sb("team-a", "my-app", v1alpha1.PhaseRunning, "10.244.0.5"),
+		sb("team-a", "booting", v1alpha1.PhaseBooting, ""),
+		sb("team-a", "done", v1alpha1.PhaseSucceeded, "10.244.0.6"),
+		route("root", "app.example.com", "/", "my-app", intstr.FromString("web"), ""),
+		route("api", "app.example.com", "/api", "my-app", intstr.FromInt32(8080), ""),
+		route("admin", "app.example.com", "/admin", "my-app", intstr.FromInt32(9000), "tok"),
+		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "tok"}, Data: map[string][]byte{"token": []byte("t0ken")}},
+	).Build()
+	x := &apiResolver{reader: c, domain: "hearth.localhost", certs: map[types.NamespacedName]certEntry{}}
+	if err := x.rebuild(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		host, path, auth string
+		addr             string
+		code             int
+	}{
+		{"8080-my-app-team-a.hearth.localhost", "/", "", "10.244.0.5:8080", 0},
+		{"8080-my-app-team-a.hearth.localhost:8480", "/", "", "10.244.0.5:8080", 0},
+		{"web-my-app-team-a.hearth.localhost", "/", "", "10.244.0.5:3000", 0},
+		{"8080-booting-team-a.hearth.localhost", "/", "", "", 503},
+		{"8080-done-team-a.hearth.localhost", "/", "", "", 502},
+		{"8080-nobody-team-a.hearth.localhost", "/", "", "", 502},
+		{"nope-my-app-team-a.hearth.localhost", "/", "", "", 502},
+		{"a.b.hearth.localhost", "/", "", "", 404},
+		{"elsewhere.example.com", "/", "", "", 404},
+		{"app.example.com", "/", "", "10.244.0.5:3000", 0},
+		{"app.example.com", "/api/v1", "", "10.244.0.5:8080", 0},
+		{"app.example.com", "/apix", "", "10.244.0.5:3000", 0},
+		{"app.example.com", "/admin", "", "", 401},
+		{"app.example.com", "/admin/x", "Bearer nope", "", 401},
+		{"app.example.com", "/admin/x", "Bearer t0ken", "10.244.0.5:9000", 0},
+	} {
+		r := httptest.NewRequest("GET", "http://"+tc.host+tc.path, nil)
+		if tc.auth != "" {
+			r.Header.Set("Authorization", tc.auth)
+		}
+		got, no := x.Resolve(r)
+		switch {
+		case tc.code != 0 && (no == nil || no.Code != tc.code):
+			t.Errorf("%s%s: %+v %+v, want %d", tc.host, tc.path, got, no, tc.code)
+		case tc.code == 0 && (no != nil || got.Addr != tc.addr):
+			t.Errorf("%s%s: %+v %+v, want %s", tc.host, tc.path, got, no, tc.addr)
+		case tc.code == 0 && r.Header.Get("Authorization") != "":
+			t.Errorf("%s%s: the access token went on to the sandbox", tc.host, tc.path)
+		}
+	}
+}
+
+func FuzzMatchPath(f *testing.F) {
+	f.Add("/api", "/api/v1")
+	f.Add("/", "/x")
+	f.Fuzz(func(t *testing.T, prefix, path string) {
+		if matchPath(prefix, path) && prefix != "/" && len(path) < len(prefix)-1 {
+			t.Errorf("%q matched the shorter %q", prefix, path)
+		}
+	})
+}
