@@ -151,7 +151,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 			}
 		},
 		validateName: apivalidation.NameIsDNSSubdomain,
-		columns: []extv1.CustomResourceColumnDefinition{col("Type", "string", ".type"), col("Age", "date", ".metadata.creationTimestamp")},
+		columns:      []extv1.CustomResourceColumnDefinition{col("Type", "string", ".type"), col("Age", "date", ".metadata.creationTimestamp")},
 	})
 	if err != nil {
 		return nil, nil, err
