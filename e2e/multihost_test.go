@@ -20,6 +20,7 @@ import (
 	"golang.org/x/sys/unix"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"hearth.dev/hearth/internal/node"
 	"hearth.dev/hearth/internal/testenv"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -260,6 +261,8 @@ func (m *multiHost) cleanup() {
 			t.Errorf("sandbox taps left on host %s:\n%s", hn.name, out)
 		}
 		_ = exec.Command("ip", "netns", "del", hn.ns).Run()
+		// The policy programs' pins outlive node agents by design.
+		_ = os.RemoveAll(node.PinDir(hn.name, filepath.Join(hn.dataDir, "node", "sandboxes")))
 	}
 	_ = exec.Command("ip", "netns", "del", "hdc-"+m.id).Run()
 	if m.fwd != nil {

@@ -68,7 +68,7 @@ func Policy(ctx context.Context, o PolicyOptions) (*PolicyResult, error) {
 		var dp *policy.Datapath
 		if err := nettest.Do(r.Host, func() error {
 			var err error
-			dp, err = policy.Load()
+			dp, err = policy.Load("")
 			return err
 		}); err != nil {
 			return err

@@ -216,3 +216,22 @@ func netipPrefix(n *net.IPNet) (netip.Prefix, bool) {
 	bits, _ := n.Mask.Size()
 	return netip.PrefixFrom(ip, bits), true
 }
+
+// bpfFSMagic is the bpf filesystem's statfs type.
+const bpfFSMagic = 0xcafe4a11
+
+// EnsureBPFFS mounts a bpf filesystem at dir unless one is there: pins
+// outlive processes only on one.
+func EnsureBPFFS(dir string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return err
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(dir, &fs); err == nil && fs.Type == bpfFSMagic {
+		return nil
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount a bpf filesystem at %s: %w", dir, err)
+	}
+	return nil
+}

@@ -2,6 +2,8 @@ package node
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"net"
@@ -93,7 +95,13 @@ func (n *hostNetwork) run(ctx context.Context) error {
 	if err := n.host.Setup(); err != nil {
 		return fmt.Errorf("set up the host network: %w", err)
 	}
-	if n.dp, err = policy.Load(); err != nil {
+	pins := PinDir(n.a.cfg.Name, n.a.cfg.StateDir)
+	if err := network.EnsureBPFFS(filepath.Dir(filepath.Dir(pins))); err != nil {
+		// Without pins the programs leave the taps with this process.
+		n.a.log.Warn("policy programs will not outlive the node agent", "err", err)
+		pins = ""
+	}
+	if n.dp, err = policy.Load(pins); err != nil {
 		return err
 	}
 	defer n.dp.Close()
@@ -149,6 +157,14 @@ func (n *hostNetwork) run(ctx context.Context) error {
 		case <-time.After(30 * time.Second):
 		}
 	}
+}
+
+// PinDir is where a node agent pins its policy maps and links: under
+// /sys/fs/bpf/hearth, by host name and state directory, so that agents of
+// several hosts on one machine (the tests') keep apart.
+func PinDir(name, stateDir string) string {
+	sum := sha256.Sum256([]byte(stateDir))
+	return filepath.Join("/sys/fs/bpf/hearth", name+"-"+hex.EncodeToString(sum[:4]))
 }
 
 // waitRange waits for the control plane to give the host its range.

@@ -4,7 +4,12 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
+	"net"
 	"net/netip"
+	"os"
+	"path/filepath"
+	"slices"
 	"sync"
 
 	"github.com/cilium/ebpf"
@@ -29,11 +34,15 @@ const (
 )
 
 // Datapath holds the loaded programs and maps of one host and the links
-// that attach them to its taps.
+// that attach them to its taps. With a pin directory (on a bpf
+// filesystem), maps and links are pinned there: when the process ends the
+// programs stay on the taps, enforcing the last policy, and the next Load
+// takes over the maps and links it finds.
 type Datapath struct {
-	mu    sync.Mutex
-	objs  policyObjects
-	links map[int][2]link.Link
+	mu     sync.Mutex
+	pinDir string
+	objs   policyObjects
+	links  map[int][2]link.Link
 	// written are the rule keys written for each endpoint address, by
 	// direction (0 egress, 1 ingress), so that an update deletes exactly
 	// what is gone.
@@ -42,23 +51,141 @@ type Datapath struct {
 	special map[netip.Prefix]uint32
 }
 
-// Load loads the programs and maps into the kernel.
-func Load() (*Datapath, error) {
+// Load loads the programs and maps into the kernel, pinned in pinDir
+// unless it is empty.
+func Load(pinDir string) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("lift the memlock limit for eBPF maps: %w", err)
 	}
-	d := &Datapath{links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}}
-	if err := loadPolicyObjects(&d.objs, nil); err != nil {
+	d := &Datapath{pinDir: pinDir, links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}}
+	spec, err := loadPolicy()
+	if err != nil {
+		return nil, err
+	}
+	if pinDir == "" {
+		for _, m := range spec.Maps {
+			m.Pinning = ebpf.PinNone
+		}
+	} else if err := os.MkdirAll(pinDir, 0o700); err != nil {
+		return nil, fmt.Errorf("pin directory: %w", err)
+	}
+	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
+	if err != nil && pinDir != "" && errors.Is(err, ebpf.ErrMapIncompatible) {
+		// Maps pinned by another version of the programs: start afresh
+		// (their links go with them; the caller attaches again).
+		_ = os.RemoveAll(pinDir)
+		if err = os.MkdirAll(pinDir, 0o700); err == nil {
+			err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: pinDir}})
+		}
+	}
+	if err != nil {
 		var ve *ebpf.VerifierError
 		if errors.As(err, &ve) {
 			return nil, fmt.Errorf("load the policy programs: %+v", ve)
 		}
 		return nil, fmt.Errorf("load the policy programs: %w", err)
 	}
+	if err := d.recover(); err != nil {
+		return nil, errors.Join(err, d.objs.Close())
+	}
 	return d, nil
 }
 
-// Close detaches every program and frees the maps.
+// recover reads back what pinned maps hold (endpoints, rules written) and
+// takes over the pinned links of taps that still exist, updating them to
+// these programs; pins of taps gone are removed.
+func (d *Datapath) recover() error {
+	var ifindex uint32
+	var ep policyEndpoint
+	var gone []int
+	for it := d.objs.Endpoints.Iterate(); it.Next(&ifindex, &ep); {
+		d.eps[int(ifindex)] = addrOf(ep.Addr)
+		if _, err := net.InterfaceByIndex(int(ifindex)); err != nil {
+			gone = append(gone, int(ifindex))
+		}
+	}
+	for dir, m := range []*ebpf.Map{d.objs.EgressRules, d.objs.IngressRules} {
+		var k policyRuleKey
+		var v policyRule
+		for it := m.Iterate(); it.Next(&k, &v); {
+			a := addrOf(k.Ep)
+			d.written[dir][a] = append(d.written[dir][a], k)
+		}
+	}
+	// Endpoints of taps removed while no one watched.
+	for _, idx := range gone {
+		addr := d.eps[idx]
+		delete(d.eps, idx)
+		_ = d.objs.Endpoints.Delete(uint32(idx))
+		if !slices.Contains(slices.Collect(maps.Values(d.eps)), addr) {
+			for dir := range d.written {
+				_ = d.replace(dir, addr, nil)
+			}
+		}
+	}
+	if d.pinDir == "" {
+		return nil
+	}
+	entries, err := os.ReadDir(d.pinDir)
+	if err != nil {
+		return err
+	}
+	found := map[int][2]link.Link{}
+	for _, e := range entries {
+		idx, side, ok := parseLinkPin(e.Name())
+		if !ok {
+			continue
+		}
+		path := filepath.Join(d.pinDir, e.Name())
+		l, err := link.LoadPinnedLink(path, nil)
+		if err != nil {
+			_ = os.Remove(path)
+			continue
+		}
+		prog := d.objs.SandboxEgress
+		if side == 1 {
+			prog = d.objs.SandboxIngress
+		}
+		if _, err := net.InterfaceByIndex(idx); err != nil || l.Update(prog) != nil {
+			// The tap is gone (and the link with it).
+			_ = l.Unpin()
+			_ = l.Close()
+			continue
+		}
+		pair := found[idx]
+		pair[side] = l
+		found[idx] = pair
+	}
+	for idx, pair := range found {
+		if pair[0] != nil && pair[1] != nil {
+			d.links[idx] = pair
+			continue
+		}
+		for _, l := range pair {
+			if l != nil {
+				_ = l.Unpin()
+				_ = l.Close()
+			}
+		}
+	}
+	return nil
+}
+
+func linkPin(ifindex, side int) string { return fmt.Sprintf("link-%d-%d", ifindex, side) }
+
+func parseLinkPin(name string) (ifindex, side int, ok bool) {
+	_, err := fmt.Sscanf(name, "link-%d-%d", &ifindex, &side)
+	return ifindex, side, err == nil && (side == 0 || side == 1)
+}
+
+func addrOf(v uint32) netip.Addr {
+	var b [4]byte
+	binary.NativeEndian.PutUint32(b[:], v)
+	return netip.AddrFrom4(b)
+}
+
+// Close lets go of the programs and maps: unpinned ones are detached and
+// freed, pinned ones stay for the next Load.
 func (d *Datapath) Close() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -129,15 +256,29 @@ func (d *Datapath) Attach(ifindex int, addr netip.Addr, nat bool) error {
 	if _, ok := d.links[ifindex]; ok {
 		return nil
 	}
-	in, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: d.objs.SandboxEgress, Attach: ebpf.AttachTCXIngress})
-	if err != nil {
-		return fmt.Errorf("attach to interface %d: %w", ifindex, err)
+	var pair [2]link.Link
+	for side, a := range []struct {
+		prog *ebpf.Program
+		at   ebpf.AttachType
+	}{{d.objs.SandboxEgress, ebpf.AttachTCXIngress}, {d.objs.SandboxIngress, ebpf.AttachTCXEgress}} {
+		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: a.prog, Attach: a.at})
+		if err == nil && d.pinDir != "" {
+			path := filepath.Join(d.pinDir, linkPin(ifindex, side))
+			_ = os.Remove(path) // a stale pin of an interface gone, whose index came back
+			if err = l.Pin(path); err != nil {
+				_ = l.Close()
+			}
+		}
+		if err != nil {
+			for _, done := range pair[:side] {
+				_ = done.Unpin()
+				_ = done.Close()
+			}
+			return fmt.Errorf("attach to interface %d: %w", ifindex, err)
+		}
+		pair[side] = l
 	}
-	out, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: d.objs.SandboxIngress, Attach: ebpf.AttachTCXEgress})
-	if err != nil {
-		return errors.Join(fmt.Errorf("attach to interface %d: %w", ifindex, err), in.Close())
-	}
-	d.links[ifindex] = [2]link.Link{in, out}
+	d.links[ifindex] = pair
 	return nil
 }
 
@@ -148,7 +289,12 @@ func (d *Datapath) Detach(ifindex int) error {
 	defer d.mu.Unlock()
 	var errs []error
 	if l, ok := d.links[ifindex]; ok {
-		errs = append(errs, l[0].Close(), l[1].Close())
+		for _, x := range l {
+			if d.pinDir != "" {
+				errs = append(errs, x.Unpin())
+			}
+			errs = append(errs, x.Close())
+		}
 		delete(d.links, ifindex)
 	}
 	if addr, ok := d.eps[ifindex]; ok {

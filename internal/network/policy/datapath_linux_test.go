@@ -9,9 +9,11 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
@@ -51,7 +53,7 @@ func newLab(t *testing.T) *lab {
 	nettest.Sh(t, "ip", "-n", l.host, "link", "set", "mg0", "up")
 	l.do(func() error {
 		var err error
-		if l.dp, err = policy.Load(); err != nil {
+		if l.dp, err = policy.Load(""); err != nil {
 			return err
 		}
 		if err := l.dp.SetNetwork(l.net.Gateway(), l.net.Cluster); err != nil {
@@ -278,3 +280,52 @@ func TestDatapathAntiSpoofing(t *testing.T) {
 }
 
 func ptr[T any](v T) *T { return &v }
+
+// Pinned programs keep enforcing after the process lets go of them, and
+// the next Load takes over their state.
+func TestDatapathPinned(t *testing.T) {
+	l := newLab(t)
+	pins := filepath.Join(t.TempDir(), "bpf")
+	if err := network.EnsureBPFFS(pins); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = unix.Unmount(pins, unix.MNT_DETACH) })
+	_ = l.dp.Close() // the lab's unpinned programs
+	l.serve(l.b, addrB.String()+":8080")
+	l.serve(l.b, addrB.String()+":9090")
+	open := func() *policy.Datapath {
+		var dp *policy.Datapath
+		l.do(func() error {
+			var err error
+			dp, err = policy.Load(filepath.Join(pins, "host"))
+			return err
+		})
+		return dp
+	}
+	l.dp = open()
+	l.do(func() error {
+		return errors.Join(l.dp.SetNetwork(l.net.Gateway(), l.net.Cluster), l.dp.Attach(l.ifA, addrA, true), l.dp.Attach(l.ifB, addrB, true))
+	})
+	port := intstr.FromInt32(8080)
+	l.apply(np("b-in", v1alpha1.NetworkPolicySpec{SandboxSelector: *sel("b"),
+		Ingress: []v1alpha1.NetworkPolicyIngressRule{{Ports: []v1alpha1.NetworkPolicyPort{{Port: &port}}}}}))
+	if !l.reach(l.a, addrB.String()+":8080") || l.reach(l.a, addrB.String()+":9090") {
+		t.Fatal("the policy does not hold before the restart")
+	}
+	_ = l.dp.Close() // the node agent stops
+	if l.reach(l.a, addrB.String()+":9090") {
+		t.Error("with the agent gone, the policy no longer holds")
+	}
+	l.dp = open() // and starts again
+	if l.reach(l.a, addrB.String()+":9090") || !l.reach(l.a, addrB.String()+":8080") {
+		t.Error("after a restart the policy changed")
+	}
+	l.apply() // the policy is removed: the recovered state is updated
+	if !l.reach(l.a, addrB.String()+":9090") {
+		t.Error("removing the policy after a restart did not open 9090")
+	}
+	l.do(func() error { return errors.Join(l.dp.Detach(l.ifA), l.dp.Detach(l.ifB)) })
+	if entries, _ := os.ReadDir(filepath.Join(pins, "host")); len(entries) != 6 { // the maps alone
+		t.Errorf("pins after detaching both taps: %d entries, want the 6 maps", len(entries))
+	}
+}

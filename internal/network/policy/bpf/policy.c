@@ -15,6 +15,10 @@
 //   established flow → from the hosts' infrastructure (ingress, probes)
 //   passes → ingress rules if isolated → a new conntrack entry.
 //
+// The maps are pinned by name (the node agent's pin directory) and so are
+// the links that attach the programs: a node agent that restarts finds the
+// state it left and the programs still enforcing it in the meantime.
+//
 // Rules are longest-prefix-match tries keyed by (sandbox address, peer
 // address): userspace (compile.go) flattens a sandbox's policies so that
 // the longest matching prefix carries the union of every rule that covers
@@ -96,6 +100,7 @@ struct {
 	__uint(max_entries, 4096);
 	__type(key, __u32); // ifindex
 	__type(value, struct endpoint);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
 
 struct {
@@ -103,6 +108,7 @@ struct {
 	__uint(max_entries, 1);
 	__type(key, __u32);
 	__type(value, struct config);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } settings SEC(".maps");
 
 struct {
@@ -111,6 +117,7 @@ struct {
 	__type(key, struct rule_key);
 	__type(value, struct rule);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } egress_rules SEC(".maps");
 
 struct {
@@ -119,6 +126,7 @@ struct {
 	__type(key, struct rule_key);
 	__type(value, struct rule);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ingress_rules SEC(".maps");
 
 struct {
@@ -127,6 +135,7 @@ struct {
 	__type(key, struct addr_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } special SEC(".maps");
 
 struct {
@@ -134,6 +143,7 @@ struct {
 	__uint(max_entries, 1 << 17);
 	__type(key, struct ct_key);
 	__type(value, struct ct_entry);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conntrack SEC(".maps");
 
 struct pkt {
