@@ -2,16 +2,10 @@ package ingress
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"fmt"
 	"log/slog"
-	"math/big"
 	"net"
 	"net/http"
 	"net/netip"
@@ -28,6 +22,7 @@ import (
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/network"
+	"hearth.dev/hearth/internal/pki"
 )
 
 // Config is one ingress.
@@ -172,20 +167,10 @@ func syncHostRoutes(ctx context.Context, c cache.Cache) error {
 
 // selfSigned is a development certificate for *.domain and domain.
 func selfSigned(domain string) (*tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	certPEM, keyPEM, err := pki.SelfSigned([]string{"*." + domain, domain}, 365*24*time.Hour)
 	if err != nil {
 		return nil, err
 	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{SerialNumber: serial, Subject: pkix.Name{CommonName: "*." + domain, Organization: []string{"hearth ingress (self-signed)"}},
-		DNSNames: []string{"*." + domain, domain}, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().AddDate(1, 0, 0),
-		KeyUsage: x509.KeyUsageDigitalSignature, ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, err
-	}
-	return &tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key}, nil
+	c, err := tls.X509KeyPair(certPEM, keyPEM)
+	return &c, err
 }

@@ -59,12 +59,9 @@ func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg) {
 	m.SetReply(q)
 	m.Authoritative = true
 	for _, question := range q.Question {
-		labels := dns.SplitDomainName(strings.TrimSuffix(strings.ToLower(question.Name), Zone))
-		if len(labels) != 2 {
-			continue
-		}
-		addr, ok := d.Lookup(labels[0], labels[1])
+		addr, ok := d.lookupName(question.Name)
 		if !ok {
+			m.Rcode = dns.RcodeNameError
 			continue
 		}
 		if question.Qtype == dns.TypeA || question.Qtype == dns.TypeANY {
@@ -72,15 +69,11 @@ func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg) {
 				A: net.IP(addr.AsSlice())})
 		}
 	}
-	if len(m.Answer) == 0 && len(q.Question) > 0 {
-		if _, ok := d.lookupQuestion(q.Question[0].Name); !ok {
-			m.Rcode = dns.RcodeNameError
-		}
-	}
 	_ = w.WriteMsg(m)
 }
 
-func (d *DNS) lookupQuestion(name string) (netip.Addr, bool) {
+// lookupName resolves NAME.NAMESPACE.hearth.
+func (d *DNS) lookupName(name string) (netip.Addr, bool) {
 	labels := dns.SplitDomainName(strings.TrimSuffix(strings.ToLower(name), Zone))
 	if len(labels) != 2 {
 		return netip.Addr{}, false
