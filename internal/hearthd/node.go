@@ -75,6 +75,10 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	if err != nil {
 		return err
 	}
+	if n.Network && os.Geteuid() != 0 {
+		log.Warn("not root: sandboxes get no network (taps, routes and policy programs need root)")
+		n.Network = false
+	}
 	if accel == vmm.TCG {
 		log.Warn("no usable KVM: guests run under TCG software emulation, which is not a security boundary")
 	}

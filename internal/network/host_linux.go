@@ -74,6 +74,9 @@ table ip hearth {
 	}
 }
 `, h.CIDR.Masked(), h.Cluster.Masked())
+	if _, err := exec.LookPath("nft"); err != nil {
+		return fmt.Errorf("nft is not installed (apt-get install nftables), or run the node with --network=false")
+	}
 	cmd := exec.Command("nft", "-f", "-")
 	cmd.Stdin = strings.NewReader(rules)
 	if out, err := cmd.CombinedOutput(); err != nil {
