@@ -17,6 +17,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"hearth.dev/hearth/internal/imagebuild"
+	"hearth.dev/hearth/internal/network/nettest"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/testenv"
 )
@@ -119,6 +120,9 @@ func TestNetworking(t *testing.T) {
 		t.Errorf("resolv.conf: %s", out)
 	}
 
+	t.Log("NAT: the outside sees the host's address; without NAT nothing gets out")
+	testNAT(t, m, img, ipA)
+
 	t.Log("never reached: the API server, a host's management address, metadata")
 	// The test can tell: from the host itself, the API port answers.
 	if out, err := exec.Command("ip", "netns", "exec", m.hosts[0].ns, "busybox", "nc", "-w", "2", cpAddr, "6443").CombinedOutput(); err != nil {
@@ -193,6 +197,59 @@ spec:
 
 	t.Log("ingress")
 	testIngress(t, m, ipB)
+}
+
+// testNAT puts "the internet" behind host-1: a namespace routed from
+// host-1 (198.51.100.0/24 on the link, a server at 203.0.113.5), which
+// records where connections come from.
+func testNAT(t *testing.T, m *multiHost, img, ipA string) {
+	ext := "hdx-" + m.id
+	host := m.hosts[0].ns
+	m.sh("ip", "netns", "add", ext)
+	t.Cleanup(func() { _ = exec.Command("ip", "netns", "del", ext).Run() })
+	m.sh("ip", "-n", ext, "link", "set", "lo", "up")
+	m.sh("ip", "-n", host, "link", "add", "ext0", "type", "veth", "peer", "name", "eth0", "netns", ext)
+	m.sh("ip", "-n", host, "addr", "add", "198.51.100.1/24", "dev", "ext0")
+	m.sh("ip", "-n", host, "link", "set", "ext0", "up")
+	m.sh("ip", "-n", ext, "addr", "add", "198.51.100.2/24", "dev", "eth0")
+	m.sh("ip", "-n", ext, "addr", "add", "203.0.113.5/32", "dev", "lo")
+	m.sh("ip", "-n", ext, "link", "set", "eth0", "up")
+	m.sh("ip", "-n", host, "route", "add", "203.0.113.0/24", "via", "198.51.100.2")
+	ln, err := nettest.Listen(ext, "tcp", "203.0.113.5:80")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	from := make(chan string, 4)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			from <- c.RemoteAddr().(*net.TCPAddr).IP.String()
+			_, _ = c.Write([]byte("outside\n"))
+			c.Close()
+		}
+	}()
+	if out := m.expectSh("a to the outside", "a", "nc -w 3 203.0.113.5 80 </dev/null", true); out != "outside" {
+		t.Errorf("a to the outside: %q", out)
+	}
+	select {
+	case src := <-from:
+		if src != "198.51.100.1" {
+			t.Errorf("the outside saw %s, want host-1's address 198.51.100.1 (a is %s)", src, ipA)
+		}
+	case <-time.After(5 * time.Second):
+		t.Error("the outside saw no connection")
+	}
+	m.apply(strings.Replace(netSandbox("closed", img, "host-1", "", "sleep 3600"), "  ports:", "  network: {nat: false}\n  ports:", 1))
+	m.waitPhase("closed", 3*time.Minute, "Running")
+	m.expectSh("no NAT: the outside", "closed", "nc -w 2 203.0.113.5 80 </dev/null", false)
+	if ip := m.field("b", ".status.ip"); ip != "" {
+		m.expectSh("no NAT: another sandbox", "closed", "echo in | nc -w 3 "+ip+" 9090", true)
+	}
+	m.mustKubectl("delete", "sandbox", "closed")
 }
 
 func testIngress(t *testing.T, m *multiHost, ipB string) {
