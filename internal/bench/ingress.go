@@ -159,7 +159,7 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 			f := LoadFigures{P50ms: pctMs(t.lat1, 50), P99ms: pctMs(t.lat1, 99), RPS: round(float64(t.n)/t.dur.Seconds(), 0),
 				LoadP50: pctMs(t.latN, 50), LoadP99: pctMs(t.latN, 99)}
 			if wrk {
-				f.LoadP50, f.LoadP99 = round(mean(t.wrkP50), 3), round(mean(t.wrkP99), 3)
+				f.LoadP50, f.LoadP99 = round(median(t.wrkP50), 3), round(median(t.wrkP99), 3)
 			}
 			return f
 		}

@@ -180,8 +180,8 @@ object; ratio is the throughput with the programs over without.`,
 		},
 	}
 	cmd.Flags().IntVar(&o.Rules, "rules", 1000, "rules in each side's policy")
-	cmd.Flags().DurationVar(&o.Duration, "duration", 3*time.Second, "time per measurement and round")
-	cmd.Flags().IntVar(&o.Rounds, "rounds", 3, "rounds")
+	cmd.Flags().DurationVar(&o.Duration, "duration", 4*time.Second, "time per measurement and round")
+	cmd.Flags().IntVar(&o.Rounds, "rounds", 7, "rounds (the figures are their medians)")
 	return cmd
 }
 
