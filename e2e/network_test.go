@@ -195,6 +195,19 @@ spec:
 	}
 	m.expectSh("the original still reaches b", "a", "echo x | nc -w 3 "+ipB+" 9090", true)
 
+	t.Log("a restarted node agent never leases an address twice")
+	h1 := m.hosts[0]
+	_ = h1.proc.cmd.Process.Kill()
+	<-h1.proc.done
+	h1.proc = m.startProc(h1.ns, h1.args...)
+	m.apply(netSandbox("c", img, "host-1", "", "sleep 3600"))
+	m.waitPhase("c", 3*time.Minute, "Running")
+	if ipC := m.field("c", ".status.ip"); ipC == "" || ipC == ipA || ipC == ipA2 {
+		t.Errorf("after a restart c got %q (a has %s, a2 %s)", ipC, ipA, ipA2)
+	}
+	m.expectSh("a after its agent restarted", "a", "echo x | nc -w 3 "+ipB+" 9090", true)
+	m.mustKubectl("delete", "sandbox", "c", "a2")
+
 	t.Log("ingress")
 	testIngress(t, m, ipB)
 }
