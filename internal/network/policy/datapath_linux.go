@@ -9,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"sync"
 
@@ -48,6 +49,7 @@ type Datapath struct {
 	// what is gone.
 	written [2]map[netip.Addr][]policyRuleKey
 	eps     map[int]netip.Addr
+	applied map[int]Result // the last SetPolicy of each endpoint
 	special map[netip.Prefix]uint32
 }
 
@@ -57,7 +59,7 @@ func Load(pinDir string) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("lift the memlock limit for eBPF maps: %w", err)
 	}
-	d := &Datapath{pinDir: pinDir, links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}}
+	d := &Datapath{pinDir: pinDir, links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}, applied: map[int]Result{}, special: map[netip.Prefix]uint32{}}
 	spec, err := loadPolicy()
 	if err != nil {
 		return nil, err
@@ -91,7 +93,8 @@ func Load(pinDir string) (*Datapath, error) {
 	return d, nil
 }
 
-// recover reads back what pinned maps hold (endpoints, rules written) and
+// recover reads back what pinned maps hold (endpoints, rules written,
+// special addresses, so that the next update removes what is stale) and
 // takes over the pinned links of taps that still exist, updating them to
 // these programs; pins of taps gone are removed.
 func (d *Datapath) recover() error {
@@ -111,6 +114,11 @@ func (d *Datapath) recover() error {
 			a := addrOf(k.Ep)
 			d.written[dir][a] = append(d.written[dir][a], k)
 		}
+	}
+	var sk policyAddrKey
+	var flags uint32
+	for it := d.objs.Special.Iterate(); it.Next(&sk, &flags); {
+		d.special[netip.PrefixFrom(addrOf(sk.Addr), int(sk.Prefixlen))] = flags
 	}
 	// Endpoints of taps removed while no one watched.
 	for _, idx := range gone {
@@ -209,11 +217,8 @@ func be32(a netip.Addr) uint32 {
 // ICMP and DNS only) and the cluster's sandbox range (what a sandbox
 // without NAT may reach).
 func (d *Datapath) SetNetwork(gateway netip.Addr, cluster netip.Prefix) error {
-	var m [4]byte
-	for i := 0; i < cluster.Bits(); i++ {
-		m[i/8] |= 0x80 >> (i % 8)
-	}
-	cfg := policyConfig{Gateway: be32(gateway), ClusterNet: be32(cluster.Masked().Addr()), ClusterMask: binary.NativeEndian.Uint32(m[:])}
+	mask := net.CIDRMask(cluster.Bits(), 32)
+	cfg := policyConfig{Gateway: be32(gateway), ClusterNet: be32(cluster.Masked().Addr()), ClusterMask: binary.NativeEndian.Uint32(mask)}
 	return d.objs.Settings.Put(uint32(0), cfg)
 }
 
@@ -303,16 +308,18 @@ func (d *Datapath) Detach(ifindex int) error {
 		}
 		delete(d.eps, ifindex)
 	}
+	delete(d.applied, ifindex)
 	if err := d.objs.Endpoints.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		errs = append(errs, err)
 	}
 	return errors.Join(errs...)
 }
 
-// SetPolicy applies a sandbox's compiled policy to its endpoint. Rules
-// are written before a direction is isolated and removed after it is not,
-// and each update writes the new entries before it deletes the stale
-// ones, so that traffic that stays allowed is never dropped on the way.
+// SetPolicy applies a sandbox's compiled policy to its endpoint: the new
+// rule entries first, then the isolation flags, then the stale entries go,
+// so that traffic allowed before and after is never dropped on the way (a
+// direction isolated with no rules yet, or rules gone while it still is).
+// A policy the endpoint already has is not written again.
 func (d *Datapath) SetPolicy(ifindex int, r Result) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -331,10 +338,15 @@ func (d *Datapath) SetPolicy(ifindex int, r Result) error {
 	if r.EgressIsolated {
 		flags |= flagEgressIsolated
 	}
-	if err := d.replace(0, addr, r.Egress); err != nil {
+	if old, ok := d.applied[ifindex]; ok && flags == ep.Flags && reflect.DeepEqual(old, r) {
+		return nil // what the maps hold already
+	}
+	egress, err := d.write(0, addr, r.Egress)
+	if err != nil {
 		return err
 	}
-	if err := d.replace(1, addr, r.Ingress); err != nil {
+	ingress, err := d.write(1, addr, r.Ingress)
+	if err != nil {
 		return err
 	}
 	if flags != ep.Flags {
@@ -343,15 +355,30 @@ func (d *Datapath) SetPolicy(ifindex int, r Result) error {
 			return fmt.Errorf("endpoint %d: %w", ifindex, err)
 		}
 	}
+	if err := errors.Join(d.prune(0, addr, egress), d.prune(1, addr, ingress)); err != nil {
+		return err
+	}
+	d.applied[ifindex] = r
 	return nil
 }
 
 // replace makes rules the entries of addr in direction dir's map.
 func (d *Datapath) replace(dir int, addr netip.Addr, rules Rules) error {
-	m := d.objs.EgressRules
+	keys, err := d.write(dir, addr, rules)
+	return errors.Join(err, d.prune(dir, addr, keys))
+}
+
+func (d *Datapath) rulesMap(dir int) *ebpf.Map {
 	if dir == 1 {
-		m = d.objs.IngressRules
+		return d.objs.IngressRules
 	}
+	return d.objs.EgressRules
+}
+
+// write puts rules into direction dir's map for addr and returns their
+// keys.
+func (d *Datapath) write(dir int, addr netip.Addr, rules Rules) ([]policyRuleKey, error) {
+	m := d.rulesMap(dir)
 	keys := make([]policyRuleKey, 0, len(rules))
 	var errs []error
 	for p, ports := range rules {
@@ -367,10 +394,18 @@ func (d *Datapath) replace(dir int, addr netip.Addr, rules Rules) error {
 		}
 		keys = append(keys, k)
 	}
+	return keys, errors.Join(errs...)
+}
+
+// prune deletes the entries of addr that write did not just write, and
+// records keys as addr's.
+func (d *Datapath) prune(dir int, addr netip.Addr, keys []policyRuleKey) error {
+	m := d.rulesMap(dir)
 	keep := make(map[policyRuleKey]bool, len(keys))
 	for _, k := range keys {
 		keep[k] = true
 	}
+	var errs []error
 	for _, k := range d.written[dir][addr] {
 		if !keep[k] {
 			if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
