@@ -43,6 +43,9 @@ func startIngress(log *slog.Logger, loopback *rest.Config, o Options, start func
 		// Without a node agent here, the ingress routes to the hosts'
 		// sandbox ranges itself (as root: it changes the routing table).
 		Routes: !o.has(RoleNode) && os.Geteuid() == 0}
+	if len(o.Roles) == 1 {
+		ingress.TuneGC() // a process that is an ingress and nothing else
+	}
 	start("ingress", true, func(ctx context.Context) error { return ingress.Run(ctx, cfg, ic) })
 	return nil
 }
