@@ -185,12 +185,7 @@ func (f fixedTarget) Resolve(*http.Request) (ingress.Target, *ingress.Refusal) {
 // its namespace).
 func ServeProxy(listen, backend string) error {
 	ingress.TuneGC()
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
-	protocols.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Addr: listen, Protocols: protocols,
-		Handler: ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil)}
-	return srv.ListenAndServe()
+	return ingress.PlainServer(listen, ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil)).ListenAndServe()
 }
 
 func startProxy(s *nettest.Scope, ns, listen, backend string) error {

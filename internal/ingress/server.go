@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"net/netip"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -45,28 +44,32 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		return err
 	}
 	res := &apiResolver{reader: c, domain: cfg.Domain, certs: map[types.NamespacedName]certEntry{}}
-	rebuild := make(chan struct{}, 1)
-	kick := func() {
-		select {
-		case rebuild <- struct{}{}:
-		default:
-		}
-	}
-	objs := []client.Object{&v1alpha1.Route{}, &v1alpha1.Sandbox{}, &corev1.Secret{}}
+	// Route changes rebuild the route index; Host changes (with Routes)
+	// the routes to the hosts' ranges. Sandboxes and Secrets are read from
+	// the cache per request.
+	routesChanged, hostsChanged := make(chan struct{}, 1), make(chan struct{}, 1)
+	watch := map[client.Object]chan struct{}{&v1alpha1.Route{}: routesChanged, &v1alpha1.Sandbox{}: nil, &corev1.Secret{}: nil}
 	if cfg.Routes {
-		objs = append(objs, &v1alpha1.Host{})
+		watch[&v1alpha1.Host{}] = hostsChanged
 	}
-	for _, obj := range objs {
+	for obj, ch := range watch {
 		inf, err := c.GetInformer(ctx, obj)
 		if err != nil {
 			return err
 		}
-		if _, isRoute := obj.(*v1alpha1.Route); isRoute || cfg.Routes {
-			if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
-				AddFunc: func(any) { kick() }, UpdateFunc: func(any, any) { kick() }, DeleteFunc: func(any) { kick() },
-			}); err != nil {
-				return err
+		if ch == nil {
+			continue
+		}
+		kick := func() {
+			select {
+			case ch <- struct{}{}:
+			default:
 			}
+		}
+		if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
+			AddFunc: func(any) { kick() }, UpdateFunc: func(any, any) { kick() }, DeleteFunc: func(any) { kick() },
+		}); err != nil {
+			return err
 		}
 	}
 	cacheErr := make(chan error, 1)
@@ -82,21 +85,18 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		return err
 	}
 	proxy := NewProxy(res, nil)
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
-	protocols.SetUnencryptedHTTP2(true)
-	plain := &http.Server{Addr: cfg.HTTP, Handler: proxy, Protocols: protocols, ReadHeaderTimeout: 30 * time.Second}
+	plain := PlainServer(cfg.HTTP, proxy)
 	secure := &http.Server{Addr: cfg.HTTPS, Handler: proxy, ReadHeaderTimeout: 30 * time.Second,
 		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"},
 			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-				if c, err := res.certificate(hello.Context(), hello.ServerName); c != nil || err != nil {
-					if err != nil {
-						cfg.Log.Warn("ingress certificate", "sni", hello.ServerName, "err", err)
-						return fallback, nil
-					}
-					return c, nil
+				c, err := res.certificate(hello.Context(), hello.ServerName)
+				if err != nil {
+					cfg.Log.Warn("ingress certificate", "sni", hello.ServerName, "err", err)
 				}
-				return fallback, nil
+				if c == nil {
+					return fallback, nil
+				}
+				return c, nil
 			}}}
 	errc := make(chan error, 3)
 	for _, s := range []struct {
@@ -133,17 +133,25 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 			return fmt.Errorf("ingress: %w", err)
 		case err := <-cacheErr:
 			return err
-		case <-rebuild:
+		case <-routesChanged:
 			if err := res.rebuild(ctx); err != nil && ctx.Err() == nil {
 				cfg.Log.Warn("ingress routes", "err", err)
 			}
-			if cfg.Routes {
-				if err := syncHostRoutes(ctx, c); err != nil && ctx.Err() == nil {
-					cfg.Log.Warn("ingress: routes to the hosts' sandbox ranges", "err", err)
-				}
+		case <-hostsChanged:
+			if err := syncHostRoutes(ctx, c); err != nil && ctx.Err() == nil {
+				cfg.Log.Warn("ingress: routes to the hosts' sandbox ranges", "err", err)
 			}
 		}
 	}
+}
+
+// PlainServer serves h on addr without TLS: HTTP/1.1, and h2c with prior
+// knowledge.
+func PlainServer(addr string, h http.Handler) *http.Server {
+	protocols := new(http.Protocols)
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	return &http.Server{Addr: addr, Handler: h, Protocols: protocols, ReadHeaderTimeout: 30 * time.Second}
 }
 
 // syncHostRoutes routes each host's sandbox range through its address.
@@ -152,17 +160,7 @@ func syncHostRoutes(ctx context.Context, c cache.Cache) error {
 	if err := c.List(ctx, &hosts); err != nil {
 		return err
 	}
-	peers := map[netip.Prefix]netip.Addr{}
-	for _, h := range hosts.Items {
-		p, err := netip.ParsePrefix(h.Spec.SandboxCIDR)
-		host, _, herr := net.SplitHostPort(h.Status.Address)
-		via, aerr := netip.ParseAddr(host)
-		if err != nil || herr != nil || aerr != nil || via.IsLoopback() {
-			continue
-		}
-		peers[p.Masked()] = via
-	}
-	return network.SyncPeers(peers)
+	return network.SyncPeers(network.HostRoutes(hosts.Items, ""))
 }
 
 // selfSigned is a development certificate for *.domain and domain.

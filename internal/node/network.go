@@ -48,7 +48,9 @@ type hostNetwork struct {
 	pool    *ipam.Pool
 	dp      *policy.Datapath
 	ready   chan struct{}
-	resync  chan struct{}
+	// resync asks for the policies to be applied again, hostsChanged for
+	// the routes and forbidden addresses.
+	resync, hostsChanged chan struct{}
 
 	mu  sync.Mutex
 	eps map[types.UID]endpoint
@@ -61,7 +63,7 @@ type endpoint struct {
 }
 
 func newHostNetwork(a *Agent, all cache.Cache, cluster netip.Prefix, enabled bool) *hostNetwork {
-	return &hostNetwork{a: a, cluster: cluster, all: all, enabled: enabled, ready: make(chan struct{}), resync: make(chan struct{}, 1),
+	return &hostNetwork{a: a, cluster: cluster, all: all, enabled: enabled, ready: make(chan struct{}), resync: make(chan struct{}, 1), hostsChanged: make(chan struct{}, 1),
 		eps: map[types.UID]endpoint{}}
 }
 
@@ -74,9 +76,10 @@ func (n *hostNetwork) isReady() bool {
 	}
 }
 
-func (n *hostNetwork) resyncSoon() {
+// kick wakes the sync loop for ch, once however often it is called.
+func kick(ch chan struct{}) {
 	select {
-	case n.resync <- struct{}{}:
+	case ch <- struct{}{}:
 	default:
 	}
 }
@@ -120,15 +123,18 @@ func (n *hostNetwork) run(ctx context.Context) error {
 			}
 		}
 	}
-	for _, obj := range []client.Object{&v1alpha1.Sandbox{}, &v1alpha1.NetworkPolicy{}, &corev1.Namespace{}, &v1alpha1.Host{}} {
+	// Hosts decide the routes and the forbidden addresses; sandboxes,
+	// policies and namespaces the policies.
+	for obj, ch := range map[client.Object]chan struct{}{&v1alpha1.Sandbox{}: n.resync, &v1alpha1.NetworkPolicy{}: n.resync,
+		&corev1.Namespace{}: n.resync, &v1alpha1.Host{}: n.hostsChanged} {
 		inf, err := n.all.GetInformer(ctx, obj)
 		if err != nil {
 			return err
 		}
 		if _, err := inf.AddEventHandler(toolscache.ResourceEventHandlerFuncs{
-			AddFunc:    func(any) { n.resyncSoon() },
-			UpdateFunc: func(any, any) { n.resyncSoon() },
-			DeleteFunc: func(any) { n.resyncSoon() },
+			AddFunc:    func(any) { kick(ch) },
+			UpdateFunc: func(any, any) { kick(ch) },
+			DeleteFunc: func(any) { kick(ch) },
 		}); err != nil {
 			return err
 		}
@@ -141,10 +147,19 @@ func (n *hostNetwork) run(ctx context.Context) error {
 	n.a.log.Info("sandbox network ready", "range", cidr, "gateway", n.host.Gateway())
 	// Sandboxes waiting for the network start now.
 	n.a.requeueAll(ctx)
+	hosts, policies := true, true
 	for {
-		if err := n.sync(ctx); err != nil && ctx.Err() == nil {
-			n.a.log.Warn("network sync", "err", err)
+		if hosts {
+			if err := n.syncHosts(ctx); err != nil && ctx.Err() == nil {
+				n.a.log.Warn("network sync: hosts", "err", err)
+			}
 		}
+		if policies {
+			if err := n.syncPolicies(ctx); err != nil && ctx.Err() == nil {
+				n.a.log.Warn("network sync: policies", "err", err)
+			}
+		}
+		hosts, policies = false, false
 		select {
 		case <-ctx.Done():
 			return nil
@@ -153,8 +168,13 @@ func (n *hostNetwork) run(ctx context.Context) error {
 				return fmt.Errorf("DNS server: %w", err)
 			}
 			return nil
+		case <-n.hostsChanged:
+			hosts = true
 		case <-n.resync:
+			policies = true
 		case <-time.After(30 * time.Second):
+			// This host's own interfaces may have changed too.
+			hosts, policies = true, true
 		}
 	}
 }
@@ -187,27 +207,20 @@ func (n *hostNetwork) waitRange(ctx context.Context) (netip.Prefix, error) {
 	}
 }
 
-// sync brings routes to the other hosts, the addresses no sandbox may
-// reach, and every local sandbox's policy in line with the cluster.
-func (n *hostNetwork) sync(ctx context.Context) error {
+// syncHosts brings the routes to the other hosts and the addresses no
+// sandbox may reach in line with the cluster's hosts and this host's
+// interfaces.
+func (n *hostNetwork) syncHosts(ctx context.Context) error {
 	var hosts v1alpha1.HostList
 	if err := n.all.List(ctx, &hosts); err != nil {
 		return err
 	}
-	peers := map[netip.Prefix]netip.Addr{}
 	special := map[netip.Prefix]uint32{netip.MustParsePrefix("169.254.0.0/16"): policy.Forbidden}
-	for _, h := range hosts.Items {
-		via, ok := hostAddr(h.Status.Address)
-		if !ok {
-			continue
-		}
+	for i := range hosts.Items {
 		// Every host's address: forbidden to sandboxes, trusted as a source.
-		special[netip.PrefixFrom(via, 32)] = policy.Forbidden | policy.Trusted
-		p, err := netip.ParsePrefix(h.Spec.SandboxCIDR)
-		if err != nil || h.Name == n.a.cfg.Name {
-			continue
+		if via, ok := network.HostAddr(&hosts.Items[i]); ok {
+			special[netip.PrefixFrom(via, 32)] = policy.Forbidden | policy.Trusted
 		}
-		peers[p.Masked()] = via
 	}
 	addrs, nets, err := network.LocalPrefixes()
 	if err != nil {
@@ -221,17 +234,7 @@ func (n *hostNetwork) sync(ctx context.Context) error {
 	if cp, ok := n.a.controlPlaneAddr(); ok {
 		special[netip.PrefixFrom(cp, 32)] = policy.Forbidden | policy.Trusted
 	}
-	errs := []error{network.SyncPeers(peers), n.dp.SetSpecial(special)}
-	return errors.Join(append(errs, n.syncPolicies(ctx))...)
-}
-
-func hostAddr(hostport string) (netip.Addr, bool) {
-	h, _, err := net.SplitHostPort(hostport)
-	if err != nil {
-		return netip.Addr{}, false
-	}
-	a, err := netip.ParseAddr(h)
-	return a, err == nil && a.Is4() && !a.IsLoopback()
+	return errors.Join(network.SyncPeers(network.HostRoutes(hosts.Items, n.a.cfg.Name)), n.dp.SetSpecial(special))
 }
 
 // syncPolicies compiles and applies the policy of each local sandbox.
@@ -329,7 +332,7 @@ func (n *hostNetwork) attach(sb *v1alpha1.Sandbox, dir string) (tap string, cfg 
 	n.mu.Lock()
 	n.eps[sb.UID] = endpoint{ifindex: ifindex, addr: addr, tap: tap}
 	n.mu.Unlock()
-	n.resyncSoon()
+	kick(n.resync)
 	gw := n.host.Gateway().String()
 	return tap, &protocol.Network{Address: addr.String() + "/32", Gateway: gw, DNS: []string{gw},
 		Search: []string{sb.Namespace + "." + strings.TrimSuffix(network.Zone, ".")}}, nil
