@@ -17,9 +17,9 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 )
 
-// installCRDs creates or updates hearth's CRDs and waits until they are
+// InstallCRDs creates or updates hearth's CRDs and waits until they are
 // established, so that the server reports ready only once it serves them.
-func installCRDs(ctx context.Context, cfg *rest.Config, log *slog.Logger) error {
+func InstallCRDs(ctx context.Context, cfg *rest.Config, log *slog.Logger) error {
 	client, err := extclient.NewForConfig(cfg)
 	if err != nil {
 		return err

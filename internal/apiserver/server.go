@@ -170,7 +170,7 @@ func New(c Config) (*Server, error) {
 		return nil
 	})
 	server.GenericAPIServer.AddPostStartHookOrDie("hearth-crds", func(hc genericapiserver.PostStartHookContext) error {
-		err := installCRDs(hc, s.loopback, c.Log)
+		err := InstallCRDs(hc, s.loopback, c.Log)
 		if err != nil {
 			c.Log.Error("hearth's CRDs are not served", "err", err)
 		}

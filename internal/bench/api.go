@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"crypto/tls"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -35,30 +34,48 @@ type APIOptions struct {
 	// (it needs root, QEMU and the guest kernel).
 	Boots   int
 	Runtime *sandbox.Runtime
-	WorkDir string
+	// KubeAPIServer is the kube-apiserver binary to measure against
+	// (KubeAPIServerBinary's rules; "none" skips it).
+	KubeAPIServer string
+	WorkDir       string
 	Out     io.Writer
 	Log     *slog.Logger
 }
 
 // APIResult is what the API benchmark measured.
 type APIResult struct {
-	Bench            string  `json:"bench"`
-	N                int     `json:"n"`
-	Concurrency      int     `json:"concurrency"`
-	ObjectBytes      int     `json:"object_bytes"`
-	CreatesPerSec    float64 `json:"creates_per_sec"`
-	EtcdPutsPerSec   float64 `json:"etcd_puts_per_sec"`
-	RatioToEtcd      float64 `json:"ratio_to_etcd"`
-	Boots            int     `json:"boots,omitempty"`
-	APIRunningP50ms  float64 `json:"api_create_to_running_p50_ms,omitempty"`
-	LocalRunningP50  float64 `json:"local_run_to_running_p50_ms,omitempty"`
-	ControlPlaneAdds float64 `json:"control_plane_adds_ms,omitempty"`
+	N              int     `json:"n"`
+	Concurrency    int     `json:"concurrency"`
+	ObjectBytes    int     `json:"object_bytes"`
+	CreatesPerSec  float64 `json:"creates_per_sec"`
+	EtcdPutsPerSec float64 `json:"etcd_puts_per_sec"`
+	RatioToEtcd    float64 `json:"ratio_to_etcd"`
+	// kube-apiserver v1.37 serving hearth's CRDs on an etcd of its own,
+	// under the same load in the same run; zero where it is not built.
+	KubeCreatesPerSec float64 `json:"kube_apiserver_creates_per_sec,omitempty"`
+	KubeNote          string  `json:"kube_apiserver,omitempty"`
+	Boots             int     `json:"boots,omitempty"`
+	APIRunningP50ms   float64 `json:"api_create_to_running_p50_ms,omitempty"`
+	LocalRunningP50   float64 `json:"local_run_to_running_p50_ms,omitempty"`
+	ControlPlaneAdds  float64 `json:"control_plane_adds_ms,omitempty"`
 }
 
-// JSON renders r as one line.
-func (r *APIResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape: creates per
+// second against kube-apiserver's for the same CRDs where it was measured,
+// and against raw etcd puts.
+func (r *APIResult) Summary() *Result {
+	res := &Result{Bench: "api", N: r.N, Details: r}
+	etcd := NewFigure("creates_per_sec", r.CreatesPerSec, "etcd_puts_per_sec", r.EtcdPutsPerSec, Higher, 0)
+	if r.KubeCreatesPerSec > 0 {
+		res.Figure = NewFigure("creates_per_sec", r.CreatesPerSec, "kube_apiserver_creates_per_sec", r.KubeCreatesPerSec, Higher, 1)
+		res.More = append(res.More, etcd)
+	} else {
+		res.Figure = etcd
+	}
+	if r.Boots > 0 {
+		res.More = append(res.More, NewFigure("api_create_to_running_p50_ms", r.APIRunningP50ms, "local_run_to_running_p50_ms", r.LocalRunningP50, Lower, 0))
+	}
+	return res
 }
 
 // API starts an all-in-one hearth in this process and measures it: Sandbox
@@ -70,7 +87,7 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	if o.Concurrency == 0 {
 		o.Concurrency = 32
 	}
-	res := &APIResult{Bench: "api", N: o.N, Concurrency: o.Concurrency}
+	res := &APIResult{N: o.N, Concurrency: o.Concurrency}
 	cp, err := startHearth(ctx, o.Log, o.WorkDir, func(opts *hearthd.Options) {
 		if o.Boots > 0 {
 			opts.Roles = append(opts.Roles, hearthd.RoleNode)
@@ -96,6 +113,21 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	}
 	res.CreatesPerSec = round(float64(o.N)/d.Seconds(), 0)
 	fmt.Fprintf(o.Out, "API server: %d sandbox creates in %s with %d clients: %.0f/s\n", o.N, d.Round(time.Millisecond), o.Concurrency, res.CreatesPerSec)
+
+	// The same creates through a stock kube-apiserver serving the same
+	// CRDs on an etcd of its own.
+	if bin, why := KubeAPIServerBinary(o.KubeAPIServer); bin == "" {
+		res.KubeNote = why
+		fmt.Fprintf(o.Out, "kube-apiserver: %s\n", why)
+	} else {
+		rate, err := kubeCreates(ctx, o, bin)
+		if err != nil {
+			return nil, fmt.Errorf("kube-apiserver: %w", err)
+		}
+		res.KubeCreatesPerSec, res.KubeNote = rate, KubeAPIServerVersion
+		fmt.Fprintf(o.Out, "kube-apiserver %s, same CRDs: %d sandbox creates with %d clients: %.0f/s; hearth's are %.0f%% of it\n",
+			KubeAPIServerVersion, o.N, o.Concurrency, rate, 100*res.CreatesPerSec/rate)
+	}
 
 	// Raw puts of objects of the same size to the same etcd.
 	etcd, err := etcdClient(dataDir, cp.etcdPort)
@@ -141,6 +173,25 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 		}
 	}
 	return res, nil
+}
+
+// kubeCreates measures Sandbox creates per second through kube-apiserver.
+func kubeCreates(ctx context.Context, o APIOptions, bin string) (float64, error) {
+	k, err := startKubeAPIServer(ctx, o.Log, bin, filepath.Join(o.WorkDir, "kube"))
+	if err != nil {
+		return 0, err
+	}
+	defer k.stop()
+	if err := k.client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}); err != nil {
+		return 0, err
+	}
+	d, err := parallel(ctx, o.N, o.Concurrency, func(i int) error {
+		return k.client.Create(ctx, benchSandbox(i))
+	})
+	if err != nil {
+		return 0, fmt.Errorf("create sandboxes: %w", err)
+	}
+	return round(float64(o.N)/d.Seconds(), 0), nil
 }
 
 func benchSandbox(i int) *v1alpha1.Sandbox {

@@ -7,7 +7,6 @@ import (
 	"bufio"
 	"bytes"
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -48,7 +47,6 @@ type BootOptions struct {
 // agent powers off as soon as it runs (DESIGN.md's baseline); "bare_busybox"
 // is QEMU with no disks and a busybox initramfs whose /init powers off.
 type BootResult struct {
-	Bench           string  `json:"bench"`
 	N               int     `json:"n"`
 	Accel           string  `json:"accel"`
 	P50ms           float64 `json:"p50_ms"`
@@ -72,7 +70,7 @@ type BootResult struct {
 // same kernel with an initramfs that powers off at once, interleaved so that
 // both see the same machine load.
 func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
-	res := &BootResult{Bench: "boot", N: o.N, Accel: string(o.Accel)}
+	res := &BootResult{N: o.N, Accel: string(o.Accel)}
 	layoutDir := filepath.Join(o.WorkDir, "image")
 	base, err := imagebuild.Busybox()
 	if err != nil {
@@ -302,8 +300,10 @@ func pct(ds []time.Duration, p int) float64 {
 	return ms(s[i])
 }
 
-// JSON renders r as one line.
-func (r *BootResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape.
+func (r *BootResult) Summary() *Result {
+	return &Result{Bench: "boot", N: r.N,
+		Figure:  NewFigure("p50_ms", r.P50ms, "bare_qemu_p50_ms", r.BareP50ms, Lower, 1.2),
+		More:    []Figure{NewFigure("p50_ms", r.P50ms, "bare_qemu_busybox_p50_ms", r.BusyboxP50ms, Lower, 0)},
+		Details: r}
 }

@@ -36,11 +36,14 @@ func startHearth(ctx context.Context, log *slog.Logger, workDir string, adjust f
 		ports[i] = p
 	}
 	dataDir := filepath.Join(workDir, "d")
-	opts := hearthd.Options{
-		DataDir: dataDir, Roles: []string{hearthd.RoleControlPlane}, BindAddress: "127.0.0.1",
-		Port: ports[0], EtcdClientPort: ports[1], EtcdPeerPort: ports[2], Version: "bench",
-		Node: hearthd.NodeOptions{Listen: fmt.Sprintf("127.0.0.1:%d", ports[3])},
-	}
+	opts := hearthd.DefaultOptions()
+	opts.DataDir, opts.Roles, opts.BindAddress, opts.Version = dataDir, []string{hearthd.RoleControlPlane}, "127.0.0.1", "bench"
+	opts.Port, opts.EtcdClientPort, opts.EtcdPeerPort = ports[0], ports[1], ports[2]
+	opts.Node.Listen = fmt.Sprintf("127.0.0.1:%d", ports[3])
+	// Sandboxes of a benchmark get no network: this machine's own network
+	// namespace is not the benchmark's to change (bench ingress and policy
+	// measure the network in namespaces of their own).
+	opts.Node.Network = false
 	if adjust != nil {
 		adjust(&opts)
 	}

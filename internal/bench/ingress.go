@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -33,18 +32,18 @@ type IngressOptions struct {
 type LoadFigures struct {
 	// At one connection, one request at a time: the latency a request
 	// sees when nothing queues.
-	P50ms float64 `json:"p50ms"`
-	P99ms float64 `json:"p99ms"`
+	P50ms float64 `json:"p50_ms"`
+	P99ms float64 `json:"p99_ms"`
 	// At Conc connections.
 	RPS     float64 `json:"rps"`
-	LoadP50 float64 `json:"loadP50ms"`
-	LoadP99 float64 `json:"loadP99ms"`
+	LoadP50 float64 `json:"load_p50_ms"`
+	LoadP99 float64 `json:"load_p99_ms"`
 }
 
 // IngressResult is the benchmark's outcome.
 type IngressResult struct {
-	Bench string `json:"bench"`
-	Conc  int    `json:"conc"`
+	Rounds int `json:"rounds"`
+	Conc   int `json:"conc"`
 	// Loader is what made the load at Conc connections: wrk, or Go's
 	// HTTP client where wrk is not installed.
 	Loader string      `json:"loader"`
@@ -52,17 +51,21 @@ type IngressResult struct {
 	Hearth LoadFigures `json:"hearth"`
 	Nginx  LoadFigures `json:"nginx"`
 	// Added latency at one connection (p50 and p99 over direct).
-	AddedP50ms      float64 `json:"addedP50ms"`
-	AddedP99ms      float64 `json:"addedP99ms"`
-	NginxAddedP50ms float64 `json:"nginxAddedP50ms"`
+	AddedP50ms      float64 `json:"added_p50_ms"`
+	AddedP99ms      float64 `json:"added_p99_ms"`
+	NginxAddedP50ms float64 `json:"nginx_added_p50_ms"`
 	// Throughput against nginx's (≥ 1: at least as fast).
-	RPSvsNginx float64 `json:"rpsVsNginx"`
+	RPSvsNginx float64 `json:"rps_vs_nginx"`
 }
 
-// JSON renders r as one line.
-func (r *IngressResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape: requests/s
+// against nginx's (target ≥ 1), and the one-connection p50 against a
+// direct connection's and nginx's.
+func (r *IngressResult) Summary() *Result {
+	return &Result{Bench: "ingress", N: r.Rounds, Details: r,
+		Figure: NewFigure("rps", r.Hearth.RPS, "nginx_rps", r.Nginx.RPS, Higher, 1),
+		More: []Figure{NewFigure("p50_ms", r.Hearth.P50ms, "direct_p50_ms", r.Direct.P50ms, Lower, 0),
+			NewFigure("p50_ms", r.Hearth.P50ms, "nginx_p50_ms", r.Nginx.P50ms, Lower, 0)}}
 }
 
 // Ingress measures hearth's ingress data path (ingress.Proxy, as
@@ -163,7 +166,7 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 			}
 			return f
 		}
-		res = &IngressResult{Bench: "ingress", Conc: o.Conc, Loader: "go", Direct: fig(0), Hearth: fig(1), Nginx: fig(2)}
+		res = &IngressResult{Rounds: o.Rounds, Conc: o.Conc, Loader: "go", Direct: fig(0), Hearth: fig(1), Nginx: fig(2)}
 		if wrk {
 			res.Loader = "wrk"
 		}
@@ -181,7 +184,7 @@ type fixedTarget struct{ t ingress.Target }
 func (f fixedTarget) Resolve(*http.Request) (ingress.Target, *ingress.Refusal) { return f.t, nil }
 
 // ServeProxy serves hearth's ingress data path on listen, sending every
-// request to backend (`hearth bench ingress-proxy`, which Ingress runs in
+// request to backend (`hearth-bench ingress-proxy`, which Ingress runs in
 // its namespace).
 func ServeProxy(listen, backend string) error {
 	ingress.TuneGC()
@@ -193,7 +196,7 @@ func startProxy(s *nettest.Scope, ns, listen, backend string) error {
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", "netns", "exec", ns, self, "bench", "ingress-proxy", listen, backend)
+	cmd := exec.Command("ip", "netns", "exec", ns, self, "ingress-proxy", listen, backend)
 	if p := os.Getenv("XPROXY"); p != "" {
 		cmd = exec.Command("ip", "netns", "exec", ns, p, listen, backend)
 	}

@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -31,24 +30,29 @@ type PolicyOptions struct {
 
 // PolicyResult is the benchmark's outcome.
 type PolicyResult struct {
-	Bench string `json:"bench"`
-	Rules int    `json:"rules"`
+	Rounds int `json:"rounds"`
+	Rules  int `json:"rules"`
 	// Bulk TCP throughput from one sandbox namespace to another through
 	// the host namespace, and the p99 of a one-byte request/response.
 	// Medians over the rounds.
-	BaseMBps    float64 `json:"baseMBps"`
-	PolicyMBps  float64 `json:"policyMBps"`
-	BaseP99us   float64 `json:"baseP99us"`
-	PolicyP99us float64 `json:"policyP99us"`
+	BaseMBps    float64 `json:"base_mbps"`
+	PolicyMBps  float64 `json:"policy_mbps"`
+	BaseP99us   float64 `json:"base_p99_us"`
+	PolicyP99us float64 `json:"policy_p99_us"`
 	// Throughput with the programs over without, the median of the
 	// rounds' (target ≥ 0.95).
 	Ratio float64 `json:"ratio"`
 }
 
-// JSON renders r as one line.
-func (r *PolicyResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape. The main ratio
+// is the median of the rounds' ratios, not the ratio of the medians.
+func (r *PolicyResult) Summary() *Result {
+	f := NewFigure("mbps", r.PolicyMBps, "no_programs_mbps", r.BaseMBps, Higher, 0.95)
+	f.Ratio = r.Ratio
+	met := f.Ratio >= f.Target
+	f.Met = &met
+	return &Result{Bench: "policy", N: r.Rounds, Details: r, Figure: f,
+		More: []Figure{NewFigure("p99_us", r.PolicyP99us, "no_programs_p99_us", r.BaseP99us, Lower, 0)}}
 }
 
 // Policy measures the policy data path: two sandbox namespaces routed
@@ -128,7 +132,7 @@ func Policy(ctx context.Context, o PolicyOptions) (*PolicyResult, error) {
 		for i := range base {
 			ratios[i] = pol[i] / base[i]
 		}
-		res = &PolicyResult{Bench: "policy", Rules: o.Rules, BaseMBps: round(median(base), 1), PolicyMBps: round(median(pol), 1),
+		res = &PolicyResult{Rounds: o.Rounds, Rules: o.Rules, BaseMBps: round(median(base), 1), PolicyMBps: round(median(pol), 1),
 			BaseP99us: round(pctMs(baseLat, 99)*1000, 0), PolicyP99us: round(pctMs(polLat, 99)*1000, 0), Ratio: round(median(ratios), 3)}
 		return nil
 	})

@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"log/slog"
@@ -39,7 +38,6 @@ type SchedulerOptions struct {
 
 // SchedulerResult is what the scheduler benchmark measured.
 type SchedulerResult struct {
-	Bench            string  `json:"bench"`
 	Hosts            int     `json:"hosts"`
 	Bound            int     `json:"bound_sandboxes"`
 	Placements       int     `json:"placements"`
@@ -54,17 +52,21 @@ type SchedulerResult struct {
 	RatioToWrites    float64 `json:"api_ratio_to_status_writes,omitempty"`
 }
 
-// JSON renders r as one line.
-func (r *SchedulerResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape.
+func (r *SchedulerResult) Summary() *Result {
+	res := &Result{Bench: "scheduler", N: r.Placements, Details: r,
+		Figure: NewFigure("placements_per_sec", r.PlacementsPerSec, "score_all_hosts_per_sec", r.BaselinePerSec, Higher, 0)}
+	if r.APISandboxes > 0 {
+		res.More = append(res.More, NewFigure("api_binds_per_sec", r.BindsPerSec, "api_status_writes_per_sec", r.StatusWrites, Higher, 0))
+	}
+	return res
 }
 
 // Scheduler measures placement alone against a large simulated cluster
 // (sampling fitting hosts, against scoring them all in the same run), then
 // binds through a real API server to hosts that exist only as objects.
 func Scheduler(ctx context.Context, o SchedulerOptions) (*SchedulerResult, error) {
-	res := &SchedulerResult{Bench: "scheduler", Hosts: o.Hosts, Bound: o.Bound, Placements: o.Placements, Target: 5000}
+	res := &SchedulerResult{Hosts: o.Hosts, Bound: o.Bound, Placements: o.Placements, Target: 5000}
 	start := time.Now()
 	snap := benchSnapshot(o.Hosts, o.Bound)
 	fmt.Fprintf(o.Out, "snapshot: %d hosts, %d sandboxes bound (a third with host anti-affinity, a third preferring other zones), built in %s\n",

@@ -3,7 +3,6 @@ package bench
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -47,41 +46,48 @@ type WarmOptions struct {
 
 // WarmResult is the benchmark's figures (times in milliseconds).
 type WarmResult struct {
-	Bench string `json:"bench"`
 	Accel string `json:"accel"`
 	N     int    `json:"n"`
 	// From creating a Sandbox that claims the warm pool to the first
 	// byte of an exec's output in it, through the API.
-	ClaimP50 float64 `json:"claimP50ms"`
-	ClaimP90 float64 `json:"claimP90ms"`
+	ClaimP50 float64 `json:"claim_p50_ms"`
+	ClaimP90 float64 `json:"claim_p90_ms"`
 	// The same from a Sandbox started from the template's snapshot
 	// (spec.source.template: a restore on request).
-	RestoreP50 float64 `json:"restoreP50ms"`
-	RestoreP90 float64 `json:"restoreP90ms"`
+	RestoreP50 float64 `json:"restore_p50_ms"`
+	RestoreP90 float64 `json:"restore_p90_ms"`
 	// A bare QEMU restore of the same snapshot to the guest agent's
 	// first answer, and a cold boot (create to first exec byte).
-	BareRestoreP50 float64 `json:"bareRestoreP50ms"`
-	BareRestoreP90 float64 `json:"bareRestoreP90ms"`
-	ColdBootP50    float64 `json:"coldBootP50ms"`
+	BareRestoreP50 float64 `json:"bare_restore_p50_ms"`
+	BareRestoreP90 float64 `json:"bare_restore_p90_ms"`
+	ColdBootP50    float64 `json:"cold_boot_p50_ms"`
 	// ClaimRatio is ClaimP50 over BareRestoreP50 (target ≤ 1.3).
-	ClaimRatio   float64 `json:"claimRatio"`
-	RestoreRatio float64 `json:"restoreRatio"`
+	ClaimRatio   float64 `json:"claim_ratio"`
+	RestoreRatio float64 `json:"restore_ratio"`
 	// Host memory of Clones VMs restored from one snapshot against as
 	// many cold-booted ones: proportional set size (shared pages split
 	// between the processes that map them) and plain RSS, in MiB.
 	Clones        int     `json:"clones"`
-	ClonesPSSMiB  float64 `json:"clonesPssMiB"`
-	ColdPSSMiB    float64 `json:"coldPssMiB"`
-	ClonesRSSMiB  float64 `json:"clonesRssMiB"`
-	ColdRSSMiB    float64 `json:"coldRssMiB"`
-	MemoryRatio   float64 `json:"memoryRatio"` // ClonesPSS / ColdPSS
-	TemplateReady float64 `json:"templateReadyMs"`
+	ClonesPSSMiB  float64 `json:"clones_pss_mib"`
+	ColdPSSMiB    float64 `json:"cold_pss_mib"`
+	ClonesRSSMiB  float64 `json:"clones_rss_mib"`
+	ColdRSSMiB    float64 `json:"cold_rss_mib"`
+	MemoryRatio   float64 `json:"memory_ratio"` // ClonesPSS / ColdPSS
+	TemplateReady float64 `json:"template_ready_ms"`
 }
 
-// JSON is the result as one line.
-func (r *WarmResult) JSON() string {
-	b, _ := json.Marshal(r)
-	return string(b)
+// Summary is the result in the benchmarks' common shape: a claim and a
+// restore on request against a bare QEMU restore (target ≤ 1.3 each), and
+// the memory of clones against cold boots.
+func (r *WarmResult) Summary() *Result {
+	res := &Result{Bench: "warm", N: r.N, Details: r,
+		Figure: NewFigure("claim_p50_ms", r.ClaimP50, "bare_restore_p50_ms", r.BareRestoreP50, Lower, 1.3),
+		More: []Figure{NewFigure("template_restore_p50_ms", r.RestoreP50, "bare_restore_p50_ms", r.BareRestoreP50, Lower, 1.3),
+			NewFigure("claim_p50_ms", r.ClaimP50, "cold_boot_p50_ms", r.ColdBootP50, Lower, 0)}}
+	if r.Clones > 0 {
+		res.More = append(res.More, NewFigure("clones_pss_mib", r.ClonesPSSMiB, "cold_pss_mib", r.ColdPSSMiB, Lower, 0))
+	}
+	return res
 }
 
 const warmNS = "default"
@@ -89,7 +95,7 @@ const warmNS = "default"
 // Warm runs an all-in-one hearth (control plane and node agent) in this
 // process and times warm starts against a bare restore and a cold boot.
 func Warm(ctx context.Context, o WarmOptions) (*WarmResult, error) {
-	res := &WarmResult{Bench: "warm", Accel: string(o.Accel), N: o.N, Clones: o.Clones}
+	res := &WarmResult{Accel: string(o.Accel), N: o.N, Clones: o.Clones}
 	h, err := startHearth(ctx, o.Log, o.WorkDir, func(opts *hearthd.Options) {
 		opts.Roles = []string{hearthd.RoleControlPlane, hearthd.RoleNode}
 		opts.Node.Name, opts.Node.CPU, opts.Node.Accel = "bench", "1000", string(o.Accel)

@@ -9,7 +9,6 @@ import (
 	"io"
 	"log/slog"
 	"os"
-	"path/filepath"
 	"runtime/debug"
 	"time"
 
@@ -110,7 +109,7 @@ func finish(err error, stderr io.Writer) int {
 
 func (g *globals) store(progress io.Writer) *image.Store {
 	return &image.Store{
-		Dir:      filepath.Join(config.CacheDir(), "images"),
+		Dir:      config.ImageDir(),
 		Source:   image.SourceOptions{Insecure: g.insecure, Timeout: g.registryTimeout},
 		Progress: progress,
 		Log:      g.log,

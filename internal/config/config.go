@@ -26,6 +26,16 @@ func CacheDir() string {
 	return filepath.Join(home, ".cache", "hearth")
 }
 
+// ImageDir is where converted images are stored: $HEARTH_IMAGE_DIR, else
+// the cache's images/. The benchmarks point it at a store of their own, so
+// that they leave nothing in the user's.
+func ImageDir() string {
+	if d := os.Getenv("HEARTH_IMAGE_DIR"); d != "" {
+		return d
+	}
+	return filepath.Join(CacheDir(), "images")
+}
+
 // Kernel is $HEARTH_KERNEL, else the cache's kernel/vmlinux (where
 // kernel/build.sh links the newest build).
 func Kernel() string {
@@ -57,6 +67,14 @@ func Agent() (string, error) { return companion("hearth-agent", "HEARTH_AGENT") 
 // Shim finds the hearth-shim binary the node agent starts for each run of
 // a sandbox: $HEARTH_SHIM, else beside the running executable, else on PATH.
 func Shim() (string, error) { return companion("hearth-shim", "HEARTH_SHIM") }
+
+// Hearth finds the hearth CLI (the boot benchmark times `hearth run`):
+// $HEARTH_BIN, else beside the running executable, else on PATH.
+func Hearth() (string, error) { return companion("hearth", "HEARTH_BIN") }
+
+// Bench finds hearth-bench, which `hearth bench` runs: $HEARTH_BENCH, else
+// beside the running executable, else on PATH.
+func Bench() (string, error) { return companion("hearth-bench", "HEARTH_BENCH") }
 
 func companion(name, env string) (string, error) {
 	if a := os.Getenv(env); a != "" {

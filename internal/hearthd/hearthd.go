@@ -75,6 +75,15 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	o.Ingress.AddFlags(fs)
 }
 
+// DefaultOptions are the options with every flag's default, for a hearthd
+// run in-process (the benchmarks): a caller that builds Options by hand
+// misses every option added after it was written.
+func DefaultOptions() Options {
+	var o Options
+	o.AddFlags(pflag.NewFlagSet("hearthd", pflag.ContinueOnError))
+	return o
+}
+
 // Kubeconfig is the admin kubeconfig's path in dataDir.
 func Kubeconfig(dataDir string) string { return filepath.Join(dataDir, "kubeconfig") }
 

@@ -84,7 +84,7 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	}
 	cfg := node.Config{
 		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,
-		Images:       &image.Store{Dir: filepath.Join(config.CacheDir(), "images"), Log: log},
+		Images:       &image.Store{Dir: config.ImageDir(), Log: log},
 		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
 		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),

@@ -73,7 +73,7 @@ func run(log *slog.Logger, dir string, st *State) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	images := &image.Store{Dir: filepath.Join(config.CacheDir(), "images"), Log: log,
+	images := &image.Store{Dir: config.ImageDir(), Log: log,
 		Source: image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second}}
 	rt, err := sandbox.NewRuntime(images, vmm.Accel(spec.Accel), image.PullMissing, "", log)
 	if err != nil {

@@ -1,0 +1,122 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/spf13/pflag"
+
+	"hearth.dev/hearth/internal/bench"
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/testenv"
+)
+
+// Every benchmark's --smoke sizes name flags it has: a renamed flag must
+// not silently leave the smoke run at full size.
+func TestSmokeFlagsExist(t *testing.T) {
+	for _, b := range benchmarks() {
+		fs := pflag.NewFlagSet(b.name, pflag.ContinueOnError)
+		b.flags(fs)
+		if len(b.smoke) == 0 {
+			t.Errorf("%s has no smoke sizes", b.name)
+		}
+		for name, v := range b.smoke {
+			if fs.Lookup(name) == nil {
+				t.Errorf("%s: smoke flag --%s is not one of its flags", b.name, name)
+			} else if err := fs.Set(name, v); err != nil {
+				t.Errorf("%s: smoke --%s=%s: %v", b.name, name, v, err)
+			}
+		}
+	}
+}
+
+// TestSmoke runs every benchmark at its smoke size, as CI does, with real
+// VMs, a real kube-apiserver, nginx and eBPF: each must finish and print a
+// result whose figures are all positive, leave no VM, run directory or
+// image behind, and `compare` must read the file back.
+func TestSmoke(t *testing.T) {
+	testenv.NeedVMs(t)
+	for _, bin := range []string{"nginx", "ip"} {
+		_, err := exec.LookPath(bin)
+		testenv.Need(t, err == nil, bin+" is not installed (run scripts/setup.sh)")
+	}
+	kube, why := bench.KubeAPIServerBinary("")
+	testenv.Need(t, kube != "", "kube-apiserver: "+why)
+
+	bins := testenv.Binaries(t)
+	hb := filepath.Join(bins, "hearth-bench")
+	build := exec.Command("go", "build", "-o", hb, ".")
+	if out, err := build.CombinedOutput(); err != nil {
+		t.Fatalf("go build hearth-bench: %v\n%s", err, out)
+	}
+	images := config.ImageDir()
+	before, _ := os.ReadDir(images)
+
+	runRoot := t.TempDir()
+	out := filepath.Join(t.TempDir(), "smoke.jsonl")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, hb, "all", "--smoke", "--out", out)
+	cmd.Env = append(os.Environ(), "HEARTH_RUN_DIR="+runRoot, "HEARTH_IMAGE_DIR=")
+	var stdout bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stdout
+	t0 := time.Now()
+	err := cmd.Run()
+	t.Logf("hearth-bench all --smoke took %s:\n%s", time.Since(t0).Round(time.Second), stdout.String())
+	if err != nil {
+		t.Fatalf("hearth-bench all --smoke: %v", err)
+	}
+
+	results, err := bench.ReadResults(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var names []string
+	for _, r := range results {
+		names = append(names, r.Bench)
+		if err := r.Check(); err != nil {
+			t.Error(err)
+		}
+		if !r.Smoke {
+			t.Errorf("%s: not marked smoke", r.Bench)
+		}
+	}
+	var want []string
+	for _, b := range benchmarks() {
+		want = append(want, b.name)
+	}
+	if !slices.Equal(names, want) {
+		t.Errorf("results for %v, want %v", names, want)
+	}
+	for _, r := range results {
+		if r.Bench == "api" && !strings.Contains(r.JSON(), `"baseline":"kube_apiserver_creates_per_sec"`) {
+			t.Errorf("api was not measured against kube-apiserver: %s", r.JSON())
+		}
+	}
+
+	testenv.CheckNoLeaks(t, runRoot)
+	after, _ := os.ReadDir(images)
+	if len(after) != len(before) {
+		t.Errorf("the benchmarks changed the user's image store %s: %d entries before, %d after", images, len(before), len(after))
+	}
+
+	cmp, err := exec.Command(hb, "compare", out, out).CombinedOutput()
+	if err != nil {
+		t.Fatalf("compare: %v\n%s", err, cmp)
+	}
+	for _, name := range want {
+		if !bytes.Contains(cmp, []byte(name)) {
+			t.Errorf("compare does not list %s:\n%s", name, cmp)
+		}
+	}
+	if bytes.Contains(cmp, []byte("worse")) || bytes.Contains(cmp, []byte("better")) {
+		t.Errorf("a run compared with itself changed:\n%s", cmp)
+	}
+}
