@@ -38,8 +38,8 @@ type APIOptions struct {
 	// (KubeAPIServerBinary's rules; "none" skips it).
 	KubeAPIServer string
 	WorkDir       string
-	Out     io.Writer
-	Log     *slog.Logger
+	Out           io.Writer
+	Log           *slog.Logger
 }
 
 // APIResult is what the API benchmark measured.

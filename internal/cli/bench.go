@@ -54,4 +54,3 @@ same arguments: boot, api, scheduler, warm, ingress, policy, all, compare.
 		},
 	}
 }
-
