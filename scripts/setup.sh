@@ -15,7 +15,7 @@ packages=(
   iproute2                 # network namespaces, veth and bridges: the multi-host tests
   nftables                 # the hosts' NAT for sandboxes (nft)
   curl                     # the ingress tests (HTTP/1.1, h2c, h2)
-  nginx-light              # hearth bench ingress: nginx as the reverse proxy to measure against
+  nginx-light wrk          # hearth-bench ingress: nginx as the reverse proxy to measure against, wrk as the load
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -84,17 +84,19 @@ selector no host matches keeps them from booting). Then the same creates
 against kube-apiserver serving hearth's CRDs on an etcd of its own (where
 it is built: --kube-apiserver, else $HEARTH_KUBE_APISERVER, else the cache's
 kube-apiserver/, which scripts/kube-apiserver.sh builds), and N puts of
-objects of the same size straight into hearth's etcd. With --boots (root,
+objects of the same size straight into hearth's etcd. The creates alternate
+between the two API servers in --rounds rounds. With --boots (root,
 QEMU and the guest kernel), it then times one sandbox from create to
 Running through the API against a local run of the same image.`,
 		flags: func(fs *pflag.FlagSet) {
 			fs.IntVarP(&o.N, "n", "n", 2000, "sandboxes to create (and etcd puts)")
 			fs.IntVarP(&o.Concurrency, "concurrency", "c", 32, "clients creating at once")
+			fs.IntVar(&o.Rounds, "rounds", 4, "rounds alternating between hearth's API server and kube-apiserver")
 			fs.IntVar(&o.Boots, "boots", 5, "times one sandbox goes from create to Running (0: skip)")
 			fs.StringVar(&o.KubeAPIServer, "kube-apiserver", "", "the kube-apiserver binary to measure against (default: $HEARTH_KUBE_APISERVER, else the cache's; none: skip)")
 			accelFlag(fs, &accel)
 		},
-		smoke: map[string]string{"n": "200", "concurrency": "16", "boots": "1"},
+		smoke: map[string]string{"n": "200", "concurrency": "16", "rounds": "2", "boots": "1"},
 		run: func(ctx context.Context, e *env, dir string) (*bench.Result, error) {
 			o.WorkDir, o.Out, o.Log = dir, e.out, e.log
 			if o.Boots > 0 {

@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"strings"
 	"syscall"
 	"time"
@@ -53,7 +54,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	e := &env{out: stdout}
-	var logLevel string
+	var logLevel, cpuProfile string
 	root := &cobra.Command{
 		Use:   "hearth-bench",
 		Short: "Measure hearth against baselines run in the same process",
@@ -79,7 +80,19 @@ hearth-agent beside this executable (make build puts them in bin/).`,
 			}
 			e.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
 			hearthd.RouteKlog(e.log)
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				return pprof.StartCPUProfile(f)
+			}
 			return nil
+		},
+		PersistentPostRun: func(*cobra.Command, []string) {
+			if cpuProfile != "" {
+				pprof.StopCPUProfile()
+			}
 		},
 	}
 	root.SetArgs(args)
@@ -88,6 +101,7 @@ hearth-agent beside this executable (make build puts them in bin/).`,
 	root.SetContext(ctx)
 	pf := root.PersistentFlags()
 	pf.StringVar(&logLevel, "log-level", "warn", "log level: debug, info, warn or error")
+	pf.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile here (the in-process control plane's included; go tool pprof reads it)")
 	pf.BoolVar(&e.smoke, "smoke", false, "run at a size that only checks the benchmark works (CI); flags given still apply")
 
 	work, err := os.MkdirTemp("", "hearth-bench-")

@@ -62,7 +62,7 @@ type kubeAPIServer struct {
 	stop   func()
 }
 
-func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) (k *kubeAPIServer, err error) {
+func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) (_ *kubeAPIServer, err error) {
 	ca, err := pki.LoadOrCreateCA(filepath.Join(dir, "pki"))
 	if err != nil {
 		return nil, err
@@ -109,7 +109,10 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 		"--client-ca-file="+ca.CertFile(), "--authorization-mode=RBAC",
 		"--service-account-issuer=https://kubernetes.default.svc", "--service-account-key-file="+saKey,
 		"--service-account-signing-key-file="+saKey, "--service-cluster-ip-range=10.96.0.0/24",
-		"--cert-dir="+filepath.Join(dir, "certs"), "--profiling=false")
+		"--cert-dir="+filepath.Join(dir, "certs"), "--profiling=false",
+		// No Service for the API server itself: it would need an address
+		// that is not loopback.
+		"--endpoint-reconciler-type=none")
 	cmd.Stdout, cmd.Stderr = logFile, logFile
 	// Gone with this process, however it ends.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
@@ -118,9 +121,10 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 		logFile.Close()
 		return nil, fmt.Errorf("kube-apiserver: %w", err)
 	}
-	exited := make(chan error, 1)
-	go func() { exited <- cmd.Wait() }()
-	k = &kubeAPIServer{stop: func() {
+	var waitErr error
+	exited := make(chan struct{})
+	go func() { waitErr = cmd.Wait(); close(exited) }()
+	k := &kubeAPIServer{stop: func() {
 		_ = cmd.Process.Kill()
 		<-exited
 		member.Close()
@@ -136,7 +140,7 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 	}()
 	k.cfg = &rest.Config{Host: "https://127.0.0.1:" + strconv.Itoa(ports[2]), QPS: -1,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: ca.CertFile(), CertFile: admin.CertFile, KeyFile: admin.KeyFile}}
-	if err := waitReady(ctx, k.cfg, exited); err != nil {
+	if err := waitReady(ctx, k.cfg, exited, func() error { return waitErr }); err != nil {
 		return nil, err
 	}
 	if err := apiserver.InstallCRDs(ctx, k.cfg, log); err != nil {
@@ -149,7 +153,7 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 }
 
 // waitReady polls /readyz until the server answers ok, for two minutes.
-func waitReady(ctx context.Context, cfg *rest.Config, exited <-chan error) error {
+func waitReady(ctx context.Context, cfg *rest.Config, exited <-chan struct{}, waitErr func() error) error {
 	hc, err := rest.HTTPClientFor(cfg)
 	if err != nil {
 		return err
@@ -171,8 +175,8 @@ func waitReady(ctx context.Context, cfg *rest.Config, exited <-chan error) error
 			err = fmt.Errorf("readyz: %s: %s", resp.Status, body)
 		}
 		select {
-		case werr := <-exited:
-			return fmt.Errorf("kube-apiserver exited: %v", werr)
+		case <-exited:
+			return fmt.Errorf("kube-apiserver exited: %v", waitErr())
 		case <-ctx.Done():
 			return errors.Join(fmt.Errorf("kube-apiserver not ready: %w", ctx.Err()), err)
 		case <-time.After(200 * time.Millisecond):
