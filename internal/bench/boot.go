@@ -44,7 +44,7 @@ type BootOptions struct {
 
 // BootResult is the benchmark's summary, printed as its last line. "bare"
 // is QEMU booting the same kernel, devices and hearth's own initramfs, whose
-// agent powers off as soon as it runs (DESIGN.md's baseline); "bare_busybox"
+// agent powers off as soon as it runs (docs/design.md's baseline); "bare_busybox"
 // is QEMU with no disks and a busybox initramfs whose /init powers off.
 type BootResult struct {
 	N               int     `json:"n"`
