@@ -42,7 +42,7 @@ kube-apiserver: ## build kube-apiserver (the API benchmark's baseline; cached by
 	scripts/kube-apiserver.sh >/dev/null
 
 test-unit: ## the tests that need no root, VM or registry
-	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/ ./internal/scheduler/ ./internal/hostlifecycle/ ./internal/logfile/
+	$(GO) test -count=1 -short ./internal/guest/protocol/ ./internal/sandbox/ ./internal/cli/ ./internal/scheduler/ ./internal/hostlifecycle/ ./internal/logfile/ ./internal/bench/ ./cmd/hearth-bench/
 
 verify: ## gofmt, go vet, and go.mod tidy
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt needed"; exit 1; }

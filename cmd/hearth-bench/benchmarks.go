@@ -22,6 +22,14 @@ func benchmarks() []*benchmark {
 	return []*benchmark{bootBench(), apiBench(), schedulerBench(), warmBench(), ingressBench(), policyBench()}
 }
 
+// summary turns a benchmark's own result into the common shape.
+func summary[R interface{ Summary() *bench.Result }](r R, err error) (*bench.Result, error) {
+	if err != nil {
+		return nil, err
+	}
+	return r.Summary(), nil
+}
+
 func accelFlag(fs *pflag.FlagSet, p *string) {
 	fs.StringVar(p, "accel", "auto", "kvm, tcg or auto")
 }
@@ -63,11 +71,7 @@ whether a second get of a converted image converts again.`,
 			}
 			o.Env = append(os.Environ(), "HEARTH_RUN_DIR="+filepath.Join(dir, "run"), "HEARTH_AGENT="+agent)
 			o.Kernel, o.WorkDir, o.Images, o.Out = config.Kernel(), dir, imageStore(e), e.out
-			res, err := bench.Boot(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.Boot(ctx, o))
 		},
 	}
 }
@@ -108,11 +112,7 @@ Running through the API against a local run of the same image.`,
 					return nil, err
 				}
 			}
-			res, err := bench.API(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.API(ctx, o))
 		},
 	}
 }
@@ -142,11 +142,7 @@ against plain status writes of the same sandboxes.`,
 		smoke: map[string]string{"hosts": "500", "bound": "2000", "placements": "500", "baseline": "100", "api-hosts": "20", "api-sandboxes": "100"},
 		run: func(ctx context.Context, e *env, dir string) (*bench.Result, error) {
 			o.WorkDir, o.Out, o.Log = dir, e.out, e.log
-			res, err := bench.Scheduler(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.Scheduler(ctx, o))
 		},
 	}
 }
@@ -179,11 +175,7 @@ many cold-booted ones.`,
 				return nil, err
 			}
 			o.WorkDir, o.Out, o.Log = dir, e.out, e.log
-			res, err := bench.Warm(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.Warm(ctx, o))
 		},
 	}
 }
@@ -209,11 +201,7 @@ namespaces) and nginx; wrk where installed, else Go's client.`,
 		smoke: map[string]string{"duration": "500ms", "rounds": "1"},
 		run: func(ctx context.Context, e *env, _ string) (*bench.Result, error) {
 			o.Out, o.Log = e.out, e.log
-			res, err := bench.Ingress(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.Ingress(ctx, o))
 		},
 	}
 }
@@ -238,11 +226,7 @@ the rounds' throughput with the programs over without.`,
 		smoke: map[string]string{"duration": "500ms", "rounds": "1"},
 		run: func(ctx context.Context, e *env, _ string) (*bench.Result, error) {
 			o.Out, o.Log = e.out, e.log
-			res, err := bench.Policy(ctx, o)
-			if err != nil {
-				return nil, err
-			}
-			return res.Summary(), nil
+			return summary(bench.Policy(ctx, o))
 		},
 	}
 }

@@ -13,7 +13,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -266,18 +265,18 @@ each was measured against a baseline in its own run, so two runs on
 different days or machines compare. VERDICT names changes beyond 5%.`,
 		Args: cobra.ExactArgs(2),
 		RunE: func(c *cobra.Command, args []string) error {
-			a, err := bench.ReadResults(args[0])
-			if err != nil {
-				return err
+			var runs [2][]bench.Result
+			for i, path := range args {
+				rs, err := bench.ReadResults(path)
+				if err != nil {
+					return err
+				}
+				if len(rs) == 0 {
+					return fmt.Errorf("%s: no benchmark results (JSON lines with a \"bench\" key)", path)
+				}
+				runs[i] = rs
 			}
-			b, err := bench.ReadResults(args[1])
-			if err != nil {
-				return err
-			}
-			if len(a) == 0 || len(b) == 0 {
-				return errors.New("no benchmark results in " + map[bool]string{true: args[0], false: args[1]}[len(a) == 0])
-			}
-			return bench.Compare(c.OutOrStdout(), a, b)
+			return bench.Compare(c.OutOrStdout(), runs[0], runs[1])
 		},
 	}
 }

@@ -42,6 +42,9 @@ func TestSmokeFlagsExist(t *testing.T) {
 // result whose figures are all positive, leave no VM, run directory or
 // image behind, and `compare` must read the file back.
 func TestSmoke(t *testing.T) {
+	if testing.Short() {
+		t.Skip("skipped with -short: boots VMs and runs every benchmark (a few minutes)")
+	}
 	testenv.NeedVMs(t)
 	for _, bin := range []string{"nginx", "ip"} {
 		_, err := exec.LookPath(bin)
