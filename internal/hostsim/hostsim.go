@@ -102,10 +102,14 @@ func (s *Sim) register(ctx context.Context, name string, i int) error {
 	if err := s.o.Client.Create(ctx, h); err != nil {
 		return fmt.Errorf("create host %s: %w", name, err)
 	}
+	// A merge patch, not an update: the control plane's hostranges
+	// controller writes the new Host's sandbox range at the same time, and
+	// an update from the created object's version would conflict with it.
+	base := h.DeepCopy()
 	h.Status.Capacity, h.Status.Allocatable, h.Status.Accel = s.o.Allocatable, s.o.Allocatable, "simulated"
 	meta.SetStatusCondition(&h.Status.Conditions, metav1.Condition{Type: v1alpha1.HostConditionReady, Status: metav1.ConditionTrue,
 		Reason: "Simulated", Message: "a simulated host (hostsim)"})
-	if err := s.o.Client.Status().Update(ctx, h); err != nil {
+	if err := s.o.Client.Status().Patch(ctx, h, client.MergeFrom(base)); err != nil {
 		return fmt.Errorf("host %s status: %w", name, err)
 	}
 	return s.renew(ctx, name)
