@@ -6,11 +6,16 @@ import (
 	"log/slog"
 	"net"
 	"path/filepath"
+	"time"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/watch"
 
 	"k8s.io/client-go/rest"
 	"k8s.io/client-go/tools/clientcmd"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
+	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hearthd"
 )
 
@@ -83,4 +88,53 @@ func freePort() (int, error) {
 	}
 	defer l.Close()
 	return l.Addr().(*net.TCPAddr).Port, nil
+}
+
+// createRunning creates sb and waits through a watch (polling would load
+// the machine that boots the VM) until it is Running, returning it as then
+// and when it was created (just before the create call). It fails when the sandbox ends or timeout
+// passes. A watch the server closes (as it may under load) is opened
+// again from the sandbox's state at that point.
+func createRunning(ctx context.Context, c client.WithWatch, sb *v1alpha1.Sandbox, timeout time.Duration) (*v1alpha1.Sandbox, time.Time, error) {
+	open := func(rv string) (watch.Interface, error) {
+		return c.Watch(ctx, &v1alpha1.SandboxList{}, client.InNamespace(sb.Namespace), client.MatchingFields{"metadata.name": sb.Name},
+			&client.ListOptions{Raw: &metav1.ListOptions{ResourceVersion: rv}})
+	}
+	w, err := open("")
+	if err != nil {
+		return sb, time.Time{}, err
+	}
+	defer func() { w.Stop() }()
+	start := time.Now()
+	if err := c.Create(ctx, sb); err != nil {
+		return sb, time.Time{}, err
+	}
+	deadline := time.After(timeout)
+	for sb.Status.Phase != v1alpha1.PhaseRunning {
+		if sb.Status.Phase.Terminal() {
+			return sb, start, fmt.Errorf("sandbox %s ended %s: %s", sb.Name, sb.Status.Reason, sb.Status.Message)
+		}
+		select {
+		case ev, ok := <-w.ResultChan():
+			if got, isSB := ev.Object.(*v1alpha1.Sandbox); ok && isSB {
+				sb = got
+				continue
+			}
+			// Closed, or an error event: look, and watch again from there.
+			w.Stop()
+			cur := &v1alpha1.Sandbox{}
+			if err := c.Get(ctx, client.ObjectKeyFromObject(sb), cur); err != nil {
+				return sb, start, fmt.Errorf("sandbox %s: %w", sb.Name, err)
+			}
+			sb = cur
+			if w, err = open(sb.ResourceVersion); err != nil {
+				return sb, start, err
+			}
+		case <-deadline:
+			return sb, start, fmt.Errorf("sandbox %s is %s after %s: %s", sb.Name, sb.Status.Phase, timeout, sb.Status.Message)
+		case <-ctx.Done():
+			return sb, start, ctx.Err()
+		}
+	}
+	return sb, start, nil
 }

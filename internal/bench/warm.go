@@ -273,33 +273,12 @@ func (w *warm) coldSandbox(name string) *v1alpha1.Sandbox {
 // is then deleted, without waiting.
 func (w *warm) start(ctx context.Context, sb *v1alpha1.Sandbox) (time.Duration, error) {
 	c := w.h.client
-	wch, err := c.Watch(ctx, &v1alpha1.SandboxList{}, client.InNamespace(sb.Namespace), client.MatchingFields{"metadata.name": sb.Name})
+	defer func() { _ = c.Delete(context.WithoutCancel(ctx), sb) }()
+	sb, created, err := createRunning(ctx, c, sb, 5*time.Minute)
 	if err != nil {
 		return 0, err
 	}
-	defer wch.Stop()
-	t0 := time.Now()
-	if err := c.Create(ctx, sb); err != nil {
-		return 0, err
-	}
-	defer func() { _ = c.Delete(context.WithoutCancel(ctx), sb) }()
-	for sb.Status.Phase != v1alpha1.PhaseRunning {
-		select {
-		case ev, ok := <-wch.ResultChan():
-			if !ok {
-				return 0, errors.New("watch ended")
-			}
-			if got, ok := ev.Object.(*v1alpha1.Sandbox); ok {
-				sb = got
-			}
-			if sb.Status.Phase.Terminal() {
-				return 0, fmt.Errorf("sandbox %s ended %s: %s", sb.Name, sb.Status.Reason, sb.Status.Message)
-			}
-		case <-time.After(5 * time.Minute):
-			return 0, fmt.Errorf("sandbox %s is %s after 5 minutes: %s", sb.Name, sb.Status.Phase, sb.Status.Message)
-		}
-	}
-	w.running = time.Since(t0)
+	w.running = time.Since(created)
 	first := &firstByte{}
 	if err := w.exec(ctx, sb.Name, first, "echo", "x"); err != nil {
 		return 0, err
@@ -307,7 +286,7 @@ func (w *warm) start(ctx context.Context, sb *v1alpha1.Sandbox) (time.Duration, 
 	if first.at.IsZero() {
 		return 0, errors.New("the exec printed nothing")
 	}
-	return first.at.Sub(t0), nil
+	return first.at.Sub(created), nil
 }
 
 // firstByte records when its first byte was written.

@@ -46,7 +46,7 @@ func TestCollectEnv(t *testing.T) {
 }
 
 func TestHelp(t *testing.T) {
-	for _, args := range [][]string{{"--help"}, {"run", "--help"}, {"image", "--help"}, {"image", "pull", "--help"}, {"bench", "boot", "--help"}, {"version"}} {
+	for _, args := range [][]string{{"--help"}, {"run", "--help"}, {"image", "--help"}, {"image", "pull", "--help"}, {"version"}} {
 		var out, errb strings.Builder
 		if code := Main(args, strings.NewReader(""), &out, &errb); code != 0 {
 			t.Errorf("%v: exit %d: %s", args, code, errb.String())
@@ -54,6 +54,12 @@ func TestHelp(t *testing.T) {
 		if out.Len() == 0 {
 			t.Errorf("%v printed nothing", args)
 		}
+	}
+	// hearth bench runs hearth-bench, and says where it looked without it.
+	var bout, berr strings.Builder
+	t.Setenv("HEARTH_BENCH", filepath.Join(t.TempDir(), "no-hearth-bench"))
+	if code := Main([]string{"bench", "boot"}, strings.NewReader(""), &bout, &berr); code != ExitHearth || !strings.Contains(berr.String(), "hearth-bench") {
+		t.Errorf("bench without hearth-bench: %d %q", code, berr.String())
 	}
 	var out, errb strings.Builder
 	if code := Main([]string{"run"}, strings.NewReader(""), &out, &errb); code != ExitHearth || !strings.Contains(errb.String(), "give an IMAGE to run, or --template, --snapshot or --pool") {

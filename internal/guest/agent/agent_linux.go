@@ -6,7 +6,7 @@ import (
 	"os"
 	"os/exec"
 	"os/signal"
-	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -72,8 +72,9 @@ func run(build string) error {
 	if err := loopbackUp(); err != nil {
 		fmt.Fprintf(os.Stderr, "hearth-agent: bring up lo: %v\n", err)
 	}
-	// The workload may be OOM-killed; the agent must not be.
-	_ = os.WriteFile("/proc/self/oom_score_adj", []byte("-1000"), 0)
+	// The workload may be OOM-killed; the agent must not be, and is not:
+	// the kernel never picks init (oom_unkillable_task). Its
+	// oom_score_adj stays at the default, which the workload inherits.
 
 	port, err := openPort(protocol.SerialPortName, 10*time.Second, 2*time.Millisecond)
 	if err != nil {
@@ -119,25 +120,56 @@ func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
 	}
 	deadline := time.Now().Add(timeout)
 	for {
-		names, _ := filepath.Glob("/sys/class/virtio-ports/*/name")
-		for _, n := range names {
-			if b, err := os.ReadFile(n); err == nil && strings.TrimSpace(string(b)) == name {
-				f, err := os.OpenFile("/dev/"+filepath.Base(filepath.Dir(n)), os.O_RDWR, 0)
-				if err != nil {
-					return nil, err
-				}
-				if err := waitHost(f, deadline, interval); err != nil {
-					f.Close()
-					return nil, err
-				}
-				return f, nil
+		if dev := portDevice(name); dev != "" {
+			f, err := os.OpenFile(dev, os.O_RDWR, 0)
+			if err != nil {
+				return nil, err
 			}
+			if err := waitHost(f, deadline, interval); err != nil {
+				f.Close()
+				return nil, err
+			}
+			return f, nil
 		}
 		if time.Now().After(deadline) {
 			return nil, fmt.Errorf("no virtio-serial port named %s", name)
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+const virtioPorts = "/sys/class/virtio-ports/"
+
+// portDevice returns the device of the virtio-serial port called name, ""
+// while there is none. QEMU numbers ports from 1 in the order of its command
+// line, which has hearth.0 to hearth.N in order (internal/vmm/qemu), and the
+// guest names them vport0pID: that one is checked first, and the others are
+// only scanned (fewer sysfs reads and less first-run code under TCG) if it
+// is not the one.
+func portDevice(name string) string {
+	if n, ok := strings.CutPrefix(name, "hearth."); ok {
+		if i, err := strconv.Atoi(n); err == nil {
+			dev := "vport0p" + strconv.Itoa(i+1)
+			if portName(dev) == name {
+				return "/dev/" + dev
+			}
+		}
+	}
+	entries, _ := os.ReadDir(virtioPorts)
+	for _, e := range entries {
+		if portName(e.Name()) == name {
+			return "/dev/" + e.Name()
+		}
+	}
+	return ""
+}
+
+func portName(dev string) string {
+	b, err := os.ReadFile(virtioPorts + dev + "/name")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
 }
 
 // waitHost waits until a host is connected to the port and has sent
@@ -352,9 +384,6 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	}
 	wio.closeChild()
 	pid := cmd.Process.Pid
-	// The workload inherited the agent's -1000; give it the default back so
-	// that the OOM killer takes it rather than finding nothing killable.
-	_ = os.WriteFile(fmt.Sprintf("/proc/%d/oom_score_adj", pid), []byte("0"), 0)
 
 	wl := &running{pid: pid, ptmx: wio.pty, stdin: newStdinWriter(wio.stdin, s.w)}
 	s.mu.Lock()
@@ -365,7 +394,7 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 	// the control loop must have somewhere to put it.
 	exited := reap.wait(pid)
 	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
-	if !st.Exec {
+	if !st.Exec && !st.NoExecPorts {
 		// The sandbox runs: from now on, exec sessions may come.
 		startExecPorts.Do(func() {
 			for i := 1; i <= protocol.ExecPorts; i++ {
@@ -723,14 +752,13 @@ func oomKills() int {
 	if err != nil {
 		return 0
 	}
-	for _, line := range strings.Split(string(b), "\n") {
-		if v, ok := strings.CutPrefix(line, "oom_kill "); ok {
-			var n int
-			fmt.Sscan(v, &n)
-			return n
-		}
+	_, v, ok := strings.Cut(string(b), "\noom_kill ")
+	if !ok {
+		return 0
 	}
-	return 0
+	v, _, _ = strings.Cut(v, "\n")
+	n, _ := strconv.Atoi(v)
+	return n
 }
 
 // diskFull reports whether the writable layer behind path has no room left:

@@ -3,7 +3,6 @@ package agent
 import (
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
 	"time"
 
@@ -59,7 +58,12 @@ func setupRoot(st *protocol.Start) error {
 			return err
 		}
 	}
-	_ = os.Chmod("/mnt/root/tmp", 0o1777|os.ModeSticky)
+	// hearth's writable disk has it so already (MakeDisk): a needless
+	// chmod is the guest's first ext4 metadata write, which under TCG
+	// costs milliseconds of first-run code.
+	if fi, err := os.Stat("/mnt/root/tmp"); err != nil || fi.Mode()&(os.ModePerm|os.ModeSticky) != 0o777|os.ModeSticky {
+		_ = os.Chmod("/mnt/root/tmp", 0o1777|os.ModeSticky)
+	}
 	for _, d := range []string{"/dev", "/proc", "/sys"} {
 		if err := unix.Mount(d, "/mnt/root"+d, "", unix.MS_MOVE, ""); err != nil {
 			return fmt.Errorf("move %s: %w", d, err)
@@ -121,13 +125,19 @@ func fsType(t, def string) string {
 
 // findDisk returns /dev/vdX for the virtio block device with this serial.
 // Probing is asynchronous, so it waits a little for the device to appear.
+// The devices are named in order from vda: reading their serials one after
+// another until one is missing costs less than listing /sys/block.
 func findDisk(serial string, timeout time.Duration) (string, error) {
 	deadline := time.Now().Add(timeout)
 	for {
-		paths, _ := filepath.Glob("/sys/block/vd*/serial")
-		for _, p := range paths {
-			if b, err := os.ReadFile(p); err == nil && strings.TrimSpace(string(b)) == serial {
-				return "/dev/" + filepath.Base(filepath.Dir(p)), nil
+		for c := 'a'; c <= 'z'; c++ {
+			dev := "vd" + string(c)
+			b, err := os.ReadFile("/sys/block/" + dev + "/serial")
+			if err != nil {
+				break
+			}
+			if strings.TrimSpace(string(b)) == serial {
+				return "/dev/" + dev, nil
 			}
 		}
 		if time.Now().After(deadline) {
