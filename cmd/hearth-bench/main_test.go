@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -63,24 +64,58 @@ func TestSmoke(t *testing.T) {
 	before, _ := os.ReadDir(images)
 
 	runRoot := t.TempDir()
-	out := filepath.Join(t.TempDir(), "smoke.jsonl")
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, hb, "all", "--smoke", "--out", out)
-	cmd.Env = append(os.Environ(), "HEARTH_RUN_DIR="+runRoot, "HEARTH_IMAGE_DIR=")
-	var stdout bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &stdout, &stdout
-	t0 := time.Now()
-	err := cmd.Run()
-	t.Logf("hearth-bench all --smoke took %s:\n%s", time.Since(t0).Round(time.Second), stdout.String())
-	if err != nil {
-		t.Fatalf("hearth-bench all --smoke: %v", err)
+	smoke := func(out string, only ...string) []bench.Result {
+		args := []string{"all", "--smoke", "--out", out}
+		if len(only) > 0 {
+			args = append(args, "--only", strings.Join(only, ","))
+		}
+		cmd := exec.CommandContext(ctx, hb, args...)
+		cmd.Env = append(os.Environ(), "HEARTH_RUN_DIR="+runRoot, "HEARTH_IMAGE_DIR=")
+		var stdout bytes.Buffer
+		cmd.Stdout, cmd.Stderr = &stdout, &stdout
+		t0 := time.Now()
+		err := cmd.Run()
+		t.Logf("hearth-bench %s took %s (%v):\n%s", strings.Join(args, " "), time.Since(t0).Round(time.Second), err, stdout.String())
+		results, rerr := bench.ReadResults(out)
+		if rerr != nil {
+			t.Fatal(rerr)
+		}
+		return results
+	}
+	out := filepath.Join(t.TempDir(), "smoke.jsonl")
+	results := smoke(out)
+	// A benchmark that fails is run once more, alone: on CI's loaded
+	// machine an in-process control plane may fall over for reasons that
+	// are not the benchmark's (the first run's log above says which). One
+	// that fails twice fails the test.
+	var failed []string
+	for _, r := range results {
+		if r.Error != "" {
+			failed = append(failed, r.Bench)
+		}
+	}
+	if len(failed) > 0 {
+		t.Logf("again, after failures of %v", failed)
+		again := smoke(filepath.Join(t.TempDir(), "again.jsonl"), failed...)
+		for i, r := range results {
+			for _, a := range again {
+				if a.Bench == r.Bench {
+					results[i] = a
+				}
+			}
+		}
+		f, err := os.Create(out)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, r := range results {
+			fmt.Fprintln(f, r.JSON())
+		}
+		f.Close()
 	}
 
-	results, err := bench.ReadResults(out)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var names []string
 	for _, r := range results {
 		names = append(names, r.Bench)

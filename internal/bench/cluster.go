@@ -32,13 +32,9 @@ type hearth struct {
 // startHearth starts a control plane (adjust may add roles or change
 // options) and returns a client with no client-side rate limit.
 func startHearth(ctx context.Context, log *slog.Logger, workDir string, adjust func(*hearthd.Options)) (*hearth, error) {
-	ports := make([]int, 4)
-	for i := range ports {
-		p, err := freePort()
-		if err != nil {
-			return nil, err
-		}
-		ports[i] = p
+	ports, err := freePorts(4)
+	if err != nil {
+		return nil, err
 	}
 	dataDir := filepath.Join(workDir, "d")
 	opts := hearthd.DefaultOptions()
@@ -55,7 +51,15 @@ func startHearth(ctx context.Context, log *slog.Logger, workDir string, adjust f
 	ctx, cancel := context.WithCancel(ctx)
 	ready := make(chan string, 1)
 	done := make(chan error, 1)
-	go func() { done <- hearthd.Run(ctx, log, opts, func(kc string) { ready <- kc }) }()
+	go func() {
+		err := hearthd.Run(ctx, log, opts, func(kc string) { ready <- kc })
+		if ctx.Err() == nil {
+			// Not stopped by the benchmark: what it measures next fails
+			// (connection refused), and this says why.
+			log.Error("the benchmark's hearthd stopped", "err", err)
+		}
+		done <- err
+	}()
 	stop := func() {
 		cancel()
 		<-done
@@ -81,13 +85,19 @@ func startHearth(ctx context.Context, log *slog.Logger, workDir string, adjust f
 	return &hearth{client: c, cfg: cfg, dataDir: dataDir, etcdPort: ports[1], stop: stop}, nil
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
+// freePorts returns n distinct free loopback ports: each is held until
+// all are found, so that none is handed out twice.
+func freePorts(n int) ([]int, error) {
+	ports := make([]int, n)
+	for i := range ports {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return nil, err
+		}
+		defer l.Close()
+		ports[i] = l.Addr().(*net.TCPAddr).Port
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	return ports, nil
 }
 
 // createRunning creates sb and waits through a watch (polling would load

@@ -83,11 +83,9 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 	if err := writeECKey(saKey); err != nil {
 		return nil, err
 	}
-	ports := make([]int, 3)
-	for i := range ports {
-		if ports[i], err = freePort(); err != nil {
-			return nil, err
-		}
+	ports, err := freePorts(3)
+	if err != nil {
+		return nil, err
 	}
 	etcdURL := "https://127.0.0.1:" + strconv.Itoa(ports[0])
 	member, err := etcd.Start(ctx, log, etcd.Config{Name: "kube", DataDir: filepath.Join(dir, "etcd"),
