@@ -35,7 +35,11 @@ staging=v0.${version#v1.}
   echo ")"
 } > go.mod
 echo "building kube-apiserver $version (about 5 minutes on 2 cores, once)" >&2
-go get "k8s.io/kubernetes/cmd/kube-apiserver@$version" >&2
+# go get lists every module it adds: keep that for a failure only.
+if ! go get "k8s.io/kubernetes/cmd/kube-apiserver@$version" > get.log 2>&1; then
+  cat get.log >&2
+  exit 1
+fi
 mkdir -p "$(dirname "$out")"
 CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$out.tmp" k8s.io/kubernetes/cmd/kube-apiserver >&2
 mv "$out.tmp" "$out"
