@@ -81,9 +81,11 @@ func (r *APIResult) Summary() *Result {
 
 // API starts an all-in-one hearth in this process and measures it: Sandbox
 // creates per second through the API server (with a hostSelector no host
-// matches, so nothing boots) against raw puts of objects of the same size
-// to the same etcd, in the same run; then, with Boots > 0, the time from
-// create to Running of one sandbox against a local run of the same image.
+// matches, so nothing boots) against the same creates through kube-apiserver
+// serving the same CRDs (where it is built) and against raw puts of objects
+// of the same size to the same etcd, in the same run; then, with Boots > 0,
+// the time from create to Running of one sandbox against a local run of the
+// same image.
 func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	if o.Concurrency == 0 {
 		o.Concurrency = 32
