@@ -49,6 +49,25 @@ type env struct {
 	work string
 }
 
+// scratch makes the process's scratch directory on first use (the hidden
+// ingress-proxy, which the ingress benchmark SIGKILLs, never makes one).
+func (e *env) scratch() error {
+	if e.work != "" {
+		return nil
+	}
+	work, err := os.MkdirTemp("", "hearth-bench-")
+	if err != nil {
+		return err
+	}
+	e.work = work
+	if os.Getenv("HEARTH_IMAGE_DIR") == "" {
+		// The sandboxes' shims, started by the benchmarks' node agents and
+		// hearth runs, inherit it.
+		os.Setenv("HEARTH_IMAGE_DIR", filepath.Join(work, "images"))
+	}
+	return nil
+}
+
 func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -103,18 +122,11 @@ hearth-agent beside this executable (make build puts them in bin/).`,
 	pf.StringVar(&cpuProfile, "cpuprofile", "", "write this process's CPU profile here (the in-process control plane's included; go tool pprof reads it)")
 	pf.BoolVar(&e.smoke, "smoke", false, "run at a size that only checks the benchmark works (CI); flags given still apply")
 
-	work, err := os.MkdirTemp("", "hearth-bench-")
-	if err != nil {
-		fmt.Fprintf(stderr, "hearth-bench: %v\n", err)
-		return 1
-	}
-	defer os.RemoveAll(work)
-	e.work = work
-	if os.Getenv("HEARTH_IMAGE_DIR") == "" {
-		// The sandboxes' shims, started by the benchmarks' node agents and
-		// hearth runs, inherit it.
-		os.Setenv("HEARTH_IMAGE_DIR", filepath.Join(work, "images"))
-	}
+	defer func() {
+		if e.work != "" {
+			os.RemoveAll(e.work)
+		}
+	}()
 
 	for _, b := range benchmarks() {
 		root.AddCommand(b.command(e))
@@ -122,7 +134,7 @@ hearth-agent beside this executable (make build puts them in bin/).`,
 	root.AddCommand(allCmd(e), compareCmd(), &cobra.Command{
 		Use: "ingress-proxy LISTEN BACKEND", Hidden: true, Args: cobra.ExactArgs(2),
 		Short: "the ingress data path alone, for hearth-bench ingress",
-		RunE:  func(_ *cobra.Command, args []string) error { return bench.ServeProxy(args[0], args[1]) },
+		RunE:  func(c *cobra.Command, args []string) error { return bench.ServeProxy(c.Context(), args[0], args[1]) },
 	}, &cobra.Command{
 		Use: "version", Short: "Print hearth-bench's version", Args: cobra.NoArgs,
 		Run: func(c *cobra.Command, _ []string) { fmt.Fprintf(c.OutOrStdout(), "hearth-bench %s\n", version) },
@@ -162,6 +174,9 @@ func (b *benchmark) prepare(fs *pflag.FlagSet, smoke bool) error {
 // measure runs the benchmark in a scratch directory of its own and marks
 // a smoke result.
 func (b *benchmark) measure(ctx context.Context, e *env) (*bench.Result, error) {
+	if err := e.scratch(); err != nil {
+		return nil, err
+	}
 	dir, err := os.MkdirTemp(e.work, b.name+"-")
 	if err != nil {
 		return nil, err

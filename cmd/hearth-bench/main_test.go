@@ -19,6 +19,12 @@ import (
 	"hearth.dev/hearth/internal/testenv"
 )
 
+func TestMain(m *testing.M) {
+	code := m.Run()
+	testenv.RemoveBinaries()
+	os.Exit(code)
+}
+
 // Every benchmark's --smoke sizes name flags it has: a renamed flag must
 // not silently leave the smoke run at full size.
 func TestSmokeFlagsExist(t *testing.T) {

@@ -2,6 +2,7 @@ package bench
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -13,6 +14,7 @@ import (
 	"sort"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"hearth.dev/hearth/internal/ingress"
@@ -186,9 +188,17 @@ func (f fixedTarget) Resolve(*http.Request) (ingress.Target, *ingress.Refusal) {
 // ServeProxy serves hearth's ingress data path on listen, sending every
 // request to backend (`hearth-bench ingress-proxy`, which Ingress runs in
 // its namespace).
-func ServeProxy(listen, backend string) error {
+func ServeProxy(ctx context.Context, listen, backend string) error {
 	ingress.TuneGC()
-	return ingress.PlainServer(listen, ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil)).ListenAndServe()
+	srv := ingress.PlainServer(listen, ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil))
+	go func() {
+		<-ctx.Done()
+		_ = srv.Close()
+	}()
+	if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 func startProxy(s *nettest.Scope, ns, listen, backend string) error {
@@ -258,10 +268,14 @@ http {
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns, "nginx", "-c", path, "-p", dir, "-g", "daemon off;")
 	cmd.Stderr = os.Stderr
+	// A group of its own, killed whole: nginx's workers outlive a master
+	// that is SIGKILLed. (No Pdeathsig: this runs on a thread locked into
+	// a namespace, whose end would kill nginx at once.)
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("nginx: %w", err)
 	}
-	s.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
+	s.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); _ = cmd.Wait() })
 	return waitListening(ns, listen, func() string {
 		b, _ := os.ReadFile(filepath.Join(dir, "error.log"))
 		return string(b)
