@@ -157,9 +157,10 @@ func warmBench() *benchmark {
 process with a SandboxTemplate of a busybox image and a WarmPool of --pool.
 Then -n times: a Sandbox claims the pool, and the time from its create to
 the first byte of an exec's output in it is taken; every tenth start also
-times a Sandbox started from the template's snapshot the same way, and a
-bare QEMU restore of that snapshot to the guest agent's first answer (the
-VMM alone: the baseline). Cold boots of the image are timed the same way.
+times a Sandbox started from the template's snapshot the same way (on a
+quiet host, after the pool has refilled), and a bare QEMU restore of that
+snapshot to the first byte of an exec's output sent straight to the restored
+agent (the VMM alone: the baseline). Cold boots of the image are timed the same way.
 Last, the host memory (PSS and RSS) of --clones pool sandboxes against as
 many cold-booted ones.`,
 		flags: func(fs *pflag.FlagSet) {

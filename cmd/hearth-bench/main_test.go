@@ -19,11 +19,8 @@ import (
 	"hearth.dev/hearth/internal/testenv"
 )
 
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBinaries()
-	os.Exit(code)
-}
+// TestMain removes the binaries testenv.Binaries built for TestSmoke.
+func TestMain(m *testing.M) { testenv.Main(m) }
 
 // Every benchmark's --smoke sizes name flags it has: a renamed flag must
 // not silently leave the smoke run at full size.

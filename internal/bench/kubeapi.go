@@ -57,7 +57,6 @@ func KubeAPIServerBinary(flag string) (path, why string) {
 // member of its own, configured as hearth's is: TLS to etcd with a client
 // certificate, client certificates for users, the admin in system:masters.
 type kubeAPIServer struct {
-	cfg    *rest.Config
 	client client.Client
 	stop   func()
 }
@@ -136,15 +135,15 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 			}
 		}
 	}()
-	k.cfg = &rest.Config{Host: "https://127.0.0.1:" + strconv.Itoa(ports[2]), QPS: -1,
+	cfg := &rest.Config{Host: "https://127.0.0.1:" + strconv.Itoa(ports[2]), QPS: -1,
 		TLSClientConfig: rest.TLSClientConfig{CAFile: ca.CertFile(), CertFile: admin.CertFile, KeyFile: admin.KeyFile}}
-	if err := waitReady(ctx, k.cfg, exited, func() error { return waitErr }); err != nil {
+	if err := waitReady(ctx, cfg, exited, func() error { return waitErr }); err != nil {
 		return nil, err
 	}
-	if err := apiserver.InstallCRDs(ctx, k.cfg, log); err != nil {
+	if err := apiserver.InstallCRDs(ctx, cfg, log); err != nil {
 		return nil, err
 	}
-	if k.client, err = client.New(k.cfg, client.Options{Scheme: hearthd.Scheme}); err != nil {
+	if k.client, err = client.New(cfg, client.Options{Scheme: hearthd.Scheme}); err != nil {
 		return nil, err
 	}
 	return k, nil

@@ -54,8 +54,9 @@ type WarmResult struct {
 	// (spec.source.template: a restore on request).
 	RestoreP50 float64 `json:"restore_p50_ms"`
 	RestoreP90 float64 `json:"restore_p90_ms"`
-	// A bare QEMU restore of the same snapshot to the guest agent's
-	// first answer, and a cold boot (create to first exec byte).
+	// A bare QEMU restore of the same snapshot to the first byte of an
+	// exec's output sent straight to the restored agent, and a cold boot
+	// (create to first exec byte, through the API).
 	BareRestoreP50 float64 `json:"bare_restore_p50_ms"`
 	BareRestoreP90 float64 `json:"bare_restore_p90_ms"`
 	ColdBootP50    float64 `json:"cold_boot_p50_ms"`

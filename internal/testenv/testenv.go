@@ -79,6 +79,14 @@ func RemoveBinaries() {
 	}
 }
 
+// Main is the TestMain of a package whose tests call Binaries: it runs the
+// tests, removes the binaries and exits with the tests' status.
+func Main(m *testing.M) {
+	code := m.Run()
+	RemoveBinaries()
+	os.Exit(code)
+}
+
 // Binaries builds hearth and hearth-agent once per test process and returns
 // the directory holding them.
 func Binaries(t testing.TB) string {

@@ -1,15 +1,10 @@
 package qemu
 
 import (
-	"os"
 	"testing"
 
 	"hearth.dev/hearth/internal/testenv"
 )
 
-// TestMain removes the binaries the conformance suite built.
-func TestMain(m *testing.M) {
-	code := m.Run()
-	testenv.RemoveBinaries()
-	os.Exit(code)
-}
+// TestMain removes the binaries testenv.Binaries built for the tests.
+func TestMain(m *testing.M) { testenv.Main(m) }
