@@ -48,6 +48,9 @@ same arguments: boot, api, scheduler, warm, ingress, policy, all, compare.
 			err = cmd.Wait()
 			var ee *exec.ExitError
 			if errors.As(err, &ee) {
+				if ws, ok := ee.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+					return &ExitError{Code: 128 + int(ws.Signal())} // as a shell reports it
+				}
 				return &ExitError{Code: ee.ExitCode()}
 			}
 			return err
