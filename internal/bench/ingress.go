@@ -2,7 +2,6 @@ package bench
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -12,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"sort"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -40,6 +40,10 @@ type LoadFigures struct {
 	RPS     float64 `json:"rps"`
 	LoadP50 float64 `json:"load_p50_ms"`
 	LoadP99 float64 `json:"load_p99_ms"`
+	// The proxy's CPU time (all its processes, user and system) per
+	// request under that load: what it costs, whatever share of this
+	// shared machine it got (0 for the direct connection).
+	CPUusPerReq float64 `json:"cpu_us_per_req"`
 }
 
 // IngressResult is the benchmark's outcome.
@@ -67,7 +71,8 @@ func (r *IngressResult) Summary() *Result {
 	return &Result{Bench: "ingress", N: r.Rounds, Details: r,
 		Figure: NewFigure("rps", r.Hearth.RPS, "nginx_rps", r.Nginx.RPS, Higher, 1),
 		More: []Figure{NewFigure("p50_ms", r.Hearth.P50ms, "direct_p50_ms", r.Direct.P50ms, Lower, 0),
-			NewFigure("p50_ms", r.Hearth.P50ms, "nginx_p50_ms", r.Nginx.P50ms, Lower, 0)}}
+			NewFigure("p50_ms", r.Hearth.P50ms, "nginx_p50_ms", r.Nginx.P50ms, Lower, 0),
+			NewFigure("cpu_us_per_req", r.Hearth.CPUusPerReq, "nginx_cpu_us_per_req", r.Nginx.CPUusPerReq, Lower, 0)}}
 }
 
 // Ingress measures hearth's ingress data path (ingress.Proxy, as
@@ -104,13 +109,15 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 
 		// The ingress in a process of its own, as nginx is: the load
 		// generator and the backend share this one.
-		if err := startProxy(s, front, "127.0.0.1:8481", backend); err != nil {
+		proxyGroup, err := startProxy(s, front, "127.0.0.1:8481", backend)
+		if err != nil {
 			return err
 		}
 		dial := func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return nettest.Dial(ctx, front, network, addr)
 		}
-		if err := startNginx(s, front, "127.0.0.1:8482", backend); err != nil {
+		nginxGroup, err := startNginx(s, front, "127.0.0.1:8482", backend)
+		if err != nil {
 			return err
 		}
 		client := &http.Client{Transport: &http.Transport{
@@ -125,7 +132,10 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 			dur  time.Duration
 			// wrk's percentiles, per round
 			wrkP50, wrkP99 []float64
-		}{{name: "direct", url: "http://" + backend + "/"}, {name: "hearth", url: "http://127.0.0.1:8481/"}, {name: "nginx", url: "http://127.0.0.1:8482/"}}
+			group          int           // the proxy's process group (0: none)
+			cpu            time.Duration // its CPU time under load
+		}{{name: "direct", url: "http://" + backend + "/"}, {name: "hearth", url: "http://127.0.0.1:8481/", group: proxyGroup},
+			{name: "nginx", url: "http://127.0.0.1:8482/", group: nginxGroup}}
 		for i := range targets {
 			if _, err := get(ctx, client, targets[i].url); err != nil {
 				return fmt.Errorf("%s: %w", targets[i].name, err)
@@ -143,6 +153,7 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 				l1, _ := load(ctx, client, t.url, 1, o.Duration/2)
 				t.lat1 = append(t.lat1, l1...)
 				var n int
+				cpu0 := groupCPU(t.group)
 				if wrk {
 					w, err := loadWrk(front, t.url, o.Conc, o.Duration)
 					if err != nil {
@@ -155,8 +166,10 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 					lN, n = load(ctx, client, t.url, o.Conc, o.Duration)
 					t.latN = append(t.latN, lN...)
 				}
-				t.n, t.dur = t.n+n, t.dur+o.Duration
-				fmt.Fprintf(o.Out, "round %d %-6s p50 %.3f ms (1 conn)  %.0f req/s (%d conns)\n", r+1, t.name, pctMs(l1, 50), float64(n)/o.Duration.Seconds(), o.Conc)
+				cpu := groupCPU(t.group) - cpu0
+				t.n, t.dur, t.cpu = t.n+n, t.dur+o.Duration, t.cpu+cpu
+				fmt.Fprintf(o.Out, "round %d %-6s p50 %.3f ms (1 conn)  %.0f req/s (%d conns)  %.1f µs CPU/req\n", r+1, t.name, pctMs(l1, 50),
+					float64(n)/o.Duration.Seconds(), o.Conc, float64(cpu.Microseconds())/float64(max(n, 1)))
 			}
 		}
 		fig := func(i int) LoadFigures {
@@ -165,6 +178,9 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 				LoadP50: pctMs(t.latN, 50), LoadP99: pctMs(t.latN, 99)}
 			if wrk {
 				f.LoadP50, f.LoadP99 = round(median(t.wrkP50), 3), round(median(t.wrkP99), 3)
+			}
+			if t.group != 0 && t.n > 0 {
+				f.CPUusPerReq = round(float64(t.cpu.Microseconds())/float64(t.n), 2)
 			}
 			return f
 		}
@@ -183,40 +199,80 @@ func Ingress(ctx context.Context, o IngressOptions) (*IngressResult, error) {
 
 type fixedTarget struct{ t ingress.Target }
 
-func (f fixedTarget) Resolve(*http.Request) (ingress.Target, *ingress.Refusal) { return f.t, nil }
+func (f fixedTarget) Resolve(context.Context, ingress.Request) (ingress.Target, *ingress.Refusal) {
+	return f.t, nil
+}
 
 // ServeProxy serves hearth's ingress data path on listen, sending every
 // request to backend (`hearth-bench ingress-proxy`, which Ingress runs in
 // its namespace).
 func ServeProxy(ctx context.Context, listen, backend string) error {
 	ingress.TuneGC()
-	srv := ingress.PlainServer(listen, ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil))
-	go func() {
-		<-ctx.Done()
-		_ = srv.Close()
-	}()
-	if err := srv.ListenAndServe(); !errors.Is(err, http.ErrServerClosed) {
-		return err
-	}
-	return nil
-}
-
-func startProxy(s *nettest.Scope, ns, listen, backend string) error {
-	self, err := os.Executable()
+	ln, err := net.Listen("tcp", listen)
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command("ip", "netns", "exec", ns, self, "ingress-proxy", listen, backend)
-	if p := os.Getenv("XPROXY"); p != "" {
-		cmd = exec.Command("ip", "netns", "exec", ns, p, listen, backend)
-	}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("the ingress proxy: %w", err)
-	}
-	s.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait() })
-	return waitListening(ns, listen, func() string { return "" })
+	p := ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil)
+	return ingress.Serve(ctx, ln, nil, p, slog.Default())
 }
+
+// startProxy runs `hearth-bench ingress-proxy` in ns, in a process group
+// of its own (ip netns exec execs it: the group's one process); it
+// returns the group.
+func startProxy(s *nettest.Scope, ns, listen, backend string) (int, error) {
+	self, err := os.Executable()
+	if err != nil {
+		return 0, err
+	}
+	cmd := exec.Command("ip", "netns", "exec", ns, self, "ingress-proxy", listen, backend)
+	cmd.Stderr = os.Stderr
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		return 0, fmt.Errorf("the ingress proxy: %w", err)
+	}
+	s.Cleanup(func() {
+		// SIGTERM, so that it stops as it would in use; SIGKILL if not
+		// within a few seconds.
+		_ = cmd.Process.Signal(syscall.SIGTERM)
+		t := time.AfterFunc(5*time.Second, func() { _ = cmd.Process.Kill() })
+		_ = cmd.Wait()
+		t.Stop()
+	})
+	return cmd.Process.Pid, waitListening(ns, listen, func() string { return "" })
+}
+
+// groupCPU is the CPU time, user and system, of the live processes in
+// process group pgid (0: none), from /proc.
+func groupCPU(pgid int) time.Duration {
+	if pgid == 0 {
+		return 0
+	}
+	stats, _ := filepath.Glob("/proc/[0-9]*/stat")
+	var ticks int64
+	for _, p := range stats {
+		b, err := os.ReadFile(p)
+		if err != nil {
+			continue
+		}
+		// pid (comm) state ppid pgrp ... utime stime: fields 14 and 15;
+		// comm may hold spaces, so count from its closing parenthesis.
+		i := strings.LastIndexByte(string(b), ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(string(b[i+1:]))
+		if len(f) < 13 || f[2] != strconv.Itoa(pgid) {
+			continue
+		}
+		u, _ := strconv.ParseInt(f[11], 10, 64)
+		st, _ := strconv.ParseInt(f[12], 10, 64)
+		ticks += u + st
+	}
+	return time.Duration(ticks) * time.Second / clockTicks
+}
+
+// clockTicks is USER_HZ, the unit of /proc's times: 100 on Linux.
+const clockTicks = 100
 
 func waitListening(ns, addr string, why func() string) error {
 	deadline := time.Now().Add(10 * time.Second)
@@ -235,10 +291,10 @@ func waitListening(ns, addr string, why func() string) error {
 
 // startNginx runs nginx in ns as a reverse proxy from listen to backend,
 // tuned as one would for this: keep-alive to the backend, no logs.
-func startNginx(s *nettest.Scope, ns, listen, backend string) error {
+func startNginx(s *nettest.Scope, ns, listen, backend string) (int, error) {
 	dir, err := os.MkdirTemp("", "hbn")
 	if err != nil {
-		return err
+		return 0, err
 	}
 	s.Cleanup(func() { os.RemoveAll(dir) })
 	conf := fmt.Sprintf(`worker_processes auto;
@@ -264,7 +320,7 @@ http {
 `, dir, listen, backend)
 	path := filepath.Join(dir, "nginx.conf")
 	if err := os.WriteFile(path, []byte(conf), 0o600); err != nil {
-		return err
+		return 0, err
 	}
 	cmd := exec.Command("ip", "netns", "exec", ns, "nginx", "-c", path, "-p", dir, "-g", "daemon off;")
 	cmd.Stderr = os.Stderr
@@ -273,10 +329,10 @@ http {
 	// a namespace, whose end would kill nginx at once.)
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("nginx: %w", err)
+		return 0, fmt.Errorf("nginx: %w", err)
 	}
 	s.Cleanup(func() { _ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL); _ = cmd.Wait() })
-	return waitListening(ns, listen, func() string {
+	return cmd.Process.Pid, waitListening(ns, listen, func() string {
 		b, _ := os.ReadFile(filepath.Join(dir, "error.log"))
 		return string(b)
 	})

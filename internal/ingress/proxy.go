@@ -3,9 +3,19 @@
 // request to the sandbox its host name names (PORT-SANDBOX-NAMESPACE.DOMAIN)
 // or a Route object picks, on whichever host runs it.
 //
-// The data path (Proxy) is net/http's ReverseProxy over one pooled
-// transport; where requests go is a Resolver's answer, so that the
-// benchmark measures the same path against a fixed backend.
+// Two front ends share one Resolver (where a request goes) and the same
+// rules for what is passed on:
+//   - HTTP/1.1, plain or over TLS, the hot path: fasthttp's server and
+//     header parser, and a client of our own over kept-alive connections
+//     to the sandboxes with fasthttp's framing (http1.go, backend.go).
+//     net/http's server and ReverseProxy cost twice nginx's CPU per request
+//     here (hearth bench ingress: 0.53 of nginx's throughput); fasthttp
+//     parses into reused buffers and allocates nothing per request.
+//   - HTTP/2 (h2c and h2 by ALPN), which fasthttp does not speak: net/http's
+//     server and ReverseProxy (http2.go).
+//
+// Serve (listen.go) tells the two apart per connection: the HTTP/2 preface
+// or the ALPN protocol.
 package ingress
 
 import (
@@ -14,9 +24,9 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"net/http/httputil"
+	"path"
 	"runtime/debug"
-	"sync"
+	"strings"
 	"time"
 )
 
@@ -25,6 +35,9 @@ type Target struct {
 	Addr string // host:port
 	// Timeout bounds the wait for the response's headers (0: none).
 	Timeout time.Duration
+	// Strip are request headers not to pass on (an access token the
+	// ingress checked).
+	Strip []string
 }
 
 // Refusal is a request the proxy answers itself: a status code and a
@@ -38,101 +51,123 @@ type Refusal struct {
 
 func (r *Refusal) Error() string { return r.Msg }
 
-// Resolver decides where a request goes, or refuses it.
-type Resolver interface {
-	Resolve(r *http.Request) (Target, *Refusal)
+// Request is what a Resolver reads of a request, the same from both front
+// ends.
+type Request struct {
+	// Host is the host name, lower case, without port or trailing dot.
+	Host string
+	// Path is the request's path, percent-decoded and without dot
+	// segments or repeated slashes: what routes match and what the sandbox
+	// is sent, so that the two cannot disagree (/x/../private is /private
+	// for both).
+	Path string
+	// Header returns a request header's value ("" if none).
+	Header func(name string) string
 }
 
-type targetKey struct{}
-
-// Proxy forwards requests to their targets.
-type Proxy struct {
-	resolver Resolver
-	rp       *httputil.ReverseProxy
+// Resolver decides where a request goes, or refuses it.
+type Resolver interface {
+	Resolve(ctx context.Context, r Request) (Target, *Refusal)
 }
 
 // Dialer connects to targets.
 type Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
 
+// Limits on what the ingress reads from clients and sandboxes. A sandbox
+// is the attacker's: its response headers are read into a bounded buffer,
+// within the target's timeout.
+const (
+	// maxHeaderBytes bounds a request's or a response's header block.
+	maxHeaderBytes = 64 << 10
+	// headerTimeout bounds a client's request headers, and a new
+	// connection's TLS handshake or first bytes.
+	headerTimeout = 30 * time.Second
+	// bodyTimeout bounds reading a request's body (an upload).
+	bodyTimeout = time.Hour
+	// idleTimeout closes a client's kept-alive connection with no
+	// request, and a kept-alive connection to a sandbox left unused.
+	idleTimeout = 90 * time.Second
+)
+
+// Proxy forwards requests to their targets.
+type Proxy struct {
+	resolver Resolver
+	backend  *backend
+	h2       http.Handler
+}
+
 // NewProxy makes a proxy that asks resolver where requests go and dials
-// them with dial (nil: a plain dialer; the benchmark's reaches into a
-// network namespace).
+// them with dial (nil: a plain dialer).
 func NewProxy(resolver Resolver, dial Dialer) *Proxy {
 	if dial == nil {
 		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	}
-	p := &Proxy{resolver: resolver}
-	p.rp = &httputil.ReverseProxy{
-		Rewrite: func(pr *httputil.ProxyRequest) {
-			t := pr.In.Context().Value(targetKey{}).(Target)
-			pr.Out.URL.Scheme, pr.Out.URL.Host = "http", t.Addr
-			pr.Out.Host = pr.In.Host
-			pr.SetXForwarded()
-		},
-		Transport: transport{&connPool{dial: dial}},
-		// Without a pool ReverseProxy allocates (and zeroes) 32 KiB per
-		// response: 13% of its CPU under load.
-		BufferPool: &bufferPool{},
-		// FlushInterval 0: ReverseProxy flushes at once for streams of
-		// unknown length and event streams, and lets whole responses go
-		// out in one write (-1 here halved throughput).
-		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				refuse(w, &Refusal{Code: http.StatusGatewayTimeout, Msg: "the sandbox did not answer in time"})
-				return
-			}
-			if r.Context().Err() != nil {
-				return // the client went away
-			}
-			refuse(w, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("the sandbox could not be reached: %v", errors.Unwrap(err))})
-		},
-	}
+	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}}
+	p.h2 = newHTTP2Proxy(resolver, dial)
 	return p
 }
 
-func (p *Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	t, no := p.resolver.Resolve(r)
-	if no != nil {
-		refuse(w, no)
-		return
+// hopHeaders are meaningful for one connection only, never passed on
+// (RFC 9110 7.6.1), with those a Connection header names.
+var hopHeaders = []string{"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+	"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade"}
+
+// connectionListed calls del for each header a Connection header value
+// names.
+func connectionListed(v string, del func(string)) {
+	for f := range strings.SplitSeq(v, ",") {
+		if f = strings.TrimSpace(f); f != "" {
+			del(f)
+		}
 	}
-	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, t)))
 }
 
-func refuse(w http.ResponseWriter, no *Refusal) {
-	h := w.Header()
-	h.Set("Content-Type", "text/plain; charset=utf-8")
-	h.Set("X-Content-Type-Options", "nosniff")
-	if no.RetryAfter > 0 {
-		h.Set("Retry-After", fmt.Sprint(no.RetryAfter))
+// cleanPath is p without dot segments or repeated slashes, keeping a
+// trailing slash, as fasthttp normalizes HTTP/1.1 paths.
+func cleanPath(p string) string {
+	if p == "" {
+		return "/"
 	}
-	w.WriteHeader(no.Code)
-	fmt.Fprintf(w, "%d %s: %s\n", no.Code, http.StatusText(no.Code), no.Msg)
+	c := path.Clean("/" + p)
+	if strings.HasSuffix(p, "/") && c != "/" {
+		c += "/"
+	}
+	return c
 }
 
-// transport sends each request to its target through the pool.
-type transport struct{ pool *connPool }
+// hostOnly is a Host header's host name: no port, lower case, no
+// trailing dot.
+func hostOnly(hostport string) string {
+	if h, _, err := net.SplitHostPort(hostport); err == nil {
+		hostport = h
+	}
+	return strings.ToLower(strings.TrimSuffix(hostport, "."))
+}
 
-func (t transport) RoundTrip(r *http.Request) (*http.Response, error) {
-	target, _ := r.Context().Value(targetKey{}).(Target)
-	return t.pool.roundTrip(r, target.Addr, target.Timeout)
+// refusalBody is the plain text of a refusal.
+func refusalBody(no *Refusal) string {
+	return fmt.Sprintf("%d %s: %s\n", no.Code, http.StatusText(no.Code), no.Msg)
+}
+
+// failed is the answer for a target that could not be reached or did not
+// answer in time.
+func failed(err error) *Refusal {
+	if isTimeout(err) {
+		return &Refusal{Code: http.StatusGatewayTimeout, Msg: "the sandbox did not answer in time"}
+	}
+	return &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("the sandbox could not be reached: %v", err)}
+}
+
+// isTimeout reports a deadline's error: net's, or fasthttp's (which has
+// no Temporary method, so it is not a net.Error).
+func isTimeout(err error) bool {
+	var te interface{ Timeout() bool }
+	return errors.As(err, &te) && te.Timeout()
 }
 
 // TuneGC trades memory for throughput in a process that is an ingress and
-// nothing else: the proxy allocates a few KiB per request, all garbage at
-// once, and at Go's default GC target a third of its CPU went to
-// collecting it (hearth bench ingress: 7k → 10k requests/s on 2 cores).
-// Its live heap is small, so four times more headroom is cheap.
+// nothing else: at Go's default GC target a third of the net/http proxy's
+// CPU went to collecting its per-request garbage (hearth bench ingress:
+// 7k → 10k requests/s on 2 cores). fasthttp's path allocates little, but
+// the HTTP/2 path and the API caches still do; the live heap is small.
 func TuneGC() { debug.SetGCPercent(400) }
-
-type bufferPool struct{ p sync.Pool }
-
-func (b *bufferPool) Get() []byte {
-	if v, ok := b.p.Get().(*[]byte); ok {
-		return *v
-	}
-	return make([]byte, 32<<10)
-}
-
-func (b *bufferPool) Put(v []byte) { b.p.Put(&v) }

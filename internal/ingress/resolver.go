@@ -75,13 +75,6 @@ func matchPath(prefix, path string) bool {
 	return path == p || strings.HasPrefix(path, p+"/")
 }
 
-func hostOnly(hostport string) string {
-	if h, _, err := net.SplitHostPort(hostport); err == nil {
-		hostport = h
-	}
-	return strings.ToLower(strings.TrimSuffix(hostport, "."))
-}
-
 func (x *apiResolver) route(host, path string) *v1alpha1.Route {
 	idx := x.routes.Load()
 	if idx == nil {
@@ -96,14 +89,15 @@ func (x *apiResolver) route(host, path string) *v1alpha1.Route {
 }
 
 // Resolve implements Resolver.
-func (x *apiResolver) Resolve(r *http.Request) (Target, *Refusal) {
-	host := hostOnly(r.Host)
-	ctx := r.Context()
-	if rt := x.route(host, r.URL.Path); rt != nil {
-		if no := x.checkToken(ctx, r, rt); no != nil {
+func (x *apiResolver) Resolve(ctx context.Context, r Request) (Target, *Refusal) {
+	host := r.Host
+	if rt := x.route(host, r.Path); rt != nil {
+		strip, no := x.checkToken(ctx, r, rt)
+		if no != nil {
 			return Target{}, no
 		}
 		t, no := x.target(ctx, rt.Namespace, rt.Spec.Sandbox, rt.Spec.Port)
+		t.Strip = strip
 		t.Timeout = time.Duration(rt.Spec.TimeoutSeconds) * time.Second
 		if t.Timeout == 0 {
 			t.Timeout = 30 * time.Second
@@ -176,33 +170,29 @@ func orPending(p v1alpha1.Phase) v1alpha1.Phase {
 
 // checkToken enforces a Route's access token: "Authorization: Bearer
 // TOKEN" or "X-Hearth-Token: TOKEN", compared in constant time; the
-// token is not passed on to the sandbox.
-func (x *apiResolver) checkToken(ctx context.Context, r *http.Request, rt *v1alpha1.Route) *Refusal {
+// token is not passed on to the sandbox: the headers to strip.
+func (x *apiResolver) checkToken(ctx context.Context, r Request, rt *v1alpha1.Route) ([]string, *Refusal) {
 	if rt.Spec.AccessTokenSecret == "" {
-		return nil
+		return nil, nil
 	}
 	var sec corev1.Secret
 	if err := x.reader.Get(ctx, types.NamespacedName{Namespace: rt.Namespace, Name: rt.Spec.AccessTokenSecret}, &sec); err != nil || len(sec.Data["token"]) == 0 {
-		return &Refusal{Code: http.StatusServiceUnavailable, Msg: fmt.Sprintf("route %s/%s: its access token secret %q is missing or has no token", rt.Namespace, rt.Name, rt.Spec.AccessTokenSecret)}
+		return nil, &Refusal{Code: http.StatusServiceUnavailable, Msg: fmt.Sprintf("route %s/%s: its access token secret %q is missing or has no token", rt.Namespace, rt.Name, rt.Spec.AccessTokenSecret)}
 	}
-	got := r.Header.Get("X-Hearth-Token")
-	fromAuth := false
+	got := r.Header("X-Hearth-Token")
+	strip := []string{"X-Hearth-Token"}
 	if got == "" {
-		if v, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer "); ok {
-			got, fromAuth = v, true
+		if v, ok := strings.CutPrefix(r.Header("Authorization"), "Bearer "); ok {
+			got, strip = v, append(strip, "Authorization")
 		}
 	}
 	if got == "" {
-		return &Refusal{Code: http.StatusUnauthorized, Msg: "this route needs an access token (Authorization: Bearer TOKEN)"}
+		return nil, &Refusal{Code: http.StatusUnauthorized, Msg: "this route needs an access token (Authorization: Bearer TOKEN)"}
 	}
 	if subtle.ConstantTimeCompare([]byte(got), sec.Data["token"]) != 1 {
-		return &Refusal{Code: http.StatusUnauthorized, Msg: "wrong access token"}
+		return nil, &Refusal{Code: http.StatusUnauthorized, Msg: "wrong access token"}
 	}
-	r.Header.Del("X-Hearth-Token")
-	if fromAuth {
-		r.Header.Del("Authorization")
-	}
-	return nil
+	return strip, nil
 }
 
 // certificate is the one for SNI name: a Route's TLS secret for that

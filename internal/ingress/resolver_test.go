@@ -2,7 +2,7 @@ package ingress
 
 import (
 	"context"
-	"net/http/httptest"
+	"slices"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
@@ -63,18 +63,20 @@ func TestResolve(t *testing.T) {
 		{"app.example.com", "/admin/x", "Bearer nope", "", 401},
 		{"app.example.com", "/admin/x", "Bearer t0ken", "10.244.0.5:9000", 0},
 	} {
-		r := httptest.NewRequest("GET", "http://"+tc.host+tc.path, nil)
-		if tc.auth != "" {
-			r.Header.Set("Authorization", tc.auth)
-		}
-		got, no := x.Resolve(r)
+		r := Request{Host: hostOnly(tc.host), Path: tc.path, Header: func(name string) string {
+			if name == "Authorization" {
+				return tc.auth
+			}
+			return ""
+		}}
+		got, no := x.Resolve(context.Background(), r)
 		switch {
 		case tc.code != 0 && (no == nil || no.Code != tc.code):
 			t.Errorf("%s%s: %+v %+v, want %d", tc.host, tc.path, got, no, tc.code)
 		case tc.code == 0 && (no != nil || got.Addr != tc.addr):
 			t.Errorf("%s%s: %+v %+v, want %s", tc.host, tc.path, got, no, tc.addr)
-		case tc.code == 0 && r.Header.Get("Authorization") != "":
-			t.Errorf("%s%s: the access token went on to the sandbox", tc.host, tc.path)
+		case tc.code == 0 && tc.auth != "" && !slices.Contains(got.Strip, "Authorization"):
+			t.Errorf("%s%s: the access token would go on to the sandbox (strip %q)", tc.host, tc.path, got.Strip)
 		}
 	}
 }

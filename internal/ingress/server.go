@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -85,51 +84,49 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		return err
 	}
 	proxy := NewProxy(res, nil)
-	plain := PlainServer(cfg.HTTP, proxy)
-	secure := &http.Server{Addr: cfg.HTTPS, Handler: proxy, ReadHeaderTimeout: 30 * time.Second,
-		TLSConfig: &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"},
-			GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
-				c, err := res.certificate(hello.Context(), hello.ServerName)
-				if err != nil {
-					cfg.Log.Warn("ingress certificate", "sni", hello.ServerName, "err", err)
-				}
-				if c == nil {
-					return fallback, nil
-				}
-				return c, nil
-			}}}
-	errc := make(chan error, 3)
+	// Whatever ends Run stops both listeners' Serve.
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	tlsConfig := &tls.Config{MinVersion: tls.VersionTLS12, NextProtos: []string{"h2", "http/1.1"},
+		GetCertificate: func(hello *tls.ClientHelloInfo) (*tls.Certificate, error) {
+			c, err := res.certificate(hello.Context(), hello.ServerName)
+			if err != nil {
+				cfg.Log.Warn("ingress certificate", "sni", hello.ServerName, "err", err)
+			}
+			if c == nil {
+				return fallback, nil
+			}
+			return c, nil
+		}}
+	errc := make(chan error, 2)
+	serving := 0
 	for _, s := range []struct {
-		srv *http.Server
-		tls bool
-	}{{plain, false}, {secure, true}} {
-		if s.srv.Addr == "" {
+		addr string
+		tls  *tls.Config
+	}{{cfg.HTTP, nil}, {cfg.HTTPS, tlsConfig}} {
+		if s.addr == "" {
 			continue
 		}
-		ln, err := net.Listen("tcp", s.srv.Addr)
+		ln, err := net.Listen("tcp", s.addr)
 		if err != nil {
 			return fmt.Errorf("ingress: %w", err)
 		}
-		go func() {
-			var err error
-			if s.tls {
-				err = s.srv.ServeTLS(ln, "", "")
-			} else {
-				err = s.srv.Serve(ln)
-			}
-			if !errors.Is(err, http.ErrServerClosed) {
-				errc <- err
-			}
-		}()
+		serving++
+		go func() { errc <- Serve(ctx, ln, s.tls, proxy, cfg.Log) }()
 	}
 	cfg.Log.Info("ingress serving", "http", cfg.HTTP, "https", cfg.HTTPS, "domain", cfg.Domain)
 	for {
 		select {
 		case <-ctx.Done():
-			sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			defer cancel()
-			return errors.Join(plain.Shutdown(sctx), secure.Shutdown(sctx))
+			var errs []error
+			for range serving {
+				errs = append(errs, <-errc)
+			}
+			return errors.Join(errs...)
 		case err := <-errc:
+			if err == nil {
+				err = errors.New("stopped")
+			}
 			return fmt.Errorf("ingress: %w", err)
 		case err := <-cacheErr:
 			return err
@@ -143,15 +140,6 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 			}
 		}
 	}
-}
-
-// PlainServer serves h on addr without TLS: HTTP/1.1, and h2c with prior
-// knowledge.
-func PlainServer(addr string, h http.Handler) *http.Server {
-	protocols := new(http.Protocols)
-	protocols.SetHTTP1(true)
-	protocols.SetUnencryptedHTTP2(true)
-	return &http.Server{Addr: addr, Handler: h, Protocols: protocols, ReadHeaderTimeout: 30 * time.Second}
 }
 
 // syncHostRoutes routes each host's sandbox range through its address.

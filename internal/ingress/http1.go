@@ -1,0 +1,209 @@
+package ingress
+
+import (
+	"bufio"
+	"io"
+	"iter"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/valyala/fasthttp"
+)
+
+// newHTTP1Server is the HTTP/1.1 front end: fasthttp's server, bounded as
+// the net/http one was (headers within headerTimeout and maxHeaderBytes),
+// passing bodies through as streams.
+func newHTTP1Server(p *Proxy, logf func(string, ...any)) *fasthttp.Server {
+	return &fasthttp.Server{
+		Handler: p.serveHTTP1,
+		// Headers up to maxHeaderBytes (the read buffer's size), within
+		// headerTimeout; then an upload has bodyTimeout.
+		ReadBufferSize: maxHeaderBytes,
+		ReadTimeout:    headerTimeout,
+		HeaderReceived: func(h *fasthttp.RequestHeader) fasthttp.RequestConfig {
+			if h.ContentLength() == 0 {
+				return fasthttp.RequestConfig{} // no body: no deadline to move
+			}
+			return fasthttp.RequestConfig{ReadTimeout: bodyTimeout}
+		},
+		IdleTimeout: idleTimeout,
+		// Bodies stream to the sandbox: up to MaxRequestBodySize is read
+		// before the handler runs, the rest as the sandbox takes it.
+		StreamRequestBody:  true,
+		MaxRequestBodySize: 64 << 10,
+		// A proxy passes multipart bodies through, it does not parse them
+		// into temporary files.
+		DisablePreParseMultipartForm: true,
+		// The sandbox's Server, Date and Content-Type, not ours.
+		NoDefaultServerHeader: true,
+		NoDefaultDate:         true,
+		NoDefaultContentType:  true,
+		// Header names are normalized (x-foo: X-Foo, the same name to
+		// HTTP), so that Peek and Del find them whatever their case.
+		DisableHeaderNamesNormalizing: false,
+		SecureErrorLogMessage:         true,
+		CloseOnShutdown:               true,
+		Logger:                        fasthttpLogger(logf),
+	}
+}
+
+type fasthttpLogger func(string, ...any)
+
+func (l fasthttpLogger) Printf(format string, args ...any) { l(format, args...) }
+
+// serveHTTP1 proxies one HTTP/1.1 request.
+func (p *Proxy) serveHTTP1(ctx *fasthttp.RequestCtx) {
+	req := &ctx.Request
+	t, no := p.resolver.Resolve(ctx, Request{
+		Host: hostOnly(string(ctx.Host())),
+		Path: string(ctx.Path()), // fasthttp's normalized path, which req.Write sends
+		Header: func(name string) string {
+			return string(req.Header.Peek(name))
+		},
+	})
+	if no != nil {
+		refuseHTTP1(ctx, no)
+		return
+	}
+	upgrade := req.Header.ConnectionUpgrade() && len(req.Header.Peek("Upgrade")) > 0
+	prepareHTTP1(ctx, t, upgrade)
+	if upgrade {
+		p.upgrade(ctx, t)
+		return
+	}
+	if err := p.backend.roundTrip(ctx, req, &ctx.Response, t); err != nil {
+		ctx.Response.Reset()
+		refuseHTTP1(ctx, failed(err))
+		return
+	}
+	cleanResponse(&ctx.Response.Header)
+}
+
+// prepareHTTP1 makes the request the sandbox gets: without hop-by-hop
+// headers (but for an upgrade's own), with X-Forwarded-For, -Host and
+// -Proto as the ingress saw them (a client's own are replaced), and
+// without what the target strips.
+func prepareHTTP1(ctx *fasthttp.RequestCtx, t Target, upgrade bool) {
+	h := &ctx.Request.Header
+	host := string(ctx.Host())
+	var protocol []byte
+	if upgrade {
+		protocol = append(protocol, h.Peek("Upgrade")...)
+	}
+	for _, name := range t.Strip {
+		h.Del(name)
+	}
+	dropHopHeaders(h.All(), h.Del)
+	// The client's Connection: close is the client's; the server still
+	// honors it (it read it before this handler).
+	h.ResetConnectionClose()
+	if upgrade {
+		h.Set("Connection", "Upgrade")
+		h.SetBytesV("Upgrade", protocol)
+	}
+	proto := "http"
+	if ctx.IsTLS() {
+		proto = "https"
+	}
+	h.Set("X-Forwarded-For", ctx.RemoteIP().String())
+	h.Set("X-Forwarded-Host", host)
+	h.Set("X-Forwarded-Proto", proto)
+}
+
+// cleanResponse drops the sandbox's hop-by-hop headers; the front end
+// frames the body and decides about the client's connection itself.
+func cleanResponse(h *fasthttp.ResponseHeader) {
+	dropHopHeaders(h.All(), h.Del)
+	h.ResetConnectionClose()
+}
+
+// dropHopHeaders deletes the hop-by-hop headers among all, and those a
+// Connection header names. Most messages have none: one pass over the
+// headers finds them, instead of a lookup per name.
+func dropHopHeaders(all iter.Seq2[[]byte, []byte], del func(string)) {
+	var found []string
+	for k, v := range all {
+		for _, name := range hopHeaders {
+			if len(k) == len(name) && strings.EqualFold(string(k), name) {
+				found = append(found, name)
+				if name == "Connection" {
+					connectionListed(string(v), func(n string) { found = append(found, n) })
+				}
+				break
+			}
+		}
+	}
+	for _, name := range found {
+		del(name)
+	}
+}
+
+func refuseHTTP1(ctx *fasthttp.RequestCtx, no *Refusal) {
+	ctx.Response.Header.Set("Content-Type", "text/plain; charset=utf-8")
+	ctx.Response.Header.Set("X-Content-Type-Options", "nosniff")
+	if no.RetryAfter > 0 {
+		ctx.Response.Header.Set("Retry-After", strconv.Itoa(no.RetryAfter))
+	}
+	ctx.SetStatusCode(no.Code)
+	ctx.SetBodyString(refusalBody(no))
+}
+
+// upgrade passes a protocol switch (a WebSocket) on: the request goes to
+// the sandbox on a connection of its own; if it answers 101, the client's
+// connection and that one are joined byte for byte until either ends;
+// any other answer is passed back as a response.
+func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
+	c, err := p.backend.dial(ctx, "tcp", t.Addr)
+	if err != nil {
+		refuseHTTP1(ctx, failed(err))
+		return
+	}
+	bc := &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes), bw: bufio.NewWriter(c)}
+	if t.Timeout > 0 {
+		_ = c.SetReadDeadline(time.Now().Add(t.Timeout))
+	}
+	if err := ctx.Request.Write(bc.bw); err == nil {
+		err = bc.bw.Flush()
+	}
+	in := fasthttp.AcquireResponse()
+	in.StreamBody = true
+	if err == nil {
+		// A 101 has no body: what the sandbox sent after it stays in bc.br.
+		err = in.Read(bc.br)
+	}
+	if err != nil {
+		fasthttp.ReleaseResponse(in)
+		c.Close()
+		refuseHTTP1(ctx, failed(err))
+		return
+	}
+	_ = c.SetReadDeadline(time.Time{})
+	if in.StatusCode() != fasthttp.StatusSwitchingProtocols {
+		// Refused: passed back as any response, and the connection closed
+		// after it.
+		p.backend.passOn(in, &ctx.Response, bc, t.Addr, false)
+		cleanResponse(&ctx.Response.Header)
+		return
+	}
+	head := append([]byte(nil), in.Header.Header()...)
+	fasthttp.ReleaseResponse(in)
+	ctx.HijackSetNoResponse(true)
+	ctx.Hijack(func(client net.Conn) {
+		defer c.Close()
+		_ = client.SetDeadline(time.Time{})
+		if _, err := client.Write(head); err != nil {
+			return
+		}
+		done := make(chan struct{})
+		go func() {
+			_, _ = io.Copy(client, bc.br)
+			client.Close()
+			close(done)
+		}()
+		_, _ = io.Copy(c, client)
+		c.Close()
+		<-done
+	})
+}

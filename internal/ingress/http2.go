@@ -1,0 +1,112 @@
+package ingress
+
+import (
+	"context"
+	"net/http"
+	"net/http/httputil"
+	"strconv"
+	"sync"
+	"time"
+)
+
+// http2Proxy is the HTTP/2 front end (h2c and h2 over TLS, which fasthttp
+// does not speak): net/http's ReverseProxy, to sandboxes over HTTP/1.1
+// through net/http's Transport, one per distinct response-header timeout
+// (a Route's timeoutSeconds; there are few).
+type http2Proxy struct {
+	resolver Resolver
+	dial     Dialer
+	rp       *httputil.ReverseProxy
+
+	mu         sync.Mutex
+	transports map[time.Duration]*http.Transport
+}
+
+type targetKey struct{}
+
+func newHTTP2Proxy(resolver Resolver, dial Dialer) *http2Proxy {
+	p := &http2Proxy{resolver: resolver, dial: dial, transports: map[time.Duration]*http.Transport{}}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			t := pr.In.Context().Value(targetKey{}).(Target)
+			pr.Out.URL.Scheme, pr.Out.URL.Host = "http", t.Addr
+			// The path routes matched, as the HTTP/1.1 front end sends it.
+			pr.Out.URL.Path, pr.Out.URL.RawPath = cleanPath(pr.In.URL.Path), ""
+			pr.Out.Host = pr.In.Host
+			for _, name := range t.Strip {
+				pr.Out.Header.Del(name)
+			}
+			pr.SetXForwarded()
+		},
+		Transport: p,
+		// Without a pool ReverseProxy allocates (and zeroes) 32 KiB per
+		// response.
+		BufferPool: &bufferPool{},
+		// FlushInterval 0: ReverseProxy flushes at once for streams of
+		// unknown length and event streams, and lets whole responses go
+		// out in one write.
+		ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+			if r.Context().Err() != nil {
+				return // the client went away
+			}
+			refuse(w, failed(err))
+		},
+	}
+	return p
+}
+
+func (p *http2Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	t, no := p.resolver.Resolve(r.Context(), Request{
+		Host:   hostOnly(r.Host),
+		Path:   cleanPath(r.URL.Path),
+		Header: r.Header.Get,
+	})
+	if no != nil {
+		refuse(w, no)
+		return
+	}
+	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, t)))
+}
+
+// RoundTrip sends a request to its target over the Transport for the
+// target's timeout.
+func (p *http2Proxy) RoundTrip(r *http.Request) (*http.Response, error) {
+	t, _ := r.Context().Value(targetKey{}).(Target)
+	p.mu.Lock()
+	tr := p.transports[t.Timeout]
+	if tr == nil {
+		tr = &http.Transport{
+			DialContext:            p.dial,
+			MaxIdleConnsPerHost:    maxIdlePerTarget,
+			IdleConnTimeout:        idleTimeout,
+			ResponseHeaderTimeout:  t.Timeout,
+			MaxResponseHeaderBytes: maxHeaderBytes,
+			DisableCompression:     true,
+		}
+		p.transports[t.Timeout] = tr
+	}
+	p.mu.Unlock()
+	return tr.RoundTrip(r)
+}
+
+func refuse(w http.ResponseWriter, no *Refusal) {
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	if no.RetryAfter > 0 {
+		h.Set("Retry-After", strconv.Itoa(no.RetryAfter))
+	}
+	w.WriteHeader(no.Code)
+	_, _ = w.Write([]byte(refusalBody(no)))
+}
+
+type bufferPool struct{ p sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if v, ok := b.p.Get().(*[]byte); ok {
+		return *v
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(v []byte) { b.p.Put(&v) }

@@ -1,0 +1,385 @@
+package ingress
+
+import (
+	"bufio"
+	"context"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/coder/websocket"
+
+	"hearth.dev/hearth/internal/pki"
+)
+
+// testResolver sends every host to one backend, but for a few names.
+type testResolver struct{ backend string }
+
+func (r testResolver) Resolve(_ context.Context, req Request) (Target, *Refusal) {
+	switch req.Host {
+	case "refused.test":
+		return Target{}, &Refusal{Code: http.StatusNotFound, Msg: "no route for host " + req.Host}
+	case "down.test":
+		return Target{Addr: "127.0.0.1:1", Timeout: time.Second}, nil
+	case "slow.test":
+		return Target{Addr: r.backend, Timeout: 200 * time.Millisecond}, nil
+	case "token.test":
+		if req.Header("Authorization") != "Bearer s3cret" {
+			return Target{}, &Refusal{Code: http.StatusUnauthorized, Msg: "wrong access token"}
+		}
+		return Target{Addr: r.backend, Timeout: 5 * time.Second, Strip: []string{"Authorization"}}, nil
+	case "private.test":
+		// A route whose prefix /private needs a token: the path is the
+		// normalized one.
+		if strings.HasPrefix(req.Path, "/private") {
+			return Target{}, &Refusal{Code: http.StatusUnauthorized, Msg: "private"}
+		}
+	}
+	return Target{Addr: r.backend, Timeout: 5 * time.Second}, nil
+}
+
+type fixture struct {
+	plain, secure string
+	backendConns  atomic.Int64
+	release       chan struct{}
+}
+
+func newFixture(t *testing.T) *fixture {
+	t.Helper()
+	f := &fixture{release: make(chan struct{})}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
+		h := sha256.New()
+		n, _ := io.Copy(h, r.Body)
+		w.Header().Set("Content-Type", "text/plain")
+		w.Header().Set("Keep-Alive", "timeout=5")
+		w.Header().Set("Connection", "X-Backend-Hop")
+		w.Header().Set("X-Backend-Hop", "1")
+		fmt.Fprintf(w, "%s %s host=%s xff=%s xfp=%s xfh=%s auth=%q hop=%q te=%q body=%d:%s",
+			r.Method, r.URL.RequestURI(), r.Host, r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Proto"),
+			r.Header.Get("X-Forwarded-Host"), r.Header.Get("Authorization"), r.Header.Get("X-Client-Hop"),
+			r.Header.Get("Te"), n, hex.EncodeToString(h.Sum(nil))[:12])
+	})
+	mux.HandleFunc("/stream", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		fmt.Fprint(w, "data: one\n\n")
+		w.(http.Flusher).Flush()
+		select {
+		case <-f.release:
+		case <-r.Context().Done():
+			return
+		}
+		fmt.Fprint(w, "data: two\n\n")
+	})
+	mux.HandleFunc("/slow", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-time.After(3 * time.Second):
+		case <-r.Context().Done():
+		}
+	})
+	mux.HandleFunc("/big-header", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("X-Big", strings.Repeat("a", 2*maxHeaderBytes))
+	})
+	mux.HandleFunc("/head", func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Length", "1234")
+		if r.Method != http.MethodHead {
+			_, _ = w.Write(make([]byte, 1234))
+		}
+	})
+	mux.HandleFunc("/ws", func(w http.ResponseWriter, r *http.Request) {
+		c, err := websocket.Accept(w, r, nil)
+		if err != nil {
+			return
+		}
+		defer c.CloseNow()
+		c.SetReadLimit(1 << 20)
+		for {
+			typ, b, err := c.Read(r.Context())
+			if err != nil {
+				return
+			}
+			if err := c.Write(r.Context(), typ, append([]byte("echo "), b...)); err != nil {
+				return
+			}
+		}
+	})
+	mux.HandleFunc("/ws-refused", func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "no upgrade for you", http.StatusForbidden)
+	})
+	be := httptest.NewUnstartedServer(mux)
+	be.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			f.backendConns.Add(1)
+		}
+	}
+	be.Start()
+	t.Cleanup(be.Close)
+
+	ctx, cancel := context.WithCancel(context.Background())
+	p := NewProxy(testResolver{backend: be.Listener.Addr().String()}, nil)
+	certPEM, keyPEM, err := pki.SelfSigned([]string{"ingress.test"}, time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cert, err := tls.X509KeyPair(certPEM, keyPEM)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	done := make(chan error, 2)
+	for _, tc := range []struct {
+		addr *string
+		tls  *tls.Config
+	}{{&f.plain, nil}, {&f.secure, &tls.Config{Certificates: []tls.Certificate{cert}, NextProtos: []string{"h2", "http/1.1"}}}} {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		*tc.addr = ln.Addr().String()
+		go func() { done <- Serve(ctx, ln, tc.tls, p, log) }()
+	}
+	t.Cleanup(func() {
+		cancel()
+		for range 2 {
+			if err := <-done; err != nil {
+				t.Errorf("Serve: %v", err)
+			}
+		}
+	})
+	return f
+}
+
+// clients: HTTP/1.1 and h2c in the clear, h2 and HTTP/1.1 over TLS.
+func (f *fixture) clients() map[string]struct {
+	c    *http.Client
+	base string
+	h2   bool
+} {
+	h2c := new(http.Protocols)
+	h2c.SetUnencryptedHTTP2(true)
+	// A config each: net/http adds h2 to a transport's NextProtos in place.
+	insecure := func() *tls.Config { return &tls.Config{InsecureSkipVerify: true} }
+	return map[string]struct {
+		c    *http.Client
+		base string
+		h2   bool
+	}{
+		"http1":     {&http.Client{Transport: &http.Transport{}}, "http://" + f.plain, false},
+		"h2c":       {&http.Client{Transport: &http.Transport{Protocols: h2c}}, "http://" + f.plain, true},
+		"h2-tls":    {&http.Client{Transport: &http.Transport{TLSClientConfig: insecure(), ForceAttemptHTTP2: true}}, "https://" + f.secure, true},
+		"http1-tls": {&http.Client{Transport: &http.Transport{TLSClientConfig: insecure(), TLSNextProto: map[string]func(string, *tls.Conn) http.RoundTripper{}}}, "https://" + f.secure, false},
+	}
+}
+
+func do(t *testing.T, c *http.Client, method, url, host string, body io.Reader, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, body)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = host
+	for i := 0; i+1 < len(hdr); i += 2 {
+		req.Header.Set(hdr[i], hdr[i+1])
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("%s %s (%s): %v", method, url, host, err)
+	}
+	b, err := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if err != nil {
+		t.Fatalf("%s %s (%s): reading the body: %v", method, url, host, err)
+	}
+	return resp, string(b)
+}
+
+func TestProxyFrontEnds(t *testing.T) {
+	f := newFixture(t)
+	for name, cl := range f.clients() {
+		t.Run(name, func(t *testing.T) {
+			proto := "http"
+			if strings.HasPrefix(cl.base, "https") {
+				proto = "https"
+			}
+			resp, body := do(t, cl.c, "GET", cl.base+"/a/b?q=1", "app.test:8480", nil,
+				"X-Forwarded-For", "6.6.6.6", "X-Forwarded-Proto", "gopher", "Te", "trailers")
+			if (resp.ProtoMajor == 2) != cl.h2 {
+				t.Errorf("answered over %s", resp.Proto)
+			}
+			// TE: trailers stays over HTTP/2, whose front end passes
+			// trailers on; the HTTP/1.1 one does not.
+			te := ""
+			if cl.h2 {
+				te = "trailers"
+			}
+			want := fmt.Sprintf("GET /a/b?q=1 host=app.test:8480 xff=127.0.0.1 xfp=%s xfh=app.test:8480 auth=\"\" hop=\"\" te=%q body=0:", proto, te)
+			if resp.StatusCode != 200 || !strings.HasPrefix(body, want) {
+				t.Errorf("got %d %q\nwant %q", resp.StatusCode, body, want)
+			}
+			for _, h := range []string{"Keep-Alive", "X-Backend-Hop"} {
+				if v := resp.Header.Get(h); v != "" {
+					t.Errorf("the sandbox's hop-by-hop %s reached the client: %q", h, v)
+				}
+			}
+
+			// A body, in both directions, checked by its hash; large
+			// enough to stream rather than be buffered.
+			payload := strings.Repeat("0123456789abcdef", 1<<16) // 1 MiB
+			sum := sha256.Sum256([]byte(payload))
+			_, body = do(t, cl.c, "POST", cl.base+"/upload", "app.test", strings.NewReader(payload))
+			if want := fmt.Sprintf("body=%d:%s", len(payload), hex.EncodeToString(sum[:])[:12]); !strings.HasSuffix(body, want) {
+				t.Errorf("POST of 1 MiB: %q, want the suffix %q", body, want)
+			}
+
+			// The token the resolver checked goes no further.
+			resp, body = do(t, cl.c, "GET", cl.base+"/", "token.test", nil, "Authorization", "Bearer s3cret")
+			if resp.StatusCode != 200 || !strings.Contains(body, `auth=""`) {
+				t.Errorf("token route: %d %q", resp.StatusCode, body)
+			}
+
+			for _, tc := range []struct {
+				host, path string
+				code       int
+				has        string
+			}{
+				{"refused.test", "/", 404, "no route for host refused.test"},
+				{"token.test", "/", 401, "wrong access token"},
+				{"down.test", "/", 502, "could not be reached"},
+				{"slow.test", "/slow", 504, "did not answer in time"},
+				{"app.test", "/big-header", 502, "could not be reached"},
+				{"private.test", "/public/../private/x", 401, "private"},
+				{"private.test", "/public//..//private/x", 401, "private"},
+			} {
+				resp, body := do(t, cl.c, "GET", cl.base+tc.path, tc.host, nil)
+				if resp.StatusCode != tc.code || !strings.Contains(body, tc.has) {
+					t.Errorf("GET %s%s: %d %q, want %d with %q", tc.host, tc.path, resp.StatusCode, body, tc.code, tc.has)
+				}
+			}
+
+			resp, body = do(t, cl.c, "HEAD", cl.base+"/head", "app.test", nil)
+			if resp.StatusCode != 200 || resp.ContentLength != 1234 || body != "" {
+				t.Errorf("HEAD: %d, length %d, body %q", resp.StatusCode, resp.ContentLength, body)
+			}
+		})
+	}
+}
+
+// A raw HTTP/1.1 client: the request line and headers exactly as sent.
+func TestProxyHTTP1Raw(t *testing.T) {
+	f := newFixture(t)
+	c, err := net.Dial("tcp", f.plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	send := func(req string) (*http.Response, string) {
+		t.Helper()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, req); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp, string(b)
+	}
+	// Headers a Connection header names, and the standard hop-by-hop
+	// ones, stay with the client's connection; so does its keep-alive.
+	_, body := send("GET /x HTTP/1.1\r\nHost: app.test\r\nConnection: keep-alive, X-Client-Hop\r\nX-Client-Hop: 1\r\nTe: trailers\r\n\r\n")
+	if !strings.Contains(body, `hop="" te=""`) {
+		t.Errorf("hop-by-hop request headers reached the sandbox: %q", body)
+	}
+	// Absolute form: the URI's host is the host.
+	_, body = send("GET http://abs.test/y HTTP/1.1\r\nHost: other.test\r\n\r\n")
+	if !strings.Contains(body, "GET /y host=abs.test") {
+		t.Errorf("absolute-form request: %q", body)
+	}
+	// Many requests on one connection reuse the connections to the
+	// sandbox.
+	before := f.backendConns.Load()
+	for range 50 {
+		send("GET /z HTTP/1.1\r\nHost: app.test\r\n\r\n")
+	}
+	if n := f.backendConns.Load() - before; n > 1 {
+		t.Errorf("50 requests in a row opened %d connections to the sandbox, want at most 1", n)
+	}
+	// A header block over the limit is refused, not buffered.
+	resp, _ := send("GET / HTTP/1.1\r\nHost: app.test\r\nX-Big: " + strings.Repeat("b", 2*maxHeaderBytes) + "\r\n\r\n")
+	if resp.StatusCode < 400 {
+		t.Errorf("a %d KiB request header: %d", 2*maxHeaderBytes>>10, resp.StatusCode)
+	}
+}
+
+func TestProxyStreams(t *testing.T) {
+	f := newFixture(t)
+	for name, cl := range f.clients() {
+		t.Run(name, func(t *testing.T) {
+			req, _ := http.NewRequest("GET", cl.base+"/stream", nil)
+			req.Host = "app.test"
+			resp, err := cl.c.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			br := bufio.NewReader(resp.Body)
+			// The first event arrives while the sandbox still holds the
+			// second back: nothing waits for the whole body.
+			got := make(chan string, 1)
+			go func() {
+				l, _ := br.ReadString('\n')
+				got <- l
+			}()
+			select {
+			case l := <-got:
+				if l != "data: one\n" {
+					t.Errorf("first event: %q", l)
+				}
+			case <-time.After(5 * time.Second):
+				t.Fatal("the first event did not come through while the stream was open")
+			}
+		})
+	}
+	close(f.release)
+}
+
+func TestProxyWebSocket(t *testing.T) {
+	f := newFixture(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ws, _, err := websocket.Dial(ctx, "ws://"+f.plain+"/ws", &websocket.DialOptions{Host: "app.test"})
+	if err != nil {
+		t.Fatalf("WebSocket through the proxy: %v", err)
+	}
+	defer ws.CloseNow()
+	ws.SetReadLimit(1 << 20)
+	for _, msg := range []string{"first", strings.Repeat("x", 100<<10)} {
+		if err := ws.Write(ctx, websocket.MessageText, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		_, b, err := ws.Read(ctx)
+		if err != nil || string(b) != "echo "+msg {
+			t.Errorf("echo of %d bytes: %d bytes, %v", len(msg), len(b), err)
+		}
+	}
+	ws.Close(websocket.StatusNormalClosure, "")
+
+	// A sandbox that refuses the upgrade: its answer reaches the client.
+	_, resp, err := websocket.Dial(ctx, "ws://"+f.plain+"/ws-refused", &websocket.DialOptions{Host: "app.test"})
+	if err == nil || resp == nil || resp.StatusCode != http.StatusForbidden {
+		t.Errorf("a refused upgrade: %v %v", resp, err)
+	}
+}
