@@ -192,7 +192,9 @@ own, and runs one load generator against it three ways, interleaved in
 hearthd --roles=ingress serves), and through nginx configured as a
 reverse proxy (keep-alive to the backend, no access log). Each round times
 requests one at a time on one connection (latency with nothing queued)
-and then --conc connections flat out (requests/s). Needs root (network
+and then --conc connections flat out (requests/s, and each proxy's CPU
+time per request: its processes' user and system time from /proc, a figure
+less at the mercy of this machine's other load). Needs root (network
 namespaces) and nginx; wrk where installed, else Go's client.`,
 		flags: func(fs *pflag.FlagSet) {
 			fs.DurationVar(&o.Duration, "duration", 4*time.Second, "time per target, load and round")
