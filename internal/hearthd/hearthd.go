@@ -12,6 +12,7 @@ import (
 	"net"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"slices"
 	"strconv"
 	"time"
@@ -116,6 +117,15 @@ func (o *Options) validate() error {
 	return nil
 }
 
+// controlPlaneGCPercent is the garbage collector's target (GOGC) in a
+// process with the control-plane role, unless GOGC is set. The API
+// server's request path (JSON into unstructured objects, schema coercion,
+// managed fields, the watch cache's decoding) allocates heavily: at Go's
+// default of 100 the collector's marking alone takes ~12% of the CPU. At
+// 200 a create or a status write costs 11-20% less CPU, for about 30% more
+// peak memory (hearth-bench api, 2,000 sandboxes: 315 -> 405 MiB RSS).
+const controlPlaneGCPercent = 200
+
 // Run runs the roles until ctx ends, then shuts them down. ready, if not
 // nil, is called once every role serves, with the admin kubeconfig's path
 // ("" without the control-plane role).
@@ -165,6 +175,9 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 
 	var loopback *rest.Config
 	if o.has(RoleControlPlane) {
+		if _, set := os.LookupEnv("GOGC"); !set {
+			debug.SetGCPercent(controlPlaneGCPercent)
+		}
 		cp, err := startControlPlane(serveCtx, log, dataDir, o, start)
 		if err != nil {
 			cancel(err)

@@ -40,6 +40,12 @@ type Controller struct {
 	// assumed are bindings written but not yet seen in the cache, so that
 	// the next pass does not count their host as emptier than it is.
 	assumed map[types.UID]assumption
+	// reported are the Unschedulable reports written in the last pass
+	// (and those carried over): the resourceVersion each was written from.
+	// While the cache still shows a sandbox at that version it has not
+	// caught up with the write, and writing again from it could only
+	// conflict; its watch event starts the pass that sees it.
+	reported map[types.UID]string
 }
 
 type assumption struct {
@@ -52,6 +58,7 @@ var passKey = reconcile.Request{NamespacedName: types.NamespacedName{Name: "pass
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 	c.assumed = map[types.UID]assumption{}
+	c.reported = map[types.UID]string{}
 	all := handler.EnqueueRequestsFromMapFunc(func(context.Context, client.Object) []reconcile.Request {
 		return []reconcile.Request{passKey}
 	})
@@ -77,6 +84,10 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		return reconcile.Result{}, err
 	}
 	snap := c.snapshot(hostList.Items, sbs.Items)
+	c.mu.Lock()
+	reported := c.reported
+	c.reported = make(map[types.UID]string, len(reported))
+	c.mu.Unlock()
 
 	var pending, release []*v1alpha1.Sandbox
 	for i := range sbs.Items {
@@ -92,6 +103,13 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 			// Bound by the warm pool controller to the host of the
 			// pool's sandbox it takes.
 		default:
+			if rv, ok := reported[sb.UID]; ok && rv == sb.ResourceVersion {
+				// Not written again before the cache shows the last write.
+				c.mu.Lock()
+				c.reported[sb.UID] = rv
+				c.mu.Unlock()
+				continue
+			}
 			if !c.isAssumed(sb.UID) {
 				pending = append(pending, sb)
 			}
@@ -135,6 +153,11 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 			if apierrors.IsConflict(err) || apierrors.IsNotFound(err) {
 				retry.Store(true)
 				return nil
+			}
+			if err == nil && ds[i].host == "" {
+				c.mu.Lock()
+				c.reported[ds[i].sb.UID] = ds[i].sb.ResourceVersion
+				c.mu.Unlock()
 			}
 			return err
 		})
