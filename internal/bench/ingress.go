@@ -212,7 +212,7 @@ func ServeProxy(ctx context.Context, listen, backend string) error {
 	if err != nil {
 		return err
 	}
-	p := ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil)
+	p := ingress.NewProxy(fixedTarget{ingress.Target{Addr: backend, Timeout: 30 * time.Second}}, nil, slog.Default())
 	return ingress.Serve(ctx, ln, nil, p, slog.Default())
 }
 

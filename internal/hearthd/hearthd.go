@@ -162,6 +162,9 @@ func Run(ctx context.Context, log *slog.Logger, o Options, ready func(kubeconfig
 		go func() {
 			defer close(done)
 			if err := f(runCtx); err != nil && runCtx.Err() == nil {
+				// Said at once: the shutdown that follows may take a
+				// minute, and whoever waits on Run sees only its end.
+				log.Error("stopping hearthd: a part failed", "part", name, "err", err)
 				cancel(fmt.Errorf("%s: %w", name, err))
 			}
 		}()

@@ -25,6 +25,7 @@ type backend struct {
 
 	mu        sync.Mutex
 	idle      map[string][]*backendConn
+	nidle     int // connections in idle
 	lastSweep time.Time
 }
 
@@ -34,6 +35,48 @@ type backendConn struct {
 	bw       *bufio.Writer
 	used     time.Time // when it went idle
 	deadline time.Time // its read deadline (zero: none)
+	// writeIdle, if set, bounds each write (a request body streaming to a
+	// sandbox that stopped reading).
+	writeIdle time.Duration
+}
+
+func (c *backendConn) Write(p []byte) (int, error) {
+	if c.writeIdle > 0 {
+		_ = c.Conn.SetWriteDeadline(time.Now().Add(c.writeIdle))
+	}
+	return c.Conn.Write(p)
+}
+
+// streamIdle bounds the silence of a body streaming either way between
+// the ingress and a sandbox: a client that went away is otherwise never
+// noticed while nothing moves.
+const streamIdle = 5 * time.Minute
+
+// keepStreaming moves the read deadline on while a body streams from the
+// sandbox, when less than half of streamIdle is left.
+func (c *backendConn) keepStreaming() {
+	if now := time.Now(); c.deadline.Sub(now) < streamIdle/2 {
+		c.deadline = now.Add(streamIdle)
+		_ = c.SetReadDeadline(c.deadline)
+	}
+}
+
+// fresh reports whether an idle connection is still fit to send a request
+// on: the sandbox has neither closed it nor sent anything unasked (a 408
+// from a server's own idle timeout, or a second response). Only a
+// connection idle for a while is probed (one read that fails at once);
+// the sandbox is the origin of every response on its connections anyway.
+func (c *backendConn) fresh(now time.Time) bool {
+	if c.br.Buffered() > 0 {
+		return false
+	}
+	if now.Sub(c.used) < probeAfter {
+		return true
+	}
+	_ = c.SetReadDeadline(time.Unix(1, 0))
+	c.deadline = time.Unix(1, 0) // expired: the next exchange sets its own
+	_, err := c.br.Peek(1)
+	return isTimeout(err)
 }
 
 // armDeadline bounds the wait for a response's headers by timeout (0:
@@ -61,16 +104,32 @@ func (c *backendConn) clearDeadline() {
 	}
 }
 
-// maxIdlePerTarget bounds the idle connections kept to one sandbox port.
-const maxIdlePerTarget = 256
+// Bounds on the idle connections kept to sandboxes.
+const (
+	// maxIdlePerTarget to one sandbox port, maxIdle in all.
+	maxIdlePerTarget = 64
+	maxIdle          = 1024
+	// poolIdle is how long one is kept: less than the keep-alive timeouts
+	// of common servers (Node 5 s), so that the sandbox seldom closes one
+	// under a request.
+	poolIdle = 4 * time.Second
+	// probeAfter: a connection idle for longer is checked before use.
+	probeAfter = 500 * time.Millisecond
+)
 
 func (b *backend) get(ctx context.Context, addr string) (*backendConn, bool, error) {
+	now := time.Now()
 	b.mu.Lock()
-	if cs := b.idle[addr]; len(cs) > 0 {
+	for cs := b.idle[addr]; len(cs) > 0; cs = b.idle[addr] {
 		c := cs[len(cs)-1]
 		b.idle[addr] = cs[:len(cs)-1]
+		b.nidle--
 		b.mu.Unlock()
-		return c, true, nil
+		if now.Sub(c.used) < poolIdle && c.fresh(now) {
+			return c, true, nil
+		}
+		c.Close()
+		b.mu.Lock()
 	}
 	b.mu.Unlock()
 	c, err := b.dial(ctx, "tcp", addr)
@@ -81,6 +140,10 @@ func (b *backend) get(ctx context.Context, addr string) (*backendConn, bool, err
 }
 
 func (b *backend) put(addr string, c *backendConn) {
+	if c.br.Buffered() > 0 { // more than the response: not a connection to trust
+		c.Close()
+		return
+	}
 	now := time.Now()
 	c.used = now
 	b.mu.Lock()
@@ -88,17 +151,18 @@ func (b *backend) put(addr string, c *backendConn) {
 	if b.idle == nil {
 		b.idle = map[string][]*backendConn{}
 	}
-	if now.Sub(b.lastSweep) > idleTimeout/4 {
+	if now.Sub(b.lastSweep) > poolIdle {
 		b.sweep(now)
 	}
-	if len(b.idle[addr]) >= maxIdlePerTarget {
+	if len(b.idle[addr]) >= maxIdlePerTarget || b.nidle >= maxIdle {
 		c.Close()
 		return
 	}
 	b.idle[addr] = append(b.idle[addr], c)
+	b.nidle++
 }
 
-// sweep closes connections idle for longer than idleTimeout and forgets
+// sweep closes connections idle for longer than poolIdle and forgets
 // targets with none left: sandboxes come and go, their addresses with
 // them. b.mu is held.
 func (b *backend) sweep(now time.Time) {
@@ -106,8 +170,9 @@ func (b *backend) sweep(now time.Time) {
 	for addr, cs := range b.idle {
 		keep := cs[:0]
 		for _, c := range cs {
-			if now.Sub(c.used) > idleTimeout {
+			if now.Sub(c.used) > poolIdle {
 				c.Close()
+				b.nidle--
 			} else {
 				keep = append(keep, c)
 			}
@@ -127,6 +192,8 @@ func (b *backend) sweep(now time.Time) {
 // end. A kept-alive connection the sandbox closed meanwhile is retried
 // once on a new one, for idempotent requests without a body.
 func (b *backend) roundTrip(ctx context.Context, req *fasthttp.Request, resp *fasthttp.Response, t Target) error {
+	// Decided before the first write, which uses a body stream up.
+	canRetry := retryable(req)
 	for attempt := 0; ; attempt++ {
 		c, reused, err := b.get(ctx, t.Addr)
 		if err != nil {
@@ -137,15 +204,17 @@ func (b *backend) roundTrip(ctx context.Context, req *fasthttp.Request, resp *fa
 			return nil
 		}
 		c.Close()
-		if reused && attempt == 0 && retryable(req) && !isTimeout(err) {
+		if reused && attempt == 0 && canRetry && !isTimeout(err) {
 			continue
 		}
 		return err
 	}
 }
 
+// retryable: an idempotent request with no body at all (not even an empty
+// chunked one).
 func retryable(req *fasthttp.Request) bool {
-	if req.IsBodyStream() || len(req.Body()) > 0 {
+	if n := req.Header.ContentLength(); req.IsBodyStream() || len(req.Body()) > 0 || (n != 0 && n != -2) {
 		return false
 	}
 	switch string(req.Header.Method()) {
@@ -158,6 +227,10 @@ func retryable(req *fasthttp.Request) bool {
 // exchange writes req on c and reads the response's headers; the body is
 // left to stream (resp's body stream is a backendBody that gives c back).
 func (b *backend) exchange(req *fasthttp.Request, resp *fasthttp.Response, c *backendConn, t Target) error {
+	if req.IsBodyStream() {
+		c.writeIdle = streamIdle
+		defer func() { c.writeIdle = 0; _ = c.SetWriteDeadline(time.Time{}) }()
+	}
 	if err := req.Write(c.bw); err != nil {
 		return err
 	}
@@ -179,11 +252,12 @@ func (b *backend) exchange(req *fasthttp.Request, resp *fasthttp.Response, c *ba
 		fasthttp.ReleaseResponse(in)
 		return errors.New("the sandbox switched protocols unasked")
 	}
-	if n := in.Header.ContentLength(); t.Timeout > 0 && (n < 0 || c.br.Buffered() < n) {
-		// The body streams without a deadline. (One already in the buffer
-		// is not read from the connection: no deadline to clear, nor its
-		// timer to move; the next exchange sets its own.)
-		c.clearDeadline()
+	if n := in.Header.ContentLength(); n < 0 || c.br.Buffered() < n {
+		// The body streams, silent for at most streamIdle at a time. (One
+		// already in the buffer is not read from the connection: no
+		// deadline to move; the next exchange sets its own.)
+		c.deadline = time.Time{}
+		c.keepStreaming()
 	}
 	b.passOn(in, resp, c, t.Addr, true)
 	return nil
@@ -194,6 +268,7 @@ func (b *backend) exchange(req *fasthttp.Request, resp *fasthttp.Response, c *ba
 // gives c back to the pool (if keep) once read to its end.
 func (b *backend) passOn(in, resp *fasthttp.Response, c *backendConn, addr string, keep bool) {
 	in.Header.CopyTo(&resp.Header)
+	resp.Header.SetNoDefaultContentType(true) // none if the sandbox sent none
 	n := in.Header.ContentLength()
 	body := &backendBody{b: b, addr: addr, c: c, in: in, r: in.BodyStream(),
 		keep: keep && !in.ConnectionClose() && n != -2}
@@ -223,6 +298,9 @@ type backendBody struct {
 }
 
 func (x *backendBody) Read(p []byte) (int, error) {
+	if x.c.br.Buffered() == 0 { // this read waits on the sandbox
+		x.c.keepStreaming()
+	}
 	n, err := x.r.Read(p)
 	if err == io.EOF {
 		x.eof = true

@@ -2,6 +2,8 @@ package ingress
 
 import (
 	"bufio"
+	"bytes"
+	"errors"
 	"io"
 	"iter"
 	"net"
@@ -10,6 +12,7 @@ import (
 	"time"
 
 	"github.com/valyala/fasthttp"
+	"golang.org/x/net/http/httpguts"
 )
 
 // newHTTP1Server is the HTTP/1.1 front end: fasthttp's server, bounded as
@@ -23,7 +26,7 @@ func newHTTP1Server(p *Proxy, logf func(string, ...any)) *fasthttp.Server {
 		ReadBufferSize: maxHeaderBytes,
 		ReadTimeout:    headerTimeout,
 		HeaderReceived: func(h *fasthttp.RequestHeader) fasthttp.RequestConfig {
-			if h.ContentLength() == 0 {
+			if n := h.ContentLength(); n == 0 || n == -2 {
 				return fasthttp.RequestConfig{} // no body: no deadline to move
 			}
 			return fasthttp.RequestConfig{ReadTimeout: bodyTimeout}
@@ -36,7 +39,8 @@ func newHTTP1Server(p *Proxy, logf func(string, ...any)) *fasthttp.Server {
 		// A proxy passes multipart bodies through, it does not parse them
 		// into temporary files.
 		DisablePreParseMultipartForm: true,
-		// The sandbox's Server, Date and Content-Type, not ours.
+		// No Server or Content-Type of ours (the sandbox's, if any); the
+		// Date is the ingress's.
 		NoDefaultServerHeader: true,
 		NoDefaultDate:         true,
 		NoDefaultContentType:  true,
@@ -56,6 +60,12 @@ func (l fasthttpLogger) Printf(format string, args ...any) { l(format, args...) 
 // serveHTTP1 proxies one HTTP/1.1 request.
 func (p *Proxy) serveHTTP1(ctx *fasthttp.RequestCtx) {
 	req := &ctx.Request
+	if req.Header.IsConnect() {
+		// A tunnel is not a request to a sandbox; and fasthttp would send
+		// CONNECT's path as received, not as routes matched it.
+		refuseHTTP1(ctx, &Refusal{Code: fasthttp.StatusMethodNotAllowed, Msg: "CONNECT is not served"})
+		return
+	}
 	t, no := p.resolver.Resolve(ctx, Request{
 		Host: hostOnly(string(ctx.Host())),
 		Path: string(ctx.Path()), // fasthttp's normalized path, which req.Write sends
@@ -67,25 +77,37 @@ func (p *Proxy) serveHTTP1(ctx *fasthttp.RequestCtx) {
 		refuseHTTP1(ctx, no)
 		return
 	}
-	upgrade := req.Header.ConnectionUpgrade() && len(req.Header.Peek("Upgrade")) > 0
-	prepareHTTP1(ctx, t, upgrade)
+	// Upgrades pass on, but for h2c: that one would tunnel HTTP/2 requests
+	// past the routes and their tokens; it is dropped (the request goes
+	// on as HTTP/1.1).
+	upgrade := req.Header.ConnectionUpgrade() && len(req.Header.Peek("Upgrade")) > 0 &&
+		!strings.EqualFold(strings.TrimSpace(string(req.Header.Peek("Upgrade"))), "h2c")
+	if !prepareHTTP1(ctx, t, upgrade) {
+		refuseHTTP1(ctx, &Refusal{Code: fasthttp.StatusBadRequest, Msg: "a header name is not a token"})
+		return
+	}
 	if upgrade {
 		p.upgrade(ctx, t)
 		return
 	}
 	if err := p.backend.roundTrip(ctx, req, &ctx.Response, t); err != nil {
 		ctx.Response.Reset()
-		refuseHTTP1(ctx, failed(err))
+		refuseHTTP1(ctx, p.failed(t, err))
 		return
 	}
-	cleanResponse(&ctx.Response.Header)
+	if !cleanResponse(&ctx.Response.Header) {
+		ctx.Response.Reset()
+		refuseHTTP1(ctx, p.failed(t, errBadHeader))
+	}
 }
 
 // prepareHTTP1 makes the request the sandbox gets: without hop-by-hop
 // headers (but for an upgrade's own), with X-Forwarded-For, -Host and
-// -Proto as the ingress saw them (a client's own are replaced), and
-// without what the target strips.
-func prepareHTTP1(ctx *fasthttp.RequestCtx, t Target, upgrade bool) {
+// -Proto as the ingress saw them (a client's own, every copy, are
+// replaced), without what the target strips, and without credentials in
+// an absolute-form URI (fasthttp would make them an Authorization). It
+// reports false if a header's name is not a token.
+func prepareHTTP1(ctx *fasthttp.RequestCtx, t Target, upgrade bool) bool {
 	h := &ctx.Request.Header
 	host := string(ctx.Host())
 	var protocol []byte
@@ -95,7 +117,12 @@ func prepareHTTP1(ctx *fasthttp.RequestCtx, t Target, upgrade bool) {
 	for _, name := range t.Strip {
 		h.Del(name)
 	}
-	dropHopHeaders(h.All(), h.Del)
+	if !dropHopHeaders(h.All(), h.Del) {
+		return false
+	}
+	ctx.Request.URI().SetUsername("")
+	ctx.Request.URI().SetPassword("")
+	ctx.Request.Header.SetNoDefaultContentType(true)
 	// The client's Connection: close is the client's; the server still
 	// honors it (it read it before this handler).
 	h.ResetConnectionClose()
@@ -107,28 +134,48 @@ func prepareHTTP1(ctx *fasthttp.RequestCtx, t Target, upgrade bool) {
 	if ctx.IsTLS() {
 		proto = "https"
 	}
-	h.Set("X-Forwarded-For", ctx.RemoteIP().String())
-	h.Set("X-Forwarded-Host", host)
-	h.Set("X-Forwarded-Proto", proto)
+	// Del first: Set replaces only the first of repeated headers.
+	for _, kv := range [...][2]string{{"X-Forwarded-For", ctx.RemoteIP().String()}, {"X-Forwarded-Host", host}, {"X-Forwarded-Proto", proto}} {
+		h.Del(kv[0])
+		h.Set(kv[0], kv[1])
+	}
+	return true
 }
 
 // cleanResponse drops the sandbox's hop-by-hop headers; the front end
-// frames the body and decides about the client's connection itself.
-func cleanResponse(h *fasthttp.ResponseHeader) {
-	dropHopHeaders(h.All(), h.Del)
+// frames the body and decides about the client's connection itself. It
+// reports false if a header's name is not a token.
+func cleanResponse(h *fasthttp.ResponseHeader) bool {
+	if !dropHopHeaders(h.All(), h.Del) {
+		return false
+	}
 	h.ResetConnectionClose()
+	return true
 }
 
+// errBadHeader: the sandbox sent a header whose name is not a token.
+var errBadHeader = errors.New("a response header's name is not a token")
+
 // dropHopHeaders deletes the hop-by-hop headers among all, and those a
-// Connection header names. Most messages have none: one pass over the
-// headers finds them, instead of a lookup per name.
-func dropHopHeaders(all iter.Seq2[[]byte, []byte], del func(string)) {
+// Connection header names; it reports false if a header's name is not a
+// token (fasthttp takes "X Y: z", net/http and most servers do not). Most
+// messages have no hop-by-hop header: one pass over the headers finds
+// them, instead of a lookup per name.
+func dropHopHeaders(all iter.Seq2[[]byte, []byte], del func(string)) bool {
 	var found []string
 	for k, v := range all {
-		for _, name := range hopHeaders {
-			if len(k) == len(name) && strings.EqualFold(string(k), name) {
-				found = append(found, name)
-				if name == "Connection" {
+		if len(k) == 0 {
+			return false
+		}
+		for _, b := range k {
+			if !httpguts.IsTokenRune(rune(b)) {
+				return false
+			}
+		}
+		for i, name := range hopHeaderBytes {
+			if len(k) == len(name) && bytes.EqualFold(k, name) {
+				found = append(found, hopHeaders[i])
+				if i == 0 { // Connection
 					connectionListed(string(v), func(n string) { found = append(found, n) })
 				}
 				break
@@ -138,7 +185,17 @@ func dropHopHeaders(all iter.Seq2[[]byte, []byte], del func(string)) {
 	for _, name := range found {
 		del(name)
 	}
+	return true
 }
+
+// hopHeaderBytes are hopHeaders as bytes, to compare without converting.
+var hopHeaderBytes = func() [][]byte {
+	bs := make([][]byte, len(hopHeaders))
+	for i, h := range hopHeaders {
+		bs[i] = []byte(h)
+	}
+	return bs
+}()
 
 func refuseHTTP1(ctx *fasthttp.RequestCtx, no *Refusal) {
 	ctx.Response.Header.Set("Content-Type", "text/plain; charset=utf-8")
@@ -157,7 +214,7 @@ func refuseHTTP1(ctx *fasthttp.RequestCtx, no *Refusal) {
 func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 	c, err := p.backend.dial(ctx, "tcp", t.Addr)
 	if err != nil {
-		refuseHTTP1(ctx, failed(err))
+		refuseHTTP1(ctx, p.failed(t, err))
 		return
 	}
 	bc := &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes), bw: bufio.NewWriter(c)}
@@ -176,7 +233,7 @@ func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 	if err != nil {
 		fasthttp.ReleaseResponse(in)
 		c.Close()
-		refuseHTTP1(ctx, failed(err))
+		refuseHTTP1(ctx, p.failed(t, err))
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
@@ -184,7 +241,10 @@ func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 		// Refused: passed back as any response, and the connection closed
 		// after it.
 		p.backend.passOn(in, &ctx.Response, bc, t.Addr, false)
-		cleanResponse(&ctx.Response.Header)
+		if !cleanResponse(&ctx.Response.Header) {
+			ctx.Response.Reset()
+			refuseHTTP1(ctx, p.failed(t, errBadHeader))
+		}
 		return
 	}
 	head := append([]byte(nil), in.Header.Header()...)

@@ -14,9 +14,9 @@ import (
 // through net/http's Transport, one per distinct response-header timeout
 // (a Route's timeoutSeconds; there are few).
 type http2Proxy struct {
-	resolver Resolver
-	dial     Dialer
-	rp       *httputil.ReverseProxy
+	p    *Proxy
+	dial Dialer
+	rp   *httputil.ReverseProxy
 
 	mu         sync.Mutex
 	transports map[time.Duration]*http.Transport
@@ -24,8 +24,8 @@ type http2Proxy struct {
 
 type targetKey struct{}
 
-func newHTTP2Proxy(resolver Resolver, dial Dialer) *http2Proxy {
-	p := &http2Proxy{resolver: resolver, dial: dial, transports: map[time.Duration]*http.Transport{}}
+func newHTTP2Proxy(parent *Proxy, dial Dialer) *http2Proxy {
+	p := &http2Proxy{p: parent, dial: dial, transports: map[time.Duration]*http.Transport{}}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			t := pr.In.Context().Value(targetKey{}).(Target)
@@ -49,14 +49,19 @@ func newHTTP2Proxy(resolver Resolver, dial Dialer) *http2Proxy {
 			if r.Context().Err() != nil {
 				return // the client went away
 			}
-			refuse(w, failed(err))
+			t, _ := r.Context().Value(targetKey{}).(Target)
+			refuse(w, parent.failed(t, err))
 		},
 	}
 	return p
 }
 
 func (p *http2Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	t, no := p.resolver.Resolve(r.Context(), Request{
+	if r.Method == http.MethodConnect {
+		refuse(w, &Refusal{Code: http.StatusMethodNotAllowed, Msg: "CONNECT is not served"})
+		return
+	}
+	t, no := p.p.resolver.Resolve(r.Context(), Request{
 		Host:   hostOnly(r.Host),
 		Path:   cleanPath(r.URL.Path),
 		Header: r.Header.Get,

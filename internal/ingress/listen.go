@@ -34,12 +34,27 @@ func Serve(ctx context.Context, ln net.Listener, tlsConfig *tls.Config, p *Proxy
 	go func() { errc <- h1.Serve(h1q) }()
 	go func() { errc <- h2.Serve(h2q) }()
 	go func() {
+		var backoff time.Duration
 		for {
 			c, err := ln.Accept()
 			if err != nil {
-				errc <- err
-				return
+				if errors.Is(err, net.ErrClosed) || ctx.Err() != nil {
+					errc <- nil
+					return
+				}
+				// Out of descriptors (EMFILE, ENFILE) or a connection that
+				// went before it was taken: wait and go on, as net/http
+				// does. One client's flood must not end the ingress (and
+				// with it every role of the process).
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				log.Warn("ingress: accept", "err", err, "retry in", backoff)
+				select {
+				case <-time.After(backoff):
+				case <-ctx.Done():
+				}
+				continue
 			}
+			backoff = 0
 			go func() {
 				c, toH2, err := sniff(ctx, c, tlsConfig)
 				if err != nil {

@@ -22,6 +22,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"path"
@@ -77,8 +78,10 @@ type Dialer func(ctx context.Context, network, addr string) (net.Conn, error)
 // is the attacker's: its response headers are read into a bounded buffer,
 // within the target's timeout.
 const (
-	// maxHeaderBytes bounds a request's or a response's header block.
-	maxHeaderBytes = 64 << 10
+	// maxHeaderBytes bounds a request's or a response's header block; it is
+	// also the size of each connection's read buffer (nginx's default
+	// for an upstream's headers is 4 or 8 KiB).
+	maxHeaderBytes = 16 << 10
 	// headerTimeout bounds a client's request headers, and a new
 	// connection's TLS handshake or first bytes.
 	headerTimeout = 30 * time.Second
@@ -94,16 +97,17 @@ type Proxy struct {
 	resolver Resolver
 	backend  *backend
 	h2       http.Handler
+	log      *slog.Logger
 }
 
 // NewProxy makes a proxy that asks resolver where requests go and dials
-// them with dial (nil: a plain dialer).
-func NewProxy(resolver Resolver, dial Dialer) *Proxy {
+// them with dial (nil: a plain dialer); it logs to log.
+func NewProxy(resolver Resolver, dial Dialer, log *slog.Logger) *Proxy {
 	if dial == nil {
 		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	}
-	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}}
-	p.h2 = newHTTP2Proxy(resolver, dial)
+	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}, log: log}
+	p.h2 = newHTTP2Proxy(p, dial)
 	return p
 }
 
@@ -150,12 +154,15 @@ func refusalBody(no *Refusal) string {
 }
 
 // failed is the answer for a target that could not be reached or did not
-// answer in time.
-func failed(err error) *Refusal {
+// answer in time (or answered what cannot be passed on). The client gets
+// the kind of failure; the details (addresses, system errors) go to the
+// log.
+func (p *Proxy) failed(t Target, err error) *Refusal {
+	p.log.Debug("ingress: sandbox failed", "target", t.Addr, "err", err)
 	if isTimeout(err) {
 		return &Refusal{Code: http.StatusGatewayTimeout, Msg: "the sandbox did not answer in time"}
 	}
-	return &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("the sandbox could not be reached: %v", err)}
+	return &Refusal{Code: http.StatusBadGateway, Msg: "the sandbox could not be reached, or its answer could not be passed on"}
 }
 
 // isTimeout reports a deadline's error: net's, or fasthttp's (which has

@@ -14,10 +14,12 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
 	"github.com/coder/websocket"
+	"github.com/valyala/fasthttp"
 
 	"hearth.dev/hearth/internal/pki"
 )
@@ -126,7 +128,8 @@ func newFixture(t *testing.T) *fixture {
 	t.Cleanup(be.Close)
 
 	ctx, cancel := context.WithCancel(context.Background())
-	p := NewProxy(testResolver{backend: be.Listener.Addr().String()}, nil)
+	log := slog.New(slog.NewTextHandler(io.Discard, nil))
+	p := NewProxy(testResolver{backend: be.Listener.Addr().String()}, nil, log)
 	certPEM, keyPEM, err := pki.SelfSigned([]string{"ingress.test"}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -135,7 +138,6 @@ func newFixture(t *testing.T) *fixture {
 	if err != nil {
 		t.Fatal(err)
 	}
-	log := slog.New(slog.NewTextHandler(io.Discard, nil))
 	done := make(chan error, 2)
 	for _, tc := range []struct {
 		addr *string
@@ -382,4 +384,168 @@ func TestProxyWebSocket(t *testing.T) {
 	if err == nil || resp == nil || resp.StatusCode != http.StatusForbidden {
 		t.Errorf("a refused upgrade: %v %v", resp, err)
 	}
+}
+
+// What a hostile client or sandbox sends that must not get through.
+func TestProxyHostileInput(t *testing.T) {
+	f := newFixture(t)
+	c, err := net.Dial("tcp", f.plain)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	send := func(req string) (int, string) {
+		t.Helper()
+		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := io.WriteString(c, req); err != nil {
+			t.Fatal(err)
+		}
+		resp, err := http.ReadResponse(br, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		return resp.StatusCode, string(b)
+	}
+	// Every copy of a client's X-Forwarded-* is replaced, not only the
+	// first (fasthttp's Set replaces one).
+	if _, body := send("GET /x HTTP/1.1\r\nHost: app.test\r\nX-Forwarded-For: 6.6.6.6\r\nX-Forwarded-For: 7.7.7.7\r\n" +
+		"X-Forwarded-Proto: https\r\nX-Forwarded-Proto: https\r\nX-Forwarded-Host: a\r\nX-Forwarded-Host: evil.test\r\n\r\n"); !strings.Contains(body, "xff=127.0.0.1 xfp=http xfh=app.test ") {
+		t.Errorf("repeated X-Forwarded-* headers: %q", body)
+	}
+	// Credentials in an absolute-form URI are not made an Authorization.
+	if _, body := send("GET http://user:pass@abs.test/y HTTP/1.1\r\nHost: abs.test\r\n\r\n"); !strings.Contains(body, `auth=""`) {
+		t.Errorf("absolute-form URI with credentials: %q", body)
+	}
+	// CONNECT is no request to a sandbox (and its path would go on as sent).
+	if code, body := send("CONNECT /private/../public HTTP/1.1\r\nHost: private.test\r\n\r\n"); code != 405 {
+		t.Errorf("CONNECT: %d %q, want 405", code, body)
+	}
+	// h2c upgrades would tunnel requests past the routes: the request goes
+	// on as plain HTTP/1.1.
+	if code, body := send("GET /h HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n"); code != 200 || !strings.HasPrefix(body, "GET /h ") {
+		t.Errorf("an h2c upgrade: %d %q, want the request served as HTTP/1.1", code, body)
+	}
+	// A header name that is not a token.
+	if code, _ := send("GET / HTTP/1.1\r\nHost: app.test\r\nX Forwarded For: 1.2.3.4\r\n\r\n"); code != 400 {
+		t.Errorf("a header name with spaces: %d, want 400", code)
+	}
+}
+
+// A sandbox that sends more than the response to a request (a second
+// response, a HEAD's body) does not get its connection reused for the
+// next request.
+func TestProxyBackendExtraBytes(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var conns atomic.Int64
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			n := conns.Add(1)
+			go func() {
+				defer c.Close()
+				br := bufio.NewReader(c)
+				for {
+					req, err := http.ReadRequest(br)
+					if err != nil {
+						return
+					}
+					io.Copy(io.Discard, req.Body)
+					body := fmt.Sprintf("conn %d %s", n, req.URL.Path)
+					fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%sHTTP/1.1 200 OK\r\nContent-Length: 12\r\n\r\nNOT-FOR-YOU!", len(body), body)
+				}
+			}()
+		}
+	}()
+	p := NewProxy(testResolver{backend: ln.Addr().String()}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	pl, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, pl, nil, p, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	defer func() { cancel(); <-done }()
+	client := &http.Client{}
+	for _, path := range []string{"/a", "/b", "/c"} {
+		_, body := do(t, client, "GET", "http://"+pl.Addr().String()+path, "app.test", nil)
+		if !strings.HasSuffix(body, path) {
+			t.Errorf("GET %s: %q", path, body)
+		}
+	}
+	if n := conns.Load(); n != 3 {
+		t.Errorf("%d connections to the sandbox for 3 requests: one that sent too much was reused", n)
+	}
+}
+
+// Only idempotent requests without any body are sent again on a new
+// connection when a kept-alive one fails.
+func TestRetryable(t *testing.T) {
+	for _, tc := range []struct {
+		req    string
+		stream bool // the body streams, as the front end reads a chunked one
+		want   bool
+	}{
+		{"GET / HTTP/1.1\r\nHost: a\r\n\r\n", false, true},
+		{"HEAD / HTTP/1.1\r\nHost: a\r\n\r\n", false, true},
+		{"GET / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n", true, false},
+		{"GET / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n\r\nx", false, false},
+		{"POST / HTTP/1.1\r\nHost: a\r\n\r\n", false, false},
+	} {
+		var req fasthttp.Request
+		if err := req.Read(bufio.NewReader(strings.NewReader(tc.req))); err != nil && !tc.stream {
+			t.Fatal(err)
+		}
+		if tc.stream {
+			req.SetBodyStream(strings.NewReader("0\r\n\r\n"), -1)
+		}
+		if got := retryable(&req); got != tc.want {
+			t.Errorf("%q: retryable %v, want %v", tc.req, got, tc.want)
+		}
+	}
+}
+
+// A listener whose Accept fails for a while (out of descriptors) does
+// not end Serve.
+func TestServeSurvivesAcceptErrors(t *testing.T) {
+	f := newFixture(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	fl := &failingListener{Listener: ln}
+	fl.fails.Store(3)
+	p := NewProxy(testResolver{backend: f.plain}, nil, slog.New(slog.NewTextHandler(io.Discard, nil)))
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Serve(ctx, fl, nil, p, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	resp, _ := do(t, &http.Client{Timeout: 10 * time.Second}, "GET", "http://"+ln.Addr().String()+"/", "refused.test", nil)
+	if resp.StatusCode != 404 {
+		t.Errorf("after accept errors: %d, want the resolver's 404", resp.StatusCode)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("Serve: %v", err)
+	}
+}
+
+type failingListener struct {
+	net.Listener
+	fails atomic.Int64
+}
+
+func (l *failingListener) Accept() (net.Conn, error) {
+	if l.fails.Add(-1) >= 0 {
+		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
+	}
+	return l.Listener.Accept()
 }

@@ -83,7 +83,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	proxy := NewProxy(res, nil)
+	proxy := NewProxy(res, nil, cfg.Log)
 	// Whatever ends Run stops both listeners' Serve.
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
