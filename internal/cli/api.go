@@ -27,9 +27,9 @@ import (
 	"sigs.k8s.io/yaml"
 
 	"hearth.dev/hearth/api/v1alpha1"
-	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/sandboxapi"
+	"hearth.dev/hearth/internal/scheme"
 )
 
 // api is a connection to a hearth API server.
@@ -66,7 +66,7 @@ func (g *globals) api() (*api, error) {
 			ns = "default"
 		}
 	}
-	c, err := client.New(cfg, client.Options{Scheme: hearthd.Scheme})
+	c, err := client.New(cfg, client.Options{Scheme: scheme.Scheme})
 	if err != nil {
 		return nil, err
 	}

@@ -14,7 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
-	"hearth.dev/hearth/internal/hearthd"
+	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/pki"
 )
 
@@ -182,7 +182,7 @@ under DIR/pki. Copy DIR to the new host and start it there with
 			if err != nil {
 				return err
 			}
-			for _, r := range []pki.Request{hearthd.NodeServingRequest(args[0], address), hearthd.NodeClientRequest(args[0])} {
+			for _, r := range []pki.Request{pki.NodeServingRequest(args[0], address), pki.NodeClientRequest(args[0])} {
 				if _, err := issuer.Ensure(r); err != nil {
 					return err
 				}
@@ -191,7 +191,7 @@ under DIR/pki. Copy DIR to the new host and start it there with
 			return nil
 		},
 	}
-	cmd.Flags().StringVar(&dataDir, "data-dir", hearthd.DefaultDataDir(), "the control plane's data directory")
+	cmd.Flags().StringVar(&dataDir, "data-dir", config.DataDir(), "the control plane's data directory")
 	cmd.Flags().StringVar(&address, "address", "", "the address the new host's node agent serves streams at (in its certificate)")
 	cmd.Flags().StringVar(&out, "out", "", "where to write the credentials")
 	return cmd

@@ -77,22 +77,28 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringVar(&g.kubeconfigPath, "kubeconfig", "", "the hearth API's kubeconfig (default $KUBECONFIG); with one, run goes through the API")
 	pf.StringVar(&g.namespace, "namespace", "", "the API namespace (default: the kubeconfig's, else default)")
 
-	root.AddCommand(runCmd(g), imageCmd(g), versionCmd(), benchCmd(g), upCmd(g),
+	root.AddCommand(runCmd(g), imageCmd(g), VersionCmd(), benchCmd(g), upCmd(g),
 		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g), hostCmd(g), snapshotCmd(g))
-	return finish(root.Execute(), stderr)
+	return Finish(root.Execute(), stderr)
 }
 
-func (g *globals) setupLog(stderr io.Writer) error {
+func (g *globals) setupLog(stderr io.Writer) (err error) {
+	g.log, err = NewLogger(g.logLevel, stderr)
+	return err
+}
+
+// NewLogger logs at level (debug, info, warn or error; from --log-level)
+// to w.
+func NewLogger(level string, w io.Writer) (*slog.Logger, error) {
 	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(g.logLevel)); err != nil {
-		return fmt.Errorf("--log-level %q: %w", g.logLevel, err)
+	if err := lvl.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", level, err)
 	}
-	g.log = slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: lvl}))
-	return nil
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: lvl})), nil
 }
 
-// finish turns a command's error into an exit status, printing it.
-func finish(err error, stderr io.Writer) int {
+// Finish turns a command's error into an exit status, printing it.
+func Finish(err error, stderr io.Writer) int {
 	if err == nil {
 		return 0
 	}
@@ -125,7 +131,8 @@ func terminalOr(w io.Writer) io.Writer {
 	return nil
 }
 
-func versionCmd() *cobra.Command {
+// VersionCmd prints the version.
+func VersionCmd() *cobra.Command {
 	return &cobra.Command{
 		Use:   "version",
 		Short: "Print hearth's version",

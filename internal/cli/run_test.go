@@ -61,6 +61,13 @@ func TestHelp(t *testing.T) {
 	if code := Main([]string{"bench", "boot"}, strings.NewReader(""), &bout, &berr); code != ExitHearth || !strings.Contains(berr.String(), "hearth-bench") {
 		t.Errorf("bench without hearth-bench: %d %q", code, berr.String())
 	}
+	// hearth up runs hearthd, and says where it looked without it.
+	t.Setenv("HEARTH_HEARTHD", "")
+	t.Setenv("PATH", t.TempDir())
+	var uout, uerr strings.Builder
+	if code := Main([]string{"up", "--data-dir", t.TempDir()}, strings.NewReader(""), &uout, &uerr); code != ExitHearth || !strings.Contains(uerr.String(), "hearthd not found") {
+		t.Errorf("up without hearthd: %d %q", code, uerr.String())
+	}
 	var out, errb strings.Builder
 	if code := Main([]string{"run"}, strings.NewReader(""), &out, &errb); code != ExitHearth || !strings.Contains(errb.String(), "give an IMAGE to run, or --template, --snapshot or --pool") {
 		t.Errorf("run without image: %d %q", code, errb.String())

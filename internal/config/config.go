@@ -10,6 +10,19 @@ import (
 	"path/filepath"
 )
 
+// DataDir is where hearthd keeps its state by default (etcd's data, the CA,
+// the kubeconfig, the node agent's state): /var/lib/hearth for root, else
+// ~/.local/share/hearth.
+func DataDir() string {
+	if os.Geteuid() == 0 {
+		return "/var/lib/hearth"
+	}
+	if home, err := os.UserHomeDir(); err == nil {
+		return filepath.Join(home, ".local", "share", "hearth")
+	}
+	return "hearth-data"
+}
+
 // CacheDir is $HEARTH_CACHE, else $XDG_CACHE_HOME/hearth, else ~/.cache/hearth.
 // kernel/build.sh uses the same rule.
 func CacheDir() string {
@@ -71,6 +84,10 @@ func Shim() (string, error) { return companion("hearth-shim", "HEARTH_SHIM") }
 // Hearth finds the hearth CLI (the boot benchmark times `hearth run`):
 // $HEARTH_BIN, else beside the running executable, else on PATH.
 func Hearth() (string, error) { return companion("hearth", "HEARTH_BIN") }
+
+// Hearthd finds hearthd, which `hearth up` runs: $HEARTH_HEARTHD, else
+// beside the running executable, else on PATH.
+func Hearthd() (string, error) { return companion("hearthd", "HEARTH_HEARTHD") }
 
 // Bench finds hearth-bench, which `hearth bench` runs: $HEARTH_BENCH, else
 // beside the running executable, else on PATH.

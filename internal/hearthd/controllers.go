@@ -13,7 +13,6 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
-	"k8s.io/apimachinery/pkg/runtime"
 	clientgoscheme "k8s.io/client-go/kubernetes/scheme"
 	"k8s.io/client-go/rest"
 	"k8s.io/utils/ptr"
@@ -27,21 +26,13 @@ import (
 	"hearth.dev/hearth/internal/hostlifecycle"
 	"hearth.dev/hearth/internal/network/ipam"
 	"hearth.dev/hearth/internal/scheduler"
+	"hearth.dev/hearth/internal/scheme"
 	"hearth.dev/hearth/internal/warmpool"
 )
 
 // Scheme has hearth's types and Kubernetes' built-in ones, for the
 // controllers' clients.
-var Scheme = runtime.NewScheme()
-
-func init() {
-	if err := clientgoscheme.AddToScheme(Scheme); err != nil {
-		panic(err)
-	}
-	if err := v1alpha1.AddToScheme(Scheme); err != nil {
-		panic(err)
-	}
-}
+var Scheme = scheme.Scheme
 
 var clientcmdNegotiator = clientgoscheme.Codecs.WithoutConversion()
 

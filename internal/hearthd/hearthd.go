@@ -23,6 +23,7 @@ import (
 	clientcmdapi "k8s.io/client-go/tools/clientcmd/api"
 
 	"hearth.dev/hearth/internal/apiserver"
+	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/etcd"
 	"hearth.dev/hearth/internal/pki"
 )
@@ -51,20 +52,9 @@ type Options struct {
 	Version          string
 }
 
-// DefaultDataDir is ~/.local/share/hearth, or /var/lib/hearth for root.
-func DefaultDataDir() string {
-	if os.Geteuid() == 0 {
-		return "/var/lib/hearth"
-	}
-	if home, err := os.UserHomeDir(); err == nil {
-		return filepath.Join(home, ".local", "share", "hearth")
-	}
-	return "hearth-data"
-}
-
 // AddFlags registers the options as flags.
 func (o *Options) AddFlags(fs *pflag.FlagSet) {
-	fs.StringVar(&o.DataDir, "data-dir", DefaultDataDir(), "where etcd's data, the CA, the kubeconfig and the node agent's state live")
+	fs.StringVar(&o.DataDir, "data-dir", config.DataDir(), "where etcd's data, the CA, the kubeconfig and the node agent's state live")
 	fs.StringSliceVar(&o.Roles, "roles", []string{RoleControlPlane, RoleNode, RoleIngress}, "roles to run: control-plane, node, ingress")
 	fs.StringVar(&o.BindAddress, "bind-address", "127.0.0.1", "address the API server listens on")
 	fs.IntVar(&o.Port, "port", 6443, "API server port")

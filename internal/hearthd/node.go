@@ -120,10 +120,10 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		return err
 	}
 	cfg.CA = ca
-	if cfg.Serving, err = ca.Ensure(NodeServingRequest(name, host)); err != nil {
+	if cfg.Serving, err = ca.Ensure(pki.NodeServingRequest(name, host)); err != nil {
 		return credentialsHint(err, name, host)
 	}
-	client, err := ca.Ensure(NodeClientRequest(name))
+	client, err := ca.Ensure(pki.NodeClientRequest(name))
 	if err != nil {
 		return credentialsHint(err, name, host)
 	}
@@ -138,16 +138,6 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	}
 	start("node agent", true, func(ctx context.Context) error { return node.Run(ctx, restCfg, cfg) })
 	return nil
-}
-
-// NodeServingRequest is the certificate a node agent serves streams with.
-func NodeServingRequest(name, host string) pki.Request {
-	return pki.Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}
-}
-
-// NodeClientRequest is the certificate a node agent calls the API with.
-func NodeClientRequest(name string) pki.Request {
-	return pki.Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{pki.GroupNodes}, Client: true}
 }
 
 func credentialsHint(err error, name, host string) error {

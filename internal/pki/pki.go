@@ -249,3 +249,13 @@ func SelfSigned(hosts []string, d time.Duration) (certPEM, keyPEM []byte, err er
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb}), nil
 }
+
+// NodeServingRequest is the certificate a node agent serves streams with.
+func NodeServingRequest(name, host string) Request {
+	return Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}
+}
+
+// NodeClientRequest is the certificate a node agent calls the API with.
+func NodeClientRequest(name string) Request {
+	return Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{GroupNodes}, Client: true}
+}

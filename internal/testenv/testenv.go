@@ -99,6 +99,7 @@ func Binaries(t testing.TB) string {
 		root := ModuleRoot()
 		for _, b := range []struct{ pkg, out string }{
 			{"./cmd/hearth", "hearth"},
+			{"./cmd/hearthd", "hearthd"}, // hearth up runs it
 			{"./cmd/hearth-agent", "hearth-agent"},
 			{"./cmd/hearth-shim", "hearth-shim"},
 		} {
