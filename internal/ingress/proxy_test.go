@@ -276,16 +276,17 @@ func TestProxyFrontEnds(t *testing.T) {
 	}
 }
 
-// A raw HTTP/1.1 client: the request line and headers exactly as sent.
-func TestProxyHTTP1Raw(t *testing.T) {
-	f := newFixture(t)
-	c, err := net.Dial("tcp", f.plain)
+// rawClient sends requests exactly as written on one connection to addr
+// and reads each response.
+func rawClient(t *testing.T, addr string) func(req string) (*http.Response, string) {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer c.Close()
+	t.Cleanup(func() { c.Close() })
 	br := bufio.NewReader(c)
-	send := func(req string) (*http.Response, string) {
+	return func(req string) (*http.Response, string) {
 		t.Helper()
 		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
 		if _, err := io.WriteString(c, req); err != nil {
@@ -299,6 +300,12 @@ func TestProxyHTTP1Raw(t *testing.T) {
 		resp.Body.Close()
 		return resp, string(b)
 	}
+}
+
+// A raw HTTP/1.1 client: the request line and headers exactly as sent.
+func TestProxyHTTP1Raw(t *testing.T) {
+	f := newFixture(t)
+	send := rawClient(t, f.plain)
 	// Headers a Connection header names, and the standard hop-by-hop
 	// ones, stay with the client's connection; so does its keep-alive.
 	_, body := send("GET /x HTTP/1.1\r\nHost: app.test\r\nConnection: keep-alive, X-Client-Hop\r\nX-Client-Hop: 1\r\nTe: trailers\r\n\r\n")
@@ -389,25 +396,11 @@ func TestProxyWebSocket(t *testing.T) {
 // What a hostile client or sandbox sends that must not get through.
 func TestProxyHostileInput(t *testing.T) {
 	f := newFixture(t)
-	c, err := net.Dial("tcp", f.plain)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	br := bufio.NewReader(c)
+	raw := rawClient(t, f.plain)
 	send := func(req string) (int, string) {
 		t.Helper()
-		_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-		if _, err := io.WriteString(c, req); err != nil {
-			t.Fatal(err)
-		}
-		resp, err := http.ReadResponse(br, nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		b, _ := io.ReadAll(resp.Body)
-		resp.Body.Close()
-		return resp.StatusCode, string(b)
+		resp, body := raw(req)
+		return resp.StatusCode, body
 	}
 	// Every copy of a client's X-Forwarded-* is replaced, not only the
 	// first (fasthttp's Set replaces one).
