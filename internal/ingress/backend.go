@@ -136,7 +136,9 @@ func (b *backend) get(ctx context.Context, addr string) (*backendConn, bool, err
 	if err != nil {
 		return nil, false, err
 	}
-	return &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes), bw: bufio.NewWriterSize(c, 16<<10)}, false, nil
+	bc := &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes)}
+	bc.bw = bufio.NewWriterSize(bc, 16<<10) // through bc.Write, for writeIdle
+	return bc, false, nil
 }
 
 func (b *backend) put(addr string, c *backendConn) {
