@@ -438,7 +438,7 @@ func (a *Agent) finish(sb *v1alpha1.Sandbox, s shim.State, override bool) {
 	if override || st.ExitCode == nil {
 		st.ExitCode = ptr.To(int32(s.ExitCode))
 		st.FinishedAt = ptr.To(metav1.NewTime(s.FinishedAt))
-		st.Reason, st.Message = s.Reason, s.Message
+		st.Reason, st.Message = s.Reason, shim.ClipMessage(s.Message)
 	}
 	st.Phase = v1alpha1.PhaseFailed
 	if *st.ExitCode == 0 && !override {

@@ -80,6 +80,10 @@ var ErrBoot = errors.New("guest failed to boot")
 // reporting how the workload ended (a guest panic, the VMM dying).
 var ErrStopped = errors.New("the VM stopped before the workload finished")
 
+// ErrGuestProtocol means the guest sent what the protocol does not allow
+// (the guest is the attacker's: its session ends, nothing else does).
+var ErrGuestProtocol = errors.New("the guest broke the protocol")
+
 // Run boots a VM for spec, runs the workload to its end and removes the VM.
 func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err error) {
 	if err := spec.Validate(); err != nil {
@@ -511,8 +515,11 @@ func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan s
 			}
 		case protocol.TStdinAck:
 			var a protocol.StdinAck
-			if protocol.Decode(f, &a) == nil {
-				credit.add(a.Bytes)
+			if err := protocol.Decode(f, &a); err != nil {
+				return nil, fmt.Errorf("%w: a stdin acknowledgement: %v", ErrGuestProtocol, err)
+			}
+			if err := credit.add(a.Bytes); err != nil {
+				return nil, err
 			}
 		case protocol.TExit:
 			var e protocol.Exit
@@ -577,12 +584,15 @@ func (s *session) pumpStdin(credit *credit) {
 	}
 }
 
-// credit is the host's stdin send window.
+// credit is the host's stdin send window: n bytes may be sent, inFlight
+// were sent and not acknowledged; n + inFlight is the window, whatever the
+// guest acknowledges.
 type credit struct {
-	mu     sync.Mutex
-	cond   *sync.Cond
-	n      int
-	closed bool
+	mu       sync.Mutex
+	cond     *sync.Cond
+	n        int
+	inFlight int
+	closed   bool
 }
 
 func newCredit(n int) *credit {
@@ -603,14 +613,23 @@ func (c *credit) take(want int) int {
 	}
 	k := min(want, c.n)
 	c.n -= k
+	c.inFlight += k
 	return k
 }
 
-func (c *credit) add(n int) {
+// add takes the guest's acknowledgement of n bytes: more than 0 and no more
+// than are in flight, else it is a protocol error (a negative count once
+// made take return a negative length, and the host panicked).
+func (c *credit) add(n int) error {
 	c.mu.Lock()
+	defer c.cond.Broadcast()
+	defer c.mu.Unlock()
+	if n <= 0 || n > c.inFlight {
+		return fmt.Errorf("%w: stdin acknowledged %d bytes with %d in flight", ErrGuestProtocol, n, c.inFlight)
+	}
+	c.inFlight -= n
 	c.n += n
-	c.mu.Unlock()
-	c.cond.Broadcast()
+	return nil
 }
 
 func (c *credit) close() {

@@ -1,11 +1,20 @@
 package sandbox
 
 import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"math"
+	"net"
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+
+	"hearth.dev/hearth/internal/guest/protocol"
 )
 
 func TestArgv(t *testing.T) {
@@ -77,12 +86,62 @@ func TestCredit(t *testing.T) {
 	}
 	done := make(chan int)
 	go func() { done <- c.take(5) }()
-	c.add(3)
+	if err := c.add(3); err != nil {
+		t.Fatal(err)
+	}
 	if got := <-done; got != 3 {
 		t.Fatalf("after ack: %d", got)
 	}
 	c.close()
 	if got := c.take(1); got != 0 {
 		t.Fatalf("after close: %d", got)
+	}
+}
+
+// The guest's acknowledgements are checked against what is in flight: a
+// negative, zero or excessive one is a protocol error and the window is
+// unchanged.
+func TestCreditRejectsBadAcks(t *testing.T) {
+	c := newCredit(10)
+	c.take(4)
+	for _, n := range []int{-5, 0, 5, math.MaxInt} {
+		if err := c.add(n); !errors.Is(err, ErrGuestProtocol) {
+			t.Errorf("ack of %d with 4 in flight: %v, want ErrGuestProtocol", n, err)
+		}
+	}
+	if err := c.add(4); err != nil {
+		t.Fatal(err)
+	}
+	if got := c.take(100); got != 10 {
+		t.Errorf("window after bad acks: %d, want 10", got)
+	}
+}
+
+// A guest that acknowledges negative stdin ends its session with
+// ErrGuestProtocol; the host does not panic.
+func TestSessionNegativeStdinAck(t *testing.T) {
+	host, guest := net.Pipe()
+	defer host.Close()
+	defer guest.Close()
+	go func() {
+		// The guest: read whatever the host sends, and lie about it.
+		gr, gw := protocol.NewReader(guest), protocol.NewWriter(guest)
+		if _, err := gr.Read(); err != nil {
+			return
+		}
+		_ = gw.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: -1 << 20})
+		for {
+			if _, err := gr.Read(); err != nil {
+				return
+			}
+		}
+	}()
+	s := &session{sio: IO{Stdin: strings.NewReader(strings.Repeat("x", 1<<20)), Stdout: io.Discard, Stderr: io.Discard},
+		start: time.Now(), log: slog.New(slog.DiscardHandler), w: protocol.NewWriter(host)}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := s.serve(ctx, protocol.NewReader(host), make(chan struct{}), protocol.Start{Stdin: true}, true)
+	if !errors.Is(err, ErrGuestProtocol) {
+		t.Fatalf("serve: %v, want ErrGuestProtocol", err)
 	}
 }

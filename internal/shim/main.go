@@ -40,7 +40,7 @@ func Main(dir string) int {
 		log.Error("run failed", "err", err)
 		st.Phase, st.FinishedAt = Exited, time.Now()
 		if st.Reason == "" {
-			st.Reason, st.Message = "StartError", err.Error()
+			st.Reason, st.Message = "StartError", ClipMessage(err.Error())
 		}
 		if st.ExitCode == 0 {
 			st.ExitCode = 125
@@ -126,11 +126,13 @@ func run(log *slog.Logger, dir string, st *State) error {
 			st.Reason = "BootError"
 		case errors.Is(err, sandbox.ErrStopped):
 			st.Reason = "Error"
+		case errors.Is(err, sandbox.ErrGuestProtocol):
+			st.Reason = "GuestProtocolError"
 		}
-		st.Message = err.Error()
+		st.Message = ClipMessage(err.Error())
 		return nil
 	}
-	st.ExitCode, st.Signal, st.Message = res.ExitCode, res.Signal, res.Error
+	st.ExitCode, st.Signal, st.Message = res.ExitCode, res.Signal, ClipMessage(res.Error)
 	if st.BootMillis == 0 {
 		st.BootMillis = res.Boot.Milliseconds()
 	}

@@ -28,8 +28,10 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 
@@ -60,6 +62,26 @@ const (
 	Running = "running"
 	Exited  = "exited"
 )
+
+// MaxMessage bounds State.Message, which reaches the API's status: the
+// guest's exit message is the attacker's text (up to a frame, 1 MiB), and
+// a restarting sandbox writes it again on every run.
+const MaxMessage = 1024
+
+// ClipMessage is s cut to MaxMessage bytes at a rune boundary, marked when
+// cut, and made valid UTF-8.
+func ClipMessage(s string) string {
+	s = strings.ToValidUTF8(s, "\uFFFD")
+	if len(s) <= MaxMessage {
+		return s
+	}
+	const more = "… (cut)"
+	i := MaxMessage - len(more)
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + more
+}
 
 // State is what the shim reports.
 type State struct {

@@ -4,8 +4,10 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
+	"unicode/utf8"
 )
 
 // fakeShim is a stand-in for hearth-shim that runs until signalled, with
@@ -66,5 +68,21 @@ func TestStateRoundTrip(t *testing.T) {
 	got, err := ReadState(dir)
 	if err != nil || got != want {
 		t.Errorf("ReadState = %+v, %v; want %+v", got, err, want)
+	}
+}
+
+// A guest's message reaches the API's status at most MaxMessage bytes
+// long, valid UTF-8, cut at a rune boundary.
+func TestClipMessage(t *testing.T) {
+	if got := ClipMessage("short"); got != "short" {
+		t.Errorf("short: %q", got)
+	}
+	long := strings.Repeat("é", 1<<20) + "\xff"
+	got := ClipMessage(long)
+	if len(got) > MaxMessage || !utf8.ValidString(got) || !strings.HasSuffix(got, "(cut)") {
+		t.Errorf("a 2 MiB message: %d bytes, valid %v, %q…", len(got), utf8.ValidString(got), got[len(got)-12:])
+	}
+	if got := ClipMessage("bad \xff byte"); !utf8.ValidString(got) {
+		t.Errorf("invalid UTF-8 kept: %q", got)
 	}
 }
