@@ -102,11 +102,22 @@ func writeSaved(dir string, saved Saved) error {
 	return os.WriteFile(filepath.Join(dir, snapshotSandbox), b, 0o600)
 }
 
+// controlTimeout bounds a control action: a guest that answers Hello and
+// then stays silent would otherwise hold its caller (the snapshot
+// controller, and its lock) forever. Quiesce flushes the writable layer,
+// which may take a while with much dirty data.
+var controlTimeout = 2 * time.Minute
+
 // Control runs a control action (protocol.Control) in the running
-// sandbox t over exec port port.
+// sandbox t over exec port port, within controlTimeout.
 func Control(ctx context.Context, driver vmm.Driver, t Target, port int, st protocol.Start) error {
 	st.Args = nil
-	res, err := onPort(ctx, driver, t.RunDir, port, st, IO{}, nil)
+	cctx, cancel := context.WithTimeout(ctx, controlTimeout)
+	defer cancel()
+	res, err := onPort(cctx, driver, t.RunDir, port, st, IO{}, nil)
+	if err != nil && ctx.Err() == nil && errors.Is(err, context.DeadlineExceeded) {
+		return fmt.Errorf("%s: %w: the guest did not finish it within %s", st.Control, ErrGuestProtocol, controlTimeout)
+	}
 	if err != nil {
 		return fmt.Errorf("%s: %w", st.Control, err)
 	}
