@@ -2,6 +2,7 @@ package ingress
 
 import (
 	"context"
+	"io"
 	"net/http"
 	"net/http/httputil"
 	"strconv"
@@ -11,21 +12,25 @@ import (
 
 // http2Proxy is the HTTP/2 front end (h2c and h2 over TLS, which fasthttp
 // does not speak): net/http's ReverseProxy, to sandboxes over HTTP/1.1
-// through net/http's Transport, one per distinct response-header timeout
-// (a Route's timeoutSeconds; there are few).
+// through one net/http Transport; each request's wait for the response's
+// headers is bounded by its target's timeout (a Route's timeoutSeconds).
 type http2Proxy struct {
-	p    *Proxy
-	dial Dialer
-	rp   *httputil.ReverseProxy
-
-	mu         sync.Mutex
-	transports map[time.Duration]*http.Transport
+	p  *Proxy
+	tr *http.Transport
+	rp *httputil.ReverseProxy
 }
 
 type targetKey struct{}
 
 func newHTTP2Proxy(parent *Proxy, dial Dialer) *http2Proxy {
-	p := &http2Proxy{p: parent, dial: dial, transports: map[time.Duration]*http.Transport{}}
+	p := &http2Proxy{p: parent, tr: &http.Transport{
+		DialContext:            dial,
+		MaxIdleConns:           maxIdle,
+		MaxIdleConnsPerHost:    maxIdlePerTarget,
+		IdleConnTimeout:        poolIdle,
+		MaxResponseHeaderBytes: maxHeaderBytes,
+		DisableCompression:     true,
+	}}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite: func(pr *httputil.ProxyRequest) {
 			t := pr.In.Context().Value(targetKey{}).(Target)
@@ -73,26 +78,50 @@ func (p *http2Proxy) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	p.rp.ServeHTTP(w, r.WithContext(context.WithValue(r.Context(), targetKey{}, t)))
 }
 
-// RoundTrip sends a request to its target over the Transport for the
-// target's timeout.
+// RoundTrip sends a request to its target, its response's headers within
+// the target's timeout. (One Transport serves every timeout: routes choose
+// theirs freely, and a Transport per value would grow with them.)
 func (p *http2Proxy) RoundTrip(r *http.Request) (*http.Response, error) {
 	t, _ := r.Context().Value(targetKey{}).(Target)
-	p.mu.Lock()
-	tr := p.transports[t.Timeout]
-	if tr == nil {
-		tr = &http.Transport{
-			DialContext:            p.dial,
-			MaxIdleConnsPerHost:    maxIdlePerTarget,
-			IdleConnTimeout:        idleTimeout,
-			ResponseHeaderTimeout:  t.Timeout,
-			MaxResponseHeaderBytes: maxHeaderBytes,
-			DisableCompression:     true,
-		}
-		p.transports[t.Timeout] = tr
+	if t.Timeout <= 0 {
+		return p.tr.RoundTrip(r)
 	}
-	p.mu.Unlock()
-	return tr.RoundTrip(r)
+	ctx, cancel := context.WithCancel(r.Context())
+	slow := time.AfterFunc(t.Timeout, cancel)
+	resp, err := p.tr.RoundTrip(r.WithContext(ctx))
+	if !slow.Stop() { // the headers came too late, if at all
+		if err == nil {
+			resp.Body.Close()
+		}
+		cancel()
+		return nil, timeoutError{}
+	}
+	if err != nil {
+		cancel()
+		return nil, err
+	}
+	// The body streams within the request's own context from here on.
+	resp.Body = &cancelOnClose{ReadCloser: resp.Body, cancel: cancel}
+	return resp, nil
 }
+
+// cancelOnClose ends a response's context with its body.
+type cancelOnClose struct {
+	io.ReadCloser
+	cancel context.CancelFunc
+}
+
+func (b *cancelOnClose) Close() error {
+	err := b.ReadCloser.Close()
+	b.cancel()
+	return err
+}
+
+// timeoutError: the sandbox did not send its response's headers in time.
+type timeoutError struct{}
+
+func (timeoutError) Error() string { return "the sandbox did not answer in time" }
+func (timeoutError) Timeout() bool { return true }
 
 func refuse(w http.ResponseWriter, no *Refusal) {
 	h := w.Header()

@@ -88,7 +88,7 @@ const (
 	// bodyTimeout bounds reading a request's body (an upload).
 	bodyTimeout = time.Hour
 	// idleTimeout closes a client's kept-alive connection with no
-	// request, and a kept-alive connection to a sandbox left unused.
+	// request (those to sandboxes: poolIdle, backend.go).
 	idleTimeout = 90 * time.Second
 )
 
