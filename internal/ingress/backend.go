@@ -136,9 +136,15 @@ func (b *backend) get(ctx context.Context, addr string) (*backendConn, bool, err
 	if err != nil {
 		return nil, false, err
 	}
+	return newBackendConn(c), false, nil
+}
+
+// newBackendConn wraps a new connection to a sandbox: its reader's size
+// bounds a response's header block.
+func newBackendConn(c net.Conn) *backendConn {
 	bc := &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes)}
 	bc.bw = bufio.NewWriterSize(bc, 16<<10) // through bc.Write, for writeIdle
-	return bc, false, nil
+	return bc
 }
 
 func (b *backend) put(addr string, c *backendConn) {

@@ -1,7 +1,6 @@
 package ingress
 
 import (
-	"bufio"
 	"bytes"
 	"errors"
 	"io"
@@ -217,7 +216,7 @@ func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 		refuseHTTP1(ctx, p.failed(t, err))
 		return
 	}
-	bc := &backendConn{Conn: c, br: bufio.NewReaderSize(c, maxHeaderBytes), bw: bufio.NewWriter(c)}
+	bc := newBackendConn(c)
 	if t.Timeout > 0 {
 		_ = c.SetReadDeadline(time.Now().Add(t.Timeout))
 	}
