@@ -15,8 +15,9 @@ setup: ## install Debian packages and build the guest kernel (root; idempotent)
 kernel: ## build the guest kernel (cached by its inputs under ~/.cache/hearth/kernel)
 	kernel/build.sh
 
-build: ## build bin/hearth, bin/hearthd, bin/hearth-shim, bin/hearth-agent (static), bin/hearth-bench and bin/hearth-mkimage
+build: ## build bin/hearth, bin/hearthd, bin/hearth-shim, bin/hearth-agent and bin/hearth-jailer (static), bin/hearth-bench and bin/hearth-mkimage
 	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-agent ./cmd/hearth-agent
+	CGO_ENABLED=0 $(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-jailer ./cmd/hearth-jailer
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth ./cmd/hearth
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearthd ./cmd/hearthd
 	$(GO) build -ldflags '$(LDFLAGS)' -o $(BIN)/hearth-shim ./cmd/hearth-shim

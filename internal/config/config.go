@@ -81,6 +81,14 @@ func Agent() (string, error) { return companion("hearth-agent", "HEARTH_AGENT") 
 // a sandbox: $HEARTH_SHIM, else beside the running executable, else on PATH.
 func Shim() (string, error) { return companion("hearth-shim", "HEARTH_SHIM") }
 
+// Jailer finds hearth-jailer, which confines each VMM when hearth runs as
+// root: $HEARTH_JAILER, else beside the running executable, else on PATH.
+func Jailer() (string, error) { return companion("hearth-jailer", "HEARTH_JAILER") }
+
+// JailDir holds the VMM uid leases: one host-wide directory, whatever the
+// run root, since a uid must be one VM's on the whole host.
+const JailDir = "/run/hearth-jail"
+
 // Hearth finds the hearth CLI (the boot benchmark times `hearth run`):
 // $HEARTH_BIN, else beside the running executable, else on PATH.
 func Hearth() (string, error) { return companion("hearth", "HEARTH_BIN") }

@@ -64,7 +64,12 @@ func Ensure(dir, agentPath string) (string, error) {
 	}
 	sum := sha256.Sum256([]byte(fmt.Sprintf("%s\x00%d\x00%d", abs, fi.Size(), fi.ModTime().UnixNano())))
 	path := filepath.Join(dir, hex.EncodeToString(sum[:8])+".cpio")
-	if _, err := os.Stat(path); err == nil {
+	// Readable by all: a jailed VMM runs as a uid of its own
+	// (internal/jail), and the initramfs holds nothing secret.
+	if fi, err := os.Stat(path); err == nil {
+		if fi.Mode().Perm()&0o004 == 0 {
+			return path, os.Chmod(path, 0o644) // made by an older hearth
+		}
 		return path, nil
 	}
 	agent, err := os.ReadFile(abs)
@@ -80,6 +85,10 @@ func Ensure(dir, agentPath string) (string, error) {
 	}
 	defer os.Remove(tmp.Name())
 	if err := Write(tmp, agent); err != nil {
+		tmp.Close()
+		return "", err
+	}
+	if err := tmp.Chmod(0o644); err != nil {
 		tmp.Close()
 		return "", err
 	}

@@ -11,10 +11,13 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/sandbox"
 )
 
-// collectGarbage removes, at start, every 30 s and when a sandbox leaves
-// the host, the directories (and stops the VMs) of sandboxes that no
+// collectGarbage kills, at start, every 30 s and when a sandbox leaves the
+// host, the VMMs that no shim owns (sandbox.Sweep); removes the
+// directories (and stops the VMs) of sandboxes that no
 // longer exist or are no longer bound here: what a sandbox deleted while
 // the agent was down left behind, and the copies a lost host still runs of
 // sandboxes that were placed again elsewhere; and the snapshots of
@@ -35,6 +38,9 @@ func (a *Agent) collectGarbage(ctx context.Context) error {
 }
 
 func (a *Agent) collect(ctx context.Context) error {
+	// VMMs whose shim is gone: the parent-death signal ends them at once,
+	// and this is the net below it (a VMM found here is a bug to report).
+	sandbox.Sweep(config.RunRoot(), a.log)
 	entries, err := os.ReadDir(a.cfg.StateDir)
 	if err != nil {
 		return err

@@ -23,6 +23,7 @@ import (
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/jail"
 	"hearth.dev/hearth/internal/sparse"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -246,28 +247,54 @@ func (rt *Runtime) makeRunDir(id string) (dir string, remove func() error, err e
 	}, nil
 }
 
-// sweep removes run directories whose owner died without cleaning up:
-// their lock is free (their VMs power themselves off when the agent's
-// channel closes), or
-// they never got one and are older than a minute.
-func (rt *Runtime) sweep(log *slog.Logger) {
-	entries, _ := os.ReadDir(rt.RunRoot)
+// sweep removes what owners that died without cleaning up left under the
+// run root: Sweep.
+func (rt *Runtime) sweep(log *slog.Logger) { Sweep(rt.RunRoot, log) }
+
+// Sweep ends the jailed VMMs under runRoot whose owner is gone (the
+// parent-death signal normally got there first) and removes the run
+// directories of dead owners: their lock is free, or they never got one
+// and are older than a minute. It returns the run directories whose VMM
+// it had to kill.
+func Sweep(runRoot string, log *slog.Logger) []string {
+	killed, err := jail.Sweep(runRoot, runAlive)
+	for _, dir := range killed {
+		log.Warn("killed a VMM whose owner is gone", "dir", dir)
+	}
+	if err != nil && !errors.Is(err, os.ErrNotExist) && os.Geteuid() == 0 {
+		log.Warn("sweep VMM cgroups", "err", err)
+	}
+	entries, _ := os.ReadDir(runRoot)
 	for _, e := range entries {
-		dir := filepath.Join(rt.RunRoot, e.Name())
-		f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR, 0)
-		if err != nil {
+		dir := filepath.Join(runRoot, e.Name())
+		if _, err := os.Stat(filepath.Join(dir, "lock")); err != nil {
 			if fi, err := e.Info(); err == nil && time.Since(fi.ModTime()) > time.Minute {
 				log.Info("removing abandoned run directory", "dir", dir)
 				_ = os.RemoveAll(dir)
 			}
 			continue
 		}
-		if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) == nil {
+		if !runAlive(dir) {
 			log.Info("removing abandoned run directory", "dir", dir)
 			_ = os.RemoveAll(dir)
 		}
-		f.Close()
 	}
+	return killed
+}
+
+// runAlive reports whether the owner of the run directory dir holds its
+// lock (makeRunDir). A directory without a lock file is not alive.
+func runAlive(dir string) bool {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_RDWR, 0)
+	if err != nil {
+		return false
+	}
+	defer f.Close()
+	if unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB) != nil {
+		return true
+	}
+	_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
+	return false
 }
 
 // makeDisk creates the sandbox's writable layer as MakeDisk formats it,

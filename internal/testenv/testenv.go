@@ -102,6 +102,7 @@ func Binaries(t testing.TB) string {
 			{"./cmd/hearthd", "hearthd"}, // hearth up runs it
 			{"./cmd/hearth-agent", "hearth-agent"},
 			{"./cmd/hearth-shim", "hearth-shim"},
+			{"./cmd/hearth-jailer", "hearth-jailer"},
 		} {
 			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", filepath.Join(binDir, b.out), b.pkg)
 			cmd.Dir = root

@@ -20,7 +20,10 @@ import (
 	"syscall"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"hearth.dev/hearth/internal/guest/protocol"
+	"hearth.dev/hearth/internal/jail"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -28,6 +31,10 @@ import (
 type Driver struct {
 	// Binary is the QEMU executable; "qemu-system-x86_64" on PATH if empty.
 	Binary string
+	// Jail, if set, confines each QEMU (internal/jail: its own uid,
+	// namespaces, root and cgroup). It needs root. Without it, QEMU runs
+	// as the caller, or as "nobody" once started when the caller is root.
+	Jail *jail.Options
 }
 
 var _ vmm.Driver = (*Driver)(nil)
@@ -35,7 +42,8 @@ var _ vmm.Driver = (*Driver)(nil)
 // Name is "qemu".
 func (d *Driver) Name() string { return "qemu" }
 
-// Files under the run directory.
+// Files under the run directory: vm.json in it, the sockets in its
+// subdirectory jail.Dir, which a jailed QEMU owns.
 const (
 	qmpSock     = "qmp.sock"
 	controlSock = "control.sock" // a second QMP monitor, for other processes (snapshot, pause)
@@ -44,8 +52,27 @@ const (
 	consoleSock = "console.sock" // hearth listens, QEMU connects
 )
 
-// unprivilegedUser is who QEMU runs as after start-up when hearth is root.
+// unprivilegedUser is who QEMU runs as after start-up when hearth is root
+// and QEMU is not jailed.
 const unprivilegedUser = "nobody"
+
+// sock is the path of QEMU's socket name in the VM of runDir.
+func sock(runDir, name string) string { return filepath.Join(runDir, jail.Dir, name) }
+
+// vmmOverheadMiB is what a QEMU process may use beyond guest RAM before its
+// cgroup kills it: its own heap, device model and I/O buffers and, under
+// TCG, the translation cache (32 MiB) — measured by hearth bench boot,
+// which reports the VMM's private memory beyond guest RAM.
+func vmmOverheadMiB(accel vmm.Accel) int {
+	if accel == vmm.TCG {
+		return 160
+	}
+	return 96
+}
+
+// vmmTasks bounds a QEMU's threads: vCPUs, the main loop, RCU and up to
+// 64 block I/O workers.
+const vmmTasks = 256
 
 // logTail is how much of the console and of QEMU's own output is kept for
 // error messages. The guest may print without end: a file would let it fill
@@ -101,8 +128,8 @@ var (
 	tscArgs string
 )
 
-// Args returns QEMU's command line for cfg.
-func Args(cfg vmm.Config) []string { return args(cfg, cfg.MemoryFile, true) }
+// Args returns QEMU's command line for cfg, unjailed.
+func Args(cfg vmm.Config) []string { return args(cfg, cfg.MemoryFile, true, false) }
 
 // args is QEMU's command line with guest RAM in memFile (if not ""),
 // mapped shared (the file is the RAM) or private (copy-on-write over a
@@ -113,8 +140,15 @@ func Args(cfg vmm.Config) []string { return args(cfg, cfg.MemoryFile, true) }
 // migration stream carries only device state; the destination maps the
 // saved file privately and receives no pages, so it runs on the file's
 // contents, and clones of one snapshot share its page cache.
-func args(cfg vmm.Config, memFile string, shared bool) []string {
-	run := func(name string) string { return filepath.Join(cfg.RunDir, name) }
+//
+// Jailed, QEMU also may not change its uid (elevateprivileges=deny): it
+// starts as the jail's; unjailed as root it needs -runas.
+func args(cfg vmm.Config, memFile string, shared, jailed bool) []string {
+	run := func(name string) string { return sock(cfg.RunDir, name) }
+	seccomp := "on,obsolete=deny,spawn=deny,resourcecontrol=deny"
+	if jailed {
+		seccomp += ",elevateprivileges=deny"
+	}
 	machine := "microvm,acpi=off,pcie=off,isa-serial=on,x-option-roms=off"
 	var memory []string
 	if memFile != "" {
@@ -140,9 +174,8 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 		"-nodefaults", "-no-user-config", "-nographic", "-no-reboot",
 		// Defence in depth should the guest break out of the device
 		// model: QEMU's seccomp filter (no spawning, no obsolete or
-		// resource-control syscalls). As root, Start also drops QEMU to
-		// "nobody" once it has opened its files.
-		"-sandbox", "on,obsolete=deny,spawn=deny,resourcecontrol=deny",
+		// resource-control syscalls, no setuid when jailed).
+		"-sandbox", seccomp,
 		"-kernel", cfg.Kernel,
 		"-initrd", cfg.Initrd,
 		"-append", strings.TrimSpace(baseCmdline + tscCmdline(cfg.Accel) + " " + cfg.Cmdline),
@@ -157,7 +190,7 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 		"-qmp", "unix:" + run(controlSock) + ",server=on,wait=off",
 		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
 		"-device", "virtio-rng-device",
-		"-netdev", netdev(cfg.Net),
+		"-netdev", netdev(cfg.Net, tapFD(cfg)),
 		"-device", "virtio-net-device,netdev=net0,mac=" + vmm.GuestMAC,
 	}
 	args = append(args, memory...)
@@ -196,21 +229,55 @@ func args(cfg vmm.Config, memFile string, shared bool) []string {
 	return args
 }
 
-// netdev is the backend of the VM's interface: its tap, opened by name
-// (QEMU opens it before -runas drops root; no vhost: /dev/vhost-net is
-// not everywhere), or a hub port with nothing else on the hub, which
-// drops what the guest sends.
-func netdev(n vmm.Net) string {
+// netdev is the backend of the VM's interface: its tap, opened by hearth
+// and passed as file descriptor fd (a jailed QEMU's network namespace has
+// no tap, and it could not open one; no vhost: /dev/vhost-net is not
+// everywhere), or a hub port with nothing else on the hub, which drops
+// what the guest sends.
+func netdev(n vmm.Net, fd int) string {
 	if n.Tap == "" {
 		return "hubport,id=net0,hubid=0"
 	}
-	return "tap,id=net0,ifname=" + n.Tap + ",script=no,downscript=no,vhost=off"
+	return fmt.Sprintf("tap,id=net0,fd=%d,vhost=off", fd)
 }
 
-// driveFiles opens the drives' files in the order args numbers them: one
+// tapFD is the tap's descriptor in QEMU: after the drives' (driveFiles).
+func tapFD(cfg vmm.Config) int {
+	fd := 3
+	for _, d := range cfg.Drives {
+		fd++
+		if !d.ReadOnly {
+			fd++
+		}
+	}
+	return fd
+}
+
+// openTap opens the tap device name as QEMU would by name: no packet
+// information header, with the virtio-net header (QEMU probes for it, and
+// a snapshot's device state depends on it).
+func openTap(name string) (*os.File, error) {
+	fd, err := unix.Open("/dev/net/tun", unix.O_RDWR|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("tap %s: %w", name, err)
+	}
+	ifr, err := unix.NewIfreq(name)
+	if err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("tap %s: %w", name, err)
+	}
+	ifr.SetUint16(unix.IFF_TAP | unix.IFF_NO_PI | unix.IFF_VNET_HDR)
+	if err := unix.IoctlIfreq(fd, unix.TUNSETIFF, ifr); err != nil {
+		unix.Close(fd)
+		return nil, fmt.Errorf("tap %s: TUNSETIFF: %w", name, err)
+	}
+	return os.NewFile(uintptr(fd), "tap"), nil
+}
+
+// vmFiles opens the drives' files in the order args numbers them: one
 // read-only descriptor per drive, and a read-write one after it for a
-// writable drive.
-func driveFiles(cfg vmm.Config) ([]*os.File, error) {
+// writable drive; then the tap.
+func vmFiles(cfg vmm.Config) ([]*os.File, error) {
 	var files []*os.File
 	open := func(path string, flag int) error {
 		f, err := os.OpenFile(path, flag, 0)
@@ -230,6 +297,14 @@ func driveFiles(cfg vmm.Config) ([]*os.File, error) {
 			return nil, err
 		}
 	}
+	if cfg.Net.Tap != "" {
+		tap, err := openTap(cfg.Net.Tap)
+		if err != nil {
+			closeAll(files)
+			return nil, err
+		}
+		files = append(files, tap)
+	}
 	return files, nil
 }
 
@@ -241,7 +316,7 @@ func closeAll(files []*os.File) {
 
 // Start launches QEMU and returns once its QMP socket answers.
 func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
-	vm, err := d.launch(ctx, cfg, Args(cfg))
+	vm, err := d.launch(ctx, cfg, cfg.MemoryFile, true)
 	if err != nil {
 		return nil, err
 	}
@@ -251,8 +326,10 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 	return vm, nil
 }
 
-// launch starts QEMU with args and connects to its QMP socket.
-func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM, error) {
+// launch starts QEMU for cfg with guest RAM in memFile (see args), and
+// extra arguments, and connects to its QMP socket. Jailed, QEMU starts in
+// its jail; otherwise, as root, it drops to "nobody" once started.
+func (d *Driver) launch(ctx context.Context, cfg vmm.Config, memFile string, shared bool, extra ...string) (*VM, error) {
 	bin := d.Binary
 	if bin == "" {
 		bin = "qemu-system-x86_64"
@@ -261,6 +338,9 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 	if err != nil {
 		return nil, fmt.Errorf("qemu: %w (install it with: apt-get install qemu-system-x86)", err)
 	}
+	if path, err = filepath.Abs(path); err != nil {
+		return nil, err
+	}
 	b, err := json.Marshal(cfg)
 	if err != nil {
 		return nil, err
@@ -268,40 +348,65 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 	if err := os.WriteFile(filepath.Join(cfg.RunDir, vmFile), b, 0o600); err != nil {
 		return nil, err
 	}
-	console, err := net.Listen("unix", filepath.Join(cfg.RunDir, consoleSock))
+	vm := &VM{cfg: cfg, done: make(chan struct{}),
+		console: &vmm.TailBuffer{Max: logTail}, output: &vmm.TailBuffer{Max: logTail}}
+	args := append(args(cfg, memFile, shared, d.Jail != nil), extra...)
+	var cmd *exec.Cmd
+	if d.Jail != nil {
+		if vm.jail, err = d.prepareJail(cfg, path, memFile, shared); err != nil {
+			return nil, err
+		}
+		// Until QEMU runs; then its end closes the jail.
+		defer func() {
+			if vm.cmd == nil {
+				_ = vm.jail.Close()
+			}
+		}()
+		if cmd, err = vm.jail.Command(d.Jail.Jailer, path, args); err != nil {
+			return nil, err
+		}
+	} else {
+		if err := os.Mkdir(filepath.Join(cfg.RunDir, jail.Dir), 0o700); err != nil {
+			return nil, fmt.Errorf("run directory: %w", err)
+		}
+		if os.Geteuid() == 0 {
+			if _, err := user.Lookup(unprivilegedUser); err == nil {
+				args = append(args, "-runas", unprivilegedUser)
+			}
+		}
+		cmd = exec.Command(path, args...)
+		// If hearth dies without cleaning up, QEMU must not outlive it.
+		// (-runas clears this; then the guest agent, seeing the channel
+		// close, powers the VM off. A jailed QEMU keeps it.)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	}
+	// Its own process group: a Ctrl-C at the terminal is for the
+	// workload (hearth forwards it), not for QEMU.
+	cmd.SysProcAttr.Setpgid = true
+	console, err := net.Listen("unix", sock(cfg.RunDir, consoleSock))
 	if err != nil {
 		return nil, fmt.Errorf("console socket: %w", err)
 	}
-	vm := &VM{cfg: cfg, done: make(chan struct{}),
-		console: &vmm.TailBuffer{Max: logTail}, output: &vmm.TailBuffer{Max: logTail}}
+	if vm.jail != nil {
+		// QEMU connects to it as the jail's uid.
+		if err := os.Chown(sock(cfg.RunDir, consoleSock), vm.jail.Spec.UID, vm.jail.Spec.GID); err != nil {
+			console.Close()
+			return nil, err
+		}
+	}
 	consoleDone := make(chan struct{})
 	go func() {
 		defer close(consoleDone)
 		vm.readConsole(console)
 	}()
-	if os.Geteuid() == 0 {
-		if _, err := user.Lookup(unprivilegedUser); err == nil {
-			args = append(args, "-runas", unprivilegedUser)
-		}
-	}
-	files, err := driveFiles(cfg)
+	files, err := vmFiles(cfg)
 	if err != nil {
 		console.Close()
 		return nil, err
 	}
 	defer closeAll(files) // QEMU has its own copies once started
-	cmd := exec.Command(path, args...)
 	cmd.ExtraFiles = files
 	cmd.Stdout, cmd.Stderr = vm.output, vm.output
-	cmd.SysProcAttr = &syscall.SysProcAttr{
-		// Its own process group: a Ctrl-C at the terminal is for the
-		// workload (hearth forwards it), not for QEMU.
-		Setpgid: true,
-		// If hearth dies without cleaning up, QEMU must not outlive it.
-		// (-runas clears this; then the guest agent, seeing the channel
-		// close, powers the VM off.)
-		Pdeathsig: syscall.SIGKILL,
-	}
 	if err := cmd.Start(); err != nil {
 		console.Close()
 		return nil, fmt.Errorf("start qemu: %w", err)
@@ -310,6 +415,11 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 	go func() {
 		vm.waitErr = cmd.Wait()
 		console.Close() // if QEMU failed before it connected
+		if vm.jail != nil {
+			// QEMU was its pid namespace's init: with it, everything in
+			// the jail is gone. The cgroup and the uid go now.
+			vm.closeErr = vm.jail.Close()
+		}
 		// The guest's last words (a panic) must be in the tail before
 		// anyone learns that the VM is gone and asks for them.
 		select {
@@ -322,6 +432,62 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, args []string) (*VM
 		return nil, vm.fail(err)
 	}
 	return vm, nil
+}
+
+// prepareJail makes the jail of the VM cfg: its cgroup limits from the
+// VM's size, and in its root the kernel, the initrd, the QEMU binary where
+// it is not under /usr, and the memory file. A new memory file is made
+// here, owned by the jail's uid, since the jail cannot create files in the
+// run directory; a snapshot's (restored, not shared) is opened by QEMU
+// 7.2 for writing even when mapped privately, so it is made writable for
+// the jail (docs/security.md: what that leaves open, and the fix).
+func (d *Driver) prepareJail(cfg vmm.Config, qemu, memFile string, shared bool) (*jail.Jail, error) {
+	for _, f := range []string{cfg.Kernel, cfg.Initrd} {
+		fi, err := os.Stat(f)
+		if err != nil {
+			return nil, err
+		}
+		if fi.Mode().Perm()&0o004 == 0 {
+			return nil, fmt.Errorf("%s is not readable by others, and a jailed QEMU runs as a uid of its own: chmod o+r it", f)
+		}
+	}
+	binds := []jail.Bind{{Path: cfg.Kernel}, {Path: cfg.Initrd}}
+	if !strings.HasPrefix(qemu, "/usr/") {
+		binds = append(binds, jail.Bind{Path: qemu})
+	}
+	if memFile != "" {
+		binds = append(binds, jail.Bind{Path: memFile, Writable: true})
+	}
+	j, err := d.Jail.Prepare(jail.VM{ID: cfg.ID, RunDir: cfg.RunDir, Binds: binds, KVM: cfg.Accel == vmm.KVM,
+		Limits: jail.Limits{
+			MemoryBytes: int64(cfg.MemoryMiB+vmmOverheadMiB(cfg.Accel)) << 20,
+			CPUs:        float64(max(cfg.VCPUs, 1)),
+			Pids:        vmmTasks,
+		}})
+	if err != nil {
+		return nil, err
+	}
+	if memFile != "" {
+		if shared {
+			err = createOwned(memFile, j.Spec.UID, j.Spec.GID)
+		} else {
+			err = os.Chmod(memFile, 0o666)
+		}
+		if err != nil {
+			return nil, errors.Join(fmt.Errorf("memory file: %w", err), j.Close())
+		}
+	}
+	return j, nil
+}
+
+// createOwned creates an empty file at path owned by uid and gid.
+func createOwned(path string, uid, gid int) error {
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	return f.Chown(uid, gid)
 }
 
 // fail kills the VM and returns err with its logs.
@@ -341,8 +507,11 @@ type VM struct {
 	waitErr error
 	mon     *monitor
 	once    sync.Once
-	console *vmm.TailBuffer // the guest's serial console
-	output  *vmm.TailBuffer // QEMU's own stdout and stderr
+	jail    *jail.Jail // nil if unjailed
+	// closeErr is the jail's removal's, once done is closed.
+	closeErr error
+	console  *vmm.TailBuffer // the guest's serial console
+	output   *vmm.TailBuffer // QEMU's own stdout and stderr
 }
 
 // readConsole takes QEMU's one connection to the console socket and keeps
@@ -359,7 +528,7 @@ func (v *VM) readConsole(l net.Listener) {
 
 var _ vmm.VM = (*VM)(nil)
 
-func (v *VM) path(name string) string { return filepath.Join(v.cfg.RunDir, name) }
+func (v *VM) path(name string) string { return sock(v.cfg.RunDir, name) }
 
 // connectQMP waits for QEMU to create its QMP socket (it does so early,
 // before the guest runs) and checks that the VM is running.
@@ -417,7 +586,7 @@ func (d *Driver) Dial(ctx context.Context, runDir string, port int) (net.Conn, e
 		return nil, fmt.Errorf("no channel port %d", port)
 	}
 	var dl net.Dialer
-	c, err := dl.DialContext(ctx, "unix", filepath.Join(runDir, channelSock(port)))
+	c, err := dl.DialContext(ctx, "unix", sock(runDir, channelSock(port)))
 	if err != nil {
 		return nil, fmt.Errorf("connect to guest agent channel %d: %w", port, err)
 	}
@@ -441,7 +610,7 @@ func (v *VM) Wait(ctx context.Context) error {
 	return nil
 }
 
-// Kill ends QEMU with SIGKILL and waits for it to be gone.
+// Kill ends QEMU and waits for it and its jail to be gone.
 func (v *VM) Kill() error {
 	v.once.Do(func() {
 		if v.mon != nil {
@@ -450,11 +619,16 @@ func (v *VM) Kill() error {
 		select {
 		case <-v.done:
 		default:
-			_ = v.cmd.Process.Kill()
+			// Jailed, through the cgroup: nothing in it survives.
+			if v.jail != nil {
+				_ = v.jail.Kill()
+			} else {
+				_ = v.cmd.Process.Kill()
+			}
 		}
 	})
 	<-v.done
-	return nil
+	return v.closeErr
 }
 
 // Pid is QEMU's process id.

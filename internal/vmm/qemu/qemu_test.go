@@ -1,9 +1,12 @@
 package qemu
 
 import (
+	"path/filepath"
 	"strings"
 	"testing"
 
+	"hearth.dev/hearth/internal/jail"
+	"hearth.dev/hearth/internal/testenv"
 	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/vmmtest"
 )
@@ -20,9 +23,9 @@ func TestArgs(t *testing.T) {
 		{vmm.TCG, []string{"-accel tcg,thread=multi", "-cpu max", "-smp 2", "-m 512M", "-no-reboot",
 			"reboot=t rdinit=/init 8250.nr_uarts=1" + tscCmdline(vmm.TCG) + " loglevel=7",
 			"-add-fd fd=3,set=1 -drive id=image,file=/dev/fdset/1,file.locking=off,format=raw,if=none,readonly=on", "virtio-blk-device,drive=image,serial=image",
-			"-add-fd fd=4,set=2 -add-fd fd=5,set=2 -drive id=rw,file=/dev/fdset/2,file.locking=off,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/qmp.sock,server=on,wait=off",
+			"-add-fd fd=4,set=2 -add-fd fd=5,set=2 -drive id=rw,file=/dev/fdset/2,file.locking=off,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/vm/qmp.sock,server=on,wait=off",
 			"virtserialport,chardev=port0,name=hearth.0",
-			"socket,id=port3,path=/run/x/exec3.sock,server=on,wait=off", "virtserialport,chardev=port3,name=hearth.3",
+			"socket,id=port3,path=/run/x/vm/exec3.sock,server=on,wait=off", "virtserialport,chardev=port3,name=hearth.3",
 			"-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny"}},
 		{vmm.KVM, []string{"-accel kvm", "-cpu host", "8250.nr_uarts=1 loglevel=7"}},
 	} {
@@ -47,10 +50,17 @@ func TestArgsMemoryFile(t *testing.T) {
 		}
 	}
 	// A clone maps a snapshot's memory privately: copy-on-write.
-	if line := strings.Join(args(c, "/snap/memory", false), " "); !strings.Contains(line, "mem-path=/snap/memory,share=off") {
+	if line := strings.Join(args(c, "/snap/memory", false, false), " "); !strings.Contains(line, "mem-path=/snap/memory,share=off") {
 		t.Errorf("restore: %q maps the snapshot shared", line)
 	}
 	if strings.Contains(strings.Join(Args(vmm.Config{MemoryMiB: 256}), " "), "memory-backend") {
 		t.Error("a memory backend without a memory file")
 	}
+}
+
+// TestConformanceJailed runs the suite with every QEMU in its jail.
+func TestConformanceJailed(t *testing.T) {
+	testenv.NeedVMs(t)
+	vmmtest.Run(t, &Driver{Jail: &jail.Options{
+		Jailer: filepath.Join(testenv.Binaries(t), "hearth-jailer"), LeaseDir: t.TempDir()}})
 }

@@ -60,7 +60,7 @@ func (a info) mismatch(b info) string {
 
 // control connects to the control monitor of the VM in runDir and runs f.
 func control(runDir string, f func(*monitor) error) error {
-	m, err := dialMonitor(filepath.Join(runDir, controlSock))
+	m, err := dialMonitor(sock(runDir, controlSock))
 	if err != nil {
 		return fmt.Errorf("connect to the VM in %s: %w", runDir, err)
 	}
@@ -169,7 +169,7 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 	if why := saved.mismatch(infoOf(cfg, saved.QEMU)); why != "" {
 		return nil, fmt.Errorf("%w: %s", vmm.ErrBadSnapshot, why)
 	}
-	vm, err := d.launch(ctx, cfg, append(args(cfg, memFile, false), "-incoming", "defer"))
+	vm, err := d.launch(ctx, cfg, memFile, false, "-incoming", "defer")
 	if err != nil {
 		return nil, err
 	}

@@ -1,0 +1,184 @@
+package qemu
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/jail"
+	"hearth.dev/hearth/internal/testenv"
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// TestJail boots two jailed VMs and looks at their QEMUs from outside:
+// each runs as a uid of its own that cannot reach the other's files or
+// process, in a root holding only what it boots from, in a network
+// namespace with nothing but lo, with no_new_privs and seccomp, in a
+// cgroup with the VM's limits; and its end removes the cgroup.
+func TestJail(t *testing.T) {
+	testenv.NeedVMs(t)
+	bins := testenv.Binaries(t)
+	initrd, err := initramfs.Ensure(t.TempDir(), filepath.Join(bins, "hearth-agent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := &Driver{Jail: &jail.Options{Jailer: filepath.Join(bins, "hearth-jailer"), LeaseDir: t.TempDir()}}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	type booted struct {
+		vm  *VM
+		dir string
+	}
+	var vms []booted
+	for i := range 2 {
+		dir := t.TempDir()
+		v, err := d.Start(ctx, vmm.Config{ID: fmt.Sprint("jail", i), RunDir: dir, Kernel: config.Kernel(), Initrd: initrd,
+			VCPUs: 1, MemoryMiB: 128, Accel: vmm.DetectAccel()})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer v.Kill()
+		vms = append(vms, booted{v.(*VM), dir})
+	}
+	a, b := vms[0], vms[1]
+	uidA, uidB := procUID(t, a.vm.Pid()), procUID(t, b.vm.Pid())
+	if uidA == uidB || uidA < jail.DefaultRange.First || uidB < jail.DefaultRange.First {
+		t.Fatalf("QEMU uids %d and %d: want two different uids from the jail range", uidA, uidB)
+	}
+
+	// As A's uid: its own directory is there, B's is not reachable, nor
+	// is B's process.
+	asA := func(script string) error {
+		cmd := exec.Command("sh", "-c", script)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: uint32(uidA), Gid: uint32(uidA)}}
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, out)
+		}
+		return nil
+	}
+	// (So that the checks below can fail: what A's uid can do to A.)
+	jailOf := func(v booted) string {
+		return fmt.Sprintf("/proc/%d/root%s", v.vm.Pid(), filepath.Join(v.dir, jail.Dir))
+	}
+	for _, script := range []string{"ls " + jailOf(a), fmt.Sprintf("kill -0 %d", a.vm.Pid())} {
+		if err := asA(script); err != nil {
+			t.Errorf("as VM A's uid, %q failed: %v", script, err)
+		}
+	}
+	for _, script := range []string{
+		"ls " + jailOf(b),
+		"ls " + filepath.Join(b.dir, jail.Dir),
+		fmt.Sprintf("cat /proc/%d/environ", b.vm.Pid()),
+		fmt.Sprintf("kill -0 %d", b.vm.Pid()),
+	} {
+		if err := asA(script); err == nil {
+			t.Errorf("as VM A's uid, %q succeeded", script)
+		}
+	}
+
+	pid := a.vm.Pid()
+	root := fmt.Sprintf("/proc/%d/root", pid)
+	for _, p := range []string{"/usr/bin", "/etc/ld.so.cache", "/dev/null", config.Kernel(), filepath.Join(a.dir, jail.Dir)} {
+		if _, err := os.Stat(root + p); err != nil {
+			t.Errorf("the jail lacks %s: %v", p, err)
+		}
+	}
+	for _, p := range []string{"/etc/passwd", "/etc/shadow", b.dir, "/proc/1", filepath.Join(a.dir, "vm.json"), "/var", "/home", "/root/.ssh"} {
+		if _, err := os.Stat(root + p); err == nil {
+			t.Errorf("the jail shows %s", p)
+		}
+	}
+	if err := os.WriteFile(root+"/usr/hearth-test", nil, 0o644); err == nil {
+		os.Remove("/usr/hearth-test")
+		t.Error("/usr is writable in the jail")
+	}
+	netdev, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/dev", pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ifaces []string
+	for _, line := range strings.Split(string(netdev), "\n")[2:] {
+		if name, _, ok := strings.Cut(strings.TrimSpace(line), ":"); ok {
+			ifaces = append(ifaces, name)
+		}
+	}
+	if strings.Join(ifaces, ",") != "lo" {
+		t.Errorf("the jail's network namespace has %v, want only lo", ifaces)
+	}
+	status, _ := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	for _, want := range []string{"NoNewPrivs:\t1", "Seccomp:\t2"} {
+		if !strings.Contains(string(status), want) {
+			t.Errorf("QEMU's status lacks %q", want)
+		}
+	}
+	for _, ns := range []string{"mnt", "pid", "net", "ipc", "uts"} {
+		mine, _ := os.Readlink("/proc/self/ns/" + ns)
+		its, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, ns))
+		if mine == its {
+			t.Errorf("QEMU shares the %s namespace with the host (%s)", ns, its)
+		}
+	}
+
+	cg := a.vm.jail.Cgroup()
+	if got := procs(t, cg.Dir()); got != strconv.Itoa(pid) {
+		t.Errorf("VM A's cgroup holds %q, want QEMU's pid %d", got, pid)
+	}
+	limits := map[string]string{
+		"memory": strconv.Itoa((128 + vmmOverheadMiB(vmm.DetectAccel())) << 20),
+		"pids":   strconv.Itoa(vmmTasks),
+		"cpu":    "100000",
+	}
+	for _, d := range cg.Dirs() {
+		for file, ctl := range map[string]string{"memory.max": "memory", "memory.limit_in_bytes": "memory",
+			"pids.max": "pids", "cpu.max": "cpu", "cpu.cfs_quota_us": "cpu"} {
+			b, err := os.ReadFile(filepath.Join(d, file))
+			if err != nil {
+				continue
+			}
+			if got := strings.Fields(string(b))[0]; got != limits[ctl] {
+				t.Errorf("%s/%s = %s, want %s", d, file, got, limits[ctl])
+			}
+			delete(limits, ctl)
+		}
+	}
+	if len(limits) > 0 {
+		t.Errorf("no limit set for %v in %v", limits, cg.Dirs())
+	}
+
+	if err := a.vm.Kill(); err != nil {
+		t.Fatal(err)
+	}
+	for _, d := range cg.Dirs() {
+		if _, err := os.Stat(d); err == nil {
+			t.Errorf("cgroup %s outlived its VM", d)
+		}
+	}
+}
+
+func procUID(t *testing.T, pid int) int {
+	t.Helper()
+	var st syscall.Stat_t
+	if err := syscall.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
+		t.Fatal(err)
+	}
+	return int(st.Uid)
+}
+
+func procs(t *testing.T, dir string) string {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.TrimSpace(string(b))
+}
