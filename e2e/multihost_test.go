@@ -142,7 +142,10 @@ func (m *multiHost) sh(args ...string) {
 
 func (m *multiHost) startProc(ns string, args ...string) *proc {
 	m.t.Helper()
-	cmd := exec.Command("ip", append([]string{"netns", "exec", ns, m.h.bin}, args...)...)
+	// nsenter, not `ip netns exec`: that also gives the process a mount
+	// namespace with a fresh /sys, in which the host's cgroup mounts (and
+	// so the jails' cgroups) are gone.
+	cmd := exec.Command("nsenter", append([]string{"--net=/var/run/netns/" + ns, "--", m.h.bin}, args...)...)
 	cmd.Env = m.h.env
 	p := &proc{cmd: cmd, done: make(chan struct{})}
 	w := &lockedWriter{mu: &p.mu, w: &p.logs}

@@ -12,6 +12,7 @@ import (
 	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/jail"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -71,6 +72,11 @@ whether a second get of a converted image converts again.`,
 			}
 			o.Env = append(os.Environ(), "HEARTH_RUN_DIR="+filepath.Join(dir, "run"), "HEARTH_AGENT="+agent)
 			o.Kernel, o.WorkDir, o.Images, o.Out = config.Kernel(), dir, imageStore(e), e.out
+			if os.Geteuid() == 0 { // as hearth run jails its VMMs
+				if o.Jail, err = jail.HostOptions(); err != nil {
+					return nil, err
+				}
+			}
 			return summary(bench.Boot(ctx, o))
 		},
 	}

@@ -23,6 +23,7 @@ import (
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/initramfs"
+	"hearth.dev/hearth/internal/jail"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
 	"hearth.dev/hearth/internal/vmm/qemu"
@@ -40,6 +41,9 @@ type BootOptions struct {
 	WorkDir   string // scratch space; removed by the caller
 	Images    *image.Store
 	Out       io.Writer
+	// Jail, if set, is how hearth jails its VMMs: the bare boot is timed
+	// in the jail too, and the difference is the jail's cost.
+	Jail *jail.Options
 }
 
 // BootResult is the benchmark's summary, printed as its last line. "bare"
@@ -56,6 +60,8 @@ type BootResult struct {
 	Ratio           float64 `json:"ratio"`
 	BusyboxP50ms    float64 `json:"bare_busybox_p50_ms"`
 	BusyboxRatio    float64 `json:"ratio_busybox"`
+	JailedP50ms     float64 `json:"bare_jailed_p50_ms,omitempty"`
+	JailCostms      float64 `json:"jail_cost_ms,omitempty"` // jailed bare p50 − bare p50
 	FirstGetms      float64 `json:"first_get_ms"`
 	FirstConverted  bool    `json:"first_get_converted"`
 	SecondGetms     float64 `json:"second_get_ms"`
@@ -116,27 +122,38 @@ func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
 		{ID: "image", Path: second.RootFS, ReadOnly: true, Serial: "image"},
 		{ID: "rw", Path: disk, Serial: "rw"},
 	}
-	var hearth, bare, bareBusybox []time.Duration
+	var hearth, bare, bareBusybox, jailed []time.Duration
 	for i := 0; i < o.N; i++ {
+		var j time.Duration
+		if o.Jail != nil {
+			if j, err = timeBare(ctx, o, o.Jail, o.Initrd, protocol.PowerOffEnv+"=1", drives); err != nil {
+				return nil, err
+			}
+			jailed = append(jailed, j)
+		}
 		d, err := timeHearth(ctx, o, ref)
 		if err != nil {
 			return nil, err
 		}
-		b, err := timeBare(ctx, o, o.Initrd, protocol.PowerOffEnv+"=1", drives)
+		b, err := timeBare(ctx, o, nil, o.Initrd, protocol.PowerOffEnv+"=1", drives)
 		if err != nil {
 			return nil, err
 		}
-		bb, err := timeBare(ctx, o, busybox, "", nil)
+		bb, err := timeBare(ctx, o, nil, busybox, "", nil)
 		if err != nil {
 			return nil, err
 		}
 		hearth, bare, bareBusybox = append(hearth, d), append(bare, b), append(bareBusybox, bb)
-		fmt.Fprintf(o.Out, "run %2d: hearth run %5.0f ms   bare qemu, hearth initramfs %5.0f ms   bare qemu, busybox initramfs %5.0f ms\n",
-			i+1, ms(d), ms(b), ms(bb))
+		fmt.Fprintf(o.Out, "run %2d: hearth run %5.0f ms   bare qemu, hearth initramfs %5.0f ms (jailed %5.0f ms)   bare qemu, busybox initramfs %5.0f ms\n",
+			i+1, ms(d), ms(b), ms(j), ms(bb))
 	}
 	res.P50ms, res.P90ms = pct(hearth, 50), pct(hearth, 90)
 	res.BareP50ms, res.BareP90ms = pct(bare, 50), pct(bare, 90)
 	res.BusyboxP50ms = pct(bareBusybox, 50)
+	if len(jailed) > 0 {
+		res.JailedP50ms = pct(jailed, 50)
+		res.JailCostms = round(res.JailedP50ms-res.BareP50ms, 1)
+	}
 	res.Ratio = round(res.P50ms/res.BareP50ms, 3)
 	res.BusyboxRatio = round(res.P50ms/res.BusyboxP50ms, 3)
 
@@ -146,6 +163,9 @@ func Boot(ctx context.Context, o BootOptions) (*BootResult, error) {
 	fmt.Fprintf(o.Out, "hearth run IMAGE true: p50 %.0f ms, p90 %.0f ms\n", res.P50ms, res.P90ms)
 	fmt.Fprintf(o.Out, "bare QEMU, same kernel and initramfs: p50 %.0f ms, p90 %.0f ms; ratio %.2f\n", res.BareP50ms, res.BareP90ms, res.Ratio)
 	fmt.Fprintf(o.Out, "bare QEMU, busybox initramfs: p50 %.0f ms; ratio %.2f\n", res.BusyboxP50ms, res.BusyboxRatio)
+	if res.JailedP50ms > 0 {
+		fmt.Fprintf(o.Out, "bare QEMU in hearth's jail: p50 %.0f ms: the jail adds %.1f ms\n", res.JailedP50ms, res.JailCostms)
+	}
 	fmt.Fprintf(o.Out, "memory: QEMU RSS %.1f MiB = guest RAM touched %.1f MiB + VMM private overhead %.1f MiB + shared file pages %.1f MiB\n",
 		res.VMMRSSMiB, res.GuestRSSMiB, res.OverheadMiB, res.SharedMiB)
 	return res, nil
@@ -185,16 +205,17 @@ func busyboxInitrd(dir string) (string, error) {
 	})
 }
 
-// timeBare boots QEMU through the same driver hearth uses, with no agent
-// protocol: the guest powers itself off, and the time is until QEMU is gone.
-func timeBare(ctx context.Context, o BootOptions, initrd, cmdline string, drives []vmm.Drive) (time.Duration, error) {
+// timeBare boots QEMU through the same driver hearth uses (jailed if j is
+// set), with no agent protocol: the guest powers itself off, and the time
+// is until QEMU is gone.
+func timeBare(ctx context.Context, o BootOptions, j *jail.Options, initrd, cmdline string, drives []vmm.Drive) (time.Duration, error) {
 	run, err := os.MkdirTemp(o.WorkDir, "bare-")
 	if err != nil {
 		return 0, err
 	}
 	defer os.RemoveAll(run)
 	start := time.Now()
-	vm, err := (&qemu.Driver{Binary: os.Getenv("HEARTH_QEMU")}).Start(ctx, vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel,
+	vm, err := (&qemu.Driver{Binary: os.Getenv("HEARTH_QEMU"), Jail: j}).Start(ctx, vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel,
 		Initrd: initrd, Cmdline: cmdline, VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Drives: drives})
 	if err != nil {
 		return 0, fmt.Errorf("bare qemu: %w", err)

@@ -136,7 +136,7 @@ func TestJail(t *testing.T) {
 	limits := map[string]string{
 		"memory": strconv.Itoa((128 + vmmOverheadMiB(vmm.DetectAccel())) << 20),
 		"pids":   strconv.Itoa(vmmTasks),
-		"cpu":    "100000",
+		"cpu":    "200000", // one vCPU and one core for QEMU's own threads
 	}
 	for _, d := range cg.Dirs() {
 		for file, ctl := range map[string]string{"memory.max": "memory", "memory.limit_in_bytes": "memory",
