@@ -254,9 +254,8 @@ func (rt *Runtime) sweep(log *slog.Logger) { Sweep(rt.RunRoot, log) }
 // Sweep ends the jailed VMMs under runRoot whose owner is gone (the
 // parent-death signal normally got there first) and removes the run
 // directories of dead owners: their lock is free, or they never got one
-// and are older than a minute. It returns the run directories whose VMM
-// it had to kill.
-func Sweep(runRoot string, log *slog.Logger) []string {
+// and are older than a minute.
+func Sweep(runRoot string, log *slog.Logger) {
 	killed, err := jail.Sweep(runRoot, runAlive)
 	for _, dir := range killed {
 		log.Warn("killed a VMM whose owner is gone", "dir", dir)
@@ -279,7 +278,6 @@ func Sweep(runRoot string, log *slog.Logger) []string {
 			_ = os.RemoveAll(dir)
 		}
 	}
-	return killed
 }
 
 // runAlive reports whether the owner of the run directory dir holds its

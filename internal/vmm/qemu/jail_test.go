@@ -70,12 +70,17 @@ func TestJail(t *testing.T) {
 	jailOf := func(v booted) string {
 		return fmt.Sprintf("/proc/%d/root%s", v.vm.Pid(), filepath.Join(v.dir, jail.Dir))
 	}
-	for _, script := range []string{"ls " + jailOf(a), fmt.Sprintf("kill -0 %d", a.vm.Pid())} {
+	for _, script := range []string{fmt.Sprintf("ls /proc/%d/root/usr/bin", a.vm.Pid()), fmt.Sprintf("kill -0 %d", a.vm.Pid())} {
 		if err := asA(script); err != nil {
 			t.Errorf("as VM A's uid, %q failed: %v", script, err)
 		}
 	}
+	// Sealed once QEMU made its sockets: not even A's uid may change it.
+	if uid := fileUID(t, filepath.Join(a.dir, jail.Dir)); uid != 0 {
+		t.Errorf("the jail's directory is owned by %d once QEMU runs, want root", uid)
+	}
 	for _, script := range []string{
+		"touch " + jailOf(a) + "/x",
 		"ls " + jailOf(b),
 		"ls " + filepath.Join(b.dir, jail.Dir),
 		fmt.Sprintf("cat /proc/%d/environ", b.vm.Pid()),
@@ -165,10 +170,12 @@ func TestJail(t *testing.T) {
 	}
 }
 
-func procUID(t *testing.T, pid int) int {
+func procUID(t *testing.T, pid int) int { return fileUID(t, fmt.Sprintf("/proc/%d", pid)) }
+
+func fileUID(t *testing.T, path string) int {
 	t.Helper()
 	var st syscall.Stat_t
-	if err := syscall.Stat(fmt.Sprintf("/proc/%d", pid), &st); err != nil {
+	if err := syscall.Stat(path, &st); err != nil {
 		t.Fatal(err)
 	}
 	return int(st.Uid)

@@ -241,7 +241,7 @@ func netdev(n vmm.Net, fd int) string {
 	return fmt.Sprintf("tap,id=net0,fd=%d,vhost=off", fd)
 }
 
-// tapFD is the tap's descriptor in QEMU: after the drives' (driveFiles).
+// tapFD is the tap's descriptor in QEMU: after the drives' (vmFiles).
 func tapFD(cfg vmm.Config) int {
 	fd := 3
 	for _, d := range cfg.Drives {
@@ -431,7 +431,34 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, memFile string, sha
 	if err := vm.connectQMP(ctx); err != nil {
 		return nil, vm.fail(err)
 	}
+	if vm.jail != nil {
+		if err := sealSockets(cfg.RunDir); err != nil {
+			return nil, vm.fail(err)
+		}
+	}
 	return vm, nil
+}
+
+// sealSockets takes the jail's directory back from its uid once QEMU has
+// made its sockets there (it makes them all before its QMP socket
+// answers), and checks that each entry is a socket: from then on a QEMU
+// taken over by the guest cannot put a symbolic link where a socket was,
+// which hearth, dialling as root, would follow to another VM's channel.
+func sealSockets(runDir string) error {
+	dir := filepath.Join(runDir, jail.Dir)
+	if err := os.Chown(dir, 0, 0); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range entries {
+		if e.Type() != os.ModeSocket {
+			return fmt.Errorf("the jail's %s is not a socket (%v)", e.Name(), e.Type())
+		}
+	}
+	return nil
 }
 
 // prepareJail makes the jail of the VM cfg: its cgroup limits from the
