@@ -34,9 +34,12 @@ demo: setup build ## set everything up, build a busybox image locally and run a 
 # The e2e package boots many VMs one after another under TCG: it gets a
 # timeout of its own, and runs after the rest so that the two do not share
 # the 2 cores. The rest includes cmd/hearth-bench's smoke run of every
-# benchmark (TestSmoke).
+# benchmark (TestSmoke). Between them, 20 s of fuzzing the host's side of
+# the guest protocol (a failing input is saved under
+# internal/sandbox/testdata/fuzz, and then replayed by every go test).
 test: setup verify kube-apiserver ## everything CI runs: setup, verify, then all tests with -race (root)
 	$(GO) test -race -count=1 -timeout 30m $$($(GO) list ./... | grep -v '/e2e$$')
+	$(GO) test -run '^$$' -fuzz '^FuzzSession$$' -fuzztime 20s ./internal/sandbox
 	$(GO) test -race -count=1 -timeout 40m ./e2e
 
 kube-apiserver: ## build kube-apiserver (the API benchmark's baseline; cached by version under ~/.cache/hearth)

@@ -14,6 +14,9 @@ import (
 	"time"
 
 	"github.com/creack/pty"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 func sandboxYAML(name, image, labels, extra string, command ...string) string {
@@ -170,6 +173,45 @@ func (c *cluster) mustKubectlIn(stdin string, args ...string) string {
 	return out
 }
 
+// TestNodeRefusesTCG: a node agent does not run guests under TCG unless
+// told it is a development host; hearth up tells it so, and says so.
+func TestNodeRefusesTCG(t *testing.T) {
+	h := newHarness(t)
+	dir := t.TempDir()
+	r := h.run("", "up", "--data-dir", dir, "--allow-tcg=false", "--accel", "tcg", "--port", freePort(t))
+	if r.code == 0 || !strings.Contains(r.stderr, "the node agent refuses TCG: --accel tcg") || !strings.Contains(r.stderr, "give --allow-tcg") {
+		t.Errorf("hearth up --allow-tcg=false --accel tcg: exit %d, %s", r.code, r.stderr)
+	}
+	// Refused before anything started: no etcd, no certificates.
+	if entries, _ := os.ReadDir(dir); len(entries) > 0 {
+		t.Errorf("a refused node left %d entries in its data directory", len(entries))
+	}
+	c := startCluster(t, h)
+	want := v1alpha1.AccelKVM
+	if !vmm.KVMUsable() {
+		want = v1alpha1.AccelTCG
+		if !strings.Contains(c.log(), "development mode (--allow-tcg)") {
+			t.Errorf("hearth up on a host without KVM did not say it runs guests under TCG:\n%s", c.log())
+		}
+	}
+	waitFor(t, "the host to report its accelerator", 30*time.Second, func() bool {
+		got, _ := c.kubectl("get", "host", "-o", "jsonpath={.items[*].status.accel}")
+		return got == want
+	})
+	c.mustKubectlIn("apiVersion: hearth.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: hw}\nspec: {image: x, isolation: hardware}\n", "apply", "-f", "-")
+	if vmm.KVMUsable() {
+		waitFor(t, "hw to be placed on the KVM host", 30*time.Second, func() bool { return c.field("hw", ".status.hostName") != "" })
+		return
+	}
+	// On TCG it waits, saying why.
+	waitFor(t, "hw to wait for a KVM host", 30*time.Second, func() bool {
+		return c.field("hw", ".status.message") == "0/1 hosts are available: 1 without hardware virtualization (TCG)."
+	})
+	if p := c.field("hw", ".status.phase"); p != "Pending" {
+		t.Errorf("hw is %s on a TCG host", p)
+	}
+}
+
 func TestSandboxValidation(t *testing.T) {
 	h := newHarness(t)
 	c := startCluster(t, h, "--roles", "control-plane")
@@ -183,6 +225,7 @@ func TestSandboxValidation(t *testing.T) {
 		{"unknown field", "spec: {image: x, colour: blue}", []string{`unknown field "spec.colour"`}},
 		{"unknown restart policy", "spec: {image: x, restartPolicy: Sometimes}", []string{`spec.restartPolicy: Unsupported value: "Sometimes"`}},
 		{"bad timeout", "spec: {image: x, timeoutSeconds: 0}", []string{"spec.timeoutSeconds", "greater than or equal to 1"}},
+		{"unknown isolation", "spec: {image: x, isolation: strong}", []string{`spec.isolation: Unsupported value: "strong"`, `"hardware"`}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			m := "apiVersion: hearth.dev/v1alpha1\nkind: Sandbox\nmetadata: {name: bad}\n" + tc.spec + "\n"

@@ -7,6 +7,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"hearth.dev/hearth/api/v1alpha1"
 )
 
 func templateYAML(name, image, readiness string, command ...string) string {
@@ -98,6 +100,7 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 		// sandbox is when its work is done.
 		var wg sync.WaitGroup
 		var mu sync.Mutex
+		var stuck sync.Once
 		members := map[string]string{}
 		for i := range 50 {
 			wg.Add(1)
@@ -109,6 +112,18 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 					if time.Now().After(deadline) {
 						out, _ := c.kubectl("get", "sandbox", name, "-o", "yaml")
 						t.Errorf("%s never ran:\n%s", name, out)
+						// Once: why the pool did not refill (its
+						// members, the pool, what the host offers).
+						stuck.Do(func() {
+							for _, args := range [][]string{
+								{"get", "sandboxes", "-l", v1alpha1.LabelWarmPool, "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,REASON:.status.reason,MESSAGE:.status.message,HOST:.status.hostName"},
+								{"get", "warmpool", "pool", "-o", "yaml"},
+								{"get", "hosts", "-o", "jsonpath={.items[*].status.allocatable}"},
+							} {
+								out, _ := c.kubectl(args...)
+								t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)
+							}
+						})
 						return
 					}
 					time.Sleep(200 * time.Millisecond)

@@ -29,6 +29,12 @@ type HostSpec struct {
 	SandboxCIDR string `json:"sandboxCIDR,omitempty"`
 }
 
+// The values of HostStatus.Accel.
+const (
+	AccelKVM = "kvm"
+	AccelTCG = "tcg"
+)
+
 // HostStatus is what the node agent reports.
 type HostStatus struct {
 	// Capacity is the machine's: cpu, memory, disk, sandboxes.
@@ -38,7 +44,7 @@ type HostStatus struct {
 	// +optional
 	Allocatable corev1.ResourceList `json:"allocatable,omitempty"`
 	// Accel is how this host runs guests: kvm, or tcg (no isolation
-	// boundary: software emulation).
+	// boundary: software emulation, on development hosts only).
 	// +optional
 	Accel string `json:"accel,omitempty"`
 	// Address is where the node agent serves sandbox streams (host:port).

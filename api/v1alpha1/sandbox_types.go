@@ -122,6 +122,13 @@ type SandboxSpec struct {
 	// +kubebuilder:validation:Enum=Spread;Binpack
 	// +optional
 	Placement Placement `json:"placement,omitempty"`
+	// Isolation is the boundary the sandbox needs around it: hardware
+	// runs it only on hosts whose guests run under hardware
+	// virtualization (KVM), never on a development host that emulates
+	// them in software (TCG). Empty takes any host.
+	// +kubebuilder:validation:Enum=hardware
+	// +optional
+	Isolation Isolation `json:"isolation,omitempty"`
 	// Stdin keeps the workload's stdin open for `hearth attach`.
 	// +optional
 	Stdin bool `json:"stdin,omitempty"`
@@ -175,6 +182,12 @@ const (
 	PlacementSpread  Placement = "Spread"
 	PlacementBinpack Placement = "Binpack"
 )
+
+// Isolation is the boundary a sandbox needs.
+type Isolation string
+
+// IsolationHardware places a sandbox only on KVM hosts.
+const IsolationHardware Isolation = "hardware"
 
 // Affinity are rules over the other sandboxes of the namespace.
 type Affinity struct {

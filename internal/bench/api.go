@@ -94,7 +94,8 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	cp, err := startHearth(ctx, o.Log, o.WorkDir, func(opts *hearthd.Options) {
 		if o.Boots > 0 {
 			opts.Roles = append(opts.Roles, hearthd.RoleNode)
-			opts.Node.Name, opts.Node.Accel = "bench", string(o.Runtime.Accel)
+			// The benchmark's --accel chose; TCG is fine for a measurement.
+			opts.Node.Name, opts.Node.Accel, opts.Node.AllowTCG = "bench", string(o.Runtime.Accel), true
 			opts.Node.MaxSandboxes, opts.Node.LogMaxBytes = 10, 1<<20
 		}
 	})

@@ -97,7 +97,8 @@ func Warm(ctx context.Context, o WarmOptions) (*WarmResult, error) {
 	res := &WarmResult{Accel: string(o.Accel), N: o.N, Clones: o.Clones}
 	h, err := startHearth(ctx, o.Log, o.WorkDir, func(opts *hearthd.Options) {
 		opts.Roles = []string{hearthd.RoleControlPlane, hearthd.RoleNode}
-		opts.Node.Name, opts.Node.CPU, opts.Node.Accel = "bench", "1000", string(o.Accel)
+		// The benchmark's --accel chose; TCG is fine for a measurement.
+		opts.Node.Name, opts.Node.CPU, opts.Node.Accel, opts.Node.AllowTCG = "bench", "1000", string(o.Accel), true
 	})
 	if err != nil {
 		return nil, err

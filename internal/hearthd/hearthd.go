@@ -95,6 +95,13 @@ func (o *Options) validate() error {
 	if err := o.Controllers.validate(); err != nil {
 		return err
 	}
+	if o.has(RoleNode) {
+		// Before anything starts: a production node without KVM fails
+		// here, not after its control plane came up.
+		if _, err := o.Node.accel(); err != nil {
+			return err
+		}
+	}
 	if net.ParseIP(o.BindAddress) == nil {
 		return fmt.Errorf("--bind-address %q is not an IP address", o.BindAddress)
 	}

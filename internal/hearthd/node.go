@@ -35,6 +35,7 @@ type NodeOptions struct {
 	MaxSandboxes int
 	CPU, Memory  string
 	Accel        string
+	AllowTCG     bool
 	InsecureRegs []string
 	LogMaxBytes  int64
 	Network      bool
@@ -53,10 +54,32 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CPU, "node-cpu", "", "CPUs this host offers to sandboxes (default: all)")
 	fs.StringVar(&o.Memory, "node-memory", "", "memory this host offers to sandboxes (default: all)")
 	fs.StringVar(&o.Accel, "accel", "auto", "how guests run: kvm, tcg or auto")
+	fs.BoolVar(&o.AllowTCG, "allow-tcg", false, "development only: run guests under TCG software emulation where there is no usable KVM (or with --accel tcg); TCG is no security boundary, so without this flag a node agent refuses it ('hearth up' sets it)")
 	fs.StringSliceVar(&o.InsecureRegs, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
 	fs.BoolVar(&o.Network, "network", true, "give sandboxes a network: taps, addresses, routes, NAT, DNS and policies on this host (off: their interface is connected to nothing)")
 }
+
+// accel is how this node's guests run: --accel, where TCG needs
+// --allow-tcg.
+func (n *NodeOptions) accel() (vmm.Accel, error) {
+	accel, err := vmm.ParseAccel(n.Accel)
+	if err != nil {
+		return "", err
+	}
+	if accel == vmm.TCG && !n.AllowTCG {
+		why := "--accel tcg"
+		if n.Accel != "tcg" {
+			why = "no usable KVM (" + vmm.KVMReason() + ")"
+		}
+		return "", fmt.Errorf("%w: %s: guests would run under TCG software emulation, which is no security boundary; on a development host give --allow-tcg ('hearth up' does)", ErrTCGRefused, why)
+	}
+	return accel, nil
+}
+
+// ErrTCGRefused is why a node agent without --allow-tcg does not start
+// where its guests would run under TCG.
+var ErrTCGRefused = errors.New("the node agent refuses TCG")
 
 func startNode(log *slog.Logger, dataDir string, o Options, start func(string, bool, func(context.Context) error)) error {
 	n := o.Node
@@ -71,16 +94,26 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	if errs := validation.IsDNS1123Subdomain(name); len(errs) > 0 {
 		return fmt.Errorf("--node-name %q: %s", name, strings.Join(errs, "; "))
 	}
-	accel, err := vmm.ParseAccel(n.Accel)
+	accel, err := n.accel()
 	if err != nil {
 		return err
+	}
+	if accel == vmm.TCG {
+		log.Warn("development mode (--allow-tcg): guests run under TCG software emulation, which is not a security boundary")
 	}
 	if n.Network && os.Geteuid() != 0 {
 		log.Warn("not root: sandboxes get no network (taps, routes and policy programs need root)")
 		n.Network = false
 	}
 	if accel == vmm.TCG {
-		log.Warn("no usable KVM: guests run under TCG software emulation, which is not a security boundary")
+		if !n.AllowTCG {
+			why := "--accel tcg"
+			if n.Accel != "tcg" {
+				why = "no usable KVM (" + vmm.KVMReason() + ")"
+			}
+			return fmt.Errorf("%w: %s: guests would run under TCG software emulation, which is no security boundary; on a development host give --allow-tcg ('hearth up' does)", ErrTCGRefused, why)
+		}
+		log.Warn("development mode (--allow-tcg): guests run under TCG software emulation, which is not a security boundary")
 	}
 	cfg := node.Config{
 		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,

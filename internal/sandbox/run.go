@@ -515,6 +515,9 @@ func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan s
 			if ctx.Err() != nil {
 				return nil, ctx.Err()
 			}
+			if errors.Is(err, protocol.ErrFrame) {
+				return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
+			}
 			// QEMU closes the channel as it exits: give the exit a moment
 			// to be seen, so that the error carries the VM's last words.
 			select {
@@ -549,7 +552,11 @@ func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan s
 		case protocol.TExit:
 			var e protocol.Exit
 			if err := protocol.Decode(f, &e); err != nil {
-				return nil, err
+				return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
+			}
+			// What a shell could report: 0-255, and signals 1-64.
+			if e.Code < 0 || e.Code > 255 || e.Signal < 0 || e.Signal > 64 {
+				return nil, fmt.Errorf("%w: exit code %d, signal %d", ErrGuestProtocol, e.Code, e.Signal)
 			}
 			_ = s.w.Write(protocol.TBye, nil)
 			s.log.Debug("workload exited", "since_vmm_start", time.Since(s.start), "code", e.Code)

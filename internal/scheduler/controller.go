@@ -195,7 +195,12 @@ func equivalence(sb *v1alpha1.Sandbox) string {
 		return ""
 	}
 	r := Requests(sb)
-	return fmt.Sprintf("%s|%v|%v|%v|%s", sb.Namespace, r, sb.Spec.HostSelector, sb.Spec.Tolerations, sb.Spec.Placement)
+	var needs string
+	if src := sb.Spec.Source; src != nil {
+		needs = src.Snapshot // a host that holds it (query.needs)
+	}
+	return fmt.Sprintf("%s|%v|%v|%v|%s|%s|%s", sb.Namespace, r, sb.Spec.HostSelector, sb.Spec.Tolerations, sb.Spec.Placement,
+		sb.Spec.Isolation, needs)
 }
 
 // snapshot builds the cluster as placement sees it, counting what is

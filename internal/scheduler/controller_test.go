@@ -79,3 +79,22 @@ func TestUnschedulableNotRewrittenFromStaleCache(t *testing.T) {
 		t.Errorf("status %s/%s, want Pending/Unschedulable", got.Status.Phase, got.Status.Reason)
 	}
 }
+
+// TestEquivalence: sandboxes that could fit different hosts never share
+// a key, so that one's failure does not stand for the other's.
+func TestEquivalence(t *testing.T) {
+	base := sandbox("a", "1")
+	if equivalence(base) != equivalence(sandbox("b", "1")) {
+		t.Error("two alike sandboxes have different keys")
+	}
+	for name, m := range map[string]mod{
+		"isolation": func(sb *v1alpha1.Sandbox) { sb.Spec.Isolation = v1alpha1.IsolationHardware },
+		"snapshot":  func(sb *v1alpha1.Sandbox) { sb.Spec.Source = &v1alpha1.SandboxSource{Snapshot: "s"} },
+		"selector":  func(sb *v1alpha1.Sandbox) { sb.Spec.HostSelector = map[string]string{"k": "v"} },
+		"placement": func(sb *v1alpha1.Sandbox) { sb.Spec.Placement = v1alpha1.PlacementBinpack },
+	} {
+		if equivalence(with(sandbox("b", "1"), m)) == equivalence(base) {
+			t.Errorf("a sandbox differing in %s shares the key", name)
+		}
+	}
+}

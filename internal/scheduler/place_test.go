@@ -150,6 +150,27 @@ func TestHostSelector(t *testing.T) {
 	})
 }
 
+func TestIsolation(t *testing.T) {
+	kvm := func(name string) *Host {
+		h := host(name, 4, 3000, nil)
+		h.Hardware = true
+		return h
+	}
+	hardware := func(sb *v1alpha1.Sandbox) { sb.Spec.Isolation = v1alpha1.IsolationHardware }
+	runPlace(t, []placeCase{
+		{name: "hardware only on KVM", hosts: []*Host{host("tcg", 4, 0, nil), kvm("kvm")}, sb: with(sandbox("s", "1"), hardware), want: "kvm"},
+		{name: "never on TCG", hosts: []*Host{host("a", 4, 0, nil), host("b", 4, 0, nil)}, sb: with(sandbox("s", "1"), hardware),
+			wantWhy: "0/2 hosts are available: 2 without hardware virtualization (TCG)."},
+		{name: "unset takes any", hosts: []*Host{host("tcg", 4, 0, nil), kvm("kvm")}, sb: sandbox("s", "1"), want: "tcg"},
+	})
+	if h := HostFrom(&v1alpha1.Host{Status: v1alpha1.HostStatus{Accel: "kvm"}}, true); !h.Hardware {
+		t.Error("a host reporting accel kvm is not Hardware")
+	}
+	if h := HostFrom(&v1alpha1.Host{Status: v1alpha1.HostStatus{Accel: "tcg"}}, true); h.Hardware {
+		t.Error("a host reporting accel tcg is Hardware")
+	}
+}
+
 func TestTaints(t *testing.T) {
 	tainted := func(name string, effect corev1.TaintEffect) *Host {
 		h := host(name, 4, 0, nil)

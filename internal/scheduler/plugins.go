@@ -19,6 +19,7 @@ type query struct {
 	selector    labels.Selector
 	tolerations []corev1.Toleration
 	policy      v1alpha1.Placement
+	hardware    bool
 	// required are affinity (anti false) and anti-affinity terms that a
 	// host must satisfy: its domain must hold matching sandboxes, or none.
 	required []domainTerm
@@ -54,6 +55,7 @@ func (s *Snapshot) query(sb *v1alpha1.Sandbox) (*query, error) {
 		selector:    labels.SelectorFromSet(sb.Spec.HostSelector),
 		tolerations: sb.Spec.Tolerations,
 		policy:      s.Policy,
+		hardware:    sb.Spec.Isolation == v1alpha1.IsolationHardware,
 	}
 	if src := sb.Spec.Source; src != nil && src.Snapshot != "" {
 		q.needs = ArtifactSnapshot + sb.Namespace + "/" + src.Snapshot
@@ -115,6 +117,8 @@ func (q *query) filter(i int, h *Host) string {
 		return "not ready"
 	case h.Cordoned:
 		return "unschedulable"
+	case q.hardware && !h.Hardware:
+		return "without hardware virtualization (TCG)"
 	}
 	if t := q.untolerated(h, false); t != nil {
 		return "untolerated taint " + t.Key

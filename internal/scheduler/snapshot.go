@@ -38,7 +38,10 @@ type Host struct {
 	Labels map[string]string
 	// Ready: its agent heartbeats. Cordoned: spec.unschedulable.
 	Ready, Cordoned bool
-	Taints          []corev1.Taint
+	// Hardware: its guests run under hardware virtualization (KVM), not
+	// TCG's software emulation.
+	Hardware bool
+	Taints   []corev1.Taint
 	// Allocatable is what sandboxes may ask of it in all, overcommit
 	// applied; a zero field is not limited.
 	Allocatable Resources
@@ -70,6 +73,7 @@ func HostFrom(h *v1alpha1.Host, ready bool) *Host {
 	}
 	out := &Host{
 		Name: h.Name, Labels: h.Labels, Ready: ready, Cordoned: h.Spec.Unschedulable, Taints: h.Spec.Taints,
+		Hardware: h.Status.Accel == v1alpha1.AccelKVM,
 		Allocatable: Resources{
 			CPU:       scaled(corev1.ResourceCPU, true),
 			Memory:    scaled(corev1.ResourceMemory, false),

@@ -13,9 +13,10 @@ const kvmCreateVM = 0xAE01 // _IO(KVMIO, 0x01)
 // create a VM. Both are needed: a nested, paravirtual /dev/kvm without the
 // CPU flags exists on some hosts and emulates guests instruction by
 // instruction, far slower than TCG.
-func KVMUsable() bool { return kvmReason() == "" }
+func KVMUsable() bool { return KVMReason() == "" }
 
-func kvmReason() string {
+// KVMReason says why KVM is not usable here, or "" if it is.
+func KVMReason() string {
 	info, err := os.ReadFile("/proc/cpuinfo")
 	if err != nil {
 		return "cannot read /proc/cpuinfo"

@@ -5,4 +5,5 @@ package vmm
 // KVMUsable is false off Linux.
 func KVMUsable() bool { return false }
 
-func kvmReason() string { return "KVM exists only on Linux" }
+// KVMReason says why KVM is not usable: it is not, off Linux.
+func KVMReason() string { return "KVM exists only on Linux" }

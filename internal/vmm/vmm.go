@@ -41,7 +41,7 @@ func ParseAccel(s string) (Accel, error) {
 		return DetectAccel(), nil
 	case "kvm":
 		if !KVMUsable() {
-			return "", fmt.Errorf("--accel kvm: this host has no usable KVM (%s)", kvmReason())
+			return "", fmt.Errorf("--accel kvm: this host has no usable KVM (%s)", KVMReason())
 		}
 		return KVM, nil
 	case "tcg":

@@ -9,6 +9,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sort"
 	"sync"
 
@@ -166,22 +167,32 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	byAge(waiting)
 	byAge(starting)
 
-	// Serve the oldest claims first, each with the oldest ready sandbox.
+	// Serve the oldest claims first, each with the oldest ready sandbox
+	// that suits it.
 	requeue := false
-	for len(waiting) > 0 && len(ready) > 0 {
-		err := c.claim(ctx, waiting[0], ready[0])
-		switch {
+	var unserved []*v1alpha1.Sandbox
+	for ; len(waiting) > 0 && len(ready) > 0; waiting = waiting[1:] {
+		cl := waiting[0]
+		i, err := c.suitable(ctx, cl, ready)
+		if err != nil {
+			return reconcile.Result{}, err
+		}
+		if i < 0 {
+			unserved = append(unserved, cl)
+			continue
+		}
+		m := ready[i]
+		ready = slices.Delete(ready, i, i+1)
+		switch err := c.claim(ctx, cl, m); {
 		case err == nil:
 			claimed++
-			waiting = waiting[1:]
 		case apierrors.IsConflict(err) || apierrors.IsNotFound(err):
 			requeue = true
-			waiting = waiting[1:]
 		default:
 			return reconcile.Result{}, err
 		}
-		ready = ready[1:]
 	}
+	waiting = append(unserved, waiting...)
 	for _, cl := range waiting {
 		if err := c.wait(ctx, cl, &pool); err != nil && !apierrors.IsConflict(err) {
 			return reconcile.Result{}, client.IgnoreNotFound(err)
@@ -239,6 +250,27 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 		return reconcile.Result{}, client.IgnoreNotFound(err)
 	}
 	return reconcile.Result{Requeue: requeue}, nil
+}
+
+// suitable is the index of the first of ready that the claim cl may
+// take over, or -1: a claim that needs hardware isolation takes only a
+// sandbox on a KVM host, as the scheduler would have placed it.
+func (c *Controller) suitable(ctx context.Context, cl *v1alpha1.Sandbox, ready []*v1alpha1.Sandbox) (int, error) {
+	if cl.Spec.Isolation != v1alpha1.IsolationHardware {
+		return 0, nil
+	}
+	for i, m := range ready {
+		var h v1alpha1.Host
+		err := c.Client.Get(ctx, types.NamespacedName{Name: m.Status.HostName}, &h)
+		switch {
+		case apierrors.IsNotFound(err):
+		case err != nil:
+			return -1, err
+		case h.Status.Accel == v1alpha1.AccelKVM:
+			return i, nil
+		}
+	}
+	return -1, nil
 }
 
 // orphaned reports whether m was marked taken by a claim that is gone or

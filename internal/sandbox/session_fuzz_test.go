@@ -1,0 +1,137 @@
+package sandbox
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"hearth.dev/hearth/internal/guest/protocol"
+)
+
+// pipeVM is a VM whose guest agent is the test: Channel is the host's end
+// of a pipe, and the VM ends when the test closes done.
+type pipeVM struct {
+	conn net.Conn
+	done chan struct{}
+}
+
+func (v *pipeVM) Channel(context.Context) (net.Conn, error) { return v.conn, nil }
+func (v *pipeVM) Wait(ctx context.Context) error {
+	select {
+	case <-v.done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+func (v *pipeVM) Logs(int) string { return "" }
+
+// frames encodes frames as a guest would send them.
+func frames(fs ...protocol.Frame) []byte {
+	var b bytes.Buffer
+	w := protocol.NewWriter(&b)
+	for _, f := range fs {
+		_ = w.Write(f.Type, f.Payload)
+	}
+	return b.Bytes()
+}
+
+func jsonFrame(t protocol.Type, payload string) protocol.Frame {
+	return protocol.Frame{Type: t, Payload: []byte(payload)}
+}
+
+// boundedWriter counts what it is given, like a client that reads.
+type boundedWriter struct{ n int }
+
+func (w *boundedWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }
+
+// hostSession runs the host's side of one session with stdin, against a
+// guest that sends guest and closes; it returns what the host returned.
+func hostSession(t *testing.T, guest []byte) (*Result, error, int) {
+	host, agent := net.Pipe()
+	vm := &pipeVM{conn: host, done: make(chan struct{})}
+	go func() {
+		// Drain whatever the host sends, as an agent that reads.
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := agent.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	go func() {
+		_, _ = agent.Write(guest)
+		agent.Close()
+		close(vm.done)
+	}()
+	var out, errOut boundedWriter
+	s := &session{vm: vm, runDir: t.TempDir(), start: time.Now(), log: slog.New(slog.DiscardHandler),
+		sio: IO{Stdout: &out, Stderr: &errOut, Stdin: strings.NewReader(strings.Repeat("x", 300<<10))}}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	res, err := s.run(ctx, protocol.Start{Stdin: true, Args: []string{"sh"}}, 2*time.Second)
+	if ctx.Err() != nil {
+		t.Fatalf("the session outlived a guest that had closed: %v", err)
+	}
+	return res, err, out.n + errOut.n
+}
+
+// FuzzSession feeds the host's session code whatever a guest may send:
+// it must end (no panic, no hang) with a result or an error, and pass on
+// no more output than the guest sent. CI runs it for a short while
+// (make test); go test -fuzz=FuzzSession ./internal/sandbox runs it on.
+func FuzzSession(f *testing.F) {
+	hello := jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)
+	started := protocol.Frame{Type: protocol.TStarted}
+	f.Add(frames(hello, started, protocol.Frame{Type: protocol.TStdout, Payload: []byte("hi\n")}, jsonFrame(protocol.TExit, `{"code":0}`)))
+	f.Add(frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":-1048576}`)))
+	f.Add(frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":262144}`), jsonFrame(protocol.TStdinAck, `{"bytes":262144}`)))
+	f.Add(frames(hello, started, jsonFrame(protocol.TExit, `{"code":-7,"signal":99}`)))
+	f.Add(frames(hello, jsonFrame(protocol.TExit, `{"code":`)))
+	f.Add(frames(jsonFrame(protocol.THello, `{"version":1}`)))
+	f.Add(append(frames(hello, started), 0xff, 0xff, 0xff, 0xff))
+	f.Add(append(frames(hello, started), 0, 0, 0, 9, byte(protocol.TStdout), 'a'))
+	f.Add(frames(hello, protocol.Frame{Type: 200}))
+	f.Fuzz(func(t *testing.T, guest []byte) {
+		res, err, passed := hostSession(t, guest)
+		if res == nil && err == nil {
+			t.Fatal("no result and no error")
+		}
+		if passed > len(guest) {
+			t.Errorf("passed on %d bytes of output from %d bytes sent", passed, len(guest))
+		}
+		if res != nil && (res.ExitCode < 0 || res.ExitCode > 255 || res.Signal < 0 || res.Signal > 64) {
+			t.Errorf("took exit code %d, signal %d from the guest", res.ExitCode, res.Signal)
+		}
+	})
+}
+
+// TestHostileFrames: each way of breaking the protocol ends the session
+// with ErrGuestProtocol.
+func TestHostileFrames(t *testing.T) {
+	hello := jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)
+	started := protocol.Frame{Type: protocol.TStarted}
+	for name, guest := range map[string][]byte{
+		"negative ack":    frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":-1}`)),
+		"ack beyond sent": frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":1073741824}`)),
+		"bad exit JSON":   frames(hello, started, jsonFrame(protocol.TExit, `{"code":"x"}`)),
+		"exit code 256":   frames(hello, started, jsonFrame(protocol.TExit, `{"code":256}`)),
+		"negative signal": frames(hello, started, jsonFrame(protocol.TExit, `{"code":1,"signal":-9}`)),
+		"unknown type":    frames(hello, started, protocol.Frame{Type: 77}),
+		"length over max": append(frames(hello, started), 0x7f, 0xff, 0xff, 0xff),
+		"zero length":     append(frames(hello, started), 0, 0, 0, 0),
+	} {
+		t.Run(name, func(t *testing.T) {
+			_, err, _ := hostSession(t, guest)
+			if !errors.Is(err, ErrGuestProtocol) {
+				t.Errorf("got %v, want ErrGuestProtocol", err)
+			}
+		})
+	}
+}
