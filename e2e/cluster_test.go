@@ -218,7 +218,7 @@ func (c *cluster) waitPhase(name string, timeout time.Duration, phases ...string
 // vmPids lists the QEMU processes of the cluster's VMs.
 func (c *cluster) vmPids() []int {
 	var pids []int
-	for _, pid := range vmm.Pids(c.h.runRoot) {
+	for _, pid := range vmm.Pids(filepath.Join(c.dataDir, "node", "vms")) {
 		if b, err := os.ReadFile(fmt.Sprintf("/proc/%d/comm", pid)); err == nil && strings.HasPrefix(string(b), "qemu") {
 			pids = append(pids, pid)
 		}
@@ -232,10 +232,12 @@ func (c *cluster) checkNoLeaks() {
 	c.t.Helper()
 	testenv.CheckNoLeaks(c.t, c.h.runRoot)
 	for _, pid := range vmm.Pids(c.dataDir) {
-		c.t.Errorf("process %d (a shim) outlived the cluster", pid)
+		c.t.Errorf("process %d (a shim or a VMM) outlived the cluster", pid)
 	}
-	if entries, _ := os.ReadDir(filepath.Join(c.dataDir, "node", "sandboxes")); len(entries) > 0 {
-		c.t.Errorf("%d sandbox directories left on the host", len(entries))
+	for _, d := range []string{"sandboxes", "vms"} {
+		if entries, _ := os.ReadDir(filepath.Join(c.dataDir, "node", d)); len(entries) > 0 {
+			c.t.Errorf("%d directories left in the host's %s", len(entries), d)
+		}
 	}
 }
 

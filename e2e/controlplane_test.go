@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
@@ -277,6 +278,35 @@ func TestSandboxStreams(t *testing.T) {
 	if r = c.hearth("", "exec", "nosuch", "--", "true"); r.code == 0 || !strings.Contains(r.stderr, `sandbox "nosuch" not found`) {
 		t.Errorf("exec into a missing sandbox: exit %d, %s", r.code, r.stderr)
 	}
+
+	// A guest fills its writable disk: it lives in the node's VM
+	// directory (not the run root, a tmpfs on most hosts), reserved
+	// whole from the start, so the fill takes nothing more from the
+	// host, and the other sandbox runs on.
+	disks, _ := filepath.Glob(filepath.Join(c.dataDir, "node", "vms", "*", "disk.ext4"))
+	if len(disks) != 1 {
+		t.Fatalf("%d writable disks in the VM directory, want svc's", len(disks))
+	}
+	var st syscall.Stat_t
+	if err := syscall.Stat(disks[0], &st); err != nil || st.Blocks*512 < 64<<20 {
+		t.Errorf("svc's 64 MiB disk holds %d bytes on the host before the guest writes (%v): not reserved", st.Blocks*512, err)
+	}
+	if inRunRoot, _ := filepath.Glob(filepath.Join(c.h.runRoot, "*", "disk.ext4")); len(inRunRoot) > 0 {
+		t.Errorf("a node VM's disk is in the run root: %v", inRunRoot)
+	}
+	c.mustKubectlIn(sandboxYAML("filler", img, "", "", "sleep", "1000"), "apply", "-f", "-")
+	c.waitPhase("filler", 3*time.Minute, "Running")
+	r = c.hearth("", "exec", "filler", "--", "dd", "if=/dev/zero", "of=/big", "bs=1M")
+	if r.code == 0 || !strings.Contains(r.stderr, "No space left on device") {
+		t.Errorf("filling the disk: exit %d, %s", r.code, r.stderr)
+	}
+	if r = c.hearth("", "exec", "svc", "--", "echo", "still here"); r.code != 0 || r.stdout != "still here\n" {
+		t.Errorf("svc after another sandbox filled its disk: exit %d, %q %s", r.code, r.stdout, r.stderr)
+	}
+	if r = c.hearth("", "exec", "filler", "--", "rm", "/big"); r.code != 0 {
+		t.Errorf("the filled sandbox: exit %d, %s", r.code, r.stderr)
+	}
+	c.mustKubectl("delete", "sandbox", "filler")
 
 	// A TTY: the command sees a terminal of the caller's size.
 	cmd := exec.Command(c.h.bin, "exec", "-t", "svc", "--", "sh", "-c", "tty; stty size")

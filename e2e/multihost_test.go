@@ -254,11 +254,13 @@ func (m *multiHost) cleanup() {
 	}
 	for _, hn := range m.hosts {
 		for _, pid := range vmm.Pids(hn.dataDir) {
-			t.Errorf("process %d (a shim) outlived host %s", pid, hn.name)
+			t.Errorf("process %d (a shim or a VMM) outlived host %s", pid, hn.name)
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
-		if entries, _ := os.ReadDir(filepath.Join(hn.dataDir, "node", "sandboxes")); len(entries) > 0 {
-			t.Errorf("%d sandbox directories left on host %s", len(entries), hn.name)
+		for _, d := range []string{"sandboxes", "vms"} {
+			if entries, _ := os.ReadDir(filepath.Join(hn.dataDir, "node", d)); len(entries) > 0 {
+				t.Errorf("%d directories left in host %s's %s", len(entries), hn.name, d)
+			}
 		}
 		if out, err := exec.Command("ip", "-n", hn.ns, "-o", "link", "show").Output(); err == nil && strings.Contains(string(out), ": hs") {
 			t.Errorf("sandbox taps left on host %s:\n%s", hn.name, out)

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -383,7 +384,7 @@ func (w *warm) memory(ctx context.Context, res *WarmResult) error {
 		return err
 	}
 	time.Sleep(2 * time.Second) // settle
-	pss, rss, err := vmMemory(n)
+	pss, rss, err := w.vmMemory(n)
 	if err != nil {
 		return err
 	}
@@ -423,19 +424,27 @@ func (w *warm) memory(ctx context.Context, res *WarmResult) error {
 		time.Sleep(200 * time.Millisecond)
 	}
 	time.Sleep(2 * time.Second)
-	if res.ColdPSSMiB, res.ColdRSSMiB, err = vmMemory(n); err != nil {
+	if res.ColdPSSMiB, res.ColdRSSMiB, err = w.vmMemory(n); err != nil {
 		return err
 	}
 	res.MemoryRatio = round(res.ClonesPSSMiB/res.ColdPSSMiB, 3)
 	return nil
 }
 
+// vmPids are the QEMU processes of the benchmark: the node's and the
+// bare restores'.
+func (w *warm) vmPids() []int {
+	pids := append(vmm.Pids(filepath.Join(w.h.dataDir, "node", "vms")), vmm.Pids(config.RunRoot())...)
+	slices.Sort(pids)
+	return slices.Compact(pids)
+}
+
 // waitVMs waits until n QEMU processes run.
 func (w *warm) waitVMs(ctx context.Context, n int) error {
 	deadline := time.Now().Add(5 * time.Minute)
-	for len(vmm.Pids(config.RunRoot())) != n {
+	for len(w.vmPids()) != n {
 		if time.Now().After(deadline) {
-			return fmt.Errorf("%d VMs, want %d", len(vmm.Pids(config.RunRoot())), n)
+			return fmt.Errorf("%d VMs, want %d", len(w.vmPids()), n)
 		}
 		select {
 		case <-ctx.Done():
@@ -447,8 +456,8 @@ func (w *warm) waitVMs(ctx context.Context, n int) error {
 }
 
 // vmMemory sums the PSS and RSS (MiB) of the n QEMU processes running.
-func vmMemory(n int) (pss, rss float64, err error) {
-	pids := vmm.Pids(config.RunRoot())
+func (w *warm) vmMemory(n int) (pss, rss float64, err error) {
+	pids := w.vmPids()
 	if len(pids) != n {
 		return 0, 0, fmt.Errorf("%d VMs run, want %d", len(pids), n)
 	}

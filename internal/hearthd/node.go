@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
+	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
@@ -36,6 +37,7 @@ type NodeOptions struct {
 	CPU, Memory  string
 	Accel        string
 	AllowTCG     bool
+	VMDir        string
 	InsecureRegs []string
 	LogMaxBytes  int64
 	Network      bool
@@ -54,6 +56,7 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.CPU, "node-cpu", "", "CPUs this host offers to sandboxes (default: all)")
 	fs.StringVar(&o.Memory, "node-memory", "", "memory this host offers to sandboxes (default: all)")
 	fs.StringVar(&o.Accel, "accel", "auto", "how guests run: kvm, tcg or auto")
+	fs.StringVar(&o.VMDir, "vm-dir", "", "where VMs' writable disks, memory files and sockets live (default: DATA-DIR/node/vms): a real filesystem, not a tmpfs; each VM's disk and memory file are reserved there when made, and its free space is the host's allocatable disk")
 	fs.BoolVar(&o.AllowTCG, "allow-tcg", false, "development only: run guests under TCG software emulation where there is no usable KVM (or with --accel tcg); TCG is no security boundary, so without this flag a node agent refuses it ('hearth up' sets it)")
 	fs.StringSliceVar(&o.InsecureRegs, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
 	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
@@ -119,13 +122,23 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,
 		Images:       &image.Store{Dir: config.ImageDir(), Log: log},
 		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
-		StateDir: filepath.Join(dataDir, "node", "sandboxes"), LogMax: n.LogMaxBytes,
+		StateDir: filepath.Join(dataDir, "node", "sandboxes"), VMDir: n.VMDir, LogMax: n.LogMaxBytes,
 		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),
 		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log), ClusterCIDR: o.Controllers.cluster,
 		Network: n.Network,
 	}
 	if cfg.Address == "" {
 		cfg.Address = n.Listen
+	}
+	if cfg.VMDir == "" {
+		cfg.VMDir = filepath.Join(dataDir, "node", "vms")
+	}
+	if err := os.MkdirAll(cfg.VMDir, 0o700); err != nil {
+		return fmt.Errorf("--vm-dir: %w", err)
+	}
+	var fs unix.Statfs_t
+	if unix.Statfs(cfg.VMDir, &fs) == nil && fs.Type == unix.TMPFS_MAGIC {
+		log.Warn("the VM directory is a tmpfs: the disks reserved there take RAM, and it fills before the host's memory does", "dir", cfg.VMDir)
 	}
 	for _, q := range []struct {
 		flag, v string

@@ -50,6 +50,7 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -67,6 +68,11 @@ type Config struct {
 	Images *image.Store
 	// StateDir holds one directory per sandbox (its runs and logs).
 	StateDir string
+	// VMDir holds the run directory of each VM (writable disk, memory
+	// file, sockets), on a real filesystem: disks and memory files are
+	// reserved when made, and its free space plus what they hold is the
+	// host's allocatable disk. Empty: StateDir/../vms.
+	VMDir string
 	// SnapshotDir is the host's snapshot store (one directory per
 	// Snapshot); TemplateDir holds its snapshots of templates.
 	SnapshotDir, TemplateDir string
@@ -138,7 +144,10 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if cfg.Heartbeat == 0 {
 		cfg.Heartbeat = 10 * time.Second
 	}
-	for _, d := range []string{cfg.StateDir, cfg.SnapshotDir, cfg.TemplateDir} {
+	if cfg.VMDir == "" {
+		cfg.VMDir = filepath.Join(filepath.Dir(cfg.StateDir), "vms")
+	}
+	for _, d := range []string{cfg.StateDir, cfg.VMDir, cfg.SnapshotDir, cfg.TemplateDir} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return err
 		}
@@ -235,8 +244,10 @@ func (a *Agent) capacity() corev1.ResourceList {
 	}
 	var disk resource.Quantity
 	var fs unix.Statfs_t
-	if unix.Statfs(a.cfg.StateDir, &fs) == nil {
-		disk = *resource.NewQuantity(int64(fs.Bavail)*fs.Bsize, resource.BinarySI)
+	if unix.Statfs(a.cfg.VMDir, &fs) == nil {
+		// What is free, and what the VMs' disks hold already: their
+		// requests are what the scheduler counts against it.
+		disk = *resource.NewQuantity(int64(fs.Bavail)*fs.Bsize+sandbox.DiskUsage(a.cfg.VMDir), resource.BinarySI)
 	}
 	max := a.cfg.MaxSandboxes
 	if max == 0 {

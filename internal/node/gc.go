@@ -40,6 +40,8 @@ func (a *Agent) collectGarbage(ctx context.Context) error {
 func (a *Agent) collect(ctx context.Context) error {
 	// VMMs whose shim is gone: the parent-death signal ends them at once,
 	// and this is the net below it (a VMM found here is a bug to report).
+	// The run root too: VMs that an older agent started there.
+	sandbox.Sweep(a.cfg.VMDir, a.log)
 	sandbox.Sweep(config.RunRoot(), a.log)
 	entries, err := os.ReadDir(a.cfg.StateDir)
 	if err != nil {

@@ -259,7 +259,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	run := runDir(dir, n)
 	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n))) // from the run directory
 	spec.LogMax, spec.StdinOnce = a.cfg.LogMax, sb.Spec.StdinOnce
-	spec.Accel, spec.InsecureRegistries = string(a.cfg.Accel), a.cfg.InsecureRegistries
+	spec.Accel, spec.InsecureRegistries, spec.VMDir = string(a.cfg.Accel), a.cfg.InsecureRegistries, a.cfg.VMDir
 	if _, err := shim.Start(run, spec, a.cfg.Shim); err != nil {
 		return reconcile.Result{}, err
 	}

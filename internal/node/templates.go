@@ -171,6 +171,7 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	if err != nil {
 		return err
 	}
+	rt.RunRoot, rt.Reserve = a.cfg.VMDir, true
 	out := &vmm.TailBuffer{Max: 2048}
 	targets := make(chan sandbox.Target, 1)
 	done := make(chan runEnd, 1)

@@ -41,9 +41,16 @@ type Runtime struct {
 	Agent      string // hearth-agent binary
 	CacheDir   string // where the initramfs is cached
 	RunRoot    string // one directory per running VM under it
-	Pull       image.PullPolicy
-	Log        *slog.Logger
-	BootLimit  time.Duration // from VMM start to the agent's hello; 0 means 2 minutes
+	// Reserve gives each VM's writable disk and memory file all their
+	// blocks when they are made (fallocate): a guest that fills its disk
+	// then cannot fill the filesystem under other VMs, and a VM that does
+	// not fit fails at its start with ErrNoSpace, not later in the guest.
+	// The node agent's VMs reserve; a local `hearth run` under /run (a
+	// tmpfs, where a reservation is RAM) does not.
+	Reserve   bool
+	Pull      image.PullPolicy
+	Log       *slog.Logger
+	BootLimit time.Duration // from VMM start to the agent's hello, and again to the workload's start; 0 means 2 minutes
 }
 
 // IO connects a sandbox's streams to the caller.
@@ -80,6 +87,10 @@ var ErrBoot = errors.New("guest failed to boot")
 // ErrStopped means the VM ended while the workload ran, without the agent
 // reporting how the workload ended (a guest panic, the VMM dying).
 var ErrStopped = errors.New("the VM stopped before the workload finished")
+
+// ErrNoSpace means the run root's filesystem has no room for a VM's
+// writable disk or memory file (Runtime.Reserve).
+var ErrNoSpace = errors.New("no room in the VM directory")
 
 // ErrGuestProtocol means the guest sent what the protocol does not allow
 // (the guest is the attacker's: its session ends, nothing else does).
@@ -128,12 +139,14 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	} else if err := rt.makeDisk(ctx, disk, spec.DiskMiB); err != nil {
 		return nil, err
 	}
-
-	log.Debug("image and disk ready", "took", time.Since(t0))
 	var memFile string
 	if spec.Snapshottable {
 		memFile = filepath.Join(runDir, "memory")
 	}
+	if err := rt.reserve(disk, memFile, spec.MemoryMiB); err != nil {
+		return nil, err
+	}
+	log.Debug("image and disk ready", "took", time.Since(t0))
 	start := time.Now()
 	vm, err := rt.Driver.Start(ctx, vmm.Config{
 		MemoryFile: memFile,
@@ -329,6 +342,65 @@ func (rt *Runtime) makeDisk(ctx context.Context, path string, sizeMiB int) error
 	return nil
 }
 
+// reserve gives the disk, and the memory file of memMiB if there is one,
+// their blocks, when rt.Reserve. A filesystem that cannot (tmpfs before
+// Linux 2.6.x, some FUSE) is left sparse.
+func (rt *Runtime) reserve(disk, memFile string, memMiB int) error {
+	if !rt.Reserve {
+		return nil
+	}
+	fi, err := os.Stat(disk)
+	if err != nil {
+		return err
+	}
+	if err := allocate(disk, fi.Size(), false); err != nil {
+		return err
+	}
+	if memFile != "" {
+		return allocate(memFile, int64(memMiB)<<20, true)
+	}
+	return nil
+}
+
+// DiskUsage is what the writable disks of the VMs under runRoot hold on
+// its filesystem (all of each disk, where Reserve allocated it).
+func DiskUsage(runRoot string) int64 {
+	disks, _ := filepath.Glob(filepath.Join(runRoot, "*", snapshotDisk))
+	var n int64
+	for _, d := range disks {
+		var st unix.Stat_t
+		if unix.Stat(d, &st) == nil {
+			n += st.Blocks * 512
+		}
+	}
+	return n
+}
+
+// allocate gives path (created, if create) size bytes of blocks.
+func allocate(path string, size int64, create bool) error {
+	flags := os.O_WRONLY | unix.O_NOFOLLOW
+	if create {
+		flags |= os.O_CREATE | os.O_EXCL
+	}
+	f, err := os.OpenFile(path, flags, 0o600)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	switch err := unix.Fallocate(int(f.Fd()), 0, 0, size); {
+	case errors.Is(err, unix.ENOSPC), errors.Is(err, unix.EDQUOT):
+		var fs unix.Statfs_t
+		_ = unix.Fstatfs(int(f.Fd()), &fs)
+		return fmt.Errorf("%w: %s needs %d MiB, %s has %d MiB free", ErrNoSpace, filepath.Base(path), size>>20,
+			filepath.Dir(filepath.Dir(path)), int64(fs.Bavail)*fs.Bsize>>20)
+	case errors.Is(err, unix.EOPNOTSUPP):
+		return nil
+	case err != nil:
+		return fmt.Errorf("reserve %s: %w", filepath.Base(path), err)
+	}
+	return nil
+}
+
 // diskFormat names what else MakeDisk does (upper/tmp's mode): change it
 // when that changes, so that templates in caches are made again.
 const diskFormat = "1"
@@ -393,6 +465,7 @@ type session struct {
 	start  time.Time
 	log    *slog.Logger
 	w      *protocol.Writer
+	conn   net.Conn
 }
 
 // vmError is err with what the VM said last: a guest kernel panic line
@@ -454,6 +527,9 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 	if f.Type != protocol.THello || protocol.Decode(f, &hello) != nil || hello.Version != protocol.Version {
 		return nil, fmt.Errorf("%w: guest agent %q speaks protocol %d, hearth %d", ErrBoot, hello.Agent, hello.Version, protocol.Version)
 	}
+	// The workload starts (or fails to) within the same limit: a guest
+	// that answers and then says nothing does not hold the run forever.
+	_ = conn.SetReadDeadline(time.Now().Add(bootLimit))
 	return s.serve(ctx, r, vmDone, st, false)
 }
 
@@ -482,7 +558,7 @@ func (s *session) attach(ctx context.Context, conn net.Conn) <-chan struct{} {
 		// Let buffered frames drain before unblocking a read.
 		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
 	}()
-	s.w = protocol.NewWriter(conn)
+	s.w, s.conn = protocol.NewWriter(conn), conn
 	return vmDone
 }
 
@@ -495,6 +571,9 @@ func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan s
 	var started sync.Once
 	onStarted := func() {
 		started.Do(func() {
+			if s.conn != nil {
+				_ = s.conn.SetReadDeadline(time.Time{})
+			}
 			res.Boot = time.Since(s.start)
 			s.log.Debug("workload started", "since_vmm_start", res.Boot)
 			if s.sio.Target != nil {
@@ -517,6 +596,9 @@ func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan s
 			}
 			if errors.Is(err, protocol.ErrFrame) {
 				return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
+			}
+			if errors.Is(err, os.ErrDeadlineExceeded) {
+				return nil, fmt.Errorf("%w: the guest agent answered but did not start the workload in time", ErrGuestProtocol)
 			}
 			// QEMU closes the channel as it exits: give the exit a moment
 			// to be seen, so that the error carries the VM's last words.

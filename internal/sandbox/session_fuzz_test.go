@@ -135,3 +135,32 @@ func TestHostileFrames(t *testing.T) {
 		})
 	}
 }
+
+// TestSilentAfterHello: a guest that answers Hello and then never starts
+// the workload ends its run within the boot limit.
+func TestSilentAfterHello(t *testing.T) {
+	host, agent := net.Pipe()
+	defer agent.Close()
+	go func() {
+		buf := make([]byte, 64<<10)
+		for {
+			if _, err := agent.Read(buf); err != nil {
+				return
+			}
+		}
+	}()
+	go func() {
+		_, _ = agent.Write(frames(jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)))
+	}()
+	vm := &pipeVM{conn: host, done: make(chan struct{})}
+	s := &session{vm: vm, runDir: t.TempDir(), start: time.Now(), log: slog.New(slog.DiscardHandler),
+		sio: IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}}}
+	start := time.Now()
+	_, err := s.run(context.Background(), protocol.Start{Args: []string{"sh"}}, 300*time.Millisecond)
+	if !errors.Is(err, ErrGuestProtocol) {
+		t.Fatalf("got %v, want ErrGuestProtocol", err)
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("took %s with a 300 ms limit", d)
+	}
+}

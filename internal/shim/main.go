@@ -79,6 +79,9 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err != nil {
 		return err
 	}
+	if spec.VMDir != "" {
+		rt.RunRoot, rt.Reserve = spec.VMDir, true
+	}
 	sio := sandbox.IO{
 		Stdout: out,
 		Stderr: out,
@@ -128,6 +131,8 @@ func run(log *slog.Logger, dir string, st *State) error {
 			st.Reason = "Error"
 		case errors.Is(err, sandbox.ErrGuestProtocol):
 			st.Reason = "GuestProtocolError"
+		case errors.Is(err, sandbox.ErrNoSpace):
+			st.Reason = "InsufficientDisk"
 		}
 		st.Message = ClipMessage(err.Error())
 		return nil

@@ -54,6 +54,11 @@ type Spec struct {
 	StdinOnce bool `json:"stdinOnce,omitempty"`
 	// InsecureRegistries are reached over plain HTTP.
 	InsecureRegistries []string `json:"insecureRegistries,omitempty"`
+	// VMDir, if set, is where the VM's run directory goes (its writable
+	// disk, memory file and sockets) instead of the host's run root: the
+	// node's VM state directory, on a real filesystem, where the disk
+	// and memory file are reserved when made (sandbox.Runtime.Reserve).
+	VMDir string `json:"vmDir,omitempty"`
 }
 
 // Phases of a run.

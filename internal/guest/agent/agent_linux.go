@@ -286,6 +286,9 @@ func (s *session) serve(exec bool) error {
 	if st.Exec != exec {
 		return fmt.Errorf("start with exec=%v on a port for exec=%v", st.Exec, exec)
 	}
+	if hostile(s, &st) { // only in a test build (-tags hostile)
+		return errors.New("a hostile scenario ran")
+	}
 	// From here on one goroutine reads the host's frames.
 	s.bye = make(chan struct{})
 	go s.control()

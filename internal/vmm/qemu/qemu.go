@@ -510,9 +510,10 @@ func (d *Driver) prepareJail(cfg vmm.Config, qemu, memFile string, shared bool) 
 	return j, nil
 }
 
-// createOwned creates an empty file at path owned by uid and gid.
+// createOwned gives the file at path, created empty if it is not there
+// (the caller may have reserved its blocks), to uid and gid.
 func createOwned(path string, uid, gid int) error {
-	f, err := os.OpenFile(path, os.O_CREATE|os.O_EXCL|os.O_WRONLY, 0o600)
+	f, err := os.OpenFile(path, os.O_CREATE|os.O_WRONLY|syscall.O_NOFOLLOW, 0o600)
 	if err != nil {
 		return err
 	}
