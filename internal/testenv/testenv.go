@@ -11,11 +11,13 @@ package testenv
 import (
 	"bytes"
 	"fmt"
+	"math/rand/v2"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -128,14 +130,43 @@ func ModuleRoot() string {
 // FreeAddr returns a free 127.0.0.1 port.
 func FreeAddr(t testing.TB) string { return freeAddrOn(t, "127.0.0.1") }
 
+var (
+	portsMu sync.Mutex
+	given   = map[int]bool{}
+)
+
+// freeAddrOn returns host:PORT with a port that is free now, below the
+// kernel's ephemeral range: a port that bind(:0) chose would be free
+// when returned, but the kernel may give it to an outgoing connection's
+// source (a client of etcd, say) before whoever it is for listens on it,
+// and a hearthd then failed with "address already in use". Ports handed
+// out once in this process are not handed out again.
 func freeAddrOn(t testing.TB, host string) string {
 	t.Helper()
-	l, err := net.Listen("tcp", host+":0")
-	if err != nil {
-		t.Fatal(err)
+	low := 32768
+	if b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range"); err == nil {
+		if f := strings.Fields(string(b)); len(f) == 2 {
+			fmt.Sscan(f[0], &low)
+		}
 	}
-	defer l.Close()
-	return l.Addr().String()
+	const first = 10000
+	portsMu.Lock()
+	defer portsMu.Unlock()
+	for range 1000 {
+		port := first + rand.IntN(max(low-first, 1))
+		if given[port] {
+			continue
+		}
+		l, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(port)))
+		if err != nil {
+			continue
+		}
+		l.Close()
+		given[port] = true
+		return l.Addr().String()
+	}
+	t.Fatalf("no free port on %s between %d and %d", host, first, low)
+	return ""
 }
 
 // Registry is a docker-registry serving on loopback for one test.
