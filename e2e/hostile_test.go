@@ -62,7 +62,8 @@ func rssMiB(t *testing.T, pid int) int {
 // well-behaved sandbox on the same host. Each hostile sandbox ends (with
 // GuestProtocolError where the protocol was broken), its shim and VM go,
 // hearthd (the whole control plane here) runs on without leaking, and
-// the well-behaved sandbox runs throughout.
+// the well-behaved sandbox runs throughout (and streams 64 MiB of an
+// exec's output).
 func TestHostileGuest(t *testing.T) {
 	h := newHarness(t)
 	agent := hostileAgent(t)
@@ -128,13 +129,28 @@ func TestHostileGuest(t *testing.T) {
 		}
 	}
 
-	// In exec sessions: through hearthd's own session code.
-	for _, scenario := range []string{"negative-ack", "huge-ack", "over-limit", "false-exit", "unknown-type", "wrong-direction"} {
-		r := c.hearth("", "exec", "good", "--", "hostile:"+scenario)
+	// In exec sessions, through hearthd's own session code: the session
+	// fails, and so does its sandbox (the guest is the same attacker).
+	execCases := []string{"negative-ack", "over-limit", "false-exit", "wrong-direction"}
+	manifest = nil
+	for _, scenario := range execCases {
+		manifest = append(manifest, sandboxYAML("exec-"+scenario, img, "", "", "sleep", "100000"))
+	}
+	c.mustKubectlIn(strings.Join(manifest, "---\n"), "apply", "-f", "-")
+	for _, scenario := range execCases {
+		name := "exec-" + scenario
+		c.waitPhase(name, 3*time.Minute, "Running")
+		r := c.hearth("", "exec", name, "--", "hostile:"+scenario)
 		t.Logf("exec %s: exit %d, %.160s", scenario, r.code, strings.TrimSpace(r.stderr))
 		if r.code == 0 || !strings.Contains(r.stderr, "broke the protocol") {
 			t.Errorf("exec %s: exit %d, %s", scenario, r.code, r.stderr)
 		}
+		phase := c.waitPhase(name, time.Minute, "Failed", "Succeeded")
+		if reason := c.field(name, ".status.reason"); phase != "Failed" || reason != "GuestProtocolError" {
+			t.Errorf("%s after a hostile exec session: %s (%s), want Failed (GuestProtocolError)", name, phase, reason)
+		}
+		dir := filepath.Join(c.dataDir, "node", "sandboxes", c.field(name, ".metadata.uid"))
+		waitFor(t, name+"'s shim and VM to end", time.Minute, func() bool { return len(vmm.Pids(dir)) == 0 })
 	}
 	r := c.hearth("", "exec", "good", "--", "hostile:flood")
 	chunk := protocol.ChunkSize / 6 * 6 // "flood\n" repeated, as hostile.go sends it

@@ -7,15 +7,21 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strconv"
+	"strings"
 	"sync"
 	"time"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	apiremotecommand "k8s.io/apimachinery/pkg/util/remotecommand"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
 	utilexec "k8s.io/utils/exec"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 
+	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/logfile"
 	"hearth.dev/hearth/internal/sandbox"
@@ -118,6 +124,9 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 		}()
 	}
 	res, err := sandbox.Exec(ctx, &qemu.Driver{}, target, port, spec, sio, a.log)
+	if errors.Is(err, sandbox.ErrGuestProtocol) {
+		a.guestBrokeProtocol(name, dir, err)
+	}
 	if err != nil {
 		return err
 	}
@@ -130,6 +139,26 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 		return utilexec.CodeExitError{Err: fmt.Errorf("exit status %d", res.ExitCode), Code: res.ExitCode}
 	}
 	return nil
+}
+
+// protocolErrorFile, in a sandbox's directory, says that its guest broke
+// the protocol in an exec session: the sandbox is ended (step).
+const protocolErrorFile = "guest-protocol-error"
+
+// guestBrokeProtocol ends the sandbox name (namespace/name) in dir whose
+// guest broke the protocol in an exec session: the guest is the
+// attacker's, whichever session it attacks through.
+func (a *Agent) guestBrokeProtocol(name, dir string, err error) {
+	a.log.Warn("the guest broke the protocol in an exec session: ending the sandbox", "sandbox", name, "err", err)
+	if werr := os.WriteFile(filepath.Join(dir, protocolErrorFile), []byte(shim.ClipMessage(err.Error())), 0o600); werr != nil {
+		a.log.Error("record a guest's protocol error", "sandbox", name, "err", werr)
+		return
+	}
+	ns, n, _ := strings.Cut(name, "/")
+	select {
+	case a.wake <- event.GenericEvent{Object: &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: n}}}:
+	default: // the queue is full: the next pass over the sandbox sees it
+	}
 }
 
 // AttachContainer streams the workload's output from now on and, if the

@@ -141,6 +141,17 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		}
 	}
 
+	if msg, err := os.ReadFile(filepath.Join(dir, protocolErrorFile)); err == nil && !st.Phase.Terminal() {
+		if alive {
+			if err := shim.Stop(ctx, run, stopGrace); err != nil {
+				return reconcile.Result{}, err
+			}
+		}
+		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 128 + 9, Reason: "GuestProtocolError", Message: string(msg)}, true)
+		a.recorder.Eventf(sb, corev1.EventTypeWarning, "GuestProtocolError", "Stopped: its guest broke the protocol in an exec session")
+		return reconcile.Result{}, nil
+	}
+
 	if alive && st.Phase.Terminal() {
 		// Ended by the control plane while this host was cut off (its
 		// sandboxes were declared lost): the VM still here is a stale copy.
