@@ -211,6 +211,12 @@ func TestNodeRefusesTCG(t *testing.T) {
 	if p := c.field("hw", ".status.phase"); p != "Pending" {
 		t.Errorf("hw is %s on a TCG host", p)
 	}
+	// Bound by hand all the same: the node agent refuses to start it.
+	c.mustKubectl("patch", "sandbox", "hw", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"host-1"}}`)
+	c.waitPhase("hw", time.Minute, "Failed")
+	if r := c.field("hw", ".status.reason"); r != "IsolationUnavailable" {
+		t.Errorf("hw bound to a TCG host by hand: reason %q, want IsolationUnavailable", r)
+	}
 }
 
 func TestSandboxValidation(t *testing.T) {

@@ -2,9 +2,11 @@ package e2e
 
 import (
 	"fmt"
+	"path/filepath"
 	"strconv"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -89,6 +91,17 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 	t.Run("50 claims against a pool of 5", func(t *testing.T) {
 		c.apply(poolYAML("pool", "shell", 5))
 		waitFor(t, "5 ready in the pool", 3*time.Minute, func() bool { return c.poolField("pool", "{.status.readyReplicas}") == "5" })
+		// Forks of the template: each one's disk copy is reserved whole.
+		disks, _ := filepath.Glob(filepath.Join(c.dataDir, "node", "vms", "*", "disk.ext4"))
+		if len(disks) < 5 {
+			t.Errorf("%d disks in the VM directory for 5 pool sandboxes", len(disks))
+		}
+		for _, d := range disks {
+			var st syscall.Stat_t
+			if err := syscall.Stat(d, &st); err != nil || st.Blocks*512 < st.Size {
+				t.Errorf("a pool sandbox's disk holds %d of its %d bytes (%v): not reserved", st.Blocks*512, st.Size, err)
+			}
+		}
 
 		var manifest []string
 		for i := range 50 {

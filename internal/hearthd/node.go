@@ -108,16 +108,6 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		log.Warn("not root: sandboxes get no network (taps, routes and policy programs need root)")
 		n.Network = false
 	}
-	if accel == vmm.TCG {
-		if !n.AllowTCG {
-			why := "--accel tcg"
-			if n.Accel != "tcg" {
-				why = "no usable KVM (" + vmm.KVMReason() + ")"
-			}
-			return fmt.Errorf("%w: %s: guests would run under TCG software emulation, which is no security boundary; on a development host give --allow-tcg ('hearth up' does)", ErrTCGRefused, why)
-		}
-		log.Warn("development mode (--allow-tcg): guests run under TCG software emulation, which is not a security boundary")
-	}
 	cfg := node.Config{
 		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,
 		Images:       &image.Store{Dir: config.ImageDir(), Log: log},
@@ -135,6 +125,15 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	}
 	if err := os.MkdirAll(cfg.VMDir, 0o700); err != nil {
 		return fmt.Errorf("--vm-dir: %w", err)
+	}
+	// The VMs' disks and sockets: nobody else may swap them.
+	var st unix.Stat_t
+	if err := unix.Lstat(cfg.VMDir, &st); err != nil {
+		return fmt.Errorf("--vm-dir: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() || st.Mode&0o022 != 0 {
+		return fmt.Errorf("--vm-dir %s: want a directory owned by uid %d that no one else may write (it is uid %d, mode %o)",
+			cfg.VMDir, os.Geteuid(), st.Uid, st.Mode&0o7777)
 	}
 	var fs unix.Statfs_t
 	if unix.Statfs(cfg.VMDir, &fs) == nil && fs.Type == unix.TMPFS_MAGIC {

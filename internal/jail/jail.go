@@ -89,6 +89,9 @@ type Spec struct {
 	Cgroups []string `json:"cgroups"`
 	// NoFile is RLIMIT_NOFILE.
 	NoFile uint64 `json:"noFile"`
+	// FileSize is RLIMIT_FSIZE: no file the VMM writes grows past it
+	// (0: no limit).
+	FileSize uint64 `json:"fileSize,omitempty"`
 }
 
 // VM is what a jail is made for.
@@ -98,6 +101,10 @@ type VM struct {
 	Limits Limits
 	Binds  []Bind // besides the run directory and the host's /usr
 	KVM    bool
+	// FileSize bounds every file the VMM writes (RLIMIT_FSIZE): the size
+	// of its largest disk or memory file, so that an escaped VMM cannot
+	// grow one past what the host reserved for it. 0: no limit.
+	FileSize int64
 }
 
 // Dir is the directory under a VM's run directory that its jailed VMM
@@ -141,7 +148,7 @@ func (o *Options) Prepare(vm VM) (j *Jail, err error) {
 	if err := os.Chown(vmDir, uid, uid); err != nil {
 		return j, fmt.Errorf("jail: %w", err)
 	}
-	j.Spec = Spec{UID: uid, GID: uid, Root: root, Cgroups: j.cgroup.Procs(), NoFile: 4096,
+	j.Spec = Spec{UID: uid, GID: uid, Root: root, Cgroups: j.cgroup.Procs(), NoFile: 4096, FileSize: uint64(max(vm.FileSize, 0)),
 		Binds: append([]Bind{{Path: vmDir, Writable: true}}, vm.Binds...)}
 	if vm.KVM {
 		j.Spec.Devices = append(j.Spec.Devices, "/dev/kvm")

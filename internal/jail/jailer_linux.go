@@ -53,7 +53,10 @@ func enter(s Spec) error {
 	for _, l := range []struct {
 		res int
 		max uint64
-	}{{unix.RLIMIT_NOFILE, s.NoFile}, {unix.RLIMIT_CORE, 0}} {
+	}{{unix.RLIMIT_NOFILE, s.NoFile}, {unix.RLIMIT_CORE, 0}, {unix.RLIMIT_FSIZE, s.FileSize}} {
+		if l.res == unix.RLIMIT_FSIZE && l.max == 0 {
+			continue
+		}
 		if err := unix.Setrlimit(l.res, &unix.Rlimit{Cur: l.max, Max: l.max}); err != nil {
 			return fmt.Errorf("setrlimit: %w", err)
 		}

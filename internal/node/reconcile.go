@@ -26,6 +26,7 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/shim"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 // Restart back-off: 1 s, doubling, at most a minute, as the kubelet's
@@ -226,6 +227,13 @@ func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
 
 // start starts run n of the sandbox.
 func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n int) (reconcile.Result, error) {
+	if sb.Spec.Isolation == v1alpha1.IsolationHardware && a.cfg.Accel != vmm.KVM {
+		// The scheduler never binds it here; a restart after this host
+		// came back without KVM, or a binding written by hand, could.
+		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 125, Reason: "IsolationUnavailable",
+			Message: "spec.isolation is hardware, and this host runs guests under " + string(a.cfg.Accel)}, true)
+		return reconcile.Result{}, nil
+	}
 	if a.net.enabled {
 		if !a.net.isReady() {
 			st := &sb.Status
@@ -394,6 +402,13 @@ func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bo
 	runs, err := listRuns(mdir)
 	if err != nil || len(runs) == 0 || !shim.Alive(runDir(mdir, runs[len(runs)-1])) {
 		return false, err
+	}
+	if sb.Spec.Isolation == v1alpha1.IsolationHardware {
+		// The member's VM runs as it was started, whatever the host
+		// reports now.
+		if spec, err := shim.ReadSpec(runDir(mdir, runs[len(runs)-1])); err != nil || spec.Accel != string(vmm.KVM) {
+			return false, err
+		}
 	}
 	a.watches.drop(m.UID)
 	a.ports.forget(string(m.UID))

@@ -88,6 +88,9 @@ var ErrBoot = errors.New("guest failed to boot")
 // reporting how the workload ended (a guest panic, the VMM dying).
 var ErrStopped = errors.New("the VM stopped before the workload finished")
 
+// memoryFile backs a booted VM's RAM in its run directory (Spec.Snapshottable).
+const memoryFile = "memory"
+
 // ErrNoSpace means the run root's filesystem has no room for a VM's
 // writable disk or memory file (Runtime.Reserve).
 var ErrNoSpace = errors.New("no room in the VM directory")
@@ -141,7 +144,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}
 	var memFile string
 	if spec.Snapshottable {
-		memFile = filepath.Join(runDir, "memory")
+		memFile = filepath.Join(runDir, memoryFile)
 	}
 	if err := rt.reserve(disk, memFile, spec.MemoryMiB); err != nil {
 		return nil, err
@@ -362,15 +365,18 @@ func (rt *Runtime) reserve(disk, memFile string, memMiB int) error {
 	return nil
 }
 
-// DiskUsage is what the writable disks of the VMs under runRoot hold on
-// its filesystem (all of each disk, where Reserve allocated it).
+// DiskUsage is what the VMs under runRoot hold on its filesystem: their
+// writable disks and memory files (whole, where Reserve allocated them),
+// each counted up to its size.
 func DiskUsage(runRoot string) int64 {
-	disks, _ := filepath.Glob(filepath.Join(runRoot, "*", snapshotDisk))
 	var n int64
-	for _, d := range disks {
-		var st unix.Stat_t
-		if unix.Stat(d, &st) == nil {
-			n += st.Blocks * 512
+	for _, name := range []string{snapshotDisk, memoryFile} {
+		files, _ := filepath.Glob(filepath.Join(runRoot, "*", name))
+		for _, f := range files {
+			var st unix.Stat_t
+			if unix.Lstat(f, &st) == nil && st.Mode&unix.S_IFMT == unix.S_IFREG {
+				n += min(st.Blocks*512, st.Size)
+			}
 		}
 	}
 	return n
@@ -519,12 +525,23 @@ func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Dur
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
 		}
+		if errors.Is(err, protocol.ErrFrame) {
+			return nil, fmt.Errorf("%w: its first frame: %w", ErrGuestProtocol, err)
+		}
 		return nil, s.bootError("the guest agent never answered")
 	}
 	_ = conn.SetReadDeadline(time.Time{})
 	s.log.Debug("guest agent answered", "since_vmm_start", time.Since(s.start))
 	var hello protocol.Hello
-	if f.Type != protocol.THello || protocol.Decode(f, &hello) != nil || hello.Version != protocol.Version {
+	if f.Type != protocol.THello {
+		return nil, fmt.Errorf("%w: it answered with %s, not hello", ErrGuestProtocol, f.Type)
+	}
+	if err := protocol.Decode(f, &hello); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
+	}
+	if hello.Version != protocol.Version {
+		// An agent of another hearth: the host's or the snapshot's
+		// mistake, not an attack.
 		return nil, fmt.Errorf("%w: guest agent %q speaks protocol %d, hearth %d", ErrBoot, hello.Agent, hello.Version, protocol.Version)
 	}
 	// The workload starts (or fails to) within the same limit: a guest

@@ -126,6 +126,9 @@ func TestHostileFrames(t *testing.T) {
 		"unknown type":    frames(hello, started, protocol.Frame{Type: 77}),
 		"length over max": append(frames(hello, started), 0x7f, 0xff, 0xff, 0xff),
 		"zero length":     append(frames(hello, started), 0, 0, 0, 0),
+		"no hello":        frames(started, jsonFrame(protocol.TExit, `{"code":0}`)),
+		"bad hello":       frames(jsonFrame(protocol.THello, `{"version":"four"}`)),
+		"bad first frame": {0xff, 0xff, 0xff, 0xff},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err, _ := hostSession(t, guest)

@@ -291,6 +291,13 @@ func (rt *Runtime) RunSnapshot(ctx context.Context, dir string, spec Spec, sio I
 		return nil, err
 	}
 	defer func() { err = errors.Join(err, f.VM.Kill()) }()
+	// Its RAM is a private mapping of the snapshot's memory file: only
+	// the disk copy (Fork makes it) is its own to reserve. A fork that
+	// does not fit ends here.
+	if err := rt.reserve(filepath.Join(runDir, snapshotDisk), "", 0); err != nil {
+		f.Workload.Close()
+		return nil, err
+	}
 	log.Debug("forked", "snapshot", dir, "id", id, "took", time.Since(start))
 	if target := sio.Target; target != nil {
 		sio.Target = func(t Target) {

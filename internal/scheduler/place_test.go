@@ -110,6 +110,21 @@ func TestResources(t *testing.T) {
 		{name: "ties by name", hosts: []*Host{host("b", 4, 0, nil), host("a", 4, 0, nil)}, sb: sandbox("s", "1"), want: "a"},
 		{name: "insufficient cpu", hosts: []*Host{host("a", 2, 1500, nil)}, sb: sandbox("s", "1"),
 			wantWhy: "0/1 hosts are available: 1 insufficient cpu."},
+		{name: "a booted VM's memory file counts as disk", hosts: []*Host{func() *Host {
+			h := host("a", 4, 0, nil)
+			h.Allocatable.Disk = 1*gi + 128<<20 // the sandbox asks 1 GiB of disk, 256 MiB of memory
+			return h
+		}()}, sb: with(sandbox("s", "1"), func(sb *v1alpha1.Sandbox) {
+			sb.Spec.Resources.Memory, sb.Spec.Resources.Disk = ptr.To(resource.MustParse("256Mi")), ptr.To(resource.MustParse("1Gi"))
+		}), wantWhy: "0/1 hosts are available: 1 insufficient storage."},
+		{name: "a fork's memory is its snapshot's", hosts: []*Host{func() *Host {
+			h := host("a", 4, 0, nil)
+			h.Allocatable.Disk = 1*gi + 128<<20
+			return h
+		}()}, sb: with(sandbox("s", "1"), func(sb *v1alpha1.Sandbox) {
+			sb.Spec.Resources.Memory, sb.Spec.Resources.Disk = ptr.To(resource.MustParse("256Mi")), ptr.To(resource.MustParse("1Gi"))
+			sb.Spec.Source = &v1alpha1.SandboxSource{Template: "t"}
+		}), want: "a"},
 		{name: "insufficient memory", hosts: []*Host{mem(host("a", 2, 0, nil), 8*gi-1)}, sb: sandbox("s", "1"),
 			wantWhy: "0/1 hosts are available: 1 insufficient memory."},
 		{name: "sandbox count", hosts: []*Host{func() *Host { h := host("a", 64, 0, nil); h.Used.Sandboxes = 10; return h }()},

@@ -26,10 +26,18 @@ func (r *Resources) add(o Resources) {
 	r.Sandboxes += o.Sandboxes
 }
 
-// Requests is what a sandbox asks of a host.
+// Requests is what a sandbox asks of a host. Its disk is its writable
+// disk and, for a sandbox that boots, its memory too: a booted VM's RAM
+// is a file in the host's VM directory (so that it can be snapshotted),
+// reserved there whole (sandbox.Runtime.Reserve). One started from a
+// snapshot, a template or a warm pool maps its snapshot's memory instead.
 func Requests(sb *v1alpha1.Sandbox) Resources {
 	cpu, memory, disk := sb.Spec.Resources.Requests()
-	return Resources{CPU: cpu.MilliValue(), Memory: memory.Value(), Disk: disk.Value(), Sandboxes: 1}
+	d := disk.Value()
+	if sb.Spec.Source == nil {
+		d += memory.Value()
+	}
+	return Resources{CPU: cpu.MilliValue(), Memory: memory.Value(), Disk: d, Sandboxes: 1}
 }
 
 // Host is one host as placement sees it.

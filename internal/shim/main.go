@@ -2,7 +2,6 @@ package shim
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -57,13 +56,9 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err := writeState(dir, *st); err != nil {
 		return err
 	}
-	b, err := os.ReadFile(filepath.Join(dir, specFile))
+	spec, err := ReadSpec(dir)
 	if err != nil {
 		return err
-	}
-	var spec Spec
-	if err := json.Unmarshal(b, &spec); err != nil {
-		return fmt.Errorf("spec: %w", err)
 	}
 	out, err := logfile.Open(spec.Log, spec.LogMax)
 	if err != nil {

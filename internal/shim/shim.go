@@ -198,6 +198,19 @@ func Alive(dir string) bool {
 	return false
 }
 
+// ReadSpec reads the spec the run was started with.
+func ReadSpec(dir string) (Spec, error) {
+	var s Spec
+	b, err := os.ReadFile(filepath.Join(dir, specFile))
+	if err == nil {
+		err = json.Unmarshal(b, &s)
+	}
+	if err != nil {
+		return Spec{}, fmt.Errorf("the run's spec: %w", err)
+	}
+	return s, nil
+}
+
 // ReadState reads the run's state; a run whose shim has not written one
 // yet is Booting.
 func ReadState(dir string) (State, error) {

@@ -126,6 +126,15 @@ func TestJail(t *testing.T) {
 			t.Errorf("QEMU's status lacks %q", want)
 		}
 	}
+	// No file it writes grows past its RAM or its largest disk.
+	lim, _ := os.ReadFile(fmt.Sprintf("/proc/%d/limits", pid))
+	for _, line := range strings.Split(string(lim), "\n") {
+		if strings.HasPrefix(line, "Max file size") {
+			if f := strings.Fields(line); len(f) < 5 || f[3] != strconv.Itoa(128<<20) {
+				t.Errorf("QEMU's file size limit: %q, want its 128 MiB of RAM", line)
+			}
+		}
+	}
 	for _, ns := range []string{"mnt", "pid", "net", "ipc", "uts"} {
 		mine, _ := os.Readlink("/proc/self/ns/" + ns)
 		its, _ := os.Readlink(fmt.Sprintf("/proc/%d/ns/%s", pid, ns))

@@ -221,7 +221,11 @@ func args(cfg vmm.Config, memFile string, shared, jailed bool) []string {
 		if !d.ReadOnly {
 			args = append(args, "-add-fd", fmt.Sprintf("fd=%d,set=%d", fd, set))
 			fd++
-			drive = fmt.Sprintf("id=%s,file=/dev/fdset/%d,file.locking=off,format=raw,if=none,cache=unsafe,discard=unmap", d.ID, set)
+			// discard=ignore: a guest's TRIM must not punch holes in a
+			// disk whose blocks the host reserved for it (a node VM's,
+			// sandbox.Runtime.Reserve), or its later writes could find
+			// the host's filesystem full after all.
+			drive = fmt.Sprintf("id=%s,file=/dev/fdset/%d,file.locking=off,format=raw,if=none,cache=unsafe,discard=ignore", d.ID, set)
 		}
 		args = append(args, "-drive", drive,
 			"-device", fmt.Sprintf("virtio-blk-device,drive=%s,serial=%s", d.ID, d.Serial))
@@ -485,7 +489,14 @@ func (d *Driver) prepareJail(cfg vmm.Config, qemu, memFile string, shared bool) 
 	if memFile != "" {
 		binds = append(binds, jail.Bind{Path: memFile, Writable: true})
 	}
-	j, err := d.Jail.Prepare(jail.VM{ID: cfg.ID, RunDir: cfg.RunDir, Binds: binds, KVM: cfg.Accel == vmm.KVM,
+	// No file it writes grows past its largest disk or its RAM.
+	fileSize := int64(cfg.MemoryMiB) << 20
+	for _, dr := range cfg.Drives {
+		if fi, err := os.Stat(dr.Path); err == nil && !dr.ReadOnly {
+			fileSize = max(fileSize, fi.Size())
+		}
+	}
+	j, err := d.Jail.Prepare(jail.VM{ID: cfg.ID, RunDir: cfg.RunDir, Binds: binds, KVM: cfg.Accel == vmm.KVM, FileSize: fileSize,
 		Limits: jail.Limits{
 			MemoryBytes: int64(cfg.MemoryMiB+vmmOverheadMiB(cfg.Accel)) << 20,
 			// One core beyond the vCPUs for QEMU's own threads (the main
