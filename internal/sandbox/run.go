@@ -96,7 +96,8 @@ const memoryFile = "memory"
 var ErrNoSpace = errors.New("no room in the VM directory")
 
 // ErrGuestProtocol means the guest sent what the protocol does not allow
-// (the guest is the attacker's: its session ends, nothing else does).
+// (the guest is the attacker's: its session ends, and its sandbox;
+// nothing else does).
 var ErrGuestProtocol = errors.New("the guest broke the protocol")
 
 // Run boots a VM for spec, runs the workload to its end and removes the VM.
@@ -346,8 +347,8 @@ func (rt *Runtime) makeDisk(ctx context.Context, path string, sizeMiB int) error
 }
 
 // reserve gives the disk, and the memory file of memMiB if there is one,
-// their blocks, when rt.Reserve. A filesystem that cannot (tmpfs before
-// Linux 2.6.x, some FUSE) is left sparse.
+// their blocks, when rt.Reserve. On a filesystem without fallocate they
+// stay sparse.
 func (rt *Runtime) reserve(disk, memFile string, memMiB int) error {
 	if !rt.Reserve {
 		return nil

@@ -51,20 +51,23 @@ type boundedWriter struct{ n int }
 
 func (w *boundedWriter) Write(p []byte) (int, error) { w.n += len(p); return len(p), nil }
 
+// drain reads whatever the host sends, as an agent that reads, until c
+// closes.
+func drain(c net.Conn) {
+	buf := make([]byte, 64<<10)
+	for {
+		if _, err := c.Read(buf); err != nil {
+			return
+		}
+	}
+}
+
 // hostSession runs the host's side of one session with stdin, against a
 // guest that sends guest and closes; it returns what the host returned.
 func hostSession(t *testing.T, guest []byte) (*Result, error, int) {
 	host, agent := net.Pipe()
 	vm := &pipeVM{conn: host, done: make(chan struct{})}
-	go func() {
-		// Drain whatever the host sends, as an agent that reads.
-		buf := make([]byte, 64<<10)
-		for {
-			if _, err := agent.Read(buf); err != nil {
-				return
-			}
-		}
-	}()
+	go drain(agent)
 	go func() {
 		_, _ = agent.Write(guest)
 		agent.Close()
@@ -144,14 +147,7 @@ func TestHostileFrames(t *testing.T) {
 func TestSilentAfterHello(t *testing.T) {
 	host, agent := net.Pipe()
 	defer agent.Close()
-	go func() {
-		buf := make([]byte, 64<<10)
-		for {
-			if _, err := agent.Read(buf); err != nil {
-				return
-			}
-		}
-	}()
+	go drain(agent)
 	go func() {
 		_, _ = agent.Write(frames(jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)))
 	}()
