@@ -208,8 +208,16 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	// again as the pool keeps.
 	want := int(pool.Spec.Replicas) + min(len(waiting), int(pool.Spec.Replicas))
 	have := len(ready) + len(starting) + pending
-	for ; have < want && tplErr == nil; have++ {
-		if err := c.create(ctx, &pool, &tpl); err != nil {
+	// Those made for waiting claims that need hardware isolation need it
+	// too, so that the scheduler puts them on KVM hosts.
+	hardware := 0
+	for _, cl := range waiting {
+		if cl.Spec.Isolation == v1alpha1.IsolationHardware {
+			hardware++
+		}
+	}
+	for made := 0; have < want && tplErr == nil; have, made = have+1, made+1 {
+		if err := c.create(ctx, &pool, &tpl, made < hardware); err != nil {
 			return reconcile.Result{}, err
 		}
 		pending++
@@ -325,8 +333,9 @@ func (c *Controller) wait(ctx context.Context, cl *v1alpha1.Sandbox, pool *v1alp
 	return c.Client.Status().Patch(ctx, cl, client.MergeFromWithOptions(orig, client.MergeFromWithOptimisticLock{}))
 }
 
-// create starts one more sandbox of the pool.
-func (c *Controller) create(ctx context.Context, pool *v1alpha1.WarmPool, tpl *v1alpha1.SandboxTemplate) error {
+// create starts one more sandbox of the pool, one that needs hardware
+// isolation if hardware.
+func (c *Controller) create(ctx context.Context, pool *v1alpha1.WarmPool, tpl *v1alpha1.SandboxTemplate, hardware bool) error {
 	yes := true
 	sb := &v1alpha1.Sandbox{
 		ObjectMeta: metav1.ObjectMeta{
@@ -341,6 +350,9 @@ func (c *Controller) create(ctx context.Context, pool *v1alpha1.WarmPool, tpl *v
 			Resources:     tpl.Spec.Resources,
 			RestartPolicy: v1alpha1.RestartAlways,
 		},
+	}
+	if hardware {
+		sb.Spec.Isolation = v1alpha1.IsolationHardware
 	}
 	if err := c.Client.Create(ctx, sb); err != nil {
 		return err

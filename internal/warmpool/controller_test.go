@@ -95,7 +95,7 @@ func TestHardwareClaim(t *testing.T) {
 		sb.Spec.Isolation = v1alpha1.IsolationHardware
 		return sb
 	}
-	_, _, get := reconciled(t, host("h-tcg", v1alpha1.AccelTCG), host("h-kvm", v1alpha1.AccelKVM), host("h-tcg2", v1alpha1.AccelTCG),
+	c, _, get := reconciled(t, host("h-tcg", v1alpha1.AccelTCG), host("h-kvm", v1alpha1.AccelKVM), host("h-tcg2", v1alpha1.AccelTCG),
 		member("tcg", 1, true, ""), member("kvm", 2, true, ""), member("tcg2", 3, true, ""),
 		hw(claim("hw", 10)), claim("any", 11), hw(claim("hw2", 12)))
 	for cl, m := range map[string]string{"hw": "kvm", "any": "tcg"} {
@@ -110,6 +110,24 @@ func TestHardwareClaim(t *testing.T) {
 	}
 	if by := get("tcg2").Annotations[v1alpha1.AnnotationClaimedBy]; by != "" {
 		t.Errorf("tcg2 claimed by %q", by)
+	}
+	// The sandbox made for it needs hardware isolation too, so that the
+	// scheduler puts it on a KVM host; the pool's own replicas do not.
+	var list v1alpha1.SandboxList
+	if err := c.List(context.Background(), &list, client.MatchingLabels{v1alpha1.LabelWarmPool: "p"}); err != nil {
+		t.Fatal(err)
+	}
+	hardware, made := 0, 0
+	for _, sb := range list.Items {
+		if sb.GenerateName != "" {
+			made++
+			if sb.Spec.Isolation == v1alpha1.IsolationHardware {
+				hardware++
+			}
+		}
+	}
+	if made == 0 || hardware != 1 {
+		t.Errorf("%d of %d new pool sandboxes need hardware isolation, want 1 (one claim waits for it)", hardware, made)
 	}
 }
 
