@@ -3,7 +3,6 @@ package e2e
 import (
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -20,11 +19,8 @@ import (
 func hostileAgent(t *testing.T) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "hearth-agent-hostile")
-	cmd := exec.Command("go", "build", "-tags", "hostile", "-ldflags=-s -w", "-o", out, "./cmd/hearth-agent")
-	cmd.Dir = testenv.ModuleRoot()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if b, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build the hostile agent: %v\n%s", err, b)
+	if err := testenv.GoBuild(out, "./cmd/hearth-agent", "-tags", "hostile"); err != nil {
+		t.Fatal(err)
 	}
 	return out
 }

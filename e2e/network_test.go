@@ -26,11 +26,8 @@ import (
 func netImage(t *testing.T) string {
 	t.Helper()
 	bin := filepath.Join(t.TempDir(), "nettool")
-	cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", bin, "./e2e/testdata/nettool")
-	cmd.Dir = testenv.ModuleRoot()
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("build nettool: %v\n%s", err, out)
+	if err := testenv.GoBuild(bin, "./e2e/testdata/nettool"); err != nil {
+		t.Fatal(err)
 	}
 	body, err := os.ReadFile(bin)
 	if err != nil {

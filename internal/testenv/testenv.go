@@ -98,7 +98,6 @@ func Binaries(t testing.TB) string {
 		if buildErr != nil {
 			return
 		}
-		root := ModuleRoot()
 		for _, b := range []struct{ pkg, out string }{
 			{"./cmd/hearth", "hearth"},
 			{"./cmd/hearthd", "hearthd"}, // hearth up runs it
@@ -106,11 +105,7 @@ func Binaries(t testing.TB) string {
 			{"./cmd/hearth-shim", "hearth-shim"},
 			{"./cmd/hearth-jailer", "hearth-jailer"},
 		} {
-			cmd := exec.Command("go", "build", "-ldflags=-s -w", "-o", filepath.Join(binDir, b.out), b.pkg)
-			cmd.Dir = root
-			cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-			if out, err := cmd.CombinedOutput(); err != nil {
-				buildErr = fmt.Errorf("go build %s: %v\n%s", b.pkg, err, out)
+			if buildErr = GoBuild(filepath.Join(binDir, b.out), b.pkg); buildErr != nil {
 				return
 			}
 		}
@@ -119,6 +114,18 @@ func Binaries(t testing.TB) string {
 		t.Fatal(buildErr)
 	}
 	return binDir
+}
+
+// GoBuild builds the package pkg (a path from the module root) into out,
+// static and stripped, with the extra go build flags given (-tags ...).
+func GoBuild(out, pkg string, flags ...string) error {
+	cmd := exec.Command("go", append(append([]string{"build", "-ldflags=-s -w", "-o", out}, flags...), pkg)...)
+	cmd.Dir = ModuleRoot()
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+	if b, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build %s: %v\n%s", pkg, err, b)
+	}
+	return nil
 }
 
 // ModuleRoot is the repository root (where go.mod is).
