@@ -1,14 +1,12 @@
 package cli
 
 import (
-	"fmt"
 	"os"
 	"syscall"
 
 	"github.com/spf13/cobra"
 
 	"hearth.dev/hearth/internal/config"
-	"hearth.dev/hearth/internal/vmm"
 )
 
 // upCmd runs hearthd in hearth's place. The CLI does not link the daemon
@@ -33,16 +31,13 @@ with the same flags, in hearth's place: 'hearth up --help' lists them.
 
 'hearth up' is for development: it adds --allow-tcg, so that on a host
 without usable KVM guests run under TCG software emulation (no security
-boundary; it says so when it starts). A production node runs hearthd
+boundary; hearthd says so when it starts). A production node runs hearthd
 without that flag, and refuses to start where KVM is unusable.`,
 		DisableFlagParsing: true,
 		RunE: func(_ *cobra.Command, args []string) error {
 			bin, err := config.Hearthd()
 			if err != nil {
 				return err
-			}
-			if !vmm.KVMUsable() {
-				fmt.Fprintf(os.Stderr, "hearth up: development mode (--allow-tcg): no usable KVM (%s), so guests run under TCG software emulation, which is no security boundary\n", vmm.KVMReason())
 			}
 			// exec: hearthd is this process from here on (its pid, its
 			// signals, its exit status). Flags given later win, so

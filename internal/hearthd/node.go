@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/spf13/pflag"
-	"golang.org/x/sys/unix"
 	"k8s.io/apimachinery/pkg/api/resource"
 	"k8s.io/apimachinery/pkg/util/validation"
 	"k8s.io/client-go/rest"
@@ -119,25 +118,6 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	}
 	if cfg.Address == "" {
 		cfg.Address = n.Listen
-	}
-	if cfg.VMDir == "" {
-		cfg.VMDir = filepath.Join(dataDir, "node", "vms")
-	}
-	if err := os.MkdirAll(cfg.VMDir, 0o700); err != nil {
-		return fmt.Errorf("--vm-dir: %w", err)
-	}
-	// The VMs' disks and sockets: nobody else may swap them.
-	var st unix.Stat_t
-	if err := unix.Lstat(cfg.VMDir, &st); err != nil {
-		return fmt.Errorf("--vm-dir: %w", err)
-	}
-	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() || st.Mode&0o022 != 0 {
-		return fmt.Errorf("--vm-dir %s: want a directory owned by uid %d that no one else may write (it is uid %d, mode %o)",
-			cfg.VMDir, os.Geteuid(), st.Uid, st.Mode&0o7777)
-	}
-	var fs unix.Statfs_t
-	if unix.Statfs(cfg.VMDir, &fs) == nil && fs.Type == unix.TMPFS_MAGIC {
-		log.Warn("the VM directory is a tmpfs: the disks reserved there take RAM, and it fills before the host's memory does", "dir", cfg.VMDir)
 	}
 	for _, q := range []struct {
 		flag, v string

@@ -136,6 +136,24 @@ func (x artifacts) equal(y artifacts) bool {
 	return slices.Equal(x.images, y.images) && slices.Equal(x.snapshots, y.snapshots) && slices.Equal(x.templates, y.templates)
 }
 
+// checkVMDir refuses a VM directory that others could change (its VMs'
+// disks and sockets: nobody else may swap them), and warns of a tmpfs.
+func checkVMDir(dir string, log *slog.Logger) error {
+	var st unix.Stat_t
+	if err := unix.Lstat(dir, &st); err != nil {
+		return fmt.Errorf("the VM directory: %w", err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFDIR || int(st.Uid) != os.Geteuid() || st.Mode&0o022 != 0 {
+		return fmt.Errorf("the VM directory %s (hearthd --vm-dir): want a directory owned by uid %d that no one else may write (it is uid %d, mode %o)",
+			dir, os.Geteuid(), st.Uid, st.Mode&0o7777)
+	}
+	var fs unix.Statfs_t
+	if unix.Statfs(dir, &fs) == nil && fs.Type == unix.TMPFS_MAGIC {
+		log.Warn("the VM directory is a tmpfs: the disks reserved there take RAM, and it fills before the host's memory does", "dir", dir)
+	}
+	return nil
+}
+
 // Run runs the agent until ctx ends.
 func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if cfg.LogMax == 0 {
@@ -151,6 +169,9 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return err
 		}
+	}
+	if err := checkVMDir(cfg.VMDir, cfg.Log); err != nil {
+		return err
 	}
 	mgr, err := ctrl.NewManager(restCfg, ctrl.Options{
 		Scheme:                 cfg.Scheme,
