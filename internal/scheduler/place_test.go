@@ -2,6 +2,7 @@ package scheduler
 
 import (
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -163,6 +164,16 @@ func TestHostSelector(t *testing.T) {
 		{name: "none", hosts: []*Host{host("a", 4, 0, zx)}, sb: with(sandbox("s", "1"), sel(zy)),
 			wantWhy: "0/1 hosts are available: 1 didn't match the host selector."},
 	})
+}
+
+// TestRequestsSaturate: a tenant's largest quantities do not wrap a
+// booted sandbox's disk demand (disk plus memory) negative.
+func TestRequestsSaturate(t *testing.T) {
+	sb := sandbox("s", "1")
+	sb.Spec.Resources.Memory, sb.Spec.Resources.Disk = ptr.To(resource.MustParse("8Ei")), ptr.To(resource.MustParse("8Ei"))
+	if d := Requests(sb).Disk; d != math.MaxInt64 {
+		t.Errorf("disk demand of 8Ei memory and 8Ei disk: %d", d)
+	}
 }
 
 func TestIsolation(t *testing.T) {

@@ -1,6 +1,7 @@
 package scheduler
 
 import (
+	"math"
 	"slices"
 	"sort"
 	"strings"
@@ -35,7 +36,9 @@ func Requests(sb *v1alpha1.Sandbox) Resources {
 	cpu, memory, disk := sb.Spec.Resources.Requests()
 	d := disk.Value()
 	if sb.Spec.Source == nil {
-		d += memory.Value()
+		// The API sets no maximum: 8Ei of each must not wrap negative
+		// and fit anywhere.
+		d = min(d, math.MaxInt64-memory.Value()) + memory.Value()
 	}
 	return Resources{CPU: cpu.MilliValue(), Memory: memory.Value(), Disk: d, Sandboxes: 1}
 }
