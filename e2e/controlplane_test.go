@@ -285,6 +285,21 @@ func TestSandboxStreams(t *testing.T) {
 		t.Errorf("exec into a missing sandbox: exit %d, %s", r.code, r.stderr)
 	}
 
+	// 16 execs at once, all over the VM's one channel (each runs a second
+	// at least, so they overlap), each with its own output and exit.
+	var wg sync.WaitGroup
+	for i := range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r := c.hearth("", "exec", "svc", "--", "sh", "-c", fmt.Sprintf("echo start %d; sleep 1; echo err %d >&2; echo end %d; exit %d", i, i, i, i%5))
+			if r.code != i%5 || r.stdout != fmt.Sprintf("start %d\nend %d\n", i, i) || !strings.Contains(r.stderr, fmt.Sprintf("err %d", i)) {
+				t.Errorf("concurrent exec %d: exit %d, stdout %q, stderr %q", i, r.code, r.stdout, r.stderr)
+			}
+		}()
+	}
+	wg.Wait()
+
 	// A guest fills its writable disk: it lives in the node's VM
 	// directory (not the run root, a tmpfs on most hosts), reserved
 	// whole from the start, so the fill takes nothing more from the

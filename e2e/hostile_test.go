@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -78,6 +79,14 @@ func TestHostileGuest(t *testing.T) {
 		t.Fatalf("exec into the good sandbox: exit %d, %s", r.code, r.stderr)
 	}
 	fds, tasks, rss := procCount(t, pid, "fd"), procCount(t, pid, "task"), rssMiB(t, pid)
+	// The good sandbox's shim, which owns its VM's channel and serves its
+	// execs (the flood below goes through it).
+	b, err := os.ReadFile(filepath.Join(c.dataDir, "node", "sandboxes", c.field("good", ".metadata.uid"), "run-0", "pid"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	shimPid, _ := strconv.Atoi(string(b))
+	shimFds, shimTasks, shimRSS := procCount(t, shimPid, "fd"), procCount(t, shimPid, "task"), rssMiB(t, shimPid)
 
 	// As sandboxes: each its own VM, all at once.
 	cases := []struct{ scenario, phase, reason string }{
@@ -87,6 +96,8 @@ func TestHostileGuest(t *testing.T) {
 		{"false-exit", "Failed", "GuestProtocolError"},
 		{"unknown-type", "Failed", "GuestProtocolError"},
 		{"wrong-direction", "Failed", "GuestProtocolError"},
+		{"unopened-session", "Failed", "GuestProtocolError"},
+		{"past-window", "Failed", "GuestProtocolError"},
 		{"half-frame", "Failed", ""}, // cut, then the guest powers off: any failure
 		{"at-limit", "Succeeded", "Completed"},
 		{"flood", "Succeeded", "Completed"},
@@ -125,9 +136,10 @@ func TestHostileGuest(t *testing.T) {
 		}
 	}
 
-	// In exec sessions, through hearthd's own session code: the session
-	// fails, and so does its sandbox (the guest is the same attacker).
-	execCases := []string{"negative-ack", "over-limit", "false-exit", "wrong-direction"}
+	// In exec sessions, through the shim that owns the VM's channel: the
+	// session fails, and so does its sandbox (the guest is the same
+	// attacker).
+	execCases := []string{"negative-ack", "over-limit", "false-exit", "wrong-direction", "unopened-session", "past-window"}
 	manifest = nil
 	for _, scenario := range execCases {
 		manifest = append(manifest, sandboxYAML("exec-"+scenario, img, "", "", "sleep", "100000"))
@@ -177,4 +189,14 @@ func TestHostileGuest(t *testing.T) {
 	}
 	t.Logf("hearthd: %d fds, %d threads, %d MiB resident before; %d, %d and %d MiB after", fds, tasks, rss,
 		procCount(t, pid, "fd"), procCount(t, pid, "task"), rssMiB(t, pid))
+	// The good sandbox's shim likewise: a window per session, whatever the
+	// guest streams.
+	waitFor(t, "the good shim's file descriptors and threads to settle", 30*time.Second, func() bool {
+		return procCount(t, shimPid, "fd") <= shimFds+2 && procCount(t, shimPid, "task") <= shimTasks+4
+	})
+	if after := rssMiB(t, shimPid); after > shimRSS+32 {
+		t.Errorf("the good sandbox's shim's resident memory grew from %d to %d MiB", shimRSS, after)
+	}
+	t.Logf("the good shim: %d fds, %d threads, %d MiB resident before; %d, %d and %d MiB after", shimFds, shimTasks, shimRSS,
+		procCount(t, shimPid, "fd"), procCount(t, shimPid, "task"), rssMiB(t, shimPid))
 }

@@ -114,9 +114,11 @@ Running through the API against a local run of the same image.`,
 				if err != nil {
 					return nil, err
 				}
-				if o.Runtime, err = sandbox.NewRuntime(imageStore(e), a, image.PullMissing, "", e.log); err != nil {
+				host, err := sandbox.HostFromEnv("")
+				if err != nil {
 					return nil, err
 				}
+				o.Runtime = sandbox.NewRuntime(host, imageStore(e), a, image.PullMissing, e.log)
 			}
 			return summary(bench.API(ctx, o))
 		},

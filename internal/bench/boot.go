@@ -216,7 +216,7 @@ func timeBare(ctx context.Context, o BootOptions, j *jail.Options, initrd, cmdli
 	defer os.RemoveAll(run)
 	start := time.Now()
 	vm, err := (&qemu.Driver{Binary: os.Getenv("HEARTH_QEMU"), Jail: j}).Start(ctx, vmm.Config{ID: "bare", RunDir: run, Kernel: o.Kernel,
-		Initrd: initrd, Cmdline: cmdline, VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Drives: drives})
+		Initrd: initrd, Cmdline: cmdline, VCPUs: 1, MemoryMiB: o.MemoryMiB, Accel: o.Accel, Channel: protocol.ChannelName, Drives: drives})
 	if err != nil {
 		return 0, fmt.Errorf("bare qemu: %w", err)
 	}

@@ -314,8 +314,8 @@ func (w *warm) exec(ctx context.Context, name string, out io.Writer, command ...
 }
 
 // bare restores the template's snapshot with the VMM alone and times it
-// to the first byte of an exec's output (`echo`, straight over the exec
-// port): what hearth's warm starts are measured against, to the same
+// to the first byte of an exec's output (`echo`, straight over the VM's
+// channel): what hearth's warm starts are measured against, to the same
 // endpoint. The writable disk is copied before the clock starts.
 func (w *warm) bare(ctx context.Context, i int) (time.Duration, error) {
 	dirs, _ := filepath.Glob(filepath.Join(w.h.dataDir, "node", "templates", warmNS+"_bench", "*", "sandbox.json"))
@@ -343,11 +343,11 @@ func (w *warm) bare(ctx context.Context, i int) (time.Duration, error) {
 		return 0, err
 	}
 	defer vm.Kill()
-	workload, err := vm.Channel(ctx)
+	f, err := sandbox.Attach(ctx, driver, vm, saved, runDir, nil, nil, nil)
 	if err != nil {
 		return 0, err
 	}
-	defer workload.Close()
+	defer f.Running.Close()
 	if err := driver.Resume(ctx, runDir); err != nil {
 		return 0, err
 	}
@@ -355,8 +355,7 @@ func (w *warm) bare(ctx context.Context, i int) (time.Duration, error) {
 	// output. Under TCG a freshly restored QEMU translates the guest's
 	// fork and exec paths anew, so this is more than the agent's answer.
 	first := &firstByte{}
-	res, err := sandbox.Exec(ctx, driver, sandbox.Target{RunDir: runDir, Start: saved.Start}, 1,
-		sandbox.ExecSpec{Args: []string{"echo", "x"}}, sandbox.IO{Stdout: first, Stderr: io.Discard}, nil)
+	res, err := f.Running.Exec(ctx, sandbox.ExecSpec{Args: []string{"echo", "x"}}, sandbox.IO{Stdout: first, Stderr: io.Discard})
 	if err != nil {
 		return 0, fmt.Errorf("exec in the restored guest: %w", err)
 	}

@@ -122,7 +122,11 @@ func (g *globals) runtime(accelFlag, pullFlag, kernel string, progress io.Writer
 	if accel == vmm.TCG && stderr != nil {
 		fmt.Fprintln(stderr, "hearth: warning: running under TCG software emulation, which is not a security boundary (no usable KVM on this host)")
 	}
-	return sandbox.NewRuntime(g.store(progress), accel, pull, kernel, g.log)
+	host, err := sandbox.HostFromEnv(kernel)
+	if err != nil {
+		return nil, err
+	}
+	return sandbox.NewRuntime(host, g.store(progress), accel, pull, g.log), nil
 }
 
 func runRun(cmd *cobra.Command, g *globals, f *runFlags, args []string) error {

@@ -20,6 +20,7 @@ import (
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/node"
 	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/vmm"
 )
 
@@ -131,6 +132,9 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		}
 	}
 	if cfg.Shim, err = config.Shim(); err != nil {
+		return err
+	}
+	if cfg.Host, err = sandbox.HostFromEnv(""); err != nil {
 		return err
 	}
 	host, _, err := net.SplitHostPort(cfg.Address)

@@ -38,6 +38,7 @@ import (
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/cache"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	crconfig "sigs.k8s.io/controller-runtime/pkg/config"
 	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
 	"sigs.k8s.io/controller-runtime/pkg/manager"
@@ -85,8 +86,10 @@ type Config struct {
 	Accel        vmm.Accel
 	// InsecureRegistries are reached over plain HTTP by image pulls.
 	InsecureRegistries []string
-	// Shim is the hearth-shim binary that supervises each run.
+	// Shim is the hearth-shim binary that supervises each run; Host is
+	// what it runs VMs with (its RunRoot is VMDir's, set here).
 	Shim string
+	Host sandbox.Host
 	// CA checks the API server's client certificate; Serving is the
 	// stream server's certificate.
 	CA      *pki.CA
@@ -113,7 +116,6 @@ type Agent struct {
 	log      *slog.Logger
 	wake     chan event.GenericEvent
 	watches  *watches
-	ports    ports
 	// gcNow asks for a garbage collection pass now: a sandbox left this
 	// host (deleted, or moved elsewhere).
 	gcNow chan struct{}
@@ -170,6 +172,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 			return err
 		}
 	}
+	cfg.Host.RunRoot = cfg.VMDir
 	if err := checkVMDir(cfg.VMDir, cfg.Log); err != nil {
 		return err
 	}
@@ -178,6 +181,9 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		Logger:                 cfg.Logr,
 		Metrics:                metricsserver.Options{BindAddress: "0"},
 		HealthProbeBindAddress: "0",
+		// Several node agents may run in one process, one after another
+		// (the benchmarks): controller names are unique per manager.
+		Controller: crconfig.Controller{SkipNameValidation: ptr.To(true)},
 		Cache: cache.Options{ByObject: map[client.Object]cache.ByObject{
 			// Only this host's sandboxes: the API server filters by the
 			// CRD's selectable field.
@@ -197,7 +203,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		gcNow:     make(chan struct{}, 1),
 		reportNow: make(chan struct{}, 1),
 	}
-	a.templates = &templates{a: a, ctx: ctx, builds: map[string]*templateBuild{}}
+	a.templates = &templates{a: a, ctx: ctx, builds: map[string]*templateBuild{}, running: map[string]bool{}}
 	a.server = restCfg.Host
 	// Policies select peers anywhere: the network keeps a cache of every
 	// sandbox, policy, namespace and host of the cluster.

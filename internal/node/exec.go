@@ -5,36 +5,27 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strconv"
-	"strings"
-	"sync"
 	"time"
 
-	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
 	apiremotecommand "k8s.io/apimachinery/pkg/util/remotecommand"
 	"k8s.io/cri-streaming/pkg/streaming/remotecommand"
 	utilexec "k8s.io/utils/exec"
-	"sigs.k8s.io/controller-runtime/pkg/event"
 
-	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/logfile"
 	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/shim"
-	"hearth.dev/hearth/internal/vmm/qemu"
 )
 
 // Exec and attach speak Kubernetes' remote command protocol (SPDY or
 // WebSocket, as kubectl exec does), served by the kubelet's own library;
-// the API server proxies the upgraded connection here. An exec runs over
-// one of the VM's exec ports, straight to the guest agent: the shim that
-// owns the VM is not involved, so an exec works the same after the node
-// agent restarted.
+// the API server proxies the upgraded connection here. An exec is a
+// request to the shim that owns the VM (shim.Exec, over its socket),
+// which runs it as one more session on the VM's channel: the node agent
+// never dials a VM, and an exec works the same after it restarted.
 
 const streamIdle = 4 * time.Hour
 
@@ -84,15 +75,6 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 	if err != nil {
 		return fmt.Errorf("exec in %s: %w", name, err)
 	}
-	target, err := shim.ReadTarget(runDir(dir, n))
-	if err != nil {
-		return fmt.Errorf("exec in %s: the workload has not started yet", name)
-	}
-	port, release, err := a.ports.take(ctx, uid)
-	if err != nil {
-		return err
-	}
-	defer release()
 	sio := sandbox.IO{Stdin: in, Stdout: io.Discard, Stderr: io.Discard}
 	if out != nil {
 		sio.Stdout = out
@@ -123,11 +105,13 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 			}
 		}()
 	}
-	res, err := sandbox.Exec(ctx, &qemu.Driver{}, target, port, spec, sio, a.log)
-	if errors.Is(err, sandbox.ErrGuestProtocol) {
-		a.guestBrokeProtocol(name, dir, err)
+	res, err := shim.Exec(ctx, runDir(dir, n), spec, sio)
+	if errors.Is(err, shim.ErrNotRunning) {
+		return fmt.Errorf("exec in %s: %w", name, err)
 	}
 	if err != nil {
+		// A guest that broke the protocol here has ended its sandbox:
+		// its shim ends the VM and reports GuestProtocolError.
 		return err
 	}
 	if res.Error != "" {
@@ -139,26 +123,6 @@ func (a *Agent) ExecInContainer(ctx context.Context, name string, uid string, _ 
 		return utilexec.CodeExitError{Err: fmt.Errorf("exit status %d", res.ExitCode), Code: res.ExitCode}
 	}
 	return nil
-}
-
-// protocolErrorFile, in a sandbox's directory, says that its guest broke
-// the protocol in an exec session: the sandbox is ended (step).
-const protocolErrorFile = "guest-protocol-error"
-
-// guestBrokeProtocol ends the sandbox name (namespace/name) in dir whose
-// guest broke the protocol in an exec session: the guest is the
-// attacker's, whichever session it attacks through.
-func (a *Agent) guestBrokeProtocol(name, dir string, err error) {
-	a.log.Warn("the guest broke the protocol in an exec session: ending the sandbox", "sandbox", name, "err", err)
-	if werr := os.WriteFile(filepath.Join(dir, protocolErrorFile), []byte(shim.ClipMessage(err.Error())), 0o600); werr != nil {
-		a.log.Error("record a guest's protocol error", "sandbox", name, "err", werr)
-		return
-	}
-	ns, n, _ := strings.Cut(name, "/")
-	select {
-	case a.wake <- event.GenericEvent{Object: &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: n}}}:
-	default: // the queue is full: the next pass over the sandbox sees it
-	}
 }
 
 // AttachContainer streams the workload's output from now on and, if the
@@ -173,7 +137,7 @@ func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ 
 	}
 	run := runDir(dir, n)
 	if in != nil {
-		c, err := net.Dial("unix", shim.StdinSocket(run))
+		c, err := shim.DialStdin(ctx, run)
 		if err != nil {
 			return fmt.Errorf("attach to %s: the sandbox takes no stdin (create it with spec.stdin: true)", name)
 		}
@@ -182,7 +146,7 @@ func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ 
 			_, _ = io.Copy(c, in)
 			// The end of the input: the shim closes the workload's
 			// stdin (stdinOnce) or waits for the next client.
-			_ = c.(*net.UnixConn).CloseWrite()
+			_ = c.CloseWrite()
 		}()
 	}
 	if out == nil {
@@ -192,43 +156,6 @@ func (a *Agent) AttachContainer(ctx context.Context, name string, uid string, _ 
 		return nil
 	}
 	return logfile.Tail(ctx, logPath(dir, n), out, func() bool { return !shim.Alive(run) })
-}
-
-// ports hands out each sandbox's exec ports, one exec per port at a time.
-type ports struct {
-	mu   sync.Mutex
-	free map[string]chan int
-}
-
-func (p *ports) take(ctx context.Context, uid string) (int, func(), error) {
-	p.mu.Lock()
-	if p.free == nil {
-		p.free = map[string]chan int{}
-	}
-	ch, ok := p.free[uid]
-	if !ok {
-		// The ports above are the host's own (snapshots, a fork's command).
-		ch = make(chan int, sandbox.UserExecPorts)
-		for i := 1; i <= sandbox.UserExecPorts; i++ {
-			ch <- i
-		}
-		p.free[uid] = ch
-	}
-	p.mu.Unlock()
-	select {
-	case port := <-ch:
-		return port, func() { ch <- port }, nil
-	case <-ctx.Done():
-		return 0, nil, ctx.Err()
-	case <-time.After(10 * time.Second):
-		return 0, nil, fmt.Errorf("all %d exec sessions of the sandbox are in use", sandbox.UserExecPorts)
-	}
-}
-
-func (p *ports) forget(uid string) {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	delete(p.free, uid)
 }
 
 // streamOptions reads the stream flags as the API takes them, in

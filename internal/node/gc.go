@@ -21,10 +21,11 @@ import (
 // longer exist or are no longer bound here: what a sandbox deleted while
 // the agent was down left behind, and the copies a lost host still runs of
 // sandboxes that were placed again elsewhere; and the snapshots of
-// Snapshots and templates that no longer exist.
+// Snapshots and templates that no longer exist, and template builds that
+// an earlier agent left running.
 func (a *Agent) collectGarbage(ctx context.Context) error {
 	for {
-		err := errors.Join(a.collect(ctx), a.collectSnapshots(ctx), a.templates.collect(ctx))
+		err := errors.Join(a.collect(ctx), a.collectSnapshots(ctx), a.templates.collect(ctx), a.templates.collectBuilds(ctx))
 		if err != nil && ctx.Err() == nil {
 			a.log.Warn("garbage collection", "err", err)
 		}

@@ -142,17 +142,6 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		}
 	}
 
-	if msg, err := os.ReadFile(filepath.Join(dir, protocolErrorFile)); err == nil && !st.Phase.Terminal() {
-		if alive {
-			if err := shim.Stop(ctx, run, stopGrace); err != nil {
-				return reconcile.Result{}, err
-			}
-		}
-		a.finish(sb, shim.State{FinishedAt: time.Now(), ExitCode: 128 + 9, Reason: "GuestProtocolError", Message: string(msg)}, true)
-		a.recorder.Eventf(sb, corev1.EventTypeWarning, "GuestProtocolError", "Stopped: its guest broke the protocol in an exec session")
-		return reconcile.Result{}, nil
-	}
-
 	if alive && st.Phase.Terminal() {
 		// Ended by the control plane while this host was cut off (its
 		// sandboxes were declared lost): the VM still here is a stale copy.
@@ -179,7 +168,12 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 	// boot again a few times, whatever the restart policy, as the kubelet
 	// retries a pod sandbox it could not create.
 	bootRetry := state.Reason == "BootError" && n < maxBootRetries
-	if !bootRetry && !restarts(sb.Spec.RestartPolicy, state.ExitCode) {
+	// A guest that broke the protocol (in any session: its shim ended
+	// the VM) is the attacker's: its sandbox ends, whatever the policy.
+	if state.Reason == "GuestProtocolError" {
+		a.recorder.Eventf(sb, corev1.EventTypeWarning, "GuestProtocolError", "Stopped: its guest broke the protocol")
+	}
+	if state.Reason == "GuestProtocolError" || (!bootRetry && !restarts(sb.Spec.RestartPolicy, state.ExitCode)) {
 		a.observe(sb, state)
 		a.finish(sb, state, false)
 		return reconcile.Result{}, nil
@@ -278,7 +272,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	run := runDir(dir, n)
 	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n))) // from the run directory
 	spec.LogMax, spec.StdinOnce = a.cfg.LogMax, sb.Spec.StdinOnce
-	spec.Accel, spec.InsecureRegistries, spec.VMDir = string(a.cfg.Accel), a.cfg.InsecureRegistries, a.cfg.VMDir
+	a.hostSpec(&spec)
 	if _, err := shim.Start(run, spec, a.cfg.Shim); err != nil {
 		return reconcile.Result{}, err
 	}
@@ -294,6 +288,15 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", spec.Sandbox.Image, n)
 	}
 	return reconcile.Result{}, nil
+}
+
+// hostSpec fills in what every shim of this host runs with.
+func (a *Agent) hostSpec(spec *shim.Spec) {
+	spec.Accel, spec.InsecureRegistries = string(a.cfg.Accel), a.cfg.InsecureRegistries
+	spec.Host, spec.Reserve = a.cfg.Host, true
+	if a.cfg.Images != nil {
+		spec.ImageDir = a.cfg.Images.Dir
+	}
 }
 
 // errWaiting says that a sandbox cannot start yet; its status says why.
@@ -411,7 +414,6 @@ func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bo
 		}
 	}
 	a.watches.drop(m.UID)
-	a.ports.forget(string(m.UID))
 	_ = os.Remove(dir) // an empty directory left by an earlier attempt
 	if err := os.Rename(mdir, dir); err != nil {
 		return false, fmt.Errorf("take over warm pool sandbox %s: %w", m.Name, err)
@@ -541,7 +543,6 @@ func (a *Agent) removeRuns(ctx context.Context, sb *v1alpha1.Sandbox, dir string
 		return err
 	}
 	a.watches.drop(sb.UID)
-	a.ports.forget(string(sb.UID))
 	if err := a.net.release(sb.UID, dir); err != nil {
 		return err
 	}

@@ -20,9 +20,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"hearth.dev/hearth/api/v1alpha1"
-	"hearth.dev/hearth/internal/sandbox"
 	"hearth.dev/hearth/internal/shim"
-	"hearth.dev/hearth/internal/vmm/qemu"
 )
 
 // The host's snapshot store holds one directory per Snapshot taken here,
@@ -123,12 +121,7 @@ func (a *Agent) takeSnapshot(ctx context.Context, s *v1alpha1.Snapshot, sb *v1al
 	if err != nil {
 		return 0, 0, err
 	}
-	target, err := shim.ReadTarget(runDir(sdir, n))
-	if err != nil {
-		return 0, 0, errors.New("the sandbox's workload has not started")
-	}
-	// One at a time per host: the control sessions of a sandbox use fixed
-	// exec ports, and a snapshot copies the memory at disk speed anyway.
+	// One at a time per host: a snapshot copies the memory at disk speed.
 	a.snapMu.Lock()
 	defer a.snapMu.Unlock()
 	tmp := dir + ".tmp"
@@ -139,11 +132,8 @@ func (a *Agent) takeSnapshot(ctx context.Context, s *v1alpha1.Snapshot, sb *v1al
 		return 0, 0, err
 	}
 	t0 := time.Now()
-	if s.Spec.DiskOnly {
-		err = sandbox.SnapshotDisk(ctx, &qemu.Driver{}, target, tmp)
-	} else {
-		err = sandbox.Snapshot(ctx, &qemu.Driver{}, target, tmp)
-	}
+	// The shim that owns the VM takes it (shim.Snapshot).
+	err = shim.Snapshot(ctx, runDir(sdir, n), tmp, s.Spec.DiskOnly)
 	took := time.Since(t0)
 	if err == nil {
 		err = os.WriteFile(filepath.Join(tmp, ownerFile), []byte(s.Namespace+"/"+s.Name), 0o600)

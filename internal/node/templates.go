@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -23,16 +24,14 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/event"
 
 	"hearth.dev/hearth/api/v1alpha1"
-	"hearth.dev/hearth/internal/guest/protocol"
-	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/shim"
 	"hearth.dev/hearth/internal/vmm"
-	"hearth.dev/hearth/internal/vmm/qemu"
 )
 
 // A host makes its own snapshot of a template the first time a sandbox
-// placed on it needs one: it boots the template's VM in the agent, waits
-// for the readiness check, saves it under TemplateDir/NAMESPACE_NAME/HASH
+// placed on it needs one: it boots the template's VM in a shim run of its
+// own (under the builds directory), waits for the readiness check, saves it under TemplateDir/NAMESPACE_NAME/HASH
 // (HASH of the template's spec: a changed template is made again) and
 // stops the VM. Sandboxes waiting for it are woken when it is ready. A
 // template that fails is tried again after a back-off that doubles up to
@@ -50,6 +49,9 @@ type templates struct {
 	mu  sync.Mutex
 	// builds by namespace/name.
 	builds map[string]*templateBuild
+	// running holds the run directories (under buildsDir) of the builds
+	// that run now.
+	running map[string]bool
 }
 
 type templateBuild struct {
@@ -151,7 +153,8 @@ func (t *templates) build(tpl *v1alpha1.SandboxTemplate, b *templateBuild, dir s
 	}
 }
 
-// make boots the template, waits until it is ready and saves it in dir.
+// make boots the template in a shim run of its own (as any sandbox's),
+// waits until it is ready, has the shim save it in dir and stops it.
 func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	a := t.a
 	spec := templateSpec(tpl)
@@ -165,33 +168,38 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	// Pulling the image and booting come on top of the readiness wait.
 	ctx, cancel := context.WithTimeout(t.ctx, timeout+5*time.Minute)
 	defer cancel()
-	images := &image.Store{Dir: a.cfg.Images.Dir, Log: a.log,
-		Source: image.SourceOptions{Insecure: a.cfg.InsecureRegistries, Timeout: 30 * time.Second}}
-	rt, err := sandbox.NewRuntime(images, a.cfg.Accel, image.PullMissing, "", a.log)
-	if err != nil {
+	run := filepath.Join(a.buildsDir(), tpl.Namespace+"_"+tpl.Name+"_"+filepath.Base(dir))
+	t.mu.Lock()
+	t.running[filepath.Base(run)] = true
+	t.mu.Unlock()
+	defer func() {
+		t.mu.Lock()
+		delete(t.running, filepath.Base(run))
+		t.mu.Unlock()
+	}()
+	if err := os.RemoveAll(run); err != nil {
 		return err
 	}
-	rt.RunRoot, rt.Reserve = a.cfg.VMDir, true
-	out := &vmm.TailBuffer{Max: 2048}
-	targets := make(chan sandbox.Target, 1)
-	done := make(chan runEnd, 1)
-	runCtx, stop := context.WithCancel(ctx)
-	go func() {
-		res, err := rt.Run(runCtx, spec, sandbox.IO{Stdout: out, Stderr: out, Target: func(t sandbox.Target) { targets <- t }})
-		done <- runEnd{res, err}
-	}()
-	defer func() {
-		stop()
-		<-done
-	}()
-	var target sandbox.Target
-	select {
-	case target = <-targets:
-	case e := <-done:
-		done <- e
-		return e.failure(out)
+	ss := shim.Spec{Sandbox: spec, Log: buildLog, LogMax: 1 << 20}
+	a.hostSpec(&ss)
+	if _, err := shim.Start(run, ss, a.cfg.Shim); err != nil {
+		return err
 	}
-	if err := ready(ctx, tpl.Spec.Readiness, target, timeout, done, out); err != nil {
+	defer func() {
+		// The agent's context may have ended: the build's VM must not
+		// outlive it all the same.
+		sctx, cancel := context.WithTimeout(context.Background(), stopGrace+10*time.Second)
+		defer cancel()
+		if err := shim.Stop(sctx, run, stopGrace); err != nil {
+			a.log.Warn("stop a template's build", "run", run, "err", err)
+			return
+		}
+		_ = os.RemoveAll(run)
+	}()
+	if err := waitBuild(ctx, run, func(s shim.State) bool { return s.Phase != shim.Booting }); err != nil {
+		return err
+	}
+	if err := ready(ctx, tpl.Spec.Readiness, run, timeout); err != nil {
 		return err
 	}
 	tmp := dir + ".tmp"
@@ -199,31 +207,55 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	if err := os.MkdirAll(tmp, 0o700); err != nil {
 		return err
 	}
-	if err := sandbox.Snapshot(ctx, &qemu.Driver{}, target, tmp); err != nil {
+	if err := shim.Snapshot(ctx, run, tmp, false); err != nil {
 		return errors.Join(err, os.RemoveAll(tmp))
 	}
 	return os.Rename(tmp, dir)
 }
 
-// runEnd is how a template's run ended.
-type runEnd struct {
-	res *sandbox.Result
-	err error
+// buildLog is a template build's output, in its run directory.
+const buildLog = "output.log"
+
+// buildsDir holds the run directories of the templates being built.
+func (a *Agent) buildsDir() string { return filepath.Join(filepath.Dir(a.cfg.StateDir), "builds") }
+
+// waitBuild waits until the build's run is as until says, or has ended
+// (an error: how it ended).
+func waitBuild(ctx context.Context, run string, until func(shim.State) bool) error {
+	for {
+		st, err := shim.ReadState(run)
+		if err != nil {
+			return err
+		}
+		if st.Phase == shim.Exited {
+			return buildFailure(run, st)
+		}
+		if !shim.Alive(run) {
+			return errors.New("the template's supervisor process died")
+		}
+		if until(st) {
+			return nil
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
-func (e runEnd) failure(out *vmm.TailBuffer) error {
-	if e.err != nil {
-		return e.err
+// buildFailure is why a build's run ended before its snapshot.
+func buildFailure(run string, st shim.State) error {
+	switch st.Reason {
+	case "Completed", "Error", "OOMKilled", "DiskFull", "Killed":
+		return fmt.Errorf("the template's process exited with code %d before it was ready (%s)", st.ExitCode, output(run))
 	}
-	if e.res.Error != "" {
-		return fmt.Errorf("the template's process could not start: %s", e.res.Error)
-	}
-	return fmt.Errorf("the template's process exited with code %d before it was ready (%s)", e.res.ExitCode, output(out))
+	return fmt.Errorf("the template's process could not start (%s): %s", st.Reason, st.Message)
 }
 
-// ready runs the readiness check until it passes, the VM ends, or the
-// timeout. The checks use exec port 1: nothing else execs in a template.
-func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, timeout time.Duration, done chan runEnd, out *vmm.TailBuffer) error {
+// ready runs the readiness check until it passes, the build's run ends,
+// or the timeout.
+func ready(ctx context.Context, r *v1alpha1.Readiness, run string, timeout time.Duration) error {
 	if r == nil {
 		return nil
 	}
@@ -233,17 +265,16 @@ func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, ti
 		if len(r.Exec) > 0 {
 			check := &vmm.TailBuffer{Max: 512}
 			var res *sandbox.Result
-			res, err = sandbox.Exec(ctx, &qemu.Driver{}, target, 1, sandbox.ExecSpec{Args: r.Exec},
-				sandbox.IO{Stdout: check, Stderr: check}, nil)
+			res, err = shim.Exec(ctx, run, sandbox.ExecSpec{Args: r.Exec}, sandbox.IO{Stdout: check, Stderr: check})
 			switch {
 			case err != nil:
 			case res.Error != "":
 				err = errors.New(res.Error)
 			case res.ExitCode != 0:
-				err = fmt.Errorf("%q exited with code %d (%s)", r.Exec, res.ExitCode, output(check))
+				err = fmt.Errorf("%q exited with code %d (output: %s)", r.Exec, res.ExitCode, strings.TrimSpace(check.Tail(check.Max)))
 			}
 		} else {
-			err = sandbox.Control(ctx, &qemu.Driver{}, target, 1, protocol.Start{Control: protocol.Probe, Port: int(r.TCPPort)})
+			err = shim.Probe(ctx, run, int(r.TCPPort))
 		}
 		if err == nil {
 			return nil
@@ -251,10 +282,11 @@ func ready(ctx context.Context, r *v1alpha1.Readiness, target sandbox.Target, ti
 		if time.Now().After(deadline) {
 			return fmt.Errorf("not ready after %s: %v", timeout, err)
 		}
+		// A run that ended is why, not the check.
+		if werr := waitBuild(ctx, run, func(shim.State) bool { return true }); werr != nil {
+			return werr
+		}
 		select {
-		case e := <-done:
-			done <- e
-			return e.failure(out)
 		case <-ctx.Done():
 			return ctx.Err()
 		case <-time.After(200 * time.Millisecond):
@@ -319,6 +351,29 @@ func (t *templates) collect(ctx context.Context) error {
 	return errors.Join(errs...)
 }
 
+// collectBuilds stops and removes the template builds that no build of
+// this agent runs: an earlier agent's, killed while it built.
+func (t *templates) collectBuilds(ctx context.Context) error {
+	entries, _ := os.ReadDir(t.a.buildsDir())
+	t.mu.Lock()
+	running := maps.Clone(t.running)
+	t.mu.Unlock()
+	var errs []error
+	for _, e := range entries {
+		if running[e.Name()] {
+			continue
+		}
+		run := filepath.Join(t.a.buildsDir(), e.Name())
+		t.a.log.Info("stopping a template build an earlier agent left", "run", run)
+		if err := shim.Stop(ctx, run, stopGrace); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		errs = append(errs, os.RemoveAll(run))
+	}
+	return errors.Join(errs...)
+}
+
 // templateSpec is what a template boots.
 func templateSpec(tpl *v1alpha1.SandboxTemplate) sandbox.Spec {
 	s := specOf(tpl.Name, tpl.Spec.Image, tpl.Spec.Command, tpl.Spec.Args, tpl.Spec.Env, tpl.Spec.Resources)
@@ -327,7 +382,12 @@ func templateSpec(tpl *v1alpha1.SandboxTemplate) sandbox.Spec {
 }
 
 // output is what a template's process printed last, for an error message.
-func output(t *vmm.TailBuffer) string {
+func output(run string) string {
+	var t vmm.TailBuffer
+	t.Max = 2048
+	if b, err := os.ReadFile(filepath.Join(run, buildLog)); err == nil {
+		_, _ = t.Write(b)
+	}
 	if s := strings.TrimSpace(t.Tail(t.Max)); s != "" {
 		return "output: " + s
 	}

@@ -3,36 +3,29 @@ package sandbox
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
+	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"hearth.dev/hearth/internal/guest/protocol"
-	"hearth.dev/hearth/internal/vmm"
 )
 
-// dialOnly is a driver whose channels are given pipes; nothing else of it
-// is called.
-type dialOnly struct {
-	vmm.Driver
-	conn net.Conn
-}
-
-func (d dialOnly) Dial(context.Context, string, int) (net.Conn, error) { return d.conn, nil }
-
-// A guest that answers Hello and then says nothing does not hold a control
-// action (and the snapshot controller waiting on it) forever.
-func TestControlSilentGuest(t *testing.T) {
-	defer func(d time.Duration) { controlTimeout = d }(controlTimeout)
-	controlTimeout = 300 * time.Millisecond
-	// A socket, buffered as the real channel is (net.Pipe is not: the
-	// host's Hello and Start go out together).
+// fakeGuest is a guest agent in the test: it answers Hello, starts the
+// workload, and runs each exec as "print its args and the session id,
+// exit with its first arg's length"; controls get no answer when silent.
+// It reads and answers on a socket, buffered as the real channel is
+// (net.Pipe is not: the host's Hello and Boot go out together).
+func fakeGuest(t *testing.T, silent bool) (host net.Conn) {
+	t.Helper()
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer ln.Close()
-	host, err := net.Dial("tcp", ln.Addr().String())
+	host, err = net.Dial("tcp", ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -40,21 +33,77 @@ func TestControlSilentGuest(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer guest.Close()
+	t.Cleanup(func() { guest.Close(); host.Close() })
 	go func() {
 		r, w := protocol.NewReader(guest), protocol.NewWriter(guest)
-		if _, err := r.Read(); err != nil { // Hello
-			return
-		}
-		_ = w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version})
-		for { // Start, and whatever else: read, never answer
-			if _, err := r.Read(); err != nil {
+		for {
+			f, err := r.Read()
+			if err != nil {
 				return
+			}
+			switch f.Type {
+			case protocol.THello:
+				_ = w.WriteJSON(protocol.THello, 0, protocol.Hello{Version: protocol.Version})
+			case protocol.TBoot:
+				_ = w.WriteJSON(protocol.TStarted, f.Session, protocol.Started{Pid: 1})
+			case protocol.TExec:
+				var p protocol.Process
+				_ = protocol.Decode(f, &p)
+				go func(id uint32) {
+					_ = w.WriteJSON(protocol.TStarted, id, protocol.Started{Pid: int(id)})
+					// Interleaved with the other sessions' output.
+					for _, a := range p.Args {
+						_ = w.Write(protocol.TStdout, id, []byte(a+" "))
+						time.Sleep(time.Millisecond)
+					}
+					_ = w.Write(protocol.TStderr, id, []byte(fmt.Sprint(id)))
+					_ = w.WriteJSON(protocol.TExit, id, protocol.Exit{Code: len(p.Args[0])})
+				}(f.Session)
+			case protocol.TControl:
+				if !silent {
+					_ = w.WriteJSON(protocol.TExit, f.Session, protocol.Exit{})
+				}
 			}
 		}
 	}()
+	return host
+}
+
+// booted is a running sandbox against a fake guest, and how its workload
+// session ended, once it has.
+func booted(t *testing.T, silent bool) (*Running, func() error) {
+	t.Helper()
+	host := fakeGuest(t, silent)
+	vm := &pipeVM{conn: host, done: make(chan struct{})}
+	running := make(chan *Running, 1)
+	done := make(chan error, 1)
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		_, err := bootSession(ctx, vm, host, IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}, Running: func(r *Running) { running <- r }},
+			protocol.Process{Args: []string{"sleep"}}, 5*time.Second)
+		done <- err
+	}()
+	select {
+	case r := <-running:
+		return r, func() error { cancel(); return <-done }
+	case err := <-done:
+		t.Fatalf("the boot ended: %v", err)
+	case <-time.After(10 * time.Second):
+		t.Fatal("no running sandbox")
+	}
+	cancel()
+	return nil, nil
+}
+
+// A guest that answers Hello and then says nothing does not hold a control
+// action (and the snapshot waiting on it) forever.
+func TestControlSilentGuest(t *testing.T) {
+	defer func(d time.Duration) { controlTimeout = d }(controlTimeout)
+	controlTimeout = 300 * time.Millisecond
+	r, stop := booted(t, true)
+	defer stop()
 	start := time.Now()
-	err = Control(context.Background(), dialOnly{conn: host}, Target{RunDir: t.TempDir()}, quiescePort, protocol.Start{Control: protocol.Quiesce})
+	err := r.Control(context.Background(), protocol.Control{Action: protocol.Quiesce})
 	if !errors.Is(err, ErrGuestProtocol) {
 		t.Fatalf("Control against a silent guest: %v, want ErrGuestProtocol", err)
 	}
@@ -62,3 +111,76 @@ func TestControlSilentGuest(t *testing.T) {
 		t.Errorf("Control took %s with a %s limit", d, controlTimeout)
 	}
 }
+
+// TestConcurrentSessions: many execs at once over the one channel, each
+// with its own output and exit, while the workload runs on.
+func TestConcurrentSessions(t *testing.T) {
+	r, stop := booted(t, false)
+	const n = 64
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			var out, errOut strings.Builder
+			word := strings.Repeat("x", i%9+1)
+			res, err := r.Exec(context.Background(), ExecSpec{Args: []string{word, "a", "b", fmt.Sprint(i)}},
+				IO{Stdout: &syncBuilder{b: &out}, Stderr: &syncBuilder{b: &errOut}})
+			if err != nil {
+				t.Errorf("exec %d: %v", i, err)
+				return
+			}
+			if want := word + " a b " + fmt.Sprint(i) + " "; out.String() != want || res.ExitCode != len(word) || errOut.Len() == 0 {
+				t.Errorf("exec %d: stdout %q, stderr %q, exit %d; want %q and exit %d", i, out.String(), errOut.String(), res.ExitCode, want, len(word))
+			}
+		}()
+	}
+	wg.Wait()
+	if err := r.Control(context.Background(), protocol.Control{Action: protocol.Thaw}); err != nil {
+		t.Errorf("a control after the execs: %v", err)
+	}
+	if err := stop(); !errors.Is(err, context.Canceled) {
+		t.Errorf("the workload's session ended with %v", err)
+	}
+	if r.Err() == nil {
+		t.Error("the channel serves on after its sandbox ended")
+	}
+	if _, err := r.Exec(context.Background(), ExecSpec{Args: []string{"x"}}, IO{}); err == nil {
+		t.Error("an exec into an ended sandbox succeeded")
+	}
+}
+
+type syncBuilder struct {
+	mu sync.Mutex
+	b  *strings.Builder
+}
+
+func (s *syncBuilder) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+// TestSlowReaderIsolated: a session whose reader does not read stalls no
+// other session (the channel's reader never waits on a session's sink).
+func TestSlowReaderIsolated(t *testing.T) {
+	r, stop := booted(t, false)
+	defer stop()
+	block := make(chan struct{})
+	defer close(block)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	go func() {
+		_, _ = r.Exec(ctx, ExecSpec{Args: []string{"slow", "output"}}, IO{Stdout: blockedWriter(block), Stderr: blockedWriter(block)})
+	}()
+	time.Sleep(50 * time.Millisecond)
+	res, err := r.Exec(ctx, ExecSpec{Args: []string{"fast"}}, IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}})
+	if err != nil || res.ExitCode != 4 {
+		t.Fatalf("an exec beside a stalled one: %v %+v", err, res)
+	}
+}
+
+// blockedWriter blocks every write until its channel closes.
+type blockedWriter chan struct{}
+
+func (b blockedWriter) Write(p []byte) (int, error) { <-b; return len(p), nil }

@@ -63,9 +63,9 @@ type IO struct {
 	// Started, if set, is called once the workload runs: from then on
 	// Signals reach it. Before, the caller's context is how to give up.
 	Started func()
-	// Target, if set, is called just before Started with what Exec needs
-	// to run more processes in the sandbox.
-	Target func(Target)
+	// Running, if set, is called just before Started with the running
+	// sandbox, for Exec and snapshots; it is valid until Run returns.
+	Running func(*Running)
 }
 
 // Result is how the workload ended.
@@ -154,6 +154,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	start := time.Now()
 	vm, err := rt.Driver.Start(ctx, vmm.Config{
 		MemoryFile: memFile,
+		Channel:    protocol.ChannelName,
 		ID:         id,
 		RunDir:     runDir,
 		Kernel:     rt.Kernel,
@@ -181,36 +182,34 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	if name == "" {
 		name = "hearth-" + id
 	}
-	st := protocol.Start{
+	boot := protocol.Boot{
 		Image:    protocol.Disk{Serial: "image", FSType: "erofs"},
 		Writable: protocol.Disk{Serial: "rw", FSType: "ext4"},
 		Hostname: name,
-		Args:     argv(img.Config, spec.Entrypoint, spec.Command),
-		Env:      mergeEnv(img.Config.Env, spec.Env),
-		Dir:      firstNonEmpty(spec.WorkingDir, img.Config.WorkingDir),
-		User:     firstNonEmpty(spec.User, img.Config.User),
-		TTY:      spec.TTY,
-		Rows:     spec.Rows,
-		Cols:     spec.Cols,
-		Stdin:    spec.Stdin,
 		Time:     time.Now().UnixNano(),
 		Network:  spec.Network,
-		// Exec and snapshots need the run's Target: without one, nobody
-		// can reach the exec ports.
-		NoExecPorts: sio.Target == nil,
+		Process: protocol.Process{
+			Args:  argv(img.Config, spec.Entrypoint, spec.Command),
+			Env:   mergeEnv(img.Config.Env, spec.Env),
+			Dir:   firstNonEmpty(spec.WorkingDir, img.Config.WorkingDir),
+			User:  firstNonEmpty(spec.User, img.Config.User),
+			TTY:   spec.TTY,
+			Rows:  spec.Rows,
+			Cols:  spec.Cols,
+			Stdin: spec.Stdin,
+		},
 	}
-	if target := sio.Target; target != nil {
-		sio.Target = func(t Target) {
-			t.Image, t.Digest = spec.Image, img.Digest
-			target(t)
-		}
-	}
-	s := &session{vm: vm, runDir: runDir, sio: sio, start: start, log: log}
 	limit := rt.BootLimit
 	if limit == 0 {
 		limit = 2 * time.Minute
 	}
-	res, err = s.run(ctx, st, limit)
+	conn, err := vm.Channel(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
+	}
+	res, err = serveBoot(ctx, vm, conn, boot, sio, limit, start, log, func(ch *channel) *Running {
+		return &Running{ch: ch, driver: rt.Driver, runDir: runDir, boot: boot, image: spec.Image, digest: img.Digest, log: log}
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -218,6 +217,73 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	// worth waiting for (the writable disk is discarded), so the deferred
 	// Kill ends it now rather than after the guest's own reset.
 	return res, nil
+}
+
+// guestVM is what the workload's session needs of its VM: its end, and
+// its last words for errors.
+type guestVM interface {
+	Wait(ctx context.Context) error
+	Logs(n int) string
+}
+
+// serveBoot runs the workload's session over conn, the channel of vm:
+// Hello and Boot, the guest's Hello within limit, then the workload to
+// its end within limit of its start. running makes the Running that
+// sio.Running is given.
+func serveBoot(ctx context.Context, vm guestVM, conn net.Conn, boot protocol.Boot, sio IO, limit time.Duration,
+	start time.Time, log *slog.Logger, running func(*channel) *Running) (*Result, error) {
+	ch := newChannel(conn, 1, log)
+	defer ch.close()
+	s := &session{proc: boot.Process, sio: sio, start: start, log: log, vm: vm, vmDone: watch(ctx, vm, ch)}
+	// Hello and Boot go out together, before the guest has booted: the
+	// agent reads Boot as soon as it has answered Hello, with no round
+	// trip between them. A guest of another protocol version answers
+	// Hello with its own version and ignores Boot.
+	if err := ch.hello(); err != nil {
+		return nil, s.bootError(err.Error())
+	}
+	var err error
+	if s.st, err = ch.open(protocol.TBoot, boot, sinks{sio.Stdout, sio.Stderr}); err != nil {
+		return nil, s.bootError(err.Error())
+	}
+	r, err := ch.awaitHello(limit)
+	switch {
+	case err != nil && ctx.Err() != nil:
+		return nil, ctx.Err()
+	case errors.Is(err, errChannelClosed):
+		return nil, s.bootError(err.Error())
+	case err != nil:
+		return nil, err
+	}
+	go ch.loop(r)
+	log.Debug("guest agent answered", "since_vmm_start", time.Since(start))
+	rn := running(ch)
+	s.sio.Started = func() {
+		if sio.Running != nil {
+			sio.Running(rn)
+		}
+		if sio.Started != nil {
+			sio.Started()
+		}
+	}
+	// The workload starts (or fails to) within the same limit.
+	return s.serve(ctx, limit)
+}
+
+// watch closes the channel shortly after the VM ends (QEMU closes its
+// end as it exits; this is in case it does not), and returns a channel
+// closed at the VM's end.
+func watch(ctx context.Context, vm guestVM, ch *channel) <-chan struct{} {
+	vmDone := make(chan struct{})
+	go func() {
+		if vm.Wait(ctx) != nil && ctx.Err() != nil {
+			return // the caller gave up first
+		}
+		close(vmDone)
+		// Let buffered frames drain before ending the channel.
+		time.AfterFunc(200*time.Millisecond, ch.close)
+	}()
+	return vmDone
 }
 
 func firstNonEmpty(a, b string) string {
@@ -456,29 +522,27 @@ func MakeDisk(ctx context.Context, path string, sizeMiB int) error {
 	return nil
 }
 
-// agentVM is what a session needs of a VM: the guest agent's channel, its
-// end, and its last words.
-type agentVM interface {
-	Channel(ctx context.Context) (net.Conn, error)
-	Wait(ctx context.Context) error
-	Logs(n int) string
-}
-
-// session drives the guest agent's protocol for one run.
+// session serves one process's session on a VM's channel: the workload's
+// (Run, RunSnapshot) or an exec's (Running.Exec).
 type session struct {
-	vm     agentVM
-	runDir string
-	sio    IO
-	start  time.Time
-	log    *slog.Logger
-	w      *protocol.Writer
-	conn   net.Conn
+	st    *stream
+	proc  protocol.Process
+	sio   IO
+	start time.Time
+	log   *slog.Logger
+	// vm and vmDone are the workload's VM and its end, for the errors of
+	// a VM that stops; nil for an exec.
+	vm     guestVM
+	vmDone <-chan struct{}
 }
 
 // vmError is err with what the VM said last: a guest kernel panic line
 // first, then the tails of the VMM's and the console's output.
 func (s *session) vmError(err error, msg string) error {
-	logs := s.vm.Logs(2048)
+	logs := ""
+	if s.vm != nil {
+		logs = s.vm.Logs(2048)
+	}
 	if i := strings.Index(logs, "Kernel panic"); i >= 0 {
 		line := logs[i:]
 		if j := strings.IndexByte(line, '\n'); j >= 0 {
@@ -497,182 +561,77 @@ func (s *session) vmError(err error, msg string) error {
 
 func (s *session) bootError(msg string) error { return s.vmError(ErrBoot, msg) }
 
-func (s *session) run(ctx context.Context, st protocol.Start, bootLimit time.Duration) (*Result, error) {
-	// The forwarding goroutines end with the session, not only with the
-	// caller's context.
+// serve waits for the session's process to start, within startLimit (the
+// guest that answers and then says nothing does not hold its caller), and
+// then to end, forwarding stdin, window sizes and signals while it runs.
+func (s *session) serve(ctx context.Context, startLimit time.Duration) (*Result, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	conn, err := s.vm.Channel(ctx)
-	if err != nil {
-		return nil, s.bootError(err.Error())
-	}
-	defer conn.Close()
-	vmDone := s.attach(ctx, conn)
-
-	r := protocol.NewReader(conn)
-	// Hello and Start go out together, before the guest has booted: the
-	// agent reads Start as soon as it has answered Hello, with no round trip
-	// between them. A guest of another protocol version answers Hello with
-	// its own version and ignores Start.
-	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version}); err != nil {
-		return nil, s.bootError(err.Error())
-	}
-	if err := s.w.WriteJSON(protocol.TStart, st); err != nil {
-		return nil, s.bootError(err.Error())
-	}
-	_ = conn.SetReadDeadline(time.Now().Add(bootLimit))
-	f, err := r.Read()
-	if err != nil {
-		if ctx.Err() != nil {
-			return nil, ctx.Err()
-		}
-		if errors.Is(err, protocol.ErrFrame) {
-			return nil, fmt.Errorf("%w: its first frame: %w", ErrGuestProtocol, err)
-		}
-		return nil, s.bootError("the guest agent never answered")
-	}
-	_ = conn.SetReadDeadline(time.Time{})
-	s.log.Debug("guest agent answered", "since_vmm_start", time.Since(s.start))
-	var hello protocol.Hello
-	if f.Type != protocol.THello {
-		return nil, fmt.Errorf("%w: it answered with %s, not hello", ErrGuestProtocol, f.Type)
-	}
-	if err := protocol.Decode(f, &hello); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
-	}
-	if hello.Version != protocol.Version {
-		// An agent of another hearth: the host's or the snapshot's
-		// mistake, not an attack.
-		return nil, fmt.Errorf("%w: guest agent %q speaks protocol %d, hearth %d", ErrBoot, hello.Agent, hello.Version, protocol.Version)
-	}
-	// The workload starts (or fails to) within the same limit: a guest
-	// that answers and then says nothing does not hold the run forever.
-	_ = conn.SetReadDeadline(time.Now().Add(bootLimit))
-	return s.serve(ctx, r, vmDone, st, false)
-}
-
-// resume serves the session of a workload that runs already: the one a
-// VM restored from a snapshot took over (Forked.Workload).
-func (s *session) resume(ctx context.Context, conn net.Conn, st protocol.Start) (*Result, error) {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	defer conn.Close()
-	vmDone := s.attach(ctx, conn)
-	// Its stdin's window went with the session it was saved in.
-	st.Stdin = false
-	return s.serve(ctx, protocol.NewReader(conn), vmDone, st, true)
-}
-
-// attach ties conn to the session: whatever ends first, ctx or the VM,
-// unblocks its reads. The channel it returns closes when the VM has ended.
-func (s *session) attach(ctx context.Context, conn net.Conn) <-chan struct{} {
-	context.AfterFunc(ctx, func() { conn.Close() })
-	vmDone := make(chan struct{})
-	go func() {
-		if s.vm.Wait(ctx) != nil && ctx.Err() != nil {
-			return // the session ended first
-		}
-		close(vmDone)
-		// Let buffered frames drain before unblocking a read.
-		time.AfterFunc(200*time.Millisecond, func() { conn.Close() })
-	}()
-	s.w, s.conn = protocol.NewWriter(conn), conn
-	return vmDone
-}
-
-// serve reads the workload's frames until it exits; running says that it
-// has started already.
-func (s *session) serve(ctx context.Context, r *protocol.Reader, vmDone <-chan struct{}, st protocol.Start, running bool) (*Result, error) {
 	res := &Result{}
-	credit := newCredit(protocol.StdinWindow)
-	defer credit.close()
-	var started sync.Once
-	onStarted := func() {
-		started.Do(func() {
-			if s.conn != nil {
-				_ = s.conn.SetReadDeadline(time.Time{})
-			}
+	started := s.st.started
+	timer := time.NewTimer(startLimit)
+	defer timer.Stop()
+	for {
+		select {
+		case <-started:
+			started = nil
+			timer.Stop()
 			res.Boot = time.Since(s.start)
-			s.log.Debug("workload started", "since_vmm_start", res.Boot)
-			if s.sio.Target != nil {
-				s.sio.Target(Target{RunDir: s.runDir, Start: st})
-			}
+			s.log.Debug("process started", "since_vmm_start", res.Boot, "session", s.st.id)
 			if s.sio.Started != nil {
 				s.sio.Started()
 			}
-			go s.forward(ctx, st, credit)
-		})
+			go s.forward(ctx)
+		case <-s.st.ended:
+			return s.ended(res)
+		case <-ctx.Done():
+			s.st.close()
+			return nil, ctx.Err()
+		case <-timer.C:
+			if started == nil {
+				continue
+			}
+			s.st.close()
+			return nil, fmt.Errorf("%w: the guest agent did not start the process within %s", ErrGuestProtocol, startLimit)
+		}
 	}
-	if running {
-		onStarted()
-	}
-	for {
-		f, err := r.Read()
-		if err != nil {
-			if ctx.Err() != nil {
-				return nil, ctx.Err()
-			}
-			if errors.Is(err, protocol.ErrFrame) {
-				return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
-			}
-			if errors.Is(err, os.ErrDeadlineExceeded) {
-				return nil, fmt.Errorf("%w: the guest agent answered but did not start the workload in time", ErrGuestProtocol)
-			}
+}
+
+// ended is the session's result once its stream has ended.
+func (s *session) ended(res *Result) (*Result, error) {
+	e, err := s.st.result()
+	if err != nil {
+		if errors.Is(err, errChannelClosed) && s.vmDone != nil {
 			// QEMU closes the channel as it exits: give the exit a moment
 			// to be seen, so that the error carries the VM's last words.
 			select {
-			case <-vmDone:
+			case <-s.vmDone:
 				if res.Boot == 0 {
 					return nil, s.bootError("the VM stopped before the workload started")
 				}
 				return nil, s.vmError(ErrStopped, "")
 			case <-time.After(time.Second):
 			}
-			return nil, fmt.Errorf("guest agent channel: %w", err)
 		}
-		switch f.Type {
-		case protocol.TStarted:
-			onStarted()
-		case protocol.TStdout:
-			if _, err := s.sio.Stdout.Write(f.Payload); err != nil {
-				return nil, fmt.Errorf("write stdout: %w", err)
-			}
-		case protocol.TStderr:
-			if _, err := s.sio.Stderr.Write(f.Payload); err != nil {
-				return nil, fmt.Errorf("write stderr: %w", err)
-			}
-		case protocol.TStdinAck:
-			var a protocol.StdinAck
-			if err := protocol.Decode(f, &a); err != nil {
-				return nil, fmt.Errorf("%w: a stdin acknowledgement: %v", ErrGuestProtocol, err)
-			}
-			if err := credit.add(a.Bytes); err != nil {
-				return nil, err
-			}
-		case protocol.TExit:
-			var e protocol.Exit
-			if err := protocol.Decode(f, &e); err != nil {
-				return nil, fmt.Errorf("%w: %w", ErrGuestProtocol, err)
-			}
-			// What a shell could report: 0-255, and signals 1-64.
-			if e.Code < 0 || e.Code > 255 || e.Signal < 0 || e.Signal > 64 {
-				return nil, fmt.Errorf("%w: exit code %d, signal %d", ErrGuestProtocol, e.Code, e.Signal)
-			}
-			_ = s.w.Write(protocol.TBye, nil)
-			s.log.Debug("workload exited", "since_vmm_start", time.Since(s.start), "code", e.Code)
-			res.ExitCode, res.Signal, res.OOM, res.DiskFull, res.Error = e.Code, e.Signal, e.OOM, e.DiskFull, e.Error
-			if res.Boot == 0 {
-				res.Boot = time.Since(s.start)
-			}
-			return res, nil
+		if errors.Is(err, ErrGuestProtocol) {
+			return nil, err
 		}
+		return nil, fmt.Errorf("guest agent channel: %w", err)
 	}
+	// Bye: the guest may power off (the workload's) or forget the session.
+	_ = s.st.send(protocol.TBye, nil)
+	s.log.Debug("process exited", "since_vmm_start", time.Since(s.start), "code", e.Code, "session", s.st.id)
+	res.ExitCode, res.Signal, res.OOM, res.DiskFull, res.Error = e.Code, e.Signal, e.OOM, e.DiskFull, e.Error
+	if res.Boot == 0 {
+		res.Boot = time.Since(s.start)
+	}
+	return res, nil
 }
 
 // forward sends stdin, window sizes and signals to the guest.
-func (s *session) forward(ctx context.Context, st protocol.Start, credit *credit) {
-	if st.Stdin && s.sio.Stdin != nil {
-		go s.pumpStdin(credit)
+func (s *session) forward(ctx context.Context) {
+	if s.proc.Stdin && s.sio.Stdin != nil {
+		go s.pumpStdin()
 	}
 	for {
 		select {
@@ -683,34 +642,34 @@ func (s *session) forward(ctx context.Context, st protocol.Start, credit *credit
 				s.sio.Resize = nil
 				continue
 			}
-			_ = s.w.WriteJSON(protocol.TResize, r)
+			_ = s.st.sendJSON(protocol.TResize, r)
 		case sig, ok := <-s.sio.Signals:
 			if !ok {
 				s.sio.Signals = nil
 				continue
 			}
-			_ = s.w.WriteJSON(protocol.TSignal, protocol.Signal{Signal: int(sig)})
+			_ = s.st.sendJSON(protocol.TSignal, protocol.Signal{Signal: int(sig)})
 		}
 	}
 }
 
-func (s *session) pumpStdin(credit *credit) {
+func (s *session) pumpStdin() {
 	buf := make([]byte, protocol.ChunkSize)
 	for {
 		n, err := s.sio.Stdin.Read(buf)
 		p := buf[:n]
 		for len(p) > 0 {
-			k := credit.take(len(p))
+			k := s.st.stdin.take(len(p))
 			if k == 0 {
 				return // session over
 			}
-			if s.w.Write(protocol.TStdin, p[:k]) != nil {
+			if s.st.send(protocol.TStdin, p[:k]) != nil {
 				return
 			}
 			p = p[k:]
 		}
 		if err != nil {
-			_ = s.w.Write(protocol.TStdinClose, nil)
+			_ = s.st.send(protocol.TStdinClose, nil)
 			return
 		}
 	}

@@ -37,13 +37,27 @@ func frames(fs ...protocol.Frame) []byte {
 	var b bytes.Buffer
 	w := protocol.NewWriter(&b)
 	for _, f := range fs {
-		_ = w.Write(f.Type, f.Payload)
+		_ = w.Write(f.Type, f.Session, f.Payload)
 	}
 	return b.Bytes()
 }
 
+// jsonFrame is a frame of the workload's session (1).
 func jsonFrame(t protocol.Type, payload string) protocol.Frame {
-	return protocol.Frame{Type: t, Payload: []byte(payload)}
+	return protocol.Frame{Type: t, Session: workloadSession, Payload: []byte(payload)}
+}
+
+// guestHello is the guest's Hello, on session 0.
+func guestHello() protocol.Frame {
+	return protocol.Frame{Type: protocol.THello, Payload: []byte(`{"version":` + strconv.Itoa(protocol.Version) + `}`)}
+}
+
+// bootSession runs the host's side of a boot over conn, against a guest
+// on its other end.
+func bootSession(ctx context.Context, vm guestVM, conn net.Conn, sio IO, p protocol.Process, limit time.Duration) (*Result, error) {
+	log := slog.New(slog.DiscardHandler)
+	return serveBoot(ctx, vm, conn, protocol.Boot{Process: p}, sio, limit, time.Now(), log,
+		func(ch *channel) *Running { return &Running{ch: ch, log: log} })
 }
 
 // boundedWriter counts what it is given, like a client that reads.
@@ -74,11 +88,10 @@ func hostSession(t *testing.T, guest []byte) (*Result, error, int) {
 		close(vm.done)
 	}()
 	var out, errOut boundedWriter
-	s := &session{vm: vm, runDir: t.TempDir(), start: time.Now(), log: slog.New(slog.DiscardHandler),
-		sio: IO{Stdout: &out, Stderr: &errOut, Stdin: strings.NewReader(strings.Repeat("x", 300<<10))}}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	res, err := s.run(ctx, protocol.Start{Stdin: true, Args: []string{"sh"}}, 2*time.Second)
+	res, err := bootSession(ctx, vm, host, IO{Stdout: &out, Stderr: &errOut, Stdin: strings.NewReader(strings.Repeat("x", 300<<10))},
+		protocol.Process{Stdin: true, Args: []string{"sh"}}, 2*time.Second)
 	if ctx.Err() != nil {
 		t.Fatalf("the session outlived a guest that had closed: %v", err)
 	}
@@ -90,17 +103,19 @@ func hostSession(t *testing.T, guest []byte) (*Result, error, int) {
 // no more output than the guest sent. CI runs it for a short while
 // (make test); go test -fuzz=FuzzSession ./internal/sandbox runs it on.
 func FuzzSession(f *testing.F) {
-	hello := jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)
-	started := protocol.Frame{Type: protocol.TStarted}
-	f.Add(frames(hello, started, protocol.Frame{Type: protocol.TStdout, Payload: []byte("hi\n")}, jsonFrame(protocol.TExit, `{"code":0}`)))
+	hello := guestHello()
+	started := protocol.Frame{Type: protocol.TStarted, Session: workloadSession}
+	f.Add(frames(hello, started, protocol.Frame{Type: protocol.TStdout, Session: workloadSession, Payload: []byte("hi\n")}, jsonFrame(protocol.TExit, `{"code":0}`)))
+	f.Add(frames(hello, started, protocol.Frame{Type: protocol.TStdout, Session: 7, Payload: []byte("hi\n")}))
+	f.Add(frames(hello, started, protocol.Frame{Type: protocol.TStdout, Session: workloadSession, Payload: make([]byte, protocol.OutputWindow+1)}))
 	f.Add(frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":-1048576}`)))
 	f.Add(frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":262144}`), jsonFrame(protocol.TStdinAck, `{"bytes":262144}`)))
 	f.Add(frames(hello, started, jsonFrame(protocol.TExit, `{"code":-7,"signal":99}`)))
 	f.Add(frames(hello, jsonFrame(protocol.TExit, `{"code":`)))
-	f.Add(frames(jsonFrame(protocol.THello, `{"version":1}`)))
+	f.Add(frames(protocol.Frame{Type: protocol.THello, Payload: []byte(`{"version":1}`)}))
 	f.Add(append(frames(hello, started), 0xff, 0xff, 0xff, 0xff))
-	f.Add(append(frames(hello, started), 0, 0, 0, 9, byte(protocol.TStdout), 'a'))
-	f.Add(frames(hello, protocol.Frame{Type: 200}))
+	f.Add(append(frames(hello, started), 0, 0, 0, 9, byte(protocol.TStdout), 0, 0, 0, 1, 'a'))
+	f.Add(frames(hello, protocol.Frame{Type: 200, Session: workloadSession}))
 	f.Fuzz(func(t *testing.T, guest []byte) {
 		res, err, passed := hostSession(t, guest)
 		if res == nil && err == nil {
@@ -118,20 +133,31 @@ func FuzzSession(f *testing.F) {
 // TestHostileFrames: each way of breaking the protocol ends the session
 // with ErrGuestProtocol.
 func TestHostileFrames(t *testing.T) {
-	hello := jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)
-	started := protocol.Frame{Type: protocol.TStarted}
+	hello := guestHello()
+	started := protocol.Frame{Type: protocol.TStarted, Session: workloadSession}
+	stdout := func(id uint32, n int) protocol.Frame {
+		return protocol.Frame{Type: protocol.TStdout, Session: id, Payload: make([]byte, n)}
+	}
 	for name, guest := range map[string][]byte{
-		"negative ack":    frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":-1}`)),
-		"ack beyond sent": frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":1073741824}`)),
-		"bad exit JSON":   frames(hello, started, jsonFrame(protocol.TExit, `{"code":"x"}`)),
-		"exit code 256":   frames(hello, started, jsonFrame(protocol.TExit, `{"code":256}`)),
-		"negative signal": frames(hello, started, jsonFrame(protocol.TExit, `{"code":1,"signal":-9}`)),
-		"unknown type":    frames(hello, started, protocol.Frame{Type: 77}),
-		"length over max": append(frames(hello, started), 0x7f, 0xff, 0xff, 0xff),
-		"zero length":     append(frames(hello, started), 0, 0, 0, 0),
-		"no hello":        frames(started, jsonFrame(protocol.TExit, `{"code":0}`)),
-		"bad hello":       frames(jsonFrame(protocol.THello, `{"version":"four"}`)),
-		"bad first frame": {0xff, 0xff, 0xff, 0xff},
+		"output past the window":  frames(hello, started, stdout(workloadSession, protocol.OutputWindow+1)),
+		"output before started":   frames(hello, stdout(workloadSession, 1)),
+		"a session never opened":  frames(hello, started, stdout(2, 1)),
+		"frames on session 0":     frames(hello, started, protocol.Frame{Type: protocol.TStdout}),
+		"a second hello":          frames(hello, started, protocol.Frame{Type: protocol.THello, Session: workloadSession, Payload: []byte(`{}`)}),
+		"a frame only hosts send": frames(hello, started, protocol.Frame{Type: protocol.TBoot, Session: workloadSession, Payload: []byte(`{}`)}),
+		"output ack from a guest": frames(hello, started, jsonFrame(protocol.TOutputAck, `{"bytes":1}`)),
+		"negative ack":            frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":-1}`)),
+		"ack beyond sent":         frames(hello, started, jsonFrame(protocol.TStdinAck, `{"bytes":1073741824}`)),
+		"bad exit JSON":           frames(hello, started, jsonFrame(protocol.TExit, `{"code":"x"}`)),
+		"exit code 256":           frames(hello, started, jsonFrame(protocol.TExit, `{"code":256}`)),
+		"negative signal":         frames(hello, started, jsonFrame(protocol.TExit, `{"code":1,"signal":-9}`)),
+		"unknown type":            frames(hello, started, protocol.Frame{Type: 77, Session: workloadSession}),
+		"length over max":         append(frames(hello, started), 0x7f, 0xff, 0xff, 0xff),
+		"zero length":             append(frames(hello, started), 0, 0, 0, 0),
+		"no hello":                frames(started, jsonFrame(protocol.TExit, `{"code":0}`)),
+		"bad hello":               frames(protocol.Frame{Type: protocol.THello, Payload: []byte(`{"version":"four"}`)}),
+		"hello on a session":      frames(jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)),
+		"bad first frame":         {0xff, 0xff, 0xff, 0xff},
 	} {
 		t.Run(name, func(t *testing.T) {
 			_, err, _ := hostSession(t, guest)
@@ -149,13 +175,12 @@ func TestSilentAfterHello(t *testing.T) {
 	defer agent.Close()
 	go drain(agent)
 	go func() {
-		_, _ = agent.Write(frames(jsonFrame(protocol.THello, `{"version":`+strconv.Itoa(protocol.Version)+`}`)))
+		_, _ = agent.Write(frames(guestHello()))
 	}()
 	vm := &pipeVM{conn: host, done: make(chan struct{})}
-	s := &session{vm: vm, runDir: t.TempDir(), start: time.Now(), log: slog.New(slog.DiscardHandler),
-		sio: IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}}}
 	start := time.Now()
-	_, err := s.run(context.Background(), protocol.Start{Args: []string{"sh"}}, 300*time.Millisecond)
+	_, err := bootSession(context.Background(), vm, host, IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}},
+		protocol.Process{Args: []string{"sh"}}, 300*time.Millisecond)
 	if !errors.Is(err, ErrGuestProtocol) {
 		t.Fatalf("got %v, want ErrGuestProtocol", err)
 	}

@@ -1,20 +1,13 @@
 package sandbox
 
 import (
-	"context"
 	"errors"
-	"io"
-	"log/slog"
 	"math"
-	"net"
 	"reflect"
 	"strings"
 	"testing"
-	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-
-	"hearth.dev/hearth/internal/guest/protocol"
 )
 
 func TestArgv(t *testing.T) {
@@ -114,34 +107,5 @@ func TestCreditRejectsBadAcks(t *testing.T) {
 	}
 	if got := c.take(100); got != 10 {
 		t.Errorf("window after bad acks: %d, want 10", got)
-	}
-}
-
-// A guest that acknowledges negative stdin ends its session with
-// ErrGuestProtocol; the host does not panic.
-func TestSessionNegativeStdinAck(t *testing.T) {
-	host, guest := net.Pipe()
-	defer host.Close()
-	defer guest.Close()
-	go func() {
-		// The guest: read whatever the host sends, and lie about it.
-		gr, gw := protocol.NewReader(guest), protocol.NewWriter(guest)
-		if _, err := gr.Read(); err != nil {
-			return
-		}
-		_ = gw.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: -1 << 20})
-		for {
-			if _, err := gr.Read(); err != nil {
-				return
-			}
-		}
-	}()
-	s := &session{sio: IO{Stdin: strings.NewReader(strings.Repeat("x", 1<<20)), Stdout: io.Discard, Stderr: io.Discard},
-		start: time.Now(), log: slog.New(slog.DiscardHandler), w: protocol.NewWriter(host)}
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	_, err := s.serve(ctx, protocol.NewReader(host), make(chan struct{}), protocol.Start{Stdin: true}, true)
-	if !errors.Is(err, ErrGuestProtocol) {
-		t.Fatalf("serve: %v, want ErrGuestProtocol", err)
 	}
 }

@@ -13,7 +13,6 @@ import (
 	"syscall"
 	"time"
 
-	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/logfile"
 	"hearth.dev/hearth/internal/sandbox"
@@ -68,24 +67,30 @@ func run(log *slog.Logger, dir string, st *State) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	images := &image.Store{Dir: config.ImageDir(), Log: log,
+	images := &image.Store{Dir: spec.ImageDir, Log: log,
 		Source: image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second}}
-	rt, err := sandbox.NewRuntime(images, vmm.Accel(spec.Accel), image.PullMissing, "", log)
-	if err != nil {
-		return err
-	}
-	if spec.VMDir != "" {
-		rt.RunRoot, rt.Reserve = spec.VMDir, true
-	}
+	rt := sandbox.NewRuntime(spec.Host, images, vmm.Accel(spec.Accel), image.PullMissing, log)
+	rt.Reserve = spec.Reserve
+	// The API's requests in flight get their replies before the shim
+	// exits (a guest that broke the protocol in an exec: its client
+	// hears why).
+	var server *api
+	defer func() {
+		if server != nil {
+			server.close(5 * time.Second)
+		}
+	}()
 	sio := sandbox.IO{
 		Stdout: out,
 		Stderr: out,
-		Target: func(t sandbox.Target) {
-			if err := writeJSON(filepath.Join(dir, targetFile), t); err != nil {
-				log.Error("write exec target", "err", err)
+		Running: func(r *sandbox.Running) {
+			var err error
+			if server, err = serveAPI(ctx, log, r); err != nil {
+				log.Error("serve the shim's API", "err", err)
 			}
 		},
 	}
+
 	if spec.Sandbox.Stdin {
 		stdin, err := serveStdin(ctx, dir, spec.StdinOnce)
 		if err != nil {

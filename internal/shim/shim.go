@@ -17,6 +17,8 @@
 //	pid         the shim's process id (written by the node agent)
 //	state.json  what happened (written by the shim, replaced atomically)
 //	shim.log    the shim's own messages
+//	shim.sock   the shim's API, while the workload runs (api.go)
+//	stdin.sock  the workload's stdin, for attach (Spec.Sandbox.Stdin)
 package shim
 
 import (
@@ -49,16 +51,20 @@ type Spec struct {
 	Log    string `json:"log"`
 	LogMax int64  `json:"logMax"` // bytes before rotation
 	Accel  string `json:"accel"`
+	// Host is where the VMM and the guest's files are: the shim takes
+	// them from here, not from the environment it inherited.
+	Host sandbox.Host `json:"host"`
+	// ImageDir is the image store the shim pulls into.
+	ImageDir string `json:"imageDir"`
+	// Reserve gives the VM's writable disk and memory file their blocks
+	// when they are made (sandbox.Runtime.Reserve): the node's VMs, in
+	// its VM state directory (Host.RunRoot) on a real filesystem.
+	Reserve bool `json:"reserve,omitempty"`
 	// StdinOnce closes the workload's stdin when the first client's input
 	// on stdin.sock ends.
 	StdinOnce bool `json:"stdinOnce,omitempty"`
 	// InsecureRegistries are reached over plain HTTP.
 	InsecureRegistries []string `json:"insecureRegistries,omitempty"`
-	// VMDir, if set, is where the VM's run directory goes (its writable
-	// disk, memory file and sockets) instead of the host's run root: the
-	// node's VM state directory, on a real filesystem, where the disk
-	// and memory file are reserved when made (sandbox.Runtime.Reserve).
-	VMDir string `json:"vmDir,omitempty"`
 }
 
 // Phases of a run.
@@ -110,21 +116,9 @@ const (
 	stateFile = "state.json"
 	logFile   = "shim.log"
 	pidFile   = "pid"
-	// targetFile is the sandbox.Target of the running VM, for exec.
-	targetFile = "target.json"
 	// stdinSock takes the workload's stdin (Spec.Sandbox.Stdin), for attach.
 	stdinSock = "stdin.sock"
 )
-
-// ReadTarget reads how to exec into the run's VM; an error until it runs.
-func ReadTarget(dir string) (sandbox.Target, error) {
-	var t sandbox.Target
-	b, err := os.ReadFile(filepath.Join(dir, targetFile))
-	if err != nil {
-		return t, err
-	}
-	return t, json.Unmarshal(b, &t)
-}
 
 // StatePath is the run's state file, replaced whenever the state changes.
 func StatePath(dir string) string { return filepath.Join(dir, stateFile) }

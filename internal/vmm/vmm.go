@@ -75,8 +75,11 @@ type Config struct {
 	Cmdline   string // appended to the driver's own kernel arguments
 	VCPUs     int
 	MemoryMiB int
-	Drives    []Drive
-	Accel     Accel
+	// Channel names the guest agent's virtio-serial port, its one
+	// channel to the host (protocol.ChannelName).
+	Channel string
+	Drives  []Drive
+	Accel   Accel
 	// MemoryFile, if set, backs guest RAM with this file (shared with the
 	// VMM's mapping), so that a snapshot of the VM is a copy of the file
 	// plus the device state. Snapshot needs it.
@@ -102,7 +105,7 @@ type Driver interface {
 	Name() string
 	Start(ctx context.Context, cfg Config) (VM, error)
 	// Restore starts a VM from a snapshot directory that Snapshot wrote,
-	// paused: the caller connects to its channels, so that the guest
+	// paused: the caller connects to its channel, so that the guest
 	// finds its host there, then calls Resume. cfg must describe the same machine (memory size,
 	// VCPUs, drives in the same order; the drives' files may be other
 	// copies) and MemoryFile is ignored: the snapshot's memory file is
@@ -118,10 +121,6 @@ type Driver interface {
 	// Pause stops the vCPUs of the VM in runDir; Resume runs them again.
 	Pause(ctx context.Context, runDir string) error
 	Resume(ctx context.Context, runDir string) error
-	// Dial connects to channel port (0: the workload's session; 1 to
-	// protocol.ExecPorts: exec sessions) of a VM it started, from any
-	// process: the node agent execs into VMs its shims run.
-	Dial(ctx context.Context, runDir string, port int) (net.Conn, error)
 }
 
 // VM is a running VM.

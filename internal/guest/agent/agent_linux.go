@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -9,7 +10,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -76,12 +76,13 @@ func run(build string) error {
 	// the kernel never picks init (oom_unkillable_task). Its
 	// oom_score_adj stays at the default, which the workload inherits.
 
-	port, err := openPort(protocol.SerialPortName, 10*time.Second, 2*time.Millisecond)
+	port, err := openPort(protocol.ChannelName, 10*time.Second, 2*time.Millisecond)
 	if err != nil {
 		return err
 	}
-	s := &session{r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port, build: build}
-	return s.serve(false)
+	c := &conn{build: build, r: protocol.NewReader(port), w: protocol.NewWriter(port), port: port,
+		sessions: map[uint32]*session{}, bye: make(chan struct{})}
+	return c.serve()
 }
 
 func mountEarly() error {
@@ -141,19 +142,12 @@ func openPort(name string, timeout, interval time.Duration) (*os.File, error) {
 const virtioPorts = "/sys/class/virtio-ports/"
 
 // portDevice returns the device of the virtio-serial port called name, ""
-// while there is none. QEMU numbers ports from 1 in the order of its command
-// line, which has hearth.0 to hearth.N in order (internal/vmm/qemu), and the
-// guest names them vport0pID: that one is checked first, and the others are
-// only scanned (fewer sysfs reads and less first-run code under TCG) if it
-// is not the one.
+// while there is none. The VM has one port (internal/vmm/qemu), which the
+// guest names vport0p1: that one is checked first, and the others are
+// only scanned if it is not the one.
 func portDevice(name string) string {
-	if n, ok := strings.CutPrefix(name, "hearth."); ok {
-		if i, err := strconv.Atoi(n); err == nil {
-			dev := "vport0p" + strconv.Itoa(i+1)
-			if portName(dev) == name {
-				return "/dev/" + dev
-			}
-		}
+	if portName("vport0p1") == name {
+		return "/dev/vport0p1"
 	}
 	entries, _ := os.ReadDir(virtioPorts)
 	for _, e := range entries {
@@ -176,9 +170,9 @@ func portName(dev string) string {
 // something. Until the host connects, the port polls readable with
 // POLLHUP and reads return EOF, so poll cannot wait for it. The port is
 // put in O_ASYNC mode instead: virtio_console sends SIGIO when the host
-// connects or data arrives, which wakes every waiting port to look again;
-// interval is only a fallback. (Polling every exec port every 20 ms cost an
-// idle guest under TCG several percent of a host CPU.)
+// connects or data arrives, which wakes the wait to look again; interval
+// is only a fallback. (Polling the exec ports of protocol 4 every 20 ms
+// cost an idle guest under TCG several percent of a host CPU.)
 func waitHost(f *os.File, deadline time.Time, interval time.Duration) error {
 	fd := int(f.Fd())
 	if fl, err := unix.FcntlInt(uintptr(fd), unix.F_GETFL, 0); err == nil && fl&unix.O_ASYNC == 0 {
@@ -201,7 +195,7 @@ func waitHost(f *os.File, deadline time.Time, interval time.Duration) error {
 	}
 }
 
-// hostEvents broadcasts each SIGIO to the ports waiting for their host.
+// hostEvents broadcasts each SIGIO to whatever waits for the host.
 var hostEvents = newBroadcast(unix.SIGIO)
 
 type broadcast struct {
@@ -231,31 +225,40 @@ func (b *broadcast) next() <-chan struct{} {
 	return b.ch
 }
 
-// session is one conversation with the host: handshake, start, streams, exit.
-type session struct {
+// conn is the agent's end of its one channel to the host: one goroutine
+// (serve) reads the host's frames and hands each to its session; each
+// session writes its own frames.
+type conn struct {
 	build string
 	r     *protocol.Reader
 	w     *protocol.Writer
 	port  *os.File
-	bye   chan struct{} // closed when the host said Bye or went away
 
-	hostGone atomic.Bool // the host's end of the channel closed
-
-	mu sync.Mutex
-	wl *running // the workload, once it runs
+	mu       sync.Mutex
+	sessions map[uint32]*session
+	workload *session      // from Boot on
+	bye      chan struct{} // closed at the host's Bye on the workload's session
+	byeOnce  sync.Once
 }
 
-// running is what the control loop acts on while the workload runs.
-type running struct {
-	pid   int
-	ptmx  *os.File // nil without a TTY
+// session is one process (the workload's or an exec's) or control action.
+type session struct {
+	c   *conn
+	id  uint32
+	out *outCredit
+
+	mu    sync.Mutex
+	pid   int      // the process, once it runs
+	ptmx  *os.File // its pty's master, with a TTY
 	stdin *stdinWriter
+	ended bool // the host said Bye
 }
 
-// serve runs the session: the workload's (on the first port), or an exec
-// session's (exec true).
-func (s *session) serve(exec bool) error {
-	f, err := s.r.Read()
+// serve answers the host's Hello and then reads its frames until the host
+// goes away: then nobody will read the output, and the caller powers the
+// VM off (its shim kills it anyway; this is the guest's part).
+func (c *conn) serve() error {
+	f, err := c.r.Read()
 	if err != nil {
 		return fmt.Errorf("read hello: %w", err)
 	}
@@ -266,157 +269,337 @@ func (s *session) serve(exec bool) error {
 	if err := protocol.Decode(f, &hello); err != nil {
 		return err
 	}
-	if err := s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version, Agent: s.build}); err != nil {
+	if err := c.w.WriteJSON(protocol.THello, 0, protocol.Hello{Version: protocol.Version, Agent: c.build}); err != nil {
 		return err
 	}
 	if hello.Version != protocol.Version {
 		return fmt.Errorf("host speaks protocol %d, agent %d", hello.Version, protocol.Version)
 	}
-	f, err = s.r.Read()
-	if err != nil {
-		return fmt.Errorf("read start: %w", err)
+	for {
+		f, err := c.r.Read()
+		if err != nil {
+			return fmt.Errorf("the host went away: %w", err)
+		}
+		c.dispatch(f)
 	}
-	if f.Type != protocol.TStart {
-		return fmt.Errorf("expected start, got %s", f.Type)
+}
+
+func (c *conn) dispatch(f protocol.Frame) {
+	switch f.Type {
+	case protocol.TBoot, protocol.TExec, protocol.TControl:
+		c.open(f)
+		return
 	}
-	var st protocol.Start
-	if err := protocol.Decode(f, &st); err != nil {
-		return err
+	c.mu.Lock()
+	s := c.sessions[f.Session]
+	c.mu.Unlock()
+	if s == nil {
+		return // a session that ended: the host's frame crossed its exit
 	}
-	if st.Exec != exec {
-		return fmt.Errorf("start with exec=%v on a port for exec=%v", st.Exec, exec)
+	switch f.Type {
+	case protocol.TStdin:
+		if in := s.input(); in != nil {
+			in.write(f.Payload)
+		}
+	case protocol.TStdinClose:
+		if in := s.input(); in != nil {
+			in.close()
+		}
+	case protocol.TOutputAck:
+		var a protocol.Ack
+		if protocol.Decode(f, &a) == nil {
+			s.out.ack(a.Bytes)
+		}
+	case protocol.TResize:
+		var r protocol.Resize
+		s.mu.Lock()
+		if protocol.Decode(f, &r) == nil && s.ptmx != nil {
+			_ = pty.Setsize(s.ptmx, &pty.Winsize{Rows: r.Rows, Cols: r.Cols})
+		}
+		s.mu.Unlock()
+	case protocol.TSignal:
+		var sg protocol.Signal
+		if protocol.Decode(f, &sg) == nil && sg.Signal > 0 && sg.Signal < 65 {
+			s.signal(unix.Signal(sg.Signal))
+		}
+	case protocol.TBye:
+		if s == c.workload {
+			c.byeOnce.Do(func() { close(c.bye) })
+			return
+		}
+		s.end()
 	}
-	if hostile(s, &st) { // only in a test build (-tags hostile)
-		return errors.New("a hostile scenario ran")
-	}
-	// From here on one goroutine reads the host's frames.
-	s.bye = make(chan struct{})
-	go s.control()
-	exit := s.runWorkload(&st)
-	if s.hostGone.Load() {
-		// Nobody to report to (hearth died): power off now. Writes to a
-		// port whose host end is closed wait for a host that never comes.
-		// (For an exec session: end the session.)
-		return errors.New("the host went away")
-	}
-	sent := make(chan error, 1)
-	go func() { sent <- s.w.WriteJSON(protocol.TExit, exit) }()
-	// Wait for the host's Bye so that the exit report is out of the
-	// virtqueue before the VM resets (the host usually ends the VM first).
-	select {
-	case <-s.bye:
-	case <-time.After(5 * time.Second):
-	}
-	select {
-	case err := <-sent:
-		return err
+}
+
+// open starts the session a Boot, Exec or Control frame opens.
+func (c *conn) open(f protocol.Frame) {
+	s := &session{c: c, id: f.Session, out: newOutCredit()}
+	c.mu.Lock()
+	_, dup := c.sessions[f.Session]
+	n, booted := len(c.sessions), c.workload != nil
+	ok := false
+	switch {
+	case f.Session == 0 || dup:
+	case n >= protocol.MaxSessions:
+	case (f.Type == protocol.TBoot) == booted:
 	default:
-		return errors.New("the host did not take the exit report; powering off")
+		ok = true
+		c.sessions[s.id] = s
+		if f.Type == protocol.TBoot {
+			c.workload = s
+		}
 	}
+	c.mu.Unlock()
+	if !ok {
+		why := fmt.Sprintf("session %d is in use", f.Session)
+		switch {
+		case n >= protocol.MaxSessions:
+			why = fmt.Sprintf("the sandbox has %d sessions open, the most it may", n)
+		case f.Type == protocol.TBoot && booted:
+			why = "the sandbox has booted already"
+		case f.Type != protocol.TBoot && !booted:
+			why = "the sandbox has not booted"
+		}
+		if f.Session != 0 && !dup {
+			_ = c.w.WriteJSON(protocol.TExit, f.Session, failure(exitHearth, "%s", why))
+		}
+		return
+	}
+	switch f.Type {
+	case protocol.TBoot:
+		var b protocol.Boot
+		err := protocol.Decode(f, &b)
+		go s.boot(&b, err)
+	case protocol.TExec:
+		var p protocol.Process
+		err := protocol.Decode(f, &p)
+		go s.exec(&p, err)
+	case protocol.TControl:
+		var ctl protocol.Control
+		err := protocol.Decode(f, &ctl)
+		go s.control(&ctl, err)
+	}
+}
+
+func (c *conn) forget(s *session) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.sessions[s.id] == s && s != c.workload {
+		delete(c.sessions, s.id)
+	}
+}
+
+// restored ends every session but the workload's and keep (a fork's
+// Restored): their host was the saved VM's.
+func (c *conn) restored(keep *session) {
+	c.mu.Lock()
+	var others []*session
+	for _, s := range c.sessions {
+		if s != keep && s != c.workload {
+			others = append(others, s)
+		}
+	}
+	c.mu.Unlock()
+	for _, s := range others {
+		s.end()
+	}
+}
+
+func (s *session) input() *stdinWriter {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.stdin
+}
+
+func (s *session) signal(sig unix.Signal) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pid > 0 && !s.ended {
+		_ = unix.Kill(s.pid, sig)
+	}
+}
+
+// end is the host's Bye on a session that is not the workload's: its
+// process, if it still runs, is killed, and the session forgotten.
+func (s *session) end() {
+	s.mu.Lock()
+	if s.pid > 0 && !s.ended {
+		_ = unix.Kill(s.pid, unix.SIGKILL)
+	}
+	s.ended = true
+	s.mu.Unlock()
+	s.out.close()
+	s.c.forget(s)
+}
+
+// exit reports how the session ended and forgets it.
+func (s *session) exit(e protocol.Exit) {
+	_ = s.c.w.WriteJSON(protocol.TExit, s.id, e)
+	s.c.forget(s)
 }
 
 func failure(code int, format string, args ...any) protocol.Exit {
 	return protocol.Exit{Code: code, Error: fmt.Sprintf(format, args...)}
 }
 
-func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
-	if st.Control != "" {
-		if err := control(st); err != nil {
-			return failure(exitHearth, "%s: %v", st.Control, err)
-		}
-		return protocol.Exit{}
-	}
-	if !st.Exec {
-		if st.Time != 0 {
-			tv := unix.NsecToTimeval(st.Time)
-			_ = unix.Settimeofday(&tv)
-		}
-		if err := setupRoot(st); err != nil {
-			return failure(exitHearth, "set up root filesystem: %v", err)
-		}
-		if st.Network != nil {
-			if err := setupNetwork(st.Network, st.Hostname); err != nil {
-				return failure(exitHearth, "set up the network: %v", err)
-			}
+// boot sets up the sandbox and runs the workload; its end is the VM's.
+func (s *session) boot(b *protocol.Boot, err error) {
+	defer powerOff()
+	var exit protocol.Exit
+	switch {
+	case err != nil:
+		exit = failure(exitHearth, "%v", err)
+	case hostile(s, &b.Process): // only in a test build (-tags hostile)
+		return
+	default:
+		exit = s.setUp(b)
+		if exit == (protocol.Exit{}) {
+			exit = s.run(&b.Process, true)
 		}
 	}
-	if len(st.Args) == 0 {
+	sent := make(chan error, 1)
+	go func() { sent <- s.c.w.WriteJSON(protocol.TExit, s.id, exit) }()
+	// Wait for the host's Bye so that the exit report is out of the
+	// virtqueue before the VM resets (the host usually ends the VM first).
+	select {
+	case <-s.c.bye:
+	case <-time.After(5 * time.Second):
+		fmt.Fprintln(os.Stderr, "hearth-agent: the host did not take the exit report; powering off")
+	}
+}
+
+// setUp makes the sandbox's clock, root filesystem and network; a zero
+// Exit means it went well.
+func (s *session) setUp(b *protocol.Boot) protocol.Exit {
+	if b.Time != 0 {
+		tv := unix.NsecToTimeval(b.Time)
+		_ = unix.Settimeofday(&tv)
+	}
+	if err := setupRoot(b); err != nil {
+		return failure(exitHearth, "set up root filesystem: %v", err)
+	}
+	if b.Network != nil {
+		if err := setupNetwork(b.Network, b.Hostname); err != nil {
+			return failure(exitHearth, "set up the network: %v", err)
+		}
+	}
+	return protocol.Exit{}
+}
+
+// exec runs one more process in the sandbox.
+func (s *session) exec(p *protocol.Process, err error) {
+	switch {
+	case err != nil:
+		s.exit(failure(exitHearth, "%v", err))
+	case hostile(s, p):
+		s.c.forget(s)
+	default:
+		s.exit(s.run(p, false))
+	}
+}
+
+// control carries out a control action. Restored ends the sessions the
+// saved VM's host had open and makes the workload's output credit whole
+// again, with the Exit: the host sees the new credit from that frame on.
+func (s *session) control(ctl *protocol.Control, err error) {
+	if err == nil {
+		err = act(ctl)
+	}
+	exit := protocol.Exit{}
+	if err != nil {
+		exit = failure(exitHearth, "%s: %v", ctl.Action, err)
+	}
+	var then func()
+	if ctl.Action == protocol.Restored {
+		s.c.restored(s)
+		s.c.mu.Lock()
+		wl := s.c.workload
+		s.c.mu.Unlock()
+		if wl != nil {
+			then = wl.out.reset
+		}
+	}
+	b, _ := json.Marshal(exit)
+	_ = s.c.w.WriteThen(protocol.TExit, s.id, b, then)
+	s.c.forget(s)
+}
+
+// run runs p (the workload's process, or an exec's) to its end.
+func (s *session) run(p *protocol.Process, workload bool) protocol.Exit {
+	if len(p.Args) == 0 {
 		return failure(exitHearth, "no command: the image has no Entrypoint or Cmd and none was given")
 	}
-	id, err := resolveUser(st.User)
+	id, err := resolveUser(p.User)
 	if err != nil {
 		return failure(exitHearth, "%v", err)
 	}
-	env := completeEnv(st.Env, st.Hostname, id.Home, st.TTY)
-	dir := st.Dir
+	hostname, _ := os.Hostname()
+	env := completeEnv(p.Env, hostname, id.Home, p.TTY)
+	dir := p.Dir
 	if dir == "" {
 		dir = "/"
 	}
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		return failure(exitHearth, "working directory %s: %v", dir, err)
 	}
-	path, err := lookPath(st.Args[0], getenv(env, "PATH"), dir)
+	path, err := lookPath(p.Args[0], getenv(env, "PATH"), dir)
 	if err != nil {
 		code := exitNotFound
 		if errors.Is(err, errNotExecutable) {
 			code = exitCannotInvoke
 		}
-		return failure(code, "exec %q: %v", st.Args[0], err)
+		return failure(code, "exec %q: %v", p.Args[0], err)
 	}
 
 	// Not exec.Command: it would look the name up again, in the agent's
 	// PATH. A relative Path is taken relative to Dir, as lookPath did.
-	cmd := &exec.Cmd{Path: path, Args: st.Args, Env: env, Dir: dir}
+	cmd := &exec.Cmd{Path: path, Args: p.Args, Env: env, Dir: dir}
 	cmd.SysProcAttr = &syscall.SysProcAttr{
 		Setsid:     true,
 		Credential: &syscall.Credential{Uid: id.UID, Gid: id.GID, Groups: id.Groups},
 	}
 	oomBefore := oomKills()
 
-	wio, err := startIO(cmd, st)
+	wio, err := startIO(cmd, p)
 	if err != nil {
 		return failure(exitHearth, "%v", err)
 	}
-	if err := cmd.Start(); err != nil {
+	s.mu.Lock()
+	if s.ended {
+		s.mu.Unlock()
 		wio.closeChild()
+		return failure(exitHearth, "the host ended the session")
+	}
+	err = cmd.Start()
+	if err == nil {
+		s.pid, s.ptmx, s.stdin = cmd.Process.Pid, wio.pty, newStdinWriter(wio.stdin, s.c.w, s.id)
+	}
+	s.mu.Unlock()
+	wio.closeChild()
+	if err != nil {
 		code := exitCannotInvoke
 		if errors.Is(err, unix.ENOENT) {
 			code = exitNotFound
 		}
-		return failure(code, "exec %q: %v", st.Args[0], err)
+		return failure(code, "exec %q: %v", p.Args[0], err)
 	}
-	wio.closeChild()
-	pid := cmd.Process.Pid
-
-	wl := &running{pid: pid, ptmx: wio.pty, stdin: newStdinWriter(wio.stdin, s.w)}
-	s.mu.Lock()
-	s.wl = wl
-	s.mu.Unlock()
-	defer wl.stdin.close()
+	defer s.stdin.close()
 	// Only now: the host starts sending stdin when it sees Started, and
-	// the control loop must have somewhere to put it.
-	exited := reap.wait(pid)
-	_ = s.w.WriteJSON(protocol.TStarted, protocol.Started{Pid: pid})
-	if !st.Exec && !st.NoExecPorts {
-		// The sandbox runs: from now on, exec sessions may come.
-		startExecPorts.Do(func() {
-			for i := 1; i <= protocol.ExecPorts; i++ {
-				go s.execLoop(i)
-			}
-		})
-	}
+	// the session must have somewhere to put it.
+	exited := reap.wait(s.pid)
+	_ = s.c.w.WriteJSON(protocol.TStarted, s.id, protocol.Started{Pid: s.pid})
 
 	var pumps sync.WaitGroup
-	for _, p := range wio.outputs {
+	for _, o := range wio.outputs {
 		pumps.Add(1)
 		go func() {
 			defer pumps.Done()
-			s.pump(p.t, p.f)
+			s.pump(o.t, o.f)
 		}()
 	}
 
 	status := <-exited
-	if !st.Exec {
+	if workload {
 		// Like the end of a container's PID namespace: whatever the
 		// workload left behind (exec sessions too) dies with it, so that
 		// its copies of stdout and stderr close.
@@ -424,6 +607,7 @@ func (s *session) runWorkload(st *protocol.Start) protocol.Exit {
 		reapAll()
 	}
 	waitTimeout(&pumps, 2*time.Second)
+	s.out.close() // a pump still waiting for credit gives up
 
 	exit := protocol.Exit{Code: status.ExitStatus()}
 	if status.Signaled() {
@@ -444,37 +628,93 @@ func waitTimeout(wg *sync.WaitGroup, d time.Duration) {
 	}
 }
 
-var startExecPorts sync.Once
-
-// execLoop serves exec sessions on exec port i, one after another, for the
-// life of the sandbox. The port stays open between sessions: closing and
-// reopening it makes the guest announce the port to QEMU each time, and
-// a close can be held off by a read still blocked in it (then the reopen
-// fails with EBUSY). Sessions are told apart by the protocol alone (Hello
-// ... Bye, read exactly: NewExactReader).
-func (s *session) execLoop(i int) {
-	name := protocol.ExecPortName(i)
-	// A host's connection wakes the port at once (waitHost); the poll is
-	// a fallback.
-	const poll = time.Second
-	port, err := openPort(name, 0, poll)
-	if err != nil {
-		fmt.Fprintf(os.Stderr, "hearth-agent: exec port %s: %v\n", name, err)
-		return
-	}
-	forever := time.Now().Add(100 * 365 * 24 * time.Hour)
+// pump sends what the process writes to f, within the session's output
+// window.
+func (s *session) pump(t protocol.Type, f *os.File) {
+	defer f.Close()
+	buf := make([]byte, protocol.ChunkSize)
 	for {
-		es := &session{r: protocol.NewExactReader(port), w: protocol.NewWriter(port), port: port, build: s.build}
-		if err := es.serve(true); err != nil {
-			fmt.Fprintf(os.Stderr, "hearth-agent: exec session on %s: %v\n", name, err)
+		k := s.out.take(len(buf))
+		if k == 0 {
+			return // the session is over
 		}
-		if es.bye != nil {
-			// The session's reader ends with its Bye, or when its host
-			// goes: the next session must not share the port with it.
-			<-es.bye
+		n, err := f.Read(buf[:k])
+		if n > 0 {
+			if s.c.w.WriteThen(t, s.id, buf[:n], func() { s.out.commit(k, n) }) != nil {
+				return
+			}
+		} else {
+			s.out.commit(k, 0)
 		}
-		_ = waitHost(port, forever, poll)
+		if err != nil { // EOF, or EIO from a pty master whose slave closed
+			return
+		}
 	}
+}
+
+// outCredit is a session's output window: the agent has at most
+// protocol.OutputWindow bytes sent and not acknowledged by the host (the
+// host ends a guest that sends more). A pump reserves room before it
+// reads, and counts what it sent as the frame goes out.
+type outCredit struct {
+	mu       sync.Mutex
+	cond     *sync.Cond
+	sent     int
+	reserved int
+	closed   bool
+}
+
+func newOutCredit() *outCredit {
+	o := &outCredit{}
+	o.cond = sync.NewCond(&o.mu)
+	return o
+}
+
+// take waits for room and reserves up to want bytes of it; 0 once closed.
+func (o *outCredit) take(want int) int {
+	o.mu.Lock()
+	defer o.mu.Unlock()
+	for !o.closed && o.sent+o.reserved >= protocol.OutputWindow {
+		o.cond.Wait()
+	}
+	if o.closed {
+		return 0
+	}
+	k := min(want, protocol.OutputWindow-o.sent-o.reserved)
+	o.reserved += k
+	return k
+}
+
+// commit turns k reserved bytes into n sent ones.
+func (o *outCredit) commit(k, n int) {
+	o.mu.Lock()
+	o.reserved -= k
+	o.sent += n
+	o.mu.Unlock()
+	o.cond.Broadcast()
+}
+
+// ack is the host's acknowledgement of n bytes.
+func (o *outCredit) ack(n int) {
+	o.mu.Lock()
+	o.sent = max(0, o.sent-max(n, 0))
+	o.mu.Unlock()
+	o.cond.Broadcast()
+}
+
+// reset makes the window whole (Restored).
+func (o *outCredit) reset() {
+	o.mu.Lock()
+	o.sent = 0
+	o.mu.Unlock()
+	o.cond.Broadcast()
+}
+
+func (o *outCredit) close() {
+	o.mu.Lock()
+	o.closed = true
+	o.mu.Unlock()
+	o.cond.Broadcast()
 }
 
 // reap is PID 1's reaper: one goroutine collects every child that exits
@@ -542,70 +782,6 @@ func reapAll() {
 	}
 }
 
-func (s *session) pump(t protocol.Type, f *os.File) {
-	defer f.Close()
-	buf := make([]byte, protocol.ChunkSize)
-	for {
-		n, err := f.Read(buf)
-		if n > 0 {
-			if s.w.Write(t, buf[:n]) != nil {
-				return
-			}
-		}
-		if err != nil { // EOF, or EIO from a pty master whose slave closed
-			return
-		}
-	}
-}
-
-// control reads the host's frames until Bye: stdin, window sizes and
-// signals for the workload once it runs.
-func (s *session) control() {
-	defer close(s.bye)
-	current := func() *running {
-		s.mu.Lock()
-		defer s.mu.Unlock()
-		return s.wl
-	}
-	for {
-		f, err := s.r.Read()
-		if err != nil {
-			// The host went away: nobody will read the output. End the
-			// workload so that the VM powers off instead of lingering
-			// (QEMU runs as another user than hearth, so it does not die
-			// with hearth: this is how an orphaned VM ends itself).
-			s.hostGone.Store(true)
-			if wl := current(); wl != nil {
-				_ = unix.Kill(wl.pid, unix.SIGKILL)
-			}
-			return
-		}
-		if f.Type == protocol.TBye {
-			return
-		}
-		wl := current()
-		if wl == nil {
-			continue // the host sends nothing else before Started
-		}
-		switch f.Type {
-		case protocol.TStdin:
-			wl.stdin.write(f.Payload)
-		case protocol.TStdinClose:
-			wl.stdin.close()
-		case protocol.TResize:
-			var r protocol.Resize
-			if protocol.Decode(f, &r) == nil && wl.ptmx != nil {
-				_ = pty.Setsize(wl.ptmx, &pty.Winsize{Rows: r.Rows, Cols: r.Cols})
-			}
-		case protocol.TSignal:
-			var sg protocol.Signal
-			if protocol.Decode(f, &sg) == nil && sg.Signal > 0 && sg.Signal < 65 {
-				_ = unix.Kill(wl.pid, unix.Signal(sg.Signal))
-			}
-		}
-	}
-}
-
 type output struct {
 	t protocol.Type
 	f *os.File
@@ -625,7 +801,7 @@ func (w *workloadIO) closeChild() {
 	}
 }
 
-func startIO(cmd *exec.Cmd, st *protocol.Start) (*workloadIO, error) {
+func startIO(cmd *exec.Cmd, st *protocol.Process) (*workloadIO, error) {
 	w := &workloadIO{}
 	if st.TTY {
 		ptmx, tty, err := pty.Open()
@@ -702,7 +878,7 @@ type stdinWriter struct {
 	closed bool
 }
 
-func newStdinWriter(f *os.File, w *protocol.Writer) *stdinWriter {
+func newStdinWriter(f *os.File, w *protocol.Writer, id uint32) *stdinWriter {
 	s := &stdinWriter{}
 	s.cond = sync.NewCond(&s.mu)
 	go func() {
@@ -724,7 +900,7 @@ func newStdinWriter(f *os.File, w *protocol.Writer) *stdinWriter {
 					f = nil // the workload closed its stdin: drop the rest
 				}
 			}
-			_ = w.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: len(b)})
+			_ = w.WriteJSON(protocol.TStdinAck, id, protocol.Ack{Bytes: len(b)})
 		}
 		if f != nil {
 			f.Close()

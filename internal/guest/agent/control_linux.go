@@ -28,9 +28,10 @@ const (
 	fithaw   = 0xc0045878 // _IOWR('X', 120, int)
 )
 
-// control carries out a snapshot-related action on the running sandbox.
-func control(st *protocol.Start) error {
-	switch st.Control {
+// act carries out a control action on the running sandbox; Restored's
+// part in the channel (sessions ended, output credit) is the caller's.
+func act(st *protocol.Control) error {
+	switch st.Action {
 	case protocol.Quiesce:
 		unix.Sync()
 		return freeze(fifreeze)
@@ -45,7 +46,7 @@ func control(st *protocol.Start) error {
 		}
 		return c.Close()
 	}
-	return fmt.Errorf("unknown control %q", st.Control)
+	return fmt.Errorf("unknown control action %.64q", st.Action)
 }
 
 func freeze(op uint) error {
@@ -63,7 +64,7 @@ func thaw() error {
 	return nil
 }
 
-func restored(st *protocol.Start) error {
+func restored(st *protocol.Control) error {
 	if err := thaw(); err != nil {
 		return err
 	}

@@ -17,100 +17,118 @@ import (
 // gives a host hostile and well-behaved sandboxes side by side.
 //
 // Each scenario is what an attacker who owns the guest may send; the host
-// must end the session (and the sandbox, with GuestProtocolError, where
-// the protocol was broken) and nothing else.
+// must end the sandbox (with GuestProtocolError, where the protocol was
+// broken) and nothing else.
 var scenarios = map[string]func(s *session){
 	// A negative stdin acknowledgement (it once panicked the host).
 	"negative-ack": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: -1 << 20})
+		started(s)
+		_ = s.c.w.WriteJSON(protocol.TStdinAck, s.id, protocol.Ack{Bytes: -1 << 20})
 	},
 	// An acknowledgement of more than was ever sent.
 	"huge-ack": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.WriteJSON(protocol.TStdinAck, protocol.StdinAck{Bytes: 1 << 40})
+		started(s)
+		_ = s.c.w.WriteJSON(protocol.TStdinAck, s.id, protocol.Ack{Bytes: 1 << 40})
 	},
 	// A frame header announcing more than the limit.
 	"over-limit": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		var hdr [5]byte
-		binary.BigEndian.PutUint32(hdr[:4], protocol.MaxPayload+2)
+		started(s)
+		var hdr [9]byte
+		binary.BigEndian.PutUint32(hdr[:4], protocol.MaxPayload+6)
 		hdr[4] = byte(protocol.TStdout)
-		_, _ = s.port.Write(hdr[:])
+		binary.BigEndian.PutUint32(hdr[5:], s.id)
+		_, _ = s.c.port.Write(hdr[:])
 	},
-	// Frames exactly at the limit are allowed: then a clean exit.
+	// A whole output window in one frame is allowed: then a clean exit.
 	"at-limit": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.Write(protocol.TStdout, make([]byte, protocol.MaxPayload))
+		started(s)
+		_ = s.c.w.Write(protocol.TStdout, s.id, make([]byte, protocol.OutputWindow))
 		exit(s, protocol.Exit{Code: 0})
 	},
-	// 64 MiB of output as fast as it goes, then a clean exit.
+	// Output past the window: a frame four times its size.
+	"past-window": func(s *session) {
+		started(s)
+		_ = s.c.w.Write(protocol.TStdout, s.id, make([]byte, 4*protocol.OutputWindow))
+	},
+	// 64 MiB of output as fast as the window lets it go, then a clean
+	// exit.
 	"flood": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
+		started(s)
 		chunk := []byte(strings.Repeat("flood\n", protocol.ChunkSize/6))
 		for range (64 << 20) / len(chunk) {
-			if s.w.Write(protocol.TStdout, chunk) != nil {
-				return
+			for p := chunk; len(p) > 0; {
+				k := s.out.take(len(p))
+				if k == 0 || s.c.w.WriteThen(protocol.TStdout, s.id, p[:k], func() { s.out.commit(k, k) }) != nil {
+					return
+				}
+				p = p[k:]
 			}
 		}
 		exit(s, protocol.Exit{Code: 0})
 	},
 	// An exit no process can have had.
 	"false-exit": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.WriteJSON(protocol.TExit, protocol.Exit{Code: -1, Signal: 1000})
+		started(s)
+		_ = s.c.w.WriteJSON(protocol.TExit, s.id, protocol.Exit{Code: -1, Signal: 1000})
 	},
 	// An exit whose message is a megabyte: the API keeps 1 KiB of it.
 	"long-message": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
+		started(s)
 		exit(s, protocol.Exit{Code: 3, Error: strings.Repeat("é", (protocol.MaxPayload-64)/2)})
 	},
 	// A frame of a type that does not exist.
 	"unknown-type": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.Write(200, []byte("?"))
+		started(s)
+		_ = s.c.w.Write(200, s.id, []byte("?"))
 	},
-	// Replies for a session that was never opened: frames of the host's
-	// own kinds, and a second Hello.
+	// Frames of the host's own kinds: a second Hello, a Boot, a Bye.
 	"wrong-direction": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_ = s.w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version})
-		_ = s.w.WriteJSON(protocol.TStart, protocol.Start{Args: []string{"x"}})
-		_ = s.w.Write(protocol.TBye, nil)
-		_ = s.w.Write(protocol.TExit, []byte(`{"code":`))
+		started(s)
+		_ = s.c.w.WriteJSON(protocol.THello, s.id, protocol.Hello{Version: protocol.Version})
+		_ = s.c.w.WriteJSON(protocol.TBoot, s.id, protocol.Boot{})
+		_ = s.c.w.Write(protocol.TBye, s.id, nil)
+	},
+	// Replies on a session the host never opened.
+	"unopened-session": func(s *session) {
+		started(s)
+		_ = s.c.w.Write(protocol.TStdout, s.id+1000, []byte("not yours"))
+		_ = s.c.w.WriteJSON(protocol.TExit, s.id+1000, protocol.Exit{})
 	},
 	// Half a frame, then nothing.
 	"half-frame": func(s *session) {
-		_ = s.w.Write(protocol.TStarted, nil)
-		_, _ = s.port.Write([]byte{0, 0})
+		started(s)
+		_, _ = s.c.port.Write([]byte{0, 0})
 	},
 }
 
-// exit reports e and waits for the host's Bye, as serve does.
+func started(s *session) { _ = s.c.w.WriteJSON(protocol.TStarted, s.id, protocol.Started{Pid: 1}) }
+
+// exit reports e and, for the workload, waits for the host's Bye, as
+// boot does.
 func exit(s *session, e protocol.Exit) {
-	_ = s.w.WriteJSON(protocol.TExit, e)
-	select {
-	case <-s.bye:
-	case <-time.After(5 * time.Second):
+	_ = s.c.w.WriteJSON(protocol.TExit, s.id, e)
+	if s == s.c.workload {
+		select {
+		case <-s.c.bye:
+		case <-time.After(5 * time.Second):
+		}
 	}
 }
 
-// hostile runs the scenario st names, if it names one, and then keeps
-// the session's port as it left it for a minute (a guest that breaks the
-// protocol and stays up); it reports whether it did.
-func hostile(s *session, st *protocol.Start) bool {
-	if len(st.Args) == 0 || !strings.HasPrefix(st.Args[0], "hostile:") {
+// hostile runs the scenario p names, if it names one, and then keeps the
+// channel as it left it for a minute (a guest that breaks the protocol
+// and stays up); it reports whether it did.
+func hostile(s *session, p *protocol.Process) bool {
+	if len(p.Args) == 0 || !strings.HasPrefix(p.Args[0], "hostile:") {
 		return false
 	}
-	run, ok := scenarios[strings.TrimPrefix(st.Args[0], "hostile:")]
+	run, ok := scenarios[strings.TrimPrefix(p.Args[0], "hostile:")]
 	if !ok {
 		return false
 	}
-	s.bye = make(chan struct{})
-	go s.control()
 	run(s)
 	select {
-	case <-s.bye:
+	case <-s.c.bye:
 	case <-time.After(time.Minute):
 	}
 	return true

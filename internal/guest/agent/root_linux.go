@@ -14,7 +14,7 @@ import (
 // setupRoot mounts the image read-only under an overlay whose upper layer is
 // the sandbox's writable disk, moves /dev, /proc and /sys into it and makes
 // it the root (switch_root style: the initramfs cannot be pivot_root'ed).
-func setupRoot(st *protocol.Start) error {
+func setupRoot(st *protocol.Boot) error {
 	img, err := findDisk(st.Image.Serial, 5*time.Second)
 	if err != nil {
 		return err

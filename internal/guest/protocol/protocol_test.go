@@ -11,13 +11,13 @@ func TestRoundTrip(t *testing.T) {
 	var buf bytes.Buffer
 	w := NewWriter(&buf)
 	big := bytes.Repeat([]byte("x"), ChunkSize*2+7)
-	if err := w.WriteJSON(THello, Hello{Version: Version}); err != nil {
+	if err := w.WriteJSON(THello, 0, Hello{Version: Version}); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.WriteStream(TStdout, big); err != nil {
+	if err := w.WriteStream(TStdout, 7, big); err != nil {
 		t.Fatal(err)
 	}
-	if err := w.Write(TStdinClose, nil); err != nil {
+	if err := w.Write(TStdinClose, 7, nil); err != nil {
 		t.Fatal(err)
 	}
 	r := NewReader(&buf)
@@ -45,7 +45,7 @@ func TestRoundTrip(t *testing.T) {
 		sizes = append(sizes, len(f.Payload))
 		got = append(got, f.Payload...)
 	}
-	if !bytes.Equal(got, big) {
+	if !bytes.Equal(got, big) || f.Session != 0 {
 		t.Fatalf("stream differs: %d bytes, want %d", len(got), len(big))
 	}
 	if want := []int{ChunkSize, ChunkSize, 7}; len(sizes) != 3 || sizes[0] != want[0] || sizes[2] != want[2] {
@@ -63,11 +63,12 @@ func TestMalformed(t *testing.T) {
 		want error
 	}{
 		{"zero length", []byte{0, 0, 0, 0}, ErrFrame},
+		{"no session id", []byte{0, 0, 0, 1, byte(TStdout)}, ErrFrame},
 		{"too long", []byte{0xff, 0, 0, 0, 1}, ErrFrame},
-		{"unknown type", []byte{0, 0, 0, 1, 99}, ErrFrame},
-		{"type zero", []byte{0, 0, 0, 1, 0}, ErrFrame},
+		{"unknown type", []byte{0, 0, 0, 5, 99, 0, 0, 0, 1}, ErrFrame},
+		{"type zero", []byte{0, 0, 0, 5, 0, 0, 0, 0, 1}, ErrFrame},
 		{"truncated header", []byte{0, 0}, io.ErrUnexpectedEOF},
-		{"truncated payload", []byte{0, 0, 0, 5, byte(TStdout), 'a'}, io.ErrUnexpectedEOF},
+		{"truncated payload", []byte{0, 0, 0, 9, byte(TStdout), 0, 0, 0, 1, 'a'}, io.ErrUnexpectedEOF},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := NewReader(bytes.NewReader(tc.in)).Read()
@@ -76,7 +77,7 @@ func TestMalformed(t *testing.T) {
 			}
 		})
 	}
-	if err := NewWriter(io.Discard).Write(TStdout, make([]byte, MaxPayload+1)); !errors.Is(err, ErrFrame) {
+	if err := NewWriter(io.Discard).Write(TStdout, 1, make([]byte, MaxPayload+1)); !errors.Is(err, ErrFrame) {
 		t.Fatalf("oversized write: %v", err)
 	}
 	var e Exit
@@ -91,10 +92,10 @@ func TestMalformed(t *testing.T) {
 func FuzzReader(f *testing.F) {
 	var seed bytes.Buffer
 	w := NewWriter(&seed)
-	_ = w.WriteJSON(TStart, Start{Args: []string{"sh"}, Env: []string{"A=B"}})
-	_ = w.Write(TStdin, []byte("hello"))
+	_ = w.WriteJSON(TBoot, 1, Boot{Process: Process{Args: []string{"sh"}, Env: []string{"A=B"}}})
+	_ = w.Write(TStdin, 1, []byte("hello"))
 	f.Add(seed.Bytes())
-	f.Add([]byte{0, 0, 0, 1, byte(TBye)})
+	f.Add([]byte{0, 0, 0, 5, byte(TBye), 0, 0, 0, 1})
 	f.Add([]byte{0xff, 0xff, 0xff, 0xff})
 	f.Fuzz(func(t *testing.T, data []byte) {
 		r := NewReader(bytes.NewReader(data))
@@ -108,7 +109,7 @@ func FuzzReader(f *testing.F) {
 				t.Fatalf("accepted bad frame %v len %d", fr.Type, len(fr.Payload))
 			}
 			var out bytes.Buffer
-			if err := NewWriter(&out).Write(fr.Type, fr.Payload); err != nil {
+			if err := NewWriter(&out).Write(fr.Type, fr.Session, fr.Payload); err != nil {
 				t.Fatal(err)
 			}
 			n := out.Len()
@@ -117,8 +118,8 @@ func FuzzReader(f *testing.F) {
 			}
 			consumed += n
 			// Control payloads must decode or fail cleanly.
-			var s Start
-			_ = Decode(fr, &s)
+			var b Boot
+			_ = Decode(fr, &b)
 		}
 	})
 }

@@ -42,7 +42,7 @@ func TestJail(t *testing.T) {
 	for i := range 2 {
 		dir := t.TempDir()
 		v, err := d.Start(ctx, vmm.Config{ID: fmt.Sprint("jail", i), RunDir: dir, Kernel: config.Kernel(), Initrd: initrd,
-			VCPUs: 1, MemoryMiB: 128, Accel: vmm.DetectAccel()})
+			VCPUs: 1, MemoryMiB: 128, Accel: vmm.DetectAccel(), Channel: "hearth.0"})
 		if err != nil {
 			t.Fatal(err)
 		}

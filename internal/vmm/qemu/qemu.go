@@ -22,7 +22,6 @@ import (
 
 	"golang.org/x/sys/unix"
 
-	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/jail"
 	"hearth.dev/hearth/internal/vmm"
 )
@@ -188,22 +187,21 @@ func args(cfg vmm.Config, memFile string, shared, jailed bool) []string {
 		// QEMU serves each monitor one client at a time, and the process
 		// that started the VM keeps the first for its life.
 		"-qmp", "unix:" + run(controlSock) + ",server=on,wait=off",
-		"-device", fmt.Sprintf("virtio-serial-device,max_ports=%d", protocol.ExecPorts+2),
+		// One port: the guest agent's channel, which carries every
+		// session (the workload's, execs, controls) by id. Each port
+		// costs the guest about 4 MiB (virtio_console fills its receive
+		// queue with page-sized buffers), and a port is one connection.
+		// Two: port 0 is kept for a console, so the agent's is port 1
+		// (the guest's vport0p1).
+		"-device", "virtio-serial-device,max_ports=2",
 		"-device", "virtio-rng-device",
 		"-netdev", netdev(cfg.Net, tapFD(cfg)),
 		"-device", "virtio-net-device,netdev=net0,mac=" + vmm.GuestMAC,
 	}
 	args = append(args, memory...)
-	// Port 0 carries the workload's session; 1 to ExecPorts exec sessions.
-	for i := 0; i <= protocol.ExecPorts; i++ {
-		name := protocol.SerialPortName
-		if i > 0 {
-			name = protocol.ExecPortName(i)
-		}
-		args = append(args,
-			"-chardev", fmt.Sprintf("socket,id=port%d,path=%s,server=on,wait=off", i, run(channelSock(i))),
-			"-device", fmt.Sprintf("virtserialport,chardev=port%d,name=%s", i, name))
-	}
+	args = append(args,
+		"-chardev", "socket,id=channel,path="+run(agentSock)+",server=on,wait=off",
+		"-device", "virtserialport,chardev=channel,name="+cfg.Channel)
 	// Drives are opened by hearth and handed to QEMU as file descriptors
 	// in fd sets (driveFiles), never by path: QEMU runs as nobody and
 	// cannot reach the run directory, yet it reopens a writable drive
@@ -334,6 +332,9 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 // extra arguments, and connects to its QMP socket. Jailed, QEMU starts in
 // its jail; otherwise, as root, it drops to "nobody" once started.
 func (d *Driver) launch(ctx context.Context, cfg vmm.Config, memFile string, shared bool, extra ...string) (*VM, error) {
+	if cfg.Channel == "" {
+		return nil, errors.New("qemu: the VM's config names no agent channel")
+	}
 	bin := d.Binary
 	if bin == "" {
 		bin = "qemu-system-x86_64"
@@ -606,31 +607,14 @@ func (v *VM) checkRunning() error {
 	return nil
 }
 
-// Channel connects to the agent's virtio-serial chardev. QEMU created it
-// before its QMP socket answered, so no retry is needed.
+// Channel connects to the agent's virtio-serial chardev, which takes one
+// connection at a time: the VM's owner keeps it. QEMU created it before
+// its QMP socket answered, so no retry is needed.
 func (v *VM) Channel(ctx context.Context) (net.Conn, error) {
-	return (&Driver{}).Dial(ctx, v.cfg.RunDir, 0)
-}
-
-// channelSock is the chardev socket of port i.
-func channelSock(i int) string {
-	if i == 0 {
-		return agentSock
-	}
-	return fmt.Sprintf("exec%d.sock", i)
-}
-
-// Dial connects to port i of the VM whose run directory is runDir. Each
-// port's chardev takes one connection at a time: the caller keeps exec
-// ports apart.
-func (d *Driver) Dial(ctx context.Context, runDir string, port int) (net.Conn, error) {
-	if port < 0 || port > protocol.ExecPorts {
-		return nil, fmt.Errorf("no channel port %d", port)
-	}
 	var dl net.Dialer
-	c, err := dl.DialContext(ctx, "unix", sock(runDir, channelSock(port)))
+	c, err := dl.DialContext(ctx, "unix", sock(v.cfg.RunDir, agentSock))
 	if err != nil {
-		return nil, fmt.Errorf("connect to guest agent channel %d: %w", port, err)
+		return nil, fmt.Errorf("connect to the guest agent's channel: %w", err)
 	}
 	return c, nil
 }

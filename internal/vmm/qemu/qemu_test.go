@@ -14,7 +14,7 @@ import (
 func TestConformance(t *testing.T) { vmmtest.Run(t, &Driver{}) }
 
 func TestArgs(t *testing.T) {
-	base := vmm.Config{ID: "x", RunDir: "/run/x", Kernel: "/k", Initrd: "/i", Cmdline: "loglevel=7", VCPUs: 2, MemoryMiB: 512,
+	base := vmm.Config{ID: "x", RunDir: "/run/x", Kernel: "/k", Initrd: "/i", Cmdline: "loglevel=7", VCPUs: 2, MemoryMiB: 512, Channel: "hearth.0",
 		Drives: []vmm.Drive{{ID: "image", Path: "/img", ReadOnly: true, Serial: "image"}, {ID: "rw", Path: "/rw", Serial: "rw"}}}
 	for _, tc := range []struct {
 		accel vmm.Accel
@@ -24,8 +24,7 @@ func TestArgs(t *testing.T) {
 			"reboot=t rdinit=/init 8250.nr_uarts=1" + tscCmdline(vmm.TCG) + " loglevel=7",
 			"-add-fd fd=3,set=1 -drive id=image,file=/dev/fdset/1,file.locking=off,format=raw,if=none,readonly=on", "virtio-blk-device,drive=image,serial=image",
 			"-add-fd fd=4,set=2 -add-fd fd=5,set=2 -drive id=rw,file=/dev/fdset/2,file.locking=off,format=raw,if=none,cache=unsafe", "-qmp unix:/run/x/vm/qmp.sock,server=on,wait=off",
-			"virtserialport,chardev=port0,name=hearth.0",
-			"socket,id=port3,path=/run/x/vm/exec3.sock,server=on,wait=off", "virtserialport,chardev=port3,name=hearth.3",
+			"virtio-serial-device,max_ports=2", "socket,id=channel,path=/run/x/vm/agent.sock,server=on,wait=off", "virtserialport,chardev=channel,name=hearth.0",
 			"-sandbox on,obsolete=deny,spawn=deny,resourcecontrol=deny"}},
 		{vmm.KVM, []string{"-accel kvm", "-cpu host", "8250.nr_uarts=1 loglevel=7"}},
 	} {

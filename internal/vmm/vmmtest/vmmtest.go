@@ -34,7 +34,7 @@ func Run(t *testing.T, d vmm.Driver) {
 	cfg := func(t *testing.T) vmm.Config {
 		return vmm.Config{
 			ID: "conformance", RunDir: t.TempDir(), Kernel: config.Kernel(), Initrd: initrd,
-			VCPUs: 1, MemoryMiB: 128, Accel: vmm.DetectAccel(),
+			VCPUs: 1, MemoryMiB: 128, Accel: vmm.DetectAccel(), Channel: protocol.ChannelName,
 		}
 	}
 
@@ -102,7 +102,7 @@ func hello(ctx context.Context, t *testing.T, vm vmm.VM) {
 	}
 	defer conn.Close()
 	w, r := protocol.NewWriter(conn), protocol.NewReader(conn)
-	if err := w.WriteJSON(protocol.THello, protocol.Hello{Version: protocol.Version + 100}); err != nil {
+	if err := w.WriteJSON(protocol.THello, 0, protocol.Hello{Version: protocol.Version + 100}); err != nil {
 		t.Fatal(err)
 	}
 	f, err := r.Read()
