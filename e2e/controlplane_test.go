@@ -228,7 +228,7 @@ func TestSandboxValidation(t *testing.T) {
 	}{
 		{"no image", `spec: {command: ["true"]}`, []string{"give an image, or a source to start from"}},
 		{"two sources", "spec: {source: {snapshot: a, template: b}}", []string{"set exactly one of snapshot, template and warmPool"}},
-		{"negative memory", "spec: {image: x, resources: {memory: -1Gi}}", []string{"spec.resources.memory", "must be at least 64Mi"}},
+		{"negative memory", "spec: {image: x, resources: {memory: -1Gi}}", []string{"spec.resources.memory", "must be at least 48Mi"}},
 		{"unknown field", "spec: {image: x, colour: blue}", []string{`unknown field "spec.colour"`}},
 		{"unknown restart policy", "spec: {image: x, restartPolicy: Sometimes}", []string{`spec.restartPolicy: Unsupported value: "Sometimes"`}},
 		{"bad timeout", "spec: {image: x, timeoutSeconds: 0}", []string{"spec.timeoutSeconds", "greater than or equal to 1"}},

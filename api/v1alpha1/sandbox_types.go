@@ -52,7 +52,7 @@ type Resources struct {
 	CPU *resource.Quantity `json:"cpu,omitempty"`
 	// Memory is the guest's RAM.
 	// +kubebuilder:default="256Mi"
-	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('64Mi')) >= 0",message="must be at least 64Mi: a guest needs that much to boot"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('48Mi')) >= 0",message="must be at least 48Mi: a guest needs that much to boot"
 	// +optional
 	Memory *resource.Quantity `json:"memory,omitempty"`
 	// Disk is the size of the writable layer over the image.

@@ -52,7 +52,7 @@ type Spec struct {
 
 // Minimums below which a guest cannot boot or run anything useful.
 const (
-	MinMemoryMiB = 64
+	MinMemoryMiB = 48
 	MinDiskMiB   = 8
 )
 
