@@ -2,6 +2,7 @@ package qemu
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -197,4 +198,70 @@ func procs(t *testing.T, dir string) string {
 		t.Fatal(err)
 	}
 	return strings.TrimSpace(string(b))
+}
+
+// TestCgroupKillsOverLimit: a QEMU that grows past its memory limit is
+// killed by its own cgroup (its OOM count says so), not by the host's OOM
+// killer, and its end is the VM's. The limit is set below what the guest
+// touches as it boots (~44 MiB of RAM beyond QEMU's own ~50 MiB).
+func TestCgroupKillsOverLimit(t *testing.T) {
+	testenv.NeedVMs(t)
+	bins := testenv.Binaries(t)
+	initrd, err := initramfs.Ensure(t.TempDir(), filepath.Join(bins, "hearth-agent"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer func(f func(vmm.Accel) int) { vmmOverheadMiB = f }(vmmOverheadMiB)
+	const ramMiB = 128
+	vmmOverheadMiB = func(vmm.Accel) int { return 80 - ramMiB } // an 80 MiB limit
+	d := &Driver{Jail: &jail.Options{Jailer: filepath.Join(bins, "hearth-jailer"), LeaseDir: t.TempDir()}}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	v, err := d.Start(ctx, vmm.Config{ID: "oom", RunDir: t.TempDir(), Kernel: config.Kernel(), Initrd: initrd,
+		VCPUs: 1, MemoryMiB: ramMiB, Accel: vmm.DetectAccel(), Channel: "hearth.0"})
+	if err != nil {
+		t.Fatalf("start (before the guest grew): %v", err)
+	}
+	vm := v.(*VM)
+	defer vm.Kill()
+	pid := vm.Pid()
+	// The guest boots, touches its RAM, and its QEMU passes the limit.
+	waitErr := vm.Wait(ctx)
+	if ctx.Err() != nil {
+		t.Fatalf("QEMU ran past its limit for %s", 2*time.Minute)
+	}
+	// The cgroup is gone with its VM: the kernel's log says who killed it.
+	var memcg, global bool
+	for _, rec := range kernelLog(t) {
+		if strings.Contains(rec, fmt.Sprintf("Killed process %d ", pid)) {
+			memcg = memcg || strings.Contains(rec, "Memory cgroup out of memory")
+			global = global || !strings.Contains(rec, "Memory cgroup")
+		}
+	}
+	t.Logf("QEMU ended: %v; killed by its memory cgroup: %v", waitErr, memcg)
+	if waitErr == nil || !memcg || global {
+		t.Errorf("QEMU over its limit ended with %v; killed by its memory cgroup: %v, by the host's OOM killer: %v", waitErr, memcg, global)
+	}
+}
+
+// kernelLog is the kernel's log buffer, a record a line (/dev/kmsg).
+func kernelLog(t *testing.T) []string {
+	t.Helper()
+	f, err := os.OpenFile("/dev/kmsg", os.O_RDONLY|syscall.O_NONBLOCK, 0)
+	if err != nil {
+		t.Fatalf("the kernel's log: %v", err)
+	}
+	defer f.Close()
+	var recs []string
+	buf := make([]byte, 8192)
+	for {
+		n, err := syscall.Read(int(f.Fd()), buf)
+		if errors.Is(err, syscall.EPIPE) {
+			continue // records overwritten while reading
+		}
+		if err != nil || n <= 0 {
+			return recs
+		}
+		recs = append(recs, string(buf[:n]))
+	}
 }
