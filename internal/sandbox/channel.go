@@ -331,11 +331,15 @@ func (s *stream) drain() {
 				w = s.out.stderr
 			}
 			if _, err := w.Write(c.b); err != nil {
-				// The reader is gone: the output is dropped from here
-				// on, and its credit still returned.
+				// The reader is gone, as with `| head`: the session ends
+				// (Bye: the guest kills its process, which would
+				// otherwise write on forever), its output is dropped from
+				// here on, and its credit still returned.
+				err = &OutputError{Err: err}
 				s.mu.Lock()
-				s.sinkErr = fmt.Errorf("write output: %w", err)
+				s.sinkErr = err
 				s.mu.Unlock()
+				s.hangUp(err)
 			}
 		}
 		if written += len(c.b); written >= s.window/4 {
@@ -374,13 +378,26 @@ func (s *stream) sendJSON(t protocol.Type, v any) error { return s.c.w.WriteJSON
 // close ends the session from the host's side: Bye tells the guest to
 // kill its process if it still runs, and its late frames are dropped.
 func (s *stream) close() {
-	s.c.forget(s)
 	select {
 	case <-s.ended:
+		s.c.forget(s)
 	default:
-		_ = s.send(protocol.TBye, nil)
-		s.finish(nil, errSessionClosed)
+		s.hangUp(errSessionClosed)
 	}
 }
 
+// hangUp ends the session from the host's side with err.
+func (s *stream) hangUp(err error) {
+	s.c.forget(s)
+	_ = s.send(protocol.TBye, nil)
+	s.finish(nil, err)
+}
+
 var errSessionClosed = errors.New("the session was ended by the host")
+
+// OutputError is a session ended because its output could not be written:
+// whoever read it has gone. Err is the sink's error (often EPIPE).
+type OutputError struct{ Err error }
+
+func (e *OutputError) Error() string { return "write output: " + e.Err.Error() }
+func (e *OutputError) Unwrap() error { return e.Err }

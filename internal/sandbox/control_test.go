@@ -7,6 +7,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -15,7 +16,8 @@ import (
 
 // fakeGuest is a guest agent in the test: it answers Hello, starts the
 // workload, and runs each exec as "print its args and the session id,
-// exit with its first arg's length"; controls get no answer when silent.
+// exit with its first arg's length" -- or, for "yes", as print "y" until
+// the host says Bye; controls get no answer when silent.
 // It reads and answers on a socket, buffered as the real channel is
 // (net.Pipe is not: the host's Hello and Boot go out together).
 func fakeGuest(t *testing.T, silent bool) (host net.Conn) {
@@ -36,6 +38,7 @@ func fakeGuest(t *testing.T, silent bool) (host net.Conn) {
 	t.Cleanup(func() { guest.Close(); host.Close() })
 	go func() {
 		r, w := protocol.NewReader(guest), protocol.NewWriter(guest)
+		var byes sync.Map // session id -> chan closed at its Bye
 		for {
 			f, err := r.Read()
 			if err != nil {
@@ -49,8 +52,18 @@ func fakeGuest(t *testing.T, silent bool) (host net.Conn) {
 			case protocol.TExec:
 				var p protocol.Process
 				_ = protocol.Decode(f, &p)
+				bye := make(chan struct{})
+				byes.Store(f.Session, bye)
 				go func(id uint32) {
 					_ = w.WriteJSON(protocol.TStarted, id, protocol.Started{Pid: int(id)})
+					for p.Args[0] == "yes" {
+						select {
+						case <-bye:
+							return
+						default:
+							_ = w.Write(protocol.TStdout, id, []byte("y\n"))
+						}
+					}
 					// Interleaved with the other sessions' output.
 					for _, a := range p.Args {
 						_ = w.Write(protocol.TStdout, id, []byte(a+" "))
@@ -59,6 +72,10 @@ func fakeGuest(t *testing.T, silent bool) (host net.Conn) {
 					_ = w.Write(protocol.TStderr, id, []byte(fmt.Sprint(id)))
 					_ = w.WriteJSON(protocol.TExit, id, protocol.Exit{Code: len(p.Args[0])})
 				}(f.Session)
+			case protocol.TBye:
+				if bye, ok := byes.LoadAndDelete(f.Session); ok {
+					close(bye.(chan struct{}))
+				}
 			case protocol.TControl:
 				if !silent {
 					_ = w.WriteJSON(protocol.TExit, f.Session, protocol.Exit{})
@@ -184,3 +201,33 @@ func TestSlowReaderIsolated(t *testing.T) {
 type blockedWriter chan struct{}
 
 func (b blockedWriter) Write(p []byte) (int, error) { <-b; return len(p), nil }
+
+// TestReaderGone: an exec whose output can no longer be written (its
+// reader left, as with `| head`) ends with that error, and the guest is
+// told to stop its process, which would otherwise write on forever.
+func TestReaderGone(t *testing.T) {
+	r, stop := booted(t, false)
+	defer stop()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := r.Exec(ctx, ExecSpec{Args: []string{"yes"}}, IO{Stdout: &failingWriter{after: 3}, Stderr: &boundedWriter{}})
+	var oe *OutputError
+	if !errors.As(err, &oe) || !errors.Is(err, syscall.EPIPE) {
+		t.Fatalf("an exec whose reader left: %v, want an OutputError of EPIPE", err)
+	}
+	// The channel serves on.
+	if res, err := r.Exec(ctx, ExecSpec{Args: []string{"ab"}}, IO{Stdout: &boundedWriter{}, Stderr: &boundedWriter{}}); err != nil || res.ExitCode != 2 {
+		t.Fatalf("the next exec: %v %+v", err, res)
+	}
+}
+
+// failingWriter takes after writes, then fails with EPIPE.
+type failingWriter struct{ after int }
+
+func (f *failingWriter) Write(p []byte) (int, error) {
+	if f.after == 0 {
+		return 0, syscall.EPIPE
+	}
+	f.after--
+	return len(p), nil
+}

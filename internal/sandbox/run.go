@@ -613,7 +613,8 @@ func (s *session) ended(res *Result) (*Result, error) {
 			case <-time.After(time.Second):
 			}
 		}
-		if errors.Is(err, ErrGuestProtocol) {
+		var oe *OutputError
+		if errors.Is(err, ErrGuestProtocol) || errors.As(err, &oe) {
 			return nil, err
 		}
 		return nil, fmt.Errorf("guest agent channel: %w", err)
