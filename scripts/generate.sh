@@ -2,7 +2,8 @@
 # Regenerates what is generated from Go types (`make generate`):
 #   api/v1alpha1/zz_generated.deepcopy.go and api/v1alpha1/crds/*.yaml (controller-gen)
 #   internal/apiserver/coreopenapi (openapi-gen: the OpenAPI models of the
-#   k8s.io/api types the core API serves, which server-side apply needs)
+#   k8s.io/api types the core API serves -- core, coordination, rbac and
+#   authorization -- which server-side apply needs)
 # The generators run from a scratch module so that they stay out of go.mod.
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -25,8 +26,10 @@ cat > tools.go <<EOM
 package gen
 
 import (
+	_ "k8s.io/api/authorization/v1"
 	_ "k8s.io/api/coordination/v1"
 	_ "k8s.io/api/core/v1"
+	_ "k8s.io/api/rbac/v1"
 	_ "k8s.io/kube-openapi/cmd/openapi-gen/args"
 	_ "k8s.io/kube-openapi/pkg/generators"
 )
@@ -37,6 +40,7 @@ go run k8s.io/kube-openapi/cmd/openapi-gen --go-header-file /dev/null \
 	--output-file zz_generated.openapi.go \
 	--output-dir "$root/internal/apiserver/coreopenapi" \
 	--output-pkg hearth.dev/hearth/internal/apiserver/coreopenapi \
-	k8s.io/api/core/v1 k8s.io/api/coordination/v1 k8s.io/apimachinery/pkg/apis/meta/v1 \
+	k8s.io/api/core/v1 k8s.io/api/coordination/v1 k8s.io/api/rbac/v1 k8s.io/api/authorization/v1 \
+	k8s.io/apimachinery/pkg/apis/meta/v1 \
 	k8s.io/apimachinery/pkg/runtime k8s.io/apimachinery/pkg/version \
 	k8s.io/apimachinery/pkg/api/resource k8s.io/apimachinery/pkg/util/intstr 2>&1 | grep -v '^API rule violation' || true

@@ -4,8 +4,10 @@ import (
 	"context"
 	"fmt"
 
+	authorizationv1 "k8s.io/api/authorization/v1"
 	coordinationv1 "k8s.io/api/coordination/v1"
 	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
 	extv1 "k8s.io/apiextensions-apiserver/pkg/apis/apiextensions/v1"
 	"k8s.io/apiextensions-apiserver/pkg/registry/customresource/tableconvertor"
 	apivalidation "k8s.io/apimachinery/pkg/api/validation"
@@ -48,6 +50,11 @@ var coreKinds = map[schema.GroupVersion][]runtime.Object{
 		&corev1.Secret{}, &corev1.SecretList{},
 	},
 	coordinationv1.SchemeGroupVersion: {&coordinationv1.Lease{}, &coordinationv1.LeaseList{}},
+	rbacv1.SchemeGroupVersion: {
+		&rbacv1.Role{}, &rbacv1.RoleList{}, &rbacv1.ClusterRole{}, &rbacv1.ClusterRoleList{},
+		&rbacv1.RoleBinding{}, &rbacv1.RoleBindingList{}, &rbacv1.ClusterRoleBinding{}, &rbacv1.ClusterRoleBindingList{},
+	},
+	authorizationv1.SchemeGroupVersion: {&authorizationv1.SelfSubjectAccessReview{}, &authorizationv1.SelfSubjectRulesReview{}},
 }
 
 func init() {
@@ -102,7 +109,7 @@ func eventFields(e *corev1.Event) fields.Set {
 }
 
 // coreAPIGroups are the API groups of the core API, backed by getter.
-func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.APIGroupInfo, groups []*genericapiserver.APIGroupInfo, err error) {
+func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *genericapiserver.APIGroupInfo, groups []*genericapiserver.APIGroupInfo, err error) {
 	ns, err := newStore(getter, resource{
 		gr: corev1.Resource("namespaces"), singular: "namespace",
 		new: func() runtime.Object { return &corev1.Namespace{} }, newList: func() runtime.Object { return &corev1.NamespaceList{} },
@@ -171,7 +178,11 @@ func coreAPIGroups(getter generic.RESTOptionsGetter) (legacy *genericapiserver.A
 		"secrets": secrets}
 	coord := genericapiserver.NewDefaultAPIGroupInfo(coordinationv1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	coord.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{"leases": leases}
-	return &core, []*genericapiserver.APIGroupInfo{&coord}, nil
+	rbac, err := rbacGroup(getter, acc)
+	if err != nil {
+		return nil, nil, err
+	}
+	return &core, []*genericapiserver.APIGroupInfo{&coord, rbac, authorizationGroup(acc)}, nil
 }
 
 // resource describes one served resource of the core API.
@@ -182,8 +193,12 @@ type resource struct {
 	new, newList func() runtime.Object
 	prepare      func(runtime.Object)
 	validateName apivalidation.ValidateNameFunc
-	fields       func(runtime.Object) fields.Set // beyond metadata.name/namespace
-	ttl          uint64                          // seconds; 0 keeps objects
+	// validate checks the object beyond its metadata; validateUpdate,
+	// what may not change.
+	validate       func(obj runtime.Object) field.ErrorList
+	validateUpdate func(obj, old runtime.Object) field.ErrorList
+	fields         func(runtime.Object) fields.Set // beyond metadata.name/namespace
+	ttl            uint64                          // seconds; 0 keeps objects
 	// columns are kubectl get's, beyond the name (kube-apiserver's own).
 	columns []extv1.CustomResourceColumnDefinition
 }
@@ -271,7 +286,11 @@ func (s strategy) Validate(_ context.Context, obj runtime.Object) field.ErrorLis
 	if err != nil {
 		return field.ErrorList{field.InternalError(field.NewPath("metadata"), err)}
 	}
-	return apivalidation.ValidateObjectMetaAccessor(m, s.r.namespaced, s.r.validateName, field.NewPath("metadata"))
+	errs := apivalidation.ValidateObjectMetaAccessor(m, s.r.namespaced, s.r.validateName, field.NewPath("metadata"))
+	if s.r.validate != nil {
+		errs = append(errs, s.r.validate(obj)...)
+	}
+	return errs
 }
 
 func (s strategy) ValidateUpdate(_ context.Context, obj, old runtime.Object) field.ErrorList {
@@ -283,7 +302,14 @@ func (s strategy) ValidateUpdate(_ context.Context, obj, old runtime.Object) fie
 	if err != nil {
 		return field.ErrorList{field.InternalError(field.NewPath("metadata"), err)}
 	}
-	return apivalidation.ValidateObjectMetaAccessorUpdate(m, o, field.NewPath("metadata"))
+	errs := apivalidation.ValidateObjectMetaAccessorUpdate(m, o, field.NewPath("metadata"))
+	if s.r.validate != nil {
+		errs = append(errs, s.r.validate(obj)...)
+	}
+	if s.r.validateUpdate != nil {
+		errs = append(errs, s.r.validateUpdate(obj, old)...)
+	}
+	return errs
 }
 
 func (strategy) WarningsOnCreate(context.Context, runtime.Object) []string { return nil }

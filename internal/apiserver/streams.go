@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/url"
 	"strings"
+	"sync"
 
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -16,6 +17,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/pki"
 )
 
 // streamProxy serves the Sandbox stream subresources (exec, attach, log)
@@ -26,8 +28,11 @@ import (
 // audit) in front of the CRD handler, on the same paths a built-in
 // resource would have: /apis/hearth.dev/v1alpha1/namespaces/NS/sandboxes/NAME/exec.
 type streamProxy struct {
-	client    client.Client // the server itself, through its loopback
-	transport *http.Transport
+	client client.Client // the server itself, through its loopback
+	tls    *tls.Config
+	// transports are by host: each accepts only that host's node agent
+	// (nodeTransport).
+	transports sync.Map // host name -> *http.Transport
 }
 
 func newStreamProxy(c Config, loopback *rest.Config) (*streamProxy, error) {
@@ -43,10 +48,32 @@ func newStreamProxy(c Config, loopback *rest.Config) (*streamProxy, error) {
 	}
 	return &streamProxy{
 		client: cl,
-		transport: &http.Transport{
-			TLSClientConfig: &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.CA.Pool(), MinVersion: tls.VersionTLS12},
-		},
+		tls:    &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.CA.Pool(), MinVersion: tls.VersionTLS12},
 	}, nil
+}
+
+// nodeTransport is the transport to host's node agent. Past the CA and
+// the address (which the node itself reports in its Host's status), it
+// checks that the certificate is that host's: a node that claimed another
+// host's address, or answered there, is not handed that host's streams.
+func (p *streamProxy) nodeTransport(host string) *http.Transport {
+	if t, ok := p.transports.Load(host); ok {
+		return t.(*http.Transport)
+	}
+	cfg := p.tls.Clone()
+	want := pki.NodeServingRequest(host, "").CN
+	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
+		if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != want {
+			got := ""
+			if len(cs.PeerCertificates) > 0 {
+				got = cs.PeerCertificates[0].Subject.CommonName
+			}
+			return fmt.Errorf("the node agent at this address is %q, not host %s's (%q)", got, host, want)
+		}
+		return nil
+	}
+	t, _ := p.transports.LoadOrStore(host, &http.Transport{TLSClientConfig: cfg})
+	return t.(*http.Transport)
 }
 
 var streamPrefix = "/apis/" + v1alpha1.GroupVersion.Group + "/" + v1alpha1.GroupVersion.Version + "/namespaces/"
@@ -76,39 +103,39 @@ func (p *streamProxy) wrap(next http.Handler) http.Handler {
 			next.ServeHTTP(w, r)
 			return
 		}
-		loc, err := p.locate(r, ns, name, sub)
+		loc, host, err := p.locate(r, ns, name, sub)
 		if err != nil {
 			responsewriters.ErrorNegotiated(err, coreCodecs, v1alpha1.GroupVersion, w, r)
 			return
 		}
 		// exec and attach must upgrade (SPDY or WebSocket); log is a
 		// plain, possibly endless, response.
-		h := proxy.NewUpgradeAwareHandler(loc, p.transport, false, sub != "log", responder{})
+		h := proxy.NewUpgradeAwareHandler(loc, p.nodeTransport(host), false, sub != "log", responder{})
 		h.ServeHTTP(w, r)
 	})
 }
 
-// locate finds the node agent serving the sandbox.
-func (p *streamProxy) locate(r *http.Request, ns, name, sub string) (*url.URL, error) {
+// locate finds the node agent serving the sandbox, and its host's name.
+func (p *streamProxy) locate(r *http.Request, ns, name, sub string) (*url.URL, string, error) {
 	ctx := r.Context()
 	var sb v1alpha1.Sandbox
 	if err := p.client.Get(ctx, types.NamespacedName{Namespace: ns, Name: name}, &sb); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if sb.Status.HostName == "" {
-		return nil, apierrors.NewBadRequest(fmt.Sprintf("sandbox %s/%s is not on a host yet (phase %s)", ns, name, orPending(sb.Status.Phase)))
+		return nil, "", apierrors.NewBadRequest(fmt.Sprintf("sandbox %s/%s is not on a host yet (phase %s)", ns, name, orPending(sb.Status.Phase)))
 	}
 	if sub != "log" && sb.Status.Phase != v1alpha1.PhaseRunning {
-		return nil, apierrors.NewBadRequest(fmt.Sprintf("cannot %s: sandbox %s/%s is %s, not Running", sub, ns, name, orPending(sb.Status.Phase)))
+		return nil, "", apierrors.NewBadRequest(fmt.Sprintf("cannot %s: sandbox %s/%s is %s, not Running", sub, ns, name, orPending(sb.Status.Phase)))
 	}
 	var host v1alpha1.Host
 	if err := p.client.Get(ctx, types.NamespacedName{Name: sb.Status.HostName}, &host); err != nil {
-		return nil, err
+		return nil, "", err
 	}
 	if host.Status.Address == "" {
-		return nil, apierrors.NewServiceUnavailable(fmt.Sprintf("host %s has no stream address", host.Name))
+		return nil, "", apierrors.NewServiceUnavailable(fmt.Sprintf("host %s has no stream address", host.Name))
 	}
-	return &url.URL{Scheme: "https", Host: host.Status.Address, Path: v1alpha1.NodeStreamPath(ns, name, sub), RawQuery: r.URL.RawQuery}, nil
+	return &url.URL{Scheme: "https", Host: host.Status.Address, Path: v1alpha1.NodeStreamPath(ns, name, sub), RawQuery: r.URL.RawQuery}, host.Name, nil
 }
 
 func orPending(p v1alpha1.Phase) v1alpha1.Phase {

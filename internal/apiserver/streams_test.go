@@ -1,11 +1,14 @@
 package apiserver
 
 import (
-	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"strings"
 	"testing"
 
-	"k8s.io/apiserver/pkg/authentication/user"
-	"k8s.io/apiserver/pkg/authorization/authorizer"
+	"k8s.io/client-go/rest"
 
 	"hearth.dev/hearth/internal/pki"
 )
@@ -32,19 +35,44 @@ func TestParseStreamPath(t *testing.T) {
 	}
 }
 
-func TestAuthorize(t *testing.T) {
-	for _, tc := range []struct {
-		groups []string
-		want   authorizer.Decision
-	}{
-		{[]string{pki.GroupAdmin}, authorizer.DecisionAllow},
-		{[]string{pki.GroupNodes}, authorizer.DecisionAllow},
-		{[]string{"system:authenticated"}, authorizer.DecisionDeny},
-		{nil, authorizer.DecisionDeny},
-	} {
-		d, _, err := authorize(context.Background(), authorizer.AttributesRecord{User: &user.DefaultInfo{Name: "u", Groups: tc.groups}})
-		if err != nil || d != tc.want {
-			t.Errorf("groups %v: %v, %v; want %v", tc.groups, d, err, tc.want)
+// TestNodeTransportChecksHost: the stream proxy hands a host's streams
+// only to that host's node agent, whatever address the Host reports.
+func TestNodeTransportChecksHost(t *testing.T) {
+	ca, err := pki.LoadOrCreateCA(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	serving, err := ca.Ensure(pki.NodeServingRequest("b", "127.0.0.1"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	client, err := ca.Ensure(pki.Request{Name: "apiserver-node-client", CN: "hearth-apiserver", Groups: []string{pki.GroupAPIServer}, Client: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { fmt.Fprint(w, "streams of b") }))
+	cert, err := tls.LoadX509KeyPair(serving.CertFile, serving.KeyFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
+	srv.StartTLS()
+	defer srv.Close()
+	p, err := newStreamProxy(Config{CA: ca, NodeClient: client}, &rest.Config{Host: "https://127.0.0.1:1"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	get := func(host string) error {
+		resp, err := (&http.Client{Transport: p.nodeTransport(host)}).Get(srv.URL)
+		if err == nil {
+			resp.Body.Close()
 		}
+		return err
+	}
+	if err := get("b"); err != nil {
+		t.Errorf("host b's own node agent: %v", err)
+	}
+	if err := get("a"); err == nil || !strings.Contains(err.Error(), `is "hearth-node:b", not host a's`) {
+		t.Errorf("host a's streams to b's node agent: %v, want refused", err)
 	}
 }

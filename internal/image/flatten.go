@@ -30,7 +30,11 @@ const (
 //
 // Paths are resolved inside root (symlinks included), so a hostile layer
 // cannot write outside it through "..", absolute names or a planted symlink.
-func ApplyLayer(root string, layer io.Reader) error {
+// u, if not nil, counts what the image unpacks (its layers share it): an
+// entry past its limits fails with ErrTooLarge before anything of it is
+// written, so that a small compressed layer cannot fill the host's disk
+// or inode table.
+func ApplyLayer(root string, layer io.Reader, u *Usage) error {
 	tr := tar.NewReader(layer)
 	// Entries this layer wrote: an opaque marker may come after entries of
 	// the same layer in the same directory, and must not delete those.
@@ -43,6 +47,9 @@ func ApplyLayer(root string, layer io.Reader) error {
 		}
 		if err != nil {
 			return fmt.Errorf("read layer: %w", err)
+		}
+		if err := u.take(hdr); err != nil {
+			return err
 		}
 		rel := cleanPath(hdr.Name)
 		if rel == "" {
@@ -83,6 +90,44 @@ func ApplyLayer(root string, layer io.Reader) error {
 		if err == nil {
 			_ = setTimes(p, hdr)
 		}
+	}
+	return nil
+}
+
+// Limits bound what an image unpacks to: bytes of file content and
+// entries, over all of its layers.
+type Limits struct {
+	Bytes   int64
+	Entries int64
+}
+
+// DefaultLimits are a Store's unless it is given others: far past any
+// image a sandbox should boot, far below what fills a host.
+var DefaultLimits = Limits{Bytes: 8 << 30, Entries: 1 << 20}
+
+// ErrTooLarge is an image that unpacks past its Limits.
+var ErrTooLarge = errors.New("image too large")
+
+// Usage is what an image's layers have unpacked so far, against its
+// limits.
+type Usage struct {
+	Limits
+	bytes, entries int64
+}
+
+// take counts hdr; past the limits, it is an ErrTooLarge.
+func (u *Usage) take(hdr *tar.Header) error {
+	if u == nil {
+		return nil
+	}
+	if u.entries++; u.entries > u.Entries {
+		return fmt.Errorf("%w: it unpacks to more than %d files, the limit", ErrTooLarge, u.Entries)
+	}
+	if hdr.Typeflag == tar.TypeReg || hdr.Typeflag == tar.TypeRegA {
+		if hdr.Size < 0 || hdr.Size > u.Bytes-u.bytes {
+			return fmt.Errorf("%w: it unpacks to more than %d bytes, the limit (at %s)", ErrTooLarge, u.Bytes, hdr.Name)
+		}
+		u.bytes += hdr.Size
 	}
 	return nil
 }

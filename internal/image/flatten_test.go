@@ -24,7 +24,7 @@ func apply(t *testing.T, layers ...[]F) string {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := ApplyLayer(root, bytes.NewReader(b)); err != nil {
+		if err := ApplyLayer(root, bytes.NewReader(b), nil); err != nil {
 			t.Fatalf("layer %d: %v", i, err)
 		}
 	}
@@ -144,7 +144,7 @@ func TestNoEscape(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := ApplyLayer(root, bytes.NewReader(b)); err == nil {
+	if err := ApplyLayer(root, bytes.NewReader(b), nil); err == nil {
 		t.Error("hard link to ../../../../etc/hostname was accepted")
 	}
 	if entries, _ := os.ReadDir(outside); len(entries) != 0 {

@@ -66,6 +66,8 @@ type Store struct {
 	// Progress, if set, receives progress bars (a terminal).
 	Progress io.Writer
 	Log      *slog.Logger
+	// Limits bound what one image unpacks to (DefaultLimits if zero).
+	Limits Limits
 }
 
 // Image is a converted image, ready to boot.
@@ -279,18 +281,22 @@ func (s *Store) unpack(ctx context.Context, ref string, src v1.Image, rootfs str
 		)
 		defer bar.Finish()
 	}
+	usage := &Usage{Limits: s.Limits}
+	if usage.Limits == (Limits{}) {
+		usage.Limits = DefaultLimits
+	}
 	for i, l := range layers {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		if err := applyCompressed(l, bar, rootfs); err != nil {
+		if err := applyCompressed(l, bar, rootfs, usage); err != nil {
 			return fmt.Errorf("%s: layer %d: %w", ref, i, err)
 		}
 	}
 	return nil
 }
 
-func applyCompressed(l v1.Layer, bar *progressbar.ProgressBar, rootfs string) error {
+func applyCompressed(l v1.Layer, bar *progressbar.ProgressBar, rootfs string, usage *Usage) error {
 	rc, err := l.Compressed()
 	if err != nil {
 		return err
@@ -305,7 +311,7 @@ func applyCompressed(l v1.Layer, bar *progressbar.ProgressBar, rootfs string) er
 		return err
 	}
 	defer u.Close()
-	return ApplyLayer(rootfs, u)
+	return ApplyLayer(rootfs, u, usage)
 }
 
 // decompress recognises gzip and zstd layers by their magic numbers, and

@@ -3,6 +3,7 @@ package image
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -199,5 +200,40 @@ func TestSplitTag(t *testing.T) {
 		if p != tc.path || tag != tc.tag {
 			t.Errorf("splitTag(%q) = %q, %q", tc.in, p, tag)
 		}
+	}
+}
+
+// TestUnpackLimits: a gzip bomb (a small compressed layer that unpacks to
+// far more) and a layer of too many entries are refused with
+// ErrTooLarge, naming the limit, and leave nothing in the store.
+func TestUnpackLimits(t *testing.T) {
+	s := newStore(t)
+	s.Limits = Limits{Bytes: 32 << 20, Entries: 1000}
+	reg := testenv.StartRegistry(t)
+	bomb := testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}, []F{{Path: "zeros", Mode: 0o644, Body: make([]byte, 64<<20)}})
+	var many []F
+	for i := range 1200 {
+		many = append(many, F{Path: fmt.Sprintf("d/f%d", i), Mode: 0o644})
+	}
+	crowd := testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}, many)
+	for name, tc := range map[string]struct {
+		img  v1.Image
+		want string
+	}{
+		"bomb":  {bomb, "it unpacks to more than 33554432 bytes, the limit (at zeros)"},
+		"crowd": {crowd, "it unpacks to more than 1000 files, the limit"},
+	} {
+		layers, _ := tc.img.Layers()
+		compressed, _ := layers[len(layers)-1].Size()
+		_, err := s.Get(context.Background(), reg.Push(t, tc.img, name+":1"), PullAlways)
+		if !errors.Is(err, ErrTooLarge) || !strings.Contains(err.Error(), tc.want) {
+			t.Errorf("%s (last layer %d bytes compressed): %v, want ErrTooLarge: %s", name, compressed, err, tc.want)
+		}
+	}
+	if blobs, _ := filepath.Glob(filepath.Join(s.Dir, "blobs", "*")); len(blobs) != 0 {
+		t.Errorf("refused images left %v", blobs)
+	}
+	if left, _ := filepath.Glob(filepath.Join(s.Dir, "*", "*")); len(left) != 0 {
+		t.Logf("store after refusals: %v", left)
 	}
 }

@@ -190,6 +190,43 @@ func (ca *CA) Ensure(req Request) (Pair, error) {
 	return p, writePair(p.CertFile, p.KeyFile, c, key)
 }
 
+// IssueClient issues a client certificate for cn in groups, valid for ttl
+// from now, and returns it and its key PEM-encoded, written nowhere: a
+// user's credentials, which go into the kubeconfig handed to them.
+func (ca *CA) IssueClient(cn string, groups []string, ttl time.Duration) (certPEM, keyPEM []byte, err error) {
+	if ca.key == nil {
+		return nil, nil, ErrNoCAKey
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return nil, nil, err
+	}
+	now := time.Now()
+	tmpl := &x509.Certificate{
+		SerialNumber: serial,
+		Subject:      pkix.Name{CommonName: cn, Organization: groups},
+		// A minute back, for clocks a little behind; not an hour, so that
+		// a short-lived certificate is short-lived.
+		NotBefore:   now.Add(-time.Minute),
+		NotAfter:    now.Add(ttl),
+		KeyUsage:    x509.KeyUsageDigitalSignature,
+		ExtKeyUsage: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth},
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.Cert, key.Public(), ca.key)
+	if err != nil {
+		return nil, nil, fmt.Errorf("issue a certificate for %s: %w", cn, err)
+	}
+	keyPEM, err = keyutil.MarshalPrivateKeyToPEM(key)
+	if err != nil {
+		return nil, nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: cert.CertificateBlockType, Bytes: der}), keyPEM, nil
+}
+
 func matches(c *x509.Certificate, req Request) bool {
 	if c.Subject.CommonName != req.CN || time.Until(c.NotAfter) < 30*24*time.Hour {
 		return false
