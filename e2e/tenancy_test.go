@@ -2,10 +2,12 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -14,10 +16,15 @@ import (
 
 // as runs kubectl with another kubeconfig than the admin's.
 func (c *cluster) as(kubeconfig string, args ...string) (string, error) {
+	return c.asIn(kubeconfig, "", args...)
+}
+
+func (c *cluster) asIn(kubeconfig, stdin string, args ...string) (string, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	cmd := exec.CommandContext(ctx, "kubectl", args...)
 	cmd.Env = append(os.Environ(), "KUBECONFIG="+kubeconfig)
+	cmd.Stdin = strings.NewReader(stdin)
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
@@ -56,6 +63,8 @@ func TestTenants(t *testing.T) {
 		{[]string{"eve", "--namespace", "team-a", "--role", "root"}, `--role "root": want one of view, edit, admin`},
 		{[]string{"eve", "--namespace", "team-a", "--role", "view", "--ttl", "9000h"}, "--ttl 9000h0m0s: must be from 1m0s to 8784h0m0s"},
 		{[]string{"eve", "--role", "view"}, "--namespace is required"},
+		{[]string{"eve", "--namespace", "default", "--role", "view"}, "--namespace default is hearth's own"},
+		{[]string{"alice", "--namespace", "team-b", "--role", "view"}, "user alice already has access to namespace team-a"},
 	} {
 		r := c.hearth("", append([]string{"user", "create", "--data-dir", c.dataDir, "--out", filepath.Join(dir, "eve")}, bad.args...)...)
 		if r.code == 0 || !strings.Contains(r.stderr, bad.want) {
@@ -65,11 +74,15 @@ func TestTenants(t *testing.T) {
 
 	// alice runs a sandbox in her namespace (her kubeconfig's), bob in his.
 	for _, u := range []struct{ user, name string }{{"alice", "a1"}, {"bob", "b1"}} {
-		cmd := exec.Command("kubectl", "apply", "-f", "-")
-		cmd.Env = append(os.Environ(), "KUBECONFIG="+kc[u.user])
-		cmd.Stdin = strings.NewReader(sandboxYAML(u.name, img, "", "", "sh", "-c", "echo hello from "+u.name+"; sleep 1000"))
-		if out, err := cmd.CombinedOutput(); err != nil {
+		if out, err := c.asIn(kc[u.user], sandboxYAML(u.name, img, "", "", "sh", "-c", "echo hello from "+u.name+"; sleep 1000"), "apply", "-f", "-"); err != nil {
 			t.Fatalf("%s creates a sandbox: %v\n%s", u.user, err, out)
+		}
+	}
+	// Images from files on the node are the admin's.
+	for _, ref := range []string{"docker-archive:/etc/shadow", "oci:/tmp/layout:1"} {
+		out, err := c.asIn(kc["alice"], sandboxYAML("local", ref, "", "", "true"), "apply", "-f", "-")
+		if err == nil || !strings.Contains(out, "images from files on the host (oci:, docker-archive:) are for the admin") {
+			t.Errorf("alice's sandbox of %s: %v\n%s", ref, err, out)
 		}
 	}
 	for _, ns := range []string{"team-a", "team-b"} {
@@ -114,6 +127,8 @@ func TestTenants(t *testing.T) {
 		// Her own sandbox's status is the system's.
 		{"patch", "sandbox", "a1", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"elsewhere"}}`},
 		{"create", "rolebinding", "x", "--clusterrole=admin", "--user=alice"},
+		// Routes are the admin's until the ingress knows who owns a host name.
+		{"create", "-f", "testdata/route.yaml"},
 	} {
 		forbidden("alice", args...)
 	}
@@ -201,6 +216,35 @@ func TestTenants(t *testing.T) {
 	forbidden("node", "get", "secrets", "--all-namespaces")
 	forbidden("node", "create", "namespace", "node-made")
 	forbidden("node", "create", "clusterrolebinding", "x", "--clusterrole=admin", "--user=hearth-node:host-1")
+	// ... and, past RBAC, its own only (node restriction): it may not
+	// rebind a sandbox, change a spec, or write the controllers' lease.
+	allowed("node", "annotate", "sandbox", "a1", "-n", "team-a", "hearth.dev/test=1")
+	forbidden("node", "patch", "sandbox", "a1", "-n", "team-a", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"host-2"}}`)
+	forbidden("node", "patch", "sandbox", "a1", "-n", "team-a", "--type=merge", "-p", `{"spec":{"command":["evil"]}}`)
+	forbidden("node", "patch", "lease", "hearth-controllers", "-n", "hearth-system", "--type=merge", "-p", `{"spec":{"holderIdentity":"evil"}}`)
+	allowed("node", "annotate", "host", "host-1", "hearth.dev/test=1")
+	// Another host's node agent, joined with credentials from `hearth host
+	// credentials`, may not write host-1's sandboxes or Host.
+	if r := c.hearth("", "host", "credentials", "host-2", "--address", "127.0.0.2", "--out", filepath.Join(dir, "host-2"), "--data-dir", c.dataDir); r.code != 0 {
+		t.Fatalf("host credentials: exit %d %s", r.code, r.stderr)
+	}
+	other := filepath.Join(dir, "node2.kubeconfig")
+	for _, args := range [][]string{
+		{"config", "set-cluster", "h", "--server", server, "--certificate-authority", filepath.Join(pkiDir, "ca.crt")},
+		{"config", "set-credentials", "n", "--client-certificate", filepath.Join(dir, "host-2", "pki", "node-host-2-client.crt"), "--client-key", filepath.Join(dir, "host-2", "pki", "node-host-2-client.key")},
+		{"config", "set-context", "h", "--cluster", "h", "--user", "n"},
+		{"config", "use-context", "h"},
+	} {
+		if out, err := c.as(other, args...); err != nil {
+			t.Fatalf("node kubeconfig: %v %s", err, out)
+		}
+	}
+	kc["node2"] = other
+	forbidden("node2", "patch", "sandbox", "a1", "-n", "team-a", "--subresource=status", "--type=merge", "-p", `{"status":{"phase":"Failed"}}`)
+	forbidden("node2", "annotate", "sandbox", "a1", "-n", "team-a", "x=y")
+	forbidden("node2", "delete", "sandbox", "a1", "-n", "team-a", "--wait=false")
+	forbidden("node2", "annotate", "host", "host-1", "x=y")
+	forbidden("node2", "patch", "host", "host-1", "--subresource=status", "--type=merge", "-p", `{"status":{"address":"127.0.0.2:10250"}}`)
 
 	// A token for a program: view in team-a, kept hashed, revoked at once.
 	r := c.hearth("", "token", "create", "ci", "--namespace", "team-a", "--role", "view")
@@ -258,5 +302,84 @@ func TestTenants(t *testing.T) {
 			break
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// TestQuotas: a namespace's ResourceQuota refuses the create past it,
+// naming the quota, counts concurrent creates exactly, and gives room
+// back when sandboxes go.
+func TestQuotas(t *testing.T) {
+	h := newHarness(t)
+	c := startCluster(t, h)
+	dir := t.TempDir()
+	alice := filepath.Join(dir, "alice.kubeconfig")
+	if r := c.hearth("", "user", "create", "alice", "--namespace", "team-q", "--role", "edit", "--data-dir", c.dataDir, "--out", alice); r.code != 0 {
+		t.Fatalf("user create: exit %d %s", r.code, r.stderr)
+	}
+	if out, err := c.kubectlIn("apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: q, namespace: team-q}\nspec:\n  hard: {pods: '3'}\n", "apply", "-f", "-"); err == nil || !strings.Contains(out, `spec.hard[pods]: Unsupported value: "pods"`) {
+		t.Errorf("a quota of pods: %v\n%s", err, out)
+	}
+	c.mustKubectlIn("apiVersion: v1\nkind: ResourceQuota\nmetadata: {name: team-q-quota, namespace: team-q}\nspec:\n  hard: {count/sandboxes.hearth.dev: '4', requests.memory: 1Gi}\n", "apply", "-f", "-")
+	used := func(res string) string {
+		out, _ := c.kubectl("get", "resourcequota", "team-q-quota", "-n", "team-q", "-o", "go-template={{index .status.used \""+res+"\"}}")
+		return out
+	}
+	waitUsed := func(res, want string) {
+		t.Helper()
+		deadline := time.Now().Add(30 * time.Second)
+		for used(res) != want {
+			if time.Now().After(deadline) {
+				t.Fatalf("quota used %s: %q, want %q", res, used(res), want)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+	}
+	waitUsed("count/sandboxes.hearth.dev", "0")
+	// Pending forever (no host matches): the quota counts objects, not VMs.
+	create := func(name, memory string) (string, error) {
+		return c.asIn(alice, strings.Replace(sandboxYAML(name, "registry.example/tools:1", "", "  hostSelector: {none: none}\n", "true"),
+			"memory: 128Mi", "memory: "+memory, 1), "create", "-f", "-")
+	}
+	for _, n := range []string{"s1", "s2"} {
+		if out, err := create(n, "128Mi"); err != nil {
+			t.Fatalf("create %s: %v %s", n, err, out)
+		}
+	}
+	if out, err := create("big", "900Mi"); err == nil || !strings.Contains(out, "exceeded quota: team-q-quota, requested: requests.memory=900Mi, used: requests.memory=256Mi, limited: requests.memory=1Gi") {
+		t.Errorf("a sandbox past the memory quota: %v\n%s", err, out)
+	}
+	// Two slots left, six creates at once: exactly two get through.
+	var mu sync.Mutex
+	ok := 0
+	var wg sync.WaitGroup
+	for i := range 6 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			out, err := create(fmt.Sprintf("race-%d", i), "128Mi")
+			mu.Lock()
+			defer mu.Unlock()
+			if err == nil {
+				ok++
+			} else if !strings.Contains(out, "exceeded quota: team-q-quota") {
+				t.Errorf("race-%d refused for another reason: %s", i, out)
+			}
+		}()
+	}
+	wg.Wait()
+	if ok != 2 {
+		t.Errorf("%d of 6 concurrent creates got the quota's last 2 slots", ok)
+	}
+	waitUsed("count/sandboxes.hearth.dev", "4")
+	if out, err := c.as(alice, "patch", "resourcequota", "team-q-quota", "--type=merge", "-p", `{"spec":{"hard":{"count/sandboxes.hearth.dev":"100"}}}`); err == nil || !strings.Contains(out, "forbidden") {
+		t.Errorf("alice raises her own quota: %v %s", err, out)
+	}
+	// Room comes back when a sandbox goes.
+	if out, err := c.as(alice, "delete", "sandbox", "s1", "--timeout=1m"); err != nil {
+		t.Fatalf("delete s1: %v %s", err, out)
+	}
+	waitUsed("count/sandboxes.hearth.dev", "3")
+	if out, err := create("s3", "128Mi"); err != nil {
+		t.Errorf("a create after one was deleted: %v %s", err, out)
 	}
 }

@@ -2,12 +2,15 @@ package apiserver
 
 import (
 	"context"
+	"fmt"
 	"slices"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apiserver/pkg/admission"
+	"k8s.io/apiserver/pkg/authentication/user"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/image"
 )
 
 // finalizerAdmission is a built-in mutating admission plugin: every Sandbox
@@ -30,6 +33,38 @@ func (finalizerAdmission) Admit(_ context.Context, a admission.Attributes, _ adm
 	}
 	if f := u.GetFinalizers(); !slices.Contains(f, v1alpha1.Finalizer) {
 		u.SetFinalizers(append(f, v1alpha1.Finalizer))
+	}
+	return nil
+}
+
+// localImageAdmission refuses, to everyone but the admin (system:masters),
+// sandboxes and templates whose image names files on the node (oci:DIR,
+// docker-archive:FILE): the node opens them as root, so a tenant could
+// boot whatever layout lies on the host, or probe any path through the
+// error it gets back. Tenants give registry references.
+type localImageAdmission struct{}
+
+var _ admission.ValidationInterface = localImageAdmission{}
+
+func (localImageAdmission) Handles(op admission.Operation) bool {
+	return op == admission.Create || op == admission.Update
+}
+
+func (localImageAdmission) Validate(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
+	gr := a.GetResource().GroupResource()
+	if gr.Group != v1alpha1.GroupVersion.Group || (gr.Resource != "sandboxes" && gr.Resource != "sandboxtemplates") || a.GetSubresource() != "" {
+		return nil
+	}
+	if u := a.GetUserInfo(); u != nil && slices.Contains(u.GetGroups(), user.SystemPrivilegedGroup) {
+		return nil
+	}
+	u, ok := a.GetObject().(*unstructured.Unstructured)
+	if !ok {
+		return nil
+	}
+	ref, _, _ := unstructured.NestedString(u.Object, "spec", "image")
+	if image.IsLocal(ref) {
+		return admission.NewForbidden(a, fmt.Errorf("spec.image %q: images from files on the host (oci:, docker-archive:) are for the admin and `hearth run --local`; give a registry reference", ref))
 	}
 	return nil
 }

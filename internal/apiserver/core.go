@@ -47,7 +47,7 @@ var (
 var coreKinds = map[schema.GroupVersion][]runtime.Object{
 	corev1.SchemeGroupVersion: {
 		&corev1.Namespace{}, &corev1.NamespaceList{}, &corev1.Event{}, &corev1.EventList{},
-		&corev1.Secret{}, &corev1.SecretList{},
+		&corev1.Secret{}, &corev1.SecretList{}, &corev1.ResourceQuota{}, &corev1.ResourceQuotaList{},
 	},
 	coordinationv1.SchemeGroupVersion: {&coordinationv1.Lease{}, &coordinationv1.LeaseList{}},
 	rbacv1.SchemeGroupVersion: {
@@ -163,6 +163,15 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 	if err != nil {
 		return nil, nil, err
 	}
+	quotas, err := newStore(getter, resource{
+		gr: corev1.Resource("resourcequotas"), singular: "resourcequota", namespaced: true,
+		new: func() runtime.Object { return &corev1.ResourceQuota{} }, newList: func() runtime.Object { return &corev1.ResourceQuotaList{} },
+		validateName: apivalidation.NameIsDNSSubdomain, validate: validateQuota,
+		columns: []extv1.CustomResourceColumnDefinition{col("Age", "date", ".metadata.creationTimestamp")},
+	})
+	if err != nil {
+		return nil, nil, err
+	}
 	leases, err := newStore(getter, resource{
 		gr: coordinationv1.Resource("leases"), singular: "lease", namespaced: true,
 		new: func() runtime.Object { return &coordinationv1.Lease{} }, newList: func() runtime.Object { return &coordinationv1.LeaseList{} },
@@ -175,7 +184,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 	core := genericapiserver.NewDefaultAPIGroupInfo(corev1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	core.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
 		"namespaces": shortNames{ns, []string{"ns"}}, "events": shortNames{ev, []string{"ev"}},
-		"secrets": secrets}
+		"secrets": secrets, "resourcequotas": shortNames{quotas, []string{"quota"}}}
 	coord := genericapiserver.NewDefaultAPIGroupInfo(coordinationv1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	coord.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{"leases": leases}
 	rbac, err := rbacGroup(getter, acc)

@@ -44,14 +44,22 @@ func defaultClusterRoles() []rbacv1.ClusterRole {
 	hearth := v1alpha1.GroupVersion.Group
 	view := []rbacv1.PolicyRule{
 		{APIGroups: []string{hearth}, Resources: hearthRead, Verbs: readVerbs},
-		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: readVerbs},
+		{APIGroups: []string{""}, Resources: []string{"events", "resourcequotas"}, Verbs: readVerbs},
 		// Bound in a namespace, this is that namespace only.
 		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get"}},
 	}
 	// Writes: not status, which is the system's (a tenant that set a
 	// sandbox's host would steer its streams).
+	// Not Routes either, until the ingress knows which namespace owns a
+	// host name: one tenant's Route could take another's traffic.
+	var written []string
+	for _, r := range tenantResources {
+		if r != "routes" {
+			written = append(written, r)
+		}
+	}
 	edit := append(append([]rbacv1.PolicyRule(nil), view...),
-		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: tenantResources, Verbs: writeVerbs},
+		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: written, Verbs: writeVerbs},
 		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: []string{"warmpools/scale"}, Verbs: []string{"update", "patch"}},
 		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: []string{"sandboxes/exec", "sandboxes/attach"}, Verbs: []string{"create", "get"}},
 		rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: append(append([]string(nil), readVerbs...), writeVerbs...)},

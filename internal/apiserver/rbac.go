@@ -177,7 +177,11 @@ func (g *escalationGuard) check(ctx context.Context, obj runtime.Object) error {
 	}
 	ns, _ := genericapirequest.NamespaceFrom(ctx)
 	if g.binding != nil {
+		// As stored: the checks below take a defaulted roleRef.
 		ref := g.binding(obj)
+		if ref.APIGroup == "" {
+			ref.APIGroup = rbacv1.GroupName
+		}
 		if rbacregistry.BindingAuthorized(ctx, rbacinternal.RoleRef{APIGroup: ref.APIGroup, Kind: ref.Kind, Name: ref.Name}, ns, g.acc.authorizer) {
 			return nil
 		}

@@ -89,7 +89,7 @@ func startKubeAPIServer(ctx context.Context, log *slog.Logger, bin, dir string) 
 	etcdURL := "https://127.0.0.1:" + strconv.Itoa(ports[0])
 	member, err := etcd.Start(ctx, log, etcd.Config{Name: "kube", DataDir: filepath.Join(dir, "etcd"),
 		ClientURL: etcdURL, PeerURL: "https://127.0.0.1:" + strconv.Itoa(ports[1]),
-		CertFile: etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: ca.CertFile()})
+		CertFile: etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: ca.CertFile(), ClientCNs: []string{"kube-apiserver"}})
 	if err != nil {
 		return nil, err
 	}

@@ -76,7 +76,7 @@ token field, kubectl --token).`,
 			if _, err := cs.CoreV1().Secrets(pki.TokenNamespace).Create(ctx, sec, metav1.CreateOptions{}); err != nil {
 				return fmt.Errorf("keep the token: %w", err)
 			}
-			if err := bindUser(ctx, cs, g.namespace, name, role); err != nil {
+			if err := bindUser(ctx, cs, g.namespace, name, role, o.also); err != nil {
 				_ = cs.CoreV1().Secrets(pki.TokenNamespace).Delete(ctx, sec.Name, metav1.DeleteOptions{})
 				return err
 			}
@@ -85,7 +85,7 @@ token field, kubectl --token).`,
 			return nil
 		},
 	}
-	o.flags(cmd)
+	o.grantFlags(cmd)
 	cmd.Flags().StringVar(&role, "role", "", "the user's role in the namespace: "+strings.Join(v1alpha1.TenantRoles, ", "))
 	cmd.Flags().DurationVar(&ttl, "ttl", defaultTokenTTL, fmt.Sprintf("how long the token lasts (%s to %s)", minUserTTL, maxUserTTL))
 	return cmd

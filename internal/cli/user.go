@@ -45,10 +45,17 @@ func userCmd(g *globals) *cobra.Command {
 // hearth's --namespace, required here.
 type userOptions struct {
 	dataDir string
+	also    bool
 }
 
 func (o *userOptions) flags(cmd *cobra.Command) {
 	cmd.Flags().StringVar(&o.dataDir, "data-dir", config.DataDir(), "the control plane's data directory (its CA key and admin kubeconfig)")
+}
+
+// grantFlags are create's: what bindUser may do beyond one namespace.
+func (o *userOptions) grantFlags(cmd *cobra.Command) {
+	o.flags(cmd)
+	cmd.Flags().BoolVar(&o.also, "also", false, "give a user already bound in another namespace this one too (one identity, both namespaces)")
 }
 
 // admin is a clientset with the control plane's admin credentials:
@@ -94,8 +101,9 @@ func validateGrant(name, namespace, role string) error {
 	if errs := validation.IsDNS1123Label(namespace); len(errs) > 0 {
 		return fmt.Errorf("--namespace %q: %s", namespace, strings.Join(errs, "; "))
 	}
-	if namespace == pki.TokenNamespace || namespace == v1alpha1.LeaseNamespace {
-		return fmt.Errorf("--namespace %s is hearth's own (it keeps tokens and leases), not a tenant's", namespace)
+	switch namespace {
+	case pki.TokenNamespace, v1alpha1.LeaseNamespace, "default":
+		return fmt.Errorf("--namespace %s is hearth's own (tokens, leases, the events of hosts), not a tenant's", namespace)
 	}
 	if !slices.Contains(v1alpha1.TenantRoles, role) {
 		return fmt.Errorf("--role %q: want one of %s", role, strings.Join(v1alpha1.TenantRoles, ", "))
@@ -104,6 +112,9 @@ func validateGrant(name, namespace, role string) error {
 }
 
 func bindingName(user string) string { return "hearth-user-" + user }
+
+// userLabel marks the bindings user create and token create make.
+const userLabel = "hearth.dev/user"
 
 func userCreateCmd(g *globals) *cobra.Command {
 	var o userOptions
@@ -148,7 +159,7 @@ once with 'hearth user delete', which removes the binding.`,
 				return err
 			}
 			ctx := cmd.Context()
-			if err := bindUser(ctx, cs, g.namespace, name, role); err != nil {
+			if err := bindUser(ctx, cs, g.namespace, name, role, o.also); err != nil {
 				return err
 			}
 			cluster := admin.Clusters[admin.Contexts[admin.CurrentContext].Cluster]
@@ -166,7 +177,7 @@ once with 'hearth user delete', which removes the binding.`,
 			return nil
 		},
 	}
-	o.flags(cmd)
+	o.grantFlags(cmd)
 	cmd.Flags().StringVar(&role, "role", "", "the user's role in the namespace: "+strings.Join(v1alpha1.TenantRoles, ", "))
 	cmd.Flags().DurationVar(&ttl, "ttl", defaultUserTTL, fmt.Sprintf("how long the certificate lasts (%s to %s)", minUserTTL, maxUserTTL))
 	cmd.Flags().StringVarP(&out, "out", "o", "", "where to write the kubeconfig (default NAME.kubeconfig)")
@@ -174,14 +185,39 @@ once with 'hearth user delete', which removes the binding.`,
 }
 
 // bindUser makes the namespace if need be and binds user to role there,
-// replacing an earlier binding of the user's with another role.
-func bindUser(ctx context.Context, cs *kubernetes.Clientset, ns, user, role string) error {
-	_, err := cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
-	if err != nil && !apierrors.IsAlreadyExists(err) {
+// replacing an earlier binding of the user's with another role. A user
+// is one identity: one already bound in another namespace is refused
+// unless more is set, which gives it this namespace too.
+func bindUser(ctx context.Context, cs *kubernetes.Clientset, ns, user, role string, more bool) error {
+	mine, err := cs.RbacV1().RoleBindings("").List(ctx, metav1.ListOptions{LabelSelector: userLabel + "=" + user})
+	if err != nil {
+		return fmt.Errorf("role bindings of %s: %w", user, err)
+	}
+	for _, b := range mine.Items {
+		if b.Namespace != ns && !more {
+			return fmt.Errorf("user %s already has access to namespace %s: one name is one identity, whose credentials reach every namespace it is bound in; "+
+				"choose another name, or pass --also to give %s namespace %s as well", user, b.Namespace, user, ns)
+		}
+	}
+	_, err = cs.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{})
+	switch {
+	case err == nil:
+		// A new namespace: one deleted before may have left grants that
+		// would now reach its new tenant (nothing here empties a
+		// deleted namespace).
+		left, err := cs.RbacV1().RoleBindings(ns).List(ctx, metav1.ListOptions{})
+		if err != nil {
+			return err
+		}
+		if len(left.Items) > 0 {
+			return fmt.Errorf("namespace %s is new but holds %d role bindings (%s, ...) left from a namespace of that name deleted before: delete them first",
+				ns, len(left.Items), left.Items[0].Name)
+		}
+	case !apierrors.IsAlreadyExists(err):
 		return fmt.Errorf("namespace %s: %w", ns, err)
 	}
 	b := &rbacv1.RoleBinding{
-		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: bindingName(user), Labels: map[string]string{"hearth.dev/user": user}},
+		ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: bindingName(user), Labels: map[string]string{userLabel: user}},
 		RoleRef:    rbacv1.RoleRef{APIGroup: rbacv1.GroupName, Kind: "ClusterRole", Name: role},
 		Subjects:   []rbacv1.Subject{{APIGroup: rbacv1.GroupName, Kind: rbacv1.UserKind, Name: user}},
 	}

@@ -24,7 +24,15 @@ type Config struct {
 	// TLS: the member's serving certificate, which is also its peer
 	// certificate, and the CA that signs its clients.
 	CertFile, KeyFile, CAFile string
+	// ClientCNs are the only client certificates it accepts, by common
+	// name, besides its own: the CA signs users and nodes too, and etcd
+	// has no authorization of its own (a user's certificate would be
+	// root over all the cluster's state).
+	ClientCNs []string
 }
+
+// memberCN is the common name of a member's own certificate.
+const memberCN = "etcd"
 
 // Member is a running etcd member.
 type Member struct {
@@ -50,6 +58,8 @@ func Start(ctx context.Context, log *slog.Logger, c Config) (*Member, error) {
 	cfg.ClientTLSInfo.CertFile, cfg.ClientTLSInfo.KeyFile = c.CertFile, c.KeyFile
 	cfg.ClientTLSInfo.TrustedCAFile, cfg.ClientTLSInfo.ClientCertAuth = c.CAFile, true
 	cfg.PeerTLSInfo = cfg.ClientTLSInfo
+	cfg.ClientTLSInfo.AllowedCNs = append([]string{memberCN}, c.ClientCNs...)
+	cfg.PeerTLSInfo.AllowedCNs = []string{memberCN}
 	// etcd's own zap logger: quiet unless something is wrong.
 	cfg.LogLevel = "error"
 	cfg.ZapLoggerBuilder = embed.NewZapLoggerBuilder(zap.NewNop())

@@ -25,6 +25,7 @@ import (
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hostlifecycle"
 	"hearth.dev/hearth/internal/network/ipam"
+	"hearth.dev/hearth/internal/quota"
 	"hearth.dev/hearth/internal/scheduler"
 	"hearth.dev/hearth/internal/scheme"
 	"hearth.dev/hearth/internal/warmpool"
@@ -159,6 +160,10 @@ func runControllersOnce(ctx context.Context, log *slog.Logger, cfg *rest.Config,
 	}
 	pools := &warmpool.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-warmpool"), Log: log}
 	if err := pools.SetupWithManager(ctx, mgr); err != nil {
+		return err
+	}
+	quotas := &quota.Controller{Client: mgr.GetClient(), Log: log}
+	if err := quotas.SetupWithManager(mgr); err != nil {
 		return err
 	}
 	return mgr.Start(ctx)

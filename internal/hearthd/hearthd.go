@@ -225,6 +225,10 @@ func waitAll(waits []<-chan struct{}) {
 	}
 }
 
+// apiServerCN names the API server's certificates, the one identity etcd
+// serves.
+const apiServerCN = "hearth-apiserver"
+
 type controlPlane struct {
 	member   *etcd.Member
 	loopback *rest.Config
@@ -247,7 +251,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 	if err != nil {
 		return nil, err
 	}
-	etcdClient, err := issue(pki.Request{Name: "apiserver-etcd-client", CN: "hearth-apiserver", Client: true})
+	etcdClient, err := issue(pki.Request{Name: "apiserver-etcd-client", CN: apiServerCN, Client: true})
 	if err != nil {
 		return nil, err
 	}
@@ -255,11 +259,11 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 	if hostname != "" {
 		hosts = append(hosts, hostname)
 	}
-	serving, err := issue(pki.Request{Name: "apiserver", CN: "hearth-apiserver", Hosts: hosts, Server: true})
+	serving, err := issue(pki.Request{Name: "apiserver", CN: apiServerCN, Hosts: hosts, Server: true})
 	if err != nil {
 		return nil, err
 	}
-	nodeClient, err := issue(pki.Request{Name: "apiserver-node-client", CN: "hearth-apiserver", Groups: []string{pki.GroupAPIServer}, Client: true})
+	nodeClient, err := issue(pki.Request{Name: "apiserver-node-client", CN: apiServerCN, Groups: []string{pki.GroupAPIServer}, Client: true})
 	if err != nil {
 		return nil, err
 	}
@@ -279,6 +283,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		ClientURL: clientURL,
 		PeerURL:   "https://127.0.0.1:" + strconv.Itoa(o.EtcdPeerPort),
 		CertFile:  etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: ca.CertFile(),
+		ClientCNs: []string{apiServerCN},
 	})
 	if err != nil {
 		return nil, err

@@ -41,6 +41,12 @@ const (
 	archivePrefix = "docker-archive:"
 )
 
+// IsLocal says whether ref names files on this host (oci:, docker-archive:)
+// rather than a registry's image.
+func IsLocal(ref string) bool {
+	return strings.HasPrefix(ref, ociPrefix) || strings.HasPrefix(ref, archivePrefix)
+}
+
 // Open resolves ref to an image: a registry reference, "oci:DIR[:TAG]" (an
 // OCI image layout) or "docker-archive:FILE[:TAG]" (a docker save tarball).
 func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error) {

@@ -84,7 +84,7 @@ type Image struct {
 // store does not hold it. Concurrent calls for the same image convert once.
 func (s *Store) Get(ctx context.Context, ref string, policy PullPolicy) (*Image, error) {
 	ref = canonicalRef(ref)
-	remoteRef := !strings.HasPrefix(ref, ociPrefix) && !strings.HasPrefix(ref, archivePrefix)
+	remoteRef := !IsLocal(ref)
 	if remoteRef && policy != PullAlways {
 		if dgst, ok := s.lookupRef(ref); ok {
 			if img, err := s.load(ref, dgst); err == nil {

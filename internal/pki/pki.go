@@ -287,12 +287,16 @@ func SelfSigned(hosts []string, d time.Duration) (certPEM, keyPEM []byte, err er
 	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kb}), nil
 }
 
+// NodeUserPrefix begins a node agent's name, in its certificates and as
+// an API user: hearth-node:HOST.
+const NodeUserPrefix = "hearth-node:"
+
 // NodeServingRequest is the certificate a node agent serves streams with.
 func NodeServingRequest(name, host string) Request {
-	return Request{Name: "node-" + name, CN: "hearth-node:" + name, Hosts: []string{host}, Server: true}
+	return Request{Name: "node-" + name, CN: NodeUserPrefix + name, Hosts: []string{host}, Server: true}
 }
 
 // NodeClientRequest is the certificate a node agent calls the API with.
 func NodeClientRequest(name string) Request {
-	return Request{Name: "node-" + name + "-client", CN: "hearth-node:" + name, Groups: []string{GroupNodes}, Client: true}
+	return Request{Name: "node-" + name + "-client", CN: NodeUserPrefix + name, Groups: []string{GroupNodes}, Client: true}
 }

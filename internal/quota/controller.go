@@ -1,0 +1,117 @@
+package quota
+
+import (
+	"context"
+	"log/slog"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
+	"k8s.io/apimachinery/pkg/types"
+	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"hearth.dev/hearth/api/v1alpha1"
+)
+
+// Controller keeps each ResourceQuota's status: hard as its spec says,
+// used as the namespace's objects add up to. Admission raises used as it
+// lets creates through; this is what lowers it again when objects go,
+// and corrects it when a create that was counted then failed.
+type Controller struct {
+	Client client.Client
+	Log    *slog.Logger
+	// Resync recounts every quota this often besides the events (30 s
+	// if zero): a safety net for a missed event.
+	Resync time.Duration
+	Now    func() time.Time // time.Now if nil
+}
+
+// ChargedAt is the annotation admission stamps on a quota as it charges
+// a create, and ChargeGrace how long after it the controller only raises
+// used (see Reconcile).
+const (
+	ChargedAt   = "hearth.dev/charged-at"
+	ChargeGrace = 5 * time.Second
+)
+
+// SetupWithManager registers the controller.
+func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
+	quotasOf := handler.EnqueueRequestsFromMapFunc(func(ctx context.Context, o client.Object) []reconcile.Request {
+		var l corev1.ResourceQuotaList
+		if err := c.Client.List(ctx, &l, client.InNamespace(o.GetNamespace())); err != nil {
+			return nil
+		}
+		out := make([]reconcile.Request, 0, len(l.Items))
+		for _, q := range l.Items {
+			out = append(out, reconcile.Request{NamespacedName: types.NamespacedName{Namespace: q.Namespace, Name: q.Name}})
+		}
+		return out
+	})
+	return ctrl.NewControllerManagedBy(mgr).
+		Named("quota").
+		For(&corev1.ResourceQuota{}).
+		Watches(&v1alpha1.Sandbox{}, quotasOf).
+		Watches(&v1alpha1.Snapshot{}, quotasOf).
+		Watches(&v1alpha1.SandboxTemplate{}, quotasOf).
+		Watches(&v1alpha1.WarmPool{}, quotasOf).
+		Complete(c)
+}
+
+// Reconcile recounts one quota.
+func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	resync := c.Resync
+	if resync == 0 {
+		resync = 30 * time.Second
+	}
+	var q corev1.ResourceQuota
+	if err := c.Client.Get(ctx, req.NamespacedName, &q); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	in := client.InNamespace(q.Namespace)
+	var sbs v1alpha1.SandboxList
+	var snaps v1alpha1.SnapshotList
+	var tmpls v1alpha1.SandboxTemplateList
+	var pools v1alpha1.WarmPoolList
+	for _, l := range []client.ObjectList{&sbs, &snaps, &tmpls, &pools} {
+		if err := c.Client.List(ctx, l, in); err != nil {
+			return reconcile.Result{}, err
+		}
+	}
+	st := Status(q.Spec.Hard, Used(Objects{Sandboxes: sbs.Items, Snapshots: len(snaps.Items), Templates: len(tmpls.Items), WarmPools: pools.Items}))
+	// Admission charges a create before the object is stored, and this
+	// cache sees it later still: a recount just after a charge would
+	// hand the charge back while its object is on its way, and let a
+	// create past the quota. So within ChargeGrace of the last charge,
+	// used only goes up.
+	next := resync
+	if at, err := time.Parse(time.RFC3339Nano, q.Annotations[ChargedAt]); err == nil {
+		if wait := ChargeGrace - c.since(at); wait > 0 {
+			for n, have := range q.Status.Used {
+				if u, ok := st.Used[n]; ok && u.Cmp(have) < 0 {
+					st.Used[n] = have
+				}
+			}
+			next = min(next, wait+10*time.Millisecond)
+		}
+	}
+	if apiequality.Semantic.DeepEqual(st, q.Status) {
+		return reconcile.Result{RequeueAfter: next}, nil
+	}
+	q.Status = st
+	// A whole-object update with the version read: one that raced an
+	// admission's increment fails, and the next pass counts again.
+	if err := c.Client.Update(ctx, &q); err != nil {
+		return reconcile.Result{}, client.IgnoreNotFound(err)
+	}
+	return reconcile.Result{RequeueAfter: next}, nil
+}
+
+func (c *Controller) since(t time.Time) time.Duration {
+	if c.Now != nil {
+		return c.Now().Sub(t)
+	}
+	return time.Since(t)
+}
