@@ -109,7 +109,8 @@ func eventFields(e *corev1.Event) fields.Set {
 }
 
 // coreAPIGroups are the API groups of the core API, backed by getter.
-func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *genericapiserver.APIGroupInfo, groups []*genericapiserver.APIGroupInfo, err error) {
+// quotas is the ResourceQuota storage, which quota admission writes to.
+func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *genericapiserver.APIGroupInfo, groups []*genericapiserver.APIGroupInfo, quotas *genericregistry.Store, err error) {
 	ns, err := newStore(getter, resource{
 		gr: corev1.Resource("namespaces"), singular: "namespace",
 		new: func() runtime.Object { return &corev1.Namespace{} }, newList: func() runtime.Object { return &corev1.NamespaceList{} },
@@ -125,7 +126,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 		},
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	ev, err := newStore(getter, resource{
 		gr: corev1.Resource("events"), singular: "event", namespaced: true,
@@ -138,7 +139,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 		ttl: 3600,
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	secrets, err := newStore(getter, resource{
 		gr: corev1.Resource("secrets"), singular: "secret", namespaced: true,
@@ -161,16 +162,16 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 		columns:      []extv1.CustomResourceColumnDefinition{col("Type", "string", ".type"), col("Age", "date", ".metadata.creationTimestamp")},
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	quotas, err := newStore(getter, resource{
+	quotas, err = newStore(getter, resource{
 		gr: corev1.Resource("resourcequotas"), singular: "resourcequota", namespaced: true,
 		new: func() runtime.Object { return &corev1.ResourceQuota{} }, newList: func() runtime.Object { return &corev1.ResourceQuotaList{} },
 		validateName: apivalidation.NameIsDNSSubdomain, validate: validateQuota,
 		columns: []extv1.CustomResourceColumnDefinition{col("Age", "date", ".metadata.creationTimestamp")},
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	leases, err := newStore(getter, resource{
 		gr: coordinationv1.Resource("leases"), singular: "lease", namespaced: true,
@@ -179,7 +180,7 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 		columns:      []extv1.CustomResourceColumnDefinition{col("Holder", "string", ".spec.holderIdentity"), col("Age", "date", ".metadata.creationTimestamp")},
 	})
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 	core := genericapiserver.NewDefaultAPIGroupInfo(corev1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	core.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
@@ -189,9 +190,9 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 	coord.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{"leases": leases}
 	rbac, err := rbacGroup(getter, acc)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
-	return &core, []*genericapiserver.APIGroupInfo{&coord, rbac, authorizationGroup(acc)}, nil
+	return &core, []*genericapiserver.APIGroupInfo{&coord, rbac, authorizationGroup(acc)}, quotas, nil
 }
 
 // resource describes one served resource of the core API.

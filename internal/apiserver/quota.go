@@ -5,10 +5,12 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"sync"
 	"time"
 
 	autoscalingv1 "k8s.io/api/autoscaling/v1"
 	corev1 "k8s.io/api/core/v1"
+	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	apiresource "k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -17,7 +19,9 @@ import (
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	"k8s.io/apiserver/pkg/admission"
-	corev1client "k8s.io/client-go/kubernetes/typed/core/v1"
+	genericapirequest "k8s.io/apiserver/pkg/endpoints/request"
+	genericregistry "k8s.io/apiserver/pkg/registry/generic/registry"
+	"k8s.io/apiserver/pkg/registry/rest"
 	corev1listers "k8s.io/client-go/listers/core/v1"
 
 	"hearth.dev/hearth/api/v1alpha1"
@@ -30,9 +34,45 @@ import (
 // raises the quota's status.used, with the quota's resourceVersion, before
 // the object is stored, so that concurrent creates cannot both take the
 // last of it. internal/quota.Controller lowers used again as objects go.
+//
+// Charges to one quota are batched, as kube-apiserver's quota admission
+// does: the requests that arrive while a write to the quota is in flight
+// are decided together, in order, and written as one, so that a quota
+// costs a write per batch, not per create.
 type quotaAdmission struct {
 	quotas corev1listers.ResourceQuotaLister // which quotas a namespace has
-	client func(ns string) corev1client.ResourceQuotaInterface
+	store  *quotaStore                       // where charges are written
+
+	mu       sync.Mutex
+	chargers map[string]*charger // by namespace/name
+}
+
+// charger serializes the charges to one quota.
+type charger struct {
+	mu      sync.Mutex
+	pending []*charge
+	busy    bool // a goroutine is deciding and writing a batch
+	last    *corev1.ResourceQuota
+	// reserve is headroom charged with the last write and not yet given
+	// out, good until reserveUntil: the creates that follow a batch take
+	// from it without a write of their own.
+	reserve      corev1.ResourceList
+	reserveUntil time.Time
+}
+
+// A reservation is reserveFactor times what the batch that made it took,
+// for at most reserveFor: well within quota.ChargeGrace, so that what was
+// created from it is in the controller's cache before the controller may
+// hand an unspent rest back.
+const (
+	reserveFactor = 8
+	reserveFor    = time.Second
+)
+
+type charge struct {
+	delta corev1.ResourceList
+	dry   bool
+	done  chan error
 }
 
 var _ admission.ValidationInterface = &quotaAdmission{}
@@ -56,18 +96,7 @@ func (q *quotaAdmission) Validate(ctx context.Context, a admission.Attributes, _
 	}
 	slices.SortFunc(quotas, func(x, y *corev1.ResourceQuota) int { return cmpString(x.Name, y.Name) })
 	for _, cached := range quotas {
-		if err := q.charge(ctx, a, cached, delta); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// charge raises one quota's used by delta, or refuses.
-func (q *quotaAdmission) charge(ctx context.Context, a admission.Attributes, cached *corev1.ResourceQuota, delta corev1.ResourceList) error {
-	cur := cached.DeepCopy()
-	for attempt := 0; ; attempt++ {
-		used, err := quota.Fit(cur.Name, cur.Status, delta)
+		err := q.charge(ctx, cached, delta, a.IsDryRun())
 		var ex *quota.Exceeded
 		switch {
 		case errors.As(err, &ex):
@@ -77,27 +106,186 @@ func (q *quotaAdmission) charge(ctx context.Context, a admission.Attributes, cac
 		case err != nil:
 			return err
 		}
-		if a.IsDryRun() || apiequalityUsed(used, cur.Status.Used) {
-			return nil
+	}
+	return nil
+}
+
+// charge raises one quota's used by delta, or refuses, with the charges
+// that arrive meanwhile.
+func (q *quotaAdmission) charge(ctx context.Context, cached *corev1.ResourceQuota, delta corev1.ResourceList, dry bool) error {
+	key := cached.Namespace + "/" + cached.Name
+	q.mu.Lock()
+	if q.chargers == nil {
+		q.chargers = map[string]*charger{}
+	}
+	c := q.chargers[key]
+	if c == nil {
+		c = &charger{}
+		q.chargers[key] = c
+	}
+	q.mu.Unlock()
+	r := &charge{delta: delta, dry: dry, done: make(chan error, 1)}
+	c.mu.Lock()
+	c.pending = append(c.pending, r)
+	lead := !c.busy
+	c.busy = true
+	c.mu.Unlock()
+	if lead {
+		// This request decides the batches until none is waiting; the
+		// writes outlive its own context (others wait on them).
+		go q.serve(c, cached)
+	}
+	select {
+	case err := <-r.done:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// serve decides and writes batches of c's charges until none is left.
+func (q *quotaAdmission) serve(c *charger, cached *corev1.ResourceQuota) {
+	for {
+		c.mu.Lock()
+		batch := c.pending
+		c.pending = nil
+		if len(batch) == 0 {
+			c.busy = false
+			c.mu.Unlock()
+			return
 		}
-		cur.Status.Used = used
-		if cur.Annotations == nil {
-			cur.Annotations = map[string]string{}
+		// The quota as this server last wrote it, else as the cache has
+		// it; if either is stale, the write conflicts and decide reads it.
+		cur := c.last
+		if cur == nil {
+			cur = cached
 		}
-		cur.Annotations[quota.ChargedAt] = time.Now().UTC().Format(time.RFC3339Nano)
-		_, err = q.client(cur.Namespace).Update(ctx, cur, metav1.UpdateOptions{})
-		if err == nil {
-			return nil
+		// What a live reservation covers is granted now (not past its
+		// time, nor once the quota's limits changed, by the cache).
+		var rest []*charge
+		live := c.reserve != nil && time.Now().Before(c.reserveUntil) && apiequality.Semantic.DeepEqual(cur.Spec.Hard, cached.Spec.Hard)
+		for _, r := range batch {
+			if left, ok := quota.Take(cur.Status.Hard, c.reserve, r.delta); live && ok && !r.dry {
+				c.reserve = left
+				r.done <- nil
+				continue
+			}
+			rest = append(rest, r)
 		}
-		if !apierrors.IsConflict(err) || attempt >= 20 {
-			return fmt.Errorf("charge quota %s: %w", cur.Name, err)
+		// The rest of the reservation goes back with the next write.
+		unspent := c.reserve
+		c.reserve = nil
+		c.mu.Unlock()
+		if len(rest) == 0 {
+			c.mu.Lock()
+			c.reserve = unspent
+			c.mu.Unlock()
+			continue
 		}
-		// Another create, or the controller, changed it: again, on what
-		// it holds now.
-		if cur, err = q.client(cur.Namespace).Get(ctx, cur.Name, metav1.GetOptions{}); err != nil {
-			return fmt.Errorf("quota %s: %w", cached.Name, err)
+		last, reserve, results := q.decide(cur, unspent, rest)
+		c.mu.Lock()
+		c.last, c.reserve, c.reserveUntil = last, reserve, time.Now().Add(reserveFor)
+		c.mu.Unlock()
+		for i, r := range rest {
+			r.done <- results[i]
 		}
 	}
+}
+
+// decide fits each charge of the batch in turn and writes the quota once
+// with those that fit, and a reservation for those to come: on a
+// conflict, it decides again on what the quota holds now. It returns the
+// quota as written, the reservation it holds, and each charge's answer.
+//
+// unspent is what this server reserved with its last write (cur, as it
+// wrote it) and did not give out: it is taken off used, and so given back
+// by this write. Once cur is read again, the controller may have counted
+// it out already: it is forgotten.
+func (q *quotaAdmission) decide(cur *corev1.ResourceQuota, unspent corev1.ResourceList, batch []*charge) (*corev1.ResourceQuota, corev1.ResourceList, []error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	results := make([]error, len(batch))
+	fresh := false // cur was just read from storage
+	for attempt := 0; ; attempt++ {
+		if fresh {
+			unspent = nil
+		}
+		base := quota.Sub(cur.Status.Used, unspent)
+		used := base.DeepCopy()
+		refused := false
+		for i, r := range batch {
+			next, err := quota.Fit(cur.Name, corev1.ResourceQuotaStatus{Hard: cur.Status.Hard, Used: used}, r.delta)
+			results[i] = err
+			refused = refused || err != nil
+			if err == nil && !r.dry {
+				used = next
+			}
+		}
+		if refused && !fresh {
+			// Refused on what this server last saw: the controller may
+			// have given room back since. Decide again on what is stored.
+			live, err := q.store.get(ctx, cur.Namespace, cur.Name)
+			if err == nil && live.ResourceVersion != cur.ResourceVersion {
+				cur, fresh = live, true
+				continue
+			}
+			fresh = true
+		}
+		if apiequalityUsed(used, cur.Status.Used) {
+			return cur, nil, results
+		}
+		reserve := quota.Reserve(cur.Status.Hard, used, quota.Sub(used, base), reserveFactor)
+		next := cur.DeepCopy()
+		next.Status.Used = used
+		quota.Add(next.Status.Used, reserve)
+		if next.Annotations == nil {
+			next.Annotations = map[string]string{}
+		}
+		next.Annotations[quota.ChargedAt] = time.Now().UTC().Format(time.RFC3339Nano)
+		written, err := q.store.update(ctx, next)
+		if err == nil {
+			return written, reserve, results
+		}
+		if apierrors.IsNotFound(err) {
+			return nil, nil, make([]error, len(batch)) // the quota is gone: it bounds nothing
+		}
+		if apierrors.IsConflict(err) && attempt < 20 {
+			// Another API server, or the controller, changed it.
+			live, gerr := q.store.get(ctx, cur.Namespace, cur.Name)
+			if gerr == nil {
+				cur, fresh = live, true
+				continue
+			}
+			err = gerr
+		}
+		for i := range results {
+			results[i] = fmt.Errorf("charge quota %s: %w", cur.Name, err)
+		}
+		return nil, nil, results
+	}
+}
+
+// quotaStore reads and writes quotas in the server's own storage, not
+// through its HTTP handlers: a charge is on the path of every create it
+// counts, and the handler chain (TLS, authentication, authorization,
+// encoding) would double its cost. The writes are the system's own.
+type quotaStore struct{ s *genericregistry.Store }
+
+func (q *quotaStore) get(ctx context.Context, ns, name string) (*corev1.ResourceQuota, error) {
+	obj, err := q.s.Get(genericapirequest.WithNamespace(ctx, ns), name, &metav1.GetOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return obj.(*corev1.ResourceQuota), nil
+}
+
+func (q *quotaStore) update(ctx context.Context, rq *corev1.ResourceQuota) (*corev1.ResourceQuota, error) {
+	obj, _, err := q.s.Update(genericapirequest.WithNamespace(ctx, rq.Namespace), rq.Name, rest.DefaultUpdatedObjectInfo(rq),
+		rest.ValidateAllObjectFunc, rest.ValidateAllObjectUpdateFunc, false, &metav1.UpdateOptions{})
+	if err != nil {
+		return nil, err
+	}
+	return obj.(*corev1.ResourceQuota), nil
 }
 
 func apiequalityUsed(a, b corev1.ResourceList) bool {

@@ -130,7 +130,7 @@ func New(c Config) (*Server, error) {
 	if err != nil {
 		return nil, fmt.Errorf("core API server: %w", err)
 	}
-	legacy, groups, err := coreAPIGroups(coreCfg.RESTOptionsGetter, acc)
+	legacy, groups, quotaStorage, err := coreAPIGroups(coreCfg.RESTOptionsGetter, acc)
 	if err != nil {
 		return nil, err
 	}
@@ -147,8 +147,7 @@ func New(c Config) (*Server, error) {
 		return nil, fmt.Errorf("etcd: %w", err)
 	}
 	extCfg.MergedResourceConfig = extapiserver.DefaultAPIResourceConfigSource()
-	loopbackClient := kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig)
-	quotas := &quotaAdmission{quotas: informers.Core().V1().ResourceQuotas().Lister(), client: loopbackClient.CoreV1().ResourceQuotas}
+	quotas := &quotaAdmission{quotas: informers.Core().V1().ResourceQuotas().Lister(), store: &quotaStore{quotaStorage}}
 	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, localImageAdmission{}, quotas)
 	namer := openapinamer.NewDefinitionNamer(extapiserver.Scheme, clientgoscheme.Scheme)
 	defs := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(extopenapi.GetOpenAPIDefinitions)

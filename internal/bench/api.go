@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
@@ -16,6 +17,7 @@ import (
 	clientv3 "go.etcd.io/etcd/client/v3"
 	corev1 "k8s.io/api/core/v1"
 	rbacv1 "k8s.io/api/rbac/v1"
+	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/rest"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -24,6 +26,7 @@ import (
 	"hearth.dev/hearth/internal/hearthd"
 	"hearth.dev/hearth/internal/imagebuild"
 	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/quota"
 	"hearth.dev/hearth/internal/sandbox"
 )
 
@@ -55,16 +58,21 @@ type APIResult struct {
 	RatioToEtcd    float64 `json:"ratio_to_etcd"`
 	// kube-apiserver v1.37 serving hearth's CRDs on an etcd of its own,
 	// under the same load in the same run; zero where it is not built.
-	// The same creates by a tenant (a user bound to the edit role in the
-	// namespace), whose every request RBAC authorizes, against the admin's
-	// above (system:masters, allowed before RBAC is asked).
+	// The same creates by a tenant (a user bound to the edit role in a
+	// namespace with a ResourceQuota), whose every request RBAC authorizes
+	// and quota admission charges, against the admin's above
+	// (system:masters, allowed before RBAC is asked, in a namespace
+	// without a quota).
 	TenantCreatesPerSec float64 `json:"tenant_creates_per_sec"`
 	KubeCreatesPerSec   float64 `json:"kube_apiserver_creates_per_sec,omitempty"`
-	KubeNote            string  `json:"kube_apiserver,omitempty"`
-	Boots               int     `json:"boots,omitempty"`
-	APIRunningP50ms     float64 `json:"api_create_to_running_p50_ms,omitempty"`
-	LocalRunningP50     float64 `json:"local_run_to_running_p50_ms,omitempty"`
-	ControlPlaneAdds    float64 `json:"control_plane_adds_ms,omitempty"`
+	// kube-apiserver's creates under the same quota (by the admin: its
+	// quota admission, not RBAC, is what they pay for).
+	KubeQuotaCreatesPerSec float64 `json:"kube_apiserver_quota_creates_per_sec,omitempty"`
+	KubeNote               string  `json:"kube_apiserver,omitempty"`
+	Boots                  int     `json:"boots,omitempty"`
+	APIRunningP50ms        float64 `json:"api_create_to_running_p50_ms,omitempty"`
+	LocalRunningP50        float64 `json:"local_run_to_running_p50_ms,omitempty"`
+	ControlPlaneAdds       float64 `json:"control_plane_adds_ms,omitempty"`
 }
 
 // Summary is the result in the benchmarks' common shape: creates per
@@ -80,6 +88,9 @@ func (r *APIResult) Summary() *Result {
 		res.Figure = etcd
 	}
 	res.More = append(res.More, NewFigure("tenant_creates_per_sec", r.TenantCreatesPerSec, "creates_per_sec", r.CreatesPerSec, Higher, 0.9))
+	if r.KubeQuotaCreatesPerSec > 0 {
+		res.More = append(res.More, NewFigure("tenant_creates_per_sec", r.TenantCreatesPerSec, "kube_apiserver_quota_creates_per_sec", r.KubeQuotaCreatesPerSec, Higher, 1))
+	}
 	if r.Boots > 0 {
 		res.More = append(res.More, NewFigure("api_create_to_running_p50_ms", r.APIRunningP50ms, "local_run_to_running_p50_ms", r.LocalRunningP50, Lower, 0))
 	}
@@ -119,11 +130,11 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	// same creates through a stock kube-apiserver serving the same CRDs on
 	// an etcd of its own: in alternating rounds, so that this shared
 	// machine's drift spreads over both.
-	tenant, err := tenantClient(ctx, cp, "bench")
+	tenant, err := tenantClient(ctx, cp, tenantNamespace)
 	if err != nil {
 		return nil, err
 	}
-	targets := []createTarget{{name: "hearth", c: c}, {name: "hearth as a tenant (RBAC)", c: tenant}}
+	targets := []createTarget{{name: "hearth", c: c, ns: "bench"}, {name: "hearth as a tenant (RBAC and a quota)", c: tenant, ns: tenantNamespace}}
 	if bin, why := KubeAPIServerBinary(o.KubeAPIServer); bin == "" {
 		res.KubeNote = why
 		fmt.Fprintf(o.Out, "kube-apiserver: %s\n", why)
@@ -136,7 +147,22 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 		if err := k.client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "bench"}}); err != nil {
 			return nil, err
 		}
-		targets = append(targets, createTarget{name: "kube-apiserver " + KubeAPIServerVersion, c: k.client})
+		targets = append(targets, createTarget{name: "kube-apiserver " + KubeAPIServerVersion, c: k.client, ns: "bench"})
+		// And under the same quota: kube-apiserver's ResourceQuota
+		// admission charges each create as hearth's does (no controller
+		// runs there to count: the status starts at zero, as it is).
+		q := benchQuota(tenantNamespace)
+		if err := k.client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: tenantNamespace}}); err != nil {
+			return nil, err
+		}
+		if err := k.client.Create(ctx, q); err != nil {
+			return nil, err
+		}
+		q.Status = quota.Status(q.Spec.Hard, quota.Used(quota.Objects{}))
+		if err := k.client.Status().Update(ctx, q); err != nil {
+			return nil, fmt.Errorf("kube-apiserver's quota status: %w", err)
+		}
+		targets = append(targets, createTarget{name: "kube-apiserver " + KubeAPIServerVersion + " under a quota", c: k.client, ns: tenantNamespace})
 		res.KubeNote = KubeAPIServerVersion
 	}
 	rounds := max(min(o.Rounds, o.N), 1)
@@ -146,9 +172,7 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 			t := &targets[i]
 			d, err := parallel(ctx, to-from, o.Concurrency, func(j int) error {
 				sb := benchSandbox(from + j)
-				if i == 1 {
-					sb.Name = "tenant-" + sb.Name
-				}
+				sb.Namespace = t.ns
 				return t.c.Create(ctx, sb)
 			})
 			if err != nil {
@@ -161,10 +185,13 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	res.CreatesPerSec = round(float64(o.N)/targets[0].took.Seconds(), 0)
 	fmt.Fprintf(o.Out, "hearth's API server: %d sandbox creates in %s with %d clients: %.0f/s\n", o.N, targets[0].took.Round(time.Millisecond), o.Concurrency, res.CreatesPerSec)
 	res.TenantCreatesPerSec = round(float64(o.N)/targets[1].took.Seconds(), 0)
-	fmt.Fprintf(o.Out, "the same creates by a tenant, authorized by RBAC: %.0f/s, %.0f%% of the admin's\n", res.TenantCreatesPerSec, 100*res.TenantCreatesPerSec/res.CreatesPerSec)
+	fmt.Fprintf(o.Out, "the same creates by a tenant, authorized by RBAC and charged to a quota: %.0f/s, %.0f%% of the admin's\n", res.TenantCreatesPerSec, 100*res.TenantCreatesPerSec/res.CreatesPerSec)
 	if len(targets) > 2 {
 		res.KubeCreatesPerSec = round(float64(o.N)/targets[2].took.Seconds(), 0)
 		fmt.Fprintf(o.Out, "%s, same CRDs: %.0f/s; hearth's are %.0f%% of it\n", targets[2].name, res.KubeCreatesPerSec, 100*res.CreatesPerSec/res.KubeCreatesPerSec)
+		res.KubeQuotaCreatesPerSec = round(float64(o.N)/targets[3].took.Seconds(), 0)
+		fmt.Fprintf(o.Out, "%s: %.0f/s, %.0f%% of its own without; hearth's tenant under a quota is %.0f%% of it\n", targets[3].name,
+			res.KubeQuotaCreatesPerSec, 100*res.KubeQuotaCreatesPerSec/res.KubeCreatesPerSec, 100*res.TenantCreatesPerSec/res.KubeQuotaCreatesPerSec)
 	}
 
 	// Raw puts of objects of the same size to the same etcd.
@@ -193,12 +220,14 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 
 	if o.Boots > 0 {
 		// One sandbox on an otherwise idle control plane.
-		if err := c.DeleteAllOf(ctx, &v1alpha1.Sandbox{}, client.InNamespace("bench"), client.MatchingLabels{"bench": "api"}); err != nil {
-			return nil, err
+		for _, ns := range []string{"bench", tenantNamespace} {
+			if err := c.DeleteAllOf(ctx, &v1alpha1.Sandbox{}, client.InNamespace(ns), client.MatchingLabels{"bench": "api"}); err != nil {
+				return nil, err
+			}
 		}
 		for {
 			var left v1alpha1.SandboxList
-			if err := c.List(ctx, &left, client.InNamespace("bench")); err != nil {
+			if err := c.List(ctx, &left, client.MatchingLabels{"bench": "api"}); err != nil {
 				return nil, err
 			}
 			if len(left.Items) == 0 {
@@ -213,9 +242,29 @@ func API(ctx context.Context, o APIOptions) (*APIResult, error) {
 	return res, nil
 }
 
+// tenantNamespace is where the benchmark's tenant creates, under a quota.
+const tenantNamespace = "bench-tenant"
+
+// benchQuota bounds sandboxes, CPU and memory in ns far above what the
+// benchmark makes: every create is charged to it, and none refused.
+func benchQuota(ns string) *corev1.ResourceQuota {
+	return &corev1.ResourceQuota{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: "bench"},
+		Spec: corev1.ResourceQuotaSpec{Hard: corev1.ResourceList{
+			quota.Sandboxes: resource.MustParse("1000000"), quota.CPU: resource.MustParse("1000000"), quota.Memory: resource.MustParse("1Pi")}}}
+}
+
 // tenantClient is a client of a user bound to the edit role in ns, as
-// `hearth user create --role edit` makes one.
+// `hearth user create --role edit` makes one, where a ResourceQuota
+// bounds sandboxes, CPU and memory (far above what the benchmark makes:
+// every create is charged to it, and none refused).
 func tenantClient(ctx context.Context, cp *hearth, ns string) (client.Client, error) {
+	if err := cp.client.Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}); err != nil {
+		return nil, err
+	}
+	q := benchQuota(ns)
+	if err := cp.client.Create(ctx, q); err != nil {
+		return nil, fmt.Errorf("the benchmark's quota: %w", err)
+	}
 	ca, err := pki.LoadCA(filepath.Join(cp.dataDir, "pki"), true)
 	if err != nil {
 		return nil, err
@@ -239,12 +288,19 @@ func tenantClient(ctx context.Context, cp *hearth, ns string) (client.Client, er
 	if err != nil {
 		return nil, err
 	}
-	// The authorizer's informers see the binding within moments.
+	// The authorizer's informers see the binding within moments, and the
+	// quota controller counts the namespace.
 	for start := time.Now(); ; time.Sleep(10 * time.Millisecond) {
 		var l v1alpha1.SandboxList
 		err := c.List(ctx, &l, client.InNamespace(ns), client.Limit(1))
 		if err == nil {
+			err = cp.client.Get(ctx, client.ObjectKeyFromObject(q), q)
+		}
+		if err == nil && len(q.Status.Used) == len(q.Spec.Hard) {
 			return c, nil
+		}
+		if err == nil {
+			err = errors.New("the quota is not counted")
 		}
 		if time.Since(start) > 10*time.Second {
 			return nil, fmt.Errorf("the benchmark's tenant cannot list sandboxes: %w", err)
@@ -252,10 +308,12 @@ func tenantClient(ctx context.Context, cp *hearth, ns string) (client.Client, er
 	}
 }
 
-// createTarget is an API server the creates are timed against.
+// createTarget is an API server the creates are timed against, and the
+// namespace they go to.
 type createTarget struct {
 	name string
 	c    client.Client
+	ns   string
 	took time.Duration
 }
 

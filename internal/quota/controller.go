@@ -9,8 +9,11 @@ import (
 	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/types"
 	ctrl "sigs.k8s.io/controller-runtime"
+	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/event"
 	"sigs.k8s.io/controller-runtime/pkg/handler"
+	"sigs.k8s.io/controller-runtime/pkg/predicate"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"hearth.dev/hearth/api/v1alpha1"
@@ -50,13 +53,38 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		}
 		return out
 	})
+	// Admission charged the creates: a recount is due when an object
+	// goes (or a pool shrinks), not at every create, which would recount
+	// the whole namespace each time.
+	gone := builder.WithPredicates(predicate.Funcs{
+		CreateFunc:  func(event.CreateEvent) bool { return false },
+		UpdateFunc:  func(event.UpdateEvent) bool { return false },
+		DeleteFunc:  func(event.DeleteEvent) bool { return true },
+		GenericFunc: func(event.GenericEvent) bool { return false },
+	})
+	shrunk := builder.WithPredicates(predicate.Funcs{
+		CreateFunc: func(event.CreateEvent) bool { return false },
+		UpdateFunc: func(e event.UpdateEvent) bool {
+			o, n := e.ObjectOld.(*v1alpha1.WarmPool), e.ObjectNew.(*v1alpha1.WarmPool)
+			return n.Spec.Replicas < o.Spec.Replicas
+		},
+		DeleteFunc:  func(event.DeleteEvent) bool { return true },
+		GenericFunc: func(event.GenericEvent) bool { return false },
+	})
 	return ctrl.NewControllerManagedBy(mgr).
 		Named("quota").
-		For(&corev1.ResourceQuota{}).
-		Watches(&v1alpha1.Sandbox{}, quotasOf).
-		Watches(&v1alpha1.Snapshot{}, quotasOf).
-		Watches(&v1alpha1.SandboxTemplate{}, quotasOf).
-		Watches(&v1alpha1.WarmPool{}, quotasOf).
+		// A quota's own writes are mostly admission's charges: a recount
+		// is due when it is made or its limits change.
+		For(&corev1.ResourceQuota{}, builder.WithPredicates(predicate.Funcs{
+			UpdateFunc: func(e event.UpdateEvent) bool {
+				o, n := e.ObjectOld.(*corev1.ResourceQuota), e.ObjectNew.(*corev1.ResourceQuota)
+				return !apiequality.Semantic.DeepEqual(o.Spec, n.Spec)
+			},
+		})).
+		Watches(&v1alpha1.Sandbox{}, quotasOf, gone).
+		Watches(&v1alpha1.Snapshot{}, quotasOf, gone).
+		Watches(&v1alpha1.SandboxTemplate{}, quotasOf, gone).
+		Watches(&v1alpha1.WarmPool{}, quotasOf, shrunk).
 		Complete(c)
 }
 

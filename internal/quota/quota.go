@@ -179,5 +179,51 @@ func Fit(name string, st corev1.ResourceQuotaStatus, delta corev1.ResourceList) 
 	return used, nil
 }
 
+// Reserve is the headroom to charge beyond need (what a batch of creates
+// just took), for the creates that follow: factor times need of each
+// resource the quota bounds, no more than is left under hard after used
+// (which already holds need). What the creates after take from it costs
+// no write.
+func Reserve(hard, used, need corev1.ResourceList, factor int64) corev1.ResourceList {
+	out := corev1.ResourceList{}
+	for n, h := range hard {
+		d := need[n]
+		if d.Sign() <= 0 {
+			continue
+		}
+		left := h.DeepCopy()
+		left.Sub(used[n])
+		want := d.DeepCopy()
+		want.Mul(factor)
+		if left.Cmp(want) < 0 {
+			want = left
+		}
+		if want.Sign() > 0 {
+			out[n] = want
+		}
+	}
+	return out
+}
+
+// Take gives delta from a reserve (keyed as the quota's hard): what is
+// left of it, or false if it does not cover delta's part of what the
+// quota bounds.
+func Take(hard, reserve, delta corev1.ResourceList) (corev1.ResourceList, bool) {
+	left := reserve.DeepCopy()
+	for n := range hard {
+		d := delta[canonical(n)]
+		if d.Sign() <= 0 {
+			continue
+		}
+		r, ok := left[n]
+		if !ok || r.Cmp(d) < 0 {
+			return reserve, false
+		}
+		r.Sub(d)
+		left[n] = r
+	}
+	return left, true
+}
+
 // ErrUnknown is a quota whose usage is not known yet.
 var ErrUnknown = fmt.Errorf("quota usage not known yet")

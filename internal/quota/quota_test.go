@@ -56,3 +56,32 @@ func TestFit(t *testing.T) {
 		t.Errorf("unbounded and negative: %v", err)
 	}
 }
+
+func TestReserveAndTake(t *testing.T) {
+	hard := corev1.ResourceList{Sandboxes: resource.MustParse("10"), corev1.ResourceMemory: resource.MustParse("1Gi")}
+	used := corev1.ResourceList{Sandboxes: resource.MustParse("2"), corev1.ResourceMemory: resource.MustParse("256Mi")}
+	need := corev1.ResourceList{Sandboxes: resource.MustParse("1"), corev1.ResourceMemory: resource.MustParse("128Mi")}
+	r := Reserve(hard, used, need, 8)
+	// 8 more sandboxes by need, 768Mi by what is left under hard.
+	if q := r[Sandboxes]; q.Value() != 8 {
+		t.Errorf("reserved sandboxes %s, want 8", q.String())
+	}
+	if q := r[corev1.ResourceMemory]; q.Cmp(resource.MustParse("768Mi")) != 0 {
+		t.Errorf("reserved memory %s, want 768Mi (all that is left)", q.String())
+	}
+	one := sandbox("1", "256Mi")
+	left := r
+	for i := range 3 {
+		var ok bool
+		if left, ok = Take(hard, left, Sandbox(&one)); !ok {
+			t.Fatalf("take %d from %v", i, left)
+		}
+	}
+	if _, ok := Take(hard, left, Sandbox(&one)); ok {
+		t.Errorf("a fourth 256Mi sandbox taken from what is left of 768Mi: %v", left)
+	}
+	// Nothing left under hard: nothing reserved.
+	if r := Reserve(hard, hard, need, 8); len(r) != 0 {
+		t.Errorf("reserved past hard: %v", r)
+	}
+}
