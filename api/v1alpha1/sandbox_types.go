@@ -48,16 +48,19 @@ type Resources struct {
 	// VM; the scheduler counts the quantity as given).
 	// +kubebuilder:default="1"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).isGreaterThan(quantity('0'))",message="must be positive"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('64')) <= 0",message="must be at most 64"
 	// +optional
 	CPU *resource.Quantity `json:"cpu,omitempty"`
 	// Memory is the guest's RAM.
 	// +kubebuilder:default="256Mi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('48Mi')) >= 0",message="must be at least 48Mi: a guest needs that much to boot"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('256Gi')) <= 0",message="must be at most 256Gi"
 	// +optional
 	Memory *resource.Quantity `json:"memory,omitempty"`
 	// Disk is the size of the writable layer over the image.
 	// +kubebuilder:default="1Gi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('8Mi')) >= 0",message="must be at least 8Mi"
+	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('4Ti')) <= 0",message="must be at most 4Ti"
 	// +optional
 	Disk *resource.Quantity `json:"disk,omitempty"`
 }

@@ -113,6 +113,7 @@ type WarmPoolSpec struct {
 	Template string `json:"template"`
 	// Replicas is how many ready, unclaimed sandboxes to keep.
 	// +kubebuilder:validation:Minimum=0
+	// +kubebuilder:validation:Maximum=1000
 	Replicas int32 `json:"replicas"`
 }
 
