@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -286,6 +287,10 @@ func TestTenants(t *testing.T) {
 		t.Errorf("a revoked token, at once: %v %s; want Unauthorized", err, out)
 	}
 
+	// The audit log says who did what: exec, deletes (refused ones too),
+	// role grants with what they granted; not the reads.
+	checkAudit(t, filepath.Join(c.dataDir, "audit.log"))
+
 	// Deleting a user takes its access away (the authorizer's cache sees
 	// the binding go within moments).
 	if r := c.hearth("", "user", "delete", "alice", "--namespace", "team-a", "--data-dir", c.dataDir); r.code != 0 {
@@ -381,5 +386,70 @@ func TestQuotas(t *testing.T) {
 	waitUsed("count/sandboxes.hearth.dev", "3")
 	if out, err := create("s3", "128Mi"); err != nil {
 		t.Errorf("a create after one was deleted: %v %s", err, out)
+	}
+}
+
+// auditEvent is what checkAudit reads of an audit.k8s.io/v1 Event.
+type auditEvent struct {
+	Verb string `json:"verb"`
+	User struct {
+		Username string `json:"username"`
+	} `json:"user"`
+	ObjectRef *struct {
+		Resource, Subresource, Namespace, Name string
+	} `json:"objectRef"`
+	ResponseStatus *struct {
+		Code int `json:"code"`
+	} `json:"responseStatus"`
+	RequestObject json.RawMessage   `json:"requestObject"`
+	Annotations   map[string]string `json:"annotations"`
+}
+
+func checkAudit(t *testing.T, path string) {
+	t.Helper()
+	var events []auditEvent
+	find := func(user, verb, resource, sub, ns string) *auditEvent {
+		for i, e := range events {
+			if e.User.Username == user && e.Verb == verb && e.ObjectRef != nil && e.ObjectRef.Resource == resource &&
+				e.ObjectRef.Subresource == sub && e.ObjectRef.Namespace == ns {
+				return &events[i]
+			}
+		}
+		return nil
+	}
+	// Buffered: written within moments.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		events = events[:0]
+		b, _ := os.ReadFile(path)
+		for _, line := range strings.Split(strings.TrimSpace(string(b)), "\n") {
+			var e auditEvent
+			if json.Unmarshal([]byte(line), &e) == nil {
+				events = append(events, e)
+			}
+		}
+		if find("carol", "create", "rolebindings", "", "team-c") != nil || time.Now().After(deadline) {
+			break
+		}
+	}
+	if e := find("alice", "create", "sandboxes", "exec", "team-a"); e == nil {
+		t.Errorf("no audit event of alice's exec into a1 (%d events)", len(events))
+	}
+	if e := find("alice", "delete", "sandboxes", "", "team-b"); e == nil || e.ResponseStatus == nil || e.ResponseStatus.Code != 403 ||
+		e.Annotations["authorization.k8s.io/decision"] != "forbid" {
+		t.Errorf("alice's refused delete in team-b: %+v", e)
+	}
+	if e := find("carol", "create", "rolebindings", "", "team-c"); e == nil || !strings.Contains(string(e.RequestObject), `"dave"`) {
+		t.Errorf("carol's role binding, with what it granted: %+v", e)
+	}
+	if e := find("alice", "create", "secrets", "", "team-b"); e == nil || len(e.RequestObject) != 0 {
+		t.Errorf("alice's secret create: recorded %v, with a body %q (want recorded, no body)", e != nil, func() string {
+			if e == nil {
+				return ""
+			}
+			return string(e.RequestObject)
+		}())
+	}
+	if e := find("vera", "list", "sandboxes", "", "team-a"); e != nil {
+		t.Errorf("a read is in the audit log: %+v", e)
 	}
 }

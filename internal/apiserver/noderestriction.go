@@ -16,14 +16,16 @@ import (
 
 // nodeRestriction is a validating admission plugin, as kube-apiserver's
 // NodeRestriction: RBAC lets node agents (group hearth:nodes) write
-// sandboxes' status, Hosts and Leases at all; this limits each node
-// (user hearth-node:NAME) to its own. A node may change only the status,
-// finalizers and annotations of a sandbox bound to it, bind it to no
-// other host, delete only one bound to it (the warm pool member a claim
-// took over), and write only its own Host and its own Lease. So a node
-// taken over cannot steer another host's sandboxes (and their exec
-// streams) to itself, nor mark other hosts down, nor touch the
-// controllers' leader lease.
+// sandboxes', snapshots' and templates' status, Hosts and Leases at all;
+// this limits each node (user hearth-node:NAME) to its own. A node may
+// change only the status, finalizers and annotations of a sandbox bound
+// to it, bind it to no other host, delete only one bound to it (the warm
+// pool member a claim took over); the same of a snapshot unclaimed or its
+// own; only its own entry of a template's status; its own Host, not its
+// spec; and its own Lease. So a node taken over cannot steer another
+// host's sandboxes or snapshots (and their exec streams) to itself,
+// rewrite a template other hosts boot, uncordon itself, mark other hosts
+// down, or touch the controllers' leader lease.
 type nodeRestriction struct{}
 
 var _ admission.ValidationInterface = nodeRestriction{}
@@ -50,24 +52,55 @@ func (nodeRestriction) Validate(_ context.Context, a admission.Attributes, _ adm
 // nodeMay is the decision: nil if node may make the request.
 func nodeMay(node string, a admission.Attributes) error {
 	gr := a.GetResource().GroupResource()
+	obj, _ := a.GetObject().(*unstructured.Unstructured)
+	old, _ := a.GetOldObject().(*unstructured.Unstructured)
+	hearth := gr.Group == v1alpha1.GroupVersion.Group
 	switch {
-	case gr.Group == v1alpha1.GroupVersion.Group && gr.Resource == "hosts":
+	case hearth && gr.Resource == "hosts":
 		if a.GetName() != node {
 			return fmt.Errorf("may write its own Host only, not %s", a.GetName())
+		}
+		// The spec (cordon, taints, overcommit) is the operator's.
+		switch {
+		case a.GetOperation() == admission.Create && obj != nil && len(specOf(obj)) > 0:
+			return fmt.Errorf("may not give its Host a spec")
+		case a.GetOperation() == admission.Update && a.GetSubresource() == "" && (obj == nil || old == nil || !reflect.DeepEqual(obj.Object["spec"], old.Object["spec"])):
+			return fmt.Errorf("may not change its Host's spec")
+		}
+	case hearth && gr.Resource == "snapshots":
+		// A snapshot of a sandbox bound to it: unclaimed, or claimed by
+		// it. Status, finalizers, annotations; not the spec.
+		if old == nil || obj == nil {
+			return fmt.Errorf("snapshot %s/%s: may not create or delete snapshots", a.GetNamespace(), a.GetName())
+		}
+		if h := boundTo(old); h != node && h != "" {
+			return fmt.Errorf("snapshot %s/%s is host %s's", a.GetNamespace(), a.GetName(), h)
+		}
+		if h := boundTo(obj); h != node && h != "" {
+			return fmt.Errorf("may not give snapshot %s/%s to host %s", a.GetNamespace(), a.GetName(), h)
+		}
+		if !reflect.DeepEqual(obj.Object["spec"], old.Object["spec"]) || !reflect.DeepEqual(obj.GetLabels(), old.GetLabels()) {
+			return fmt.Errorf("may not change the spec or labels of snapshot %s/%s", a.GetNamespace(), a.GetName())
+		}
+	case hearth && gr.Resource == "sandboxtemplates":
+		// Its own entry of the template's hosts, and nothing else.
+		if a.GetSubresource() != "status" || old == nil || obj == nil {
+			return fmt.Errorf("template %s/%s: may write only its own entry of the status", a.GetNamespace(), a.GetName())
+		}
+		if !reflect.DeepEqual(otherHosts(obj, node), otherHosts(old, node)) {
+			return fmt.Errorf("template %s/%s: may not change other hosts' entries", a.GetNamespace(), a.GetName())
 		}
 	case gr.Group == "coordination.k8s.io" && gr.Resource == "leases":
 		if a.GetNamespace() != v1alpha1.LeaseNamespace || a.GetName() != node {
 			return fmt.Errorf("may write its own Lease only (%s/%s), not %s/%s", v1alpha1.LeaseNamespace, node, a.GetNamespace(), a.GetName())
 		}
-	case gr.Group == v1alpha1.GroupVersion.Group && gr.Resource == "sandboxes":
-		old, _ := a.GetOldObject().(*unstructured.Unstructured)
+	case hearth && gr.Resource == "sandboxes":
 		if old == nil || boundTo(old) != node {
 			return fmt.Errorf("sandbox %s/%s is not bound to it", a.GetNamespace(), a.GetName())
 		}
 		if a.GetOperation() != admission.Update {
 			return nil // a delete of its own
 		}
-		obj, _ := a.GetObject().(*unstructured.Unstructured)
 		if obj == nil {
 			return fmt.Errorf("sandbox %s/%s: no object", a.GetNamespace(), a.GetName())
 		}
@@ -79,6 +112,23 @@ func nodeMay(node string, a admission.Attributes) error {
 		}
 	}
 	return nil
+}
+
+func specOf(u *unstructured.Unstructured) map[string]any {
+	m, _, _ := unstructured.NestedMap(u.Object, "spec")
+	return m
+}
+
+// otherHosts are a template's status entries of hosts other than node.
+func otherHosts(u *unstructured.Unstructured, node string) []any {
+	hosts, _, _ := unstructured.NestedSlice(u.Object, "status", "hosts")
+	var out []any
+	for _, h := range hosts {
+		if m, ok := h.(map[string]any); !ok || m["name"] != node {
+			out = append(out, h)
+		}
+	}
+	return out
 }
 
 func boundTo(u *unstructured.Unstructured) string {

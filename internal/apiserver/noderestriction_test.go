@@ -22,6 +22,21 @@ func TestNodeRestriction(t *testing.T) {
 			"status":   map[string]any{"hostName": host},
 		}}
 	}
+	template := func(hosts ...string) *unstructured.Unstructured {
+		var entries []any
+		for _, h := range hosts {
+			entries = append(entries, map[string]any{"name": h, "ready": true})
+		}
+		return &unstructured.Unstructured{Object: map[string]any{
+			"metadata": map[string]any{"name": "t", "namespace": "team-a"},
+			"spec":     map[string]any{"image": "x"},
+			"status":   map[string]any{"hosts": entries},
+		}}
+	}
+	host := func(unschedulable bool) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{"metadata": map[string]any{"name": "h1"},
+			"spec": map[string]any{"unschedulable": unschedulable}}}
+	}
 	hearth := func(r string) schema.GroupVersionResource { return v1alpha1.GroupVersion.WithResource(r) }
 	leases := schema.GroupVersionResource{Group: "coordination.k8s.io", Version: "v1", Resource: "leases"}
 	node := &user.DefaultInfo{Name: pki.NodeUserPrefix + "h1", Groups: []string{pki.GroupNodes}}
@@ -44,7 +59,14 @@ func TestNodeRestriction(t *testing.T) {
 		{"deletes its own", node, admission.Delete, hearth("sandboxes"), "", "team-a", "s", nil, sandbox("h1"), true},
 		{"deletes another's", node, admission.Delete, hearth("sandboxes"), "", "team-a", "s", nil, sandbox("h2"), false},
 		{"its Host", node, admission.Update, hearth("hosts"), "status", "", "h1", nil, nil, true},
+		{"its Host's labels", node, admission.Update, hearth("hosts"), "", "", "h1", host(true), host(true), true},
+		{"uncordons itself", node, admission.Update, hearth("hosts"), "", "", "h1", host(false), host(true), false},
 		{"another Host", node, admission.Update, hearth("hosts"), "", "", "h2", nil, nil, false},
+		{"claims a snapshot", node, admission.Update, hearth("snapshots"), "status", "team-a", "s", sandbox("h1"), sandbox(""), true},
+		{"another host's snapshot", node, admission.Update, hearth("snapshots"), "status", "team-a", "s", sandbox("h1"), sandbox("h2"), false},
+		{"its template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h2", "h1"), template("h2"), true},
+		{"another host's template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h1"), template("h2"), false},
+		{"a template's spec", node, admission.Update, hearth("sandboxtemplates"), "", "team-a", "t", template(), template(), false},
 		{"its Lease", node, admission.Update, leases, "", v1alpha1.LeaseNamespace, "h1", nil, nil, true},
 		{"the controllers' Lease", node, admission.Update, leases, "", "hearth-system", "hearth-controllers", nil, nil, false},
 		{"a node without a node's name", &user.DefaultInfo{Name: "alice", Groups: []string{pki.GroupNodes}}, admission.Update, hearth("hosts"), "", "", "alice", nil, nil, false},
@@ -52,6 +74,39 @@ func TestNodeRestriction(t *testing.T) {
 	} {
 		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, tc.ns, tc.obj, tc.res, tc.sub, tc.op, nil, false, tc.who)
 		err := nodeRestriction{}.Validate(context.Background(), a, nil)
+		if (err == nil) != tc.allow {
+			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
+		}
+	}
+}
+
+// TestLocalImageAdmission: a tenant may not name files on the node as an
+// image; the admin may, and others may then write that object (a node
+// its finalizers) as long as they do not change the image.
+func TestLocalImageAdmission(t *testing.T) {
+	sb := func(image string) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{"spec": map[string]any{"image": image}}}
+	}
+	res := v1alpha1.GroupVersion.WithResource("sandboxes")
+	tenant := &user.DefaultInfo{Name: "alice", Groups: []string{user.AllAuthenticated}}
+	admin := &user.DefaultInfo{Name: "hearth-admin", Groups: []string{user.SystemPrivilegedGroup}}
+	node := &user.DefaultInfo{Name: pki.NodeUserPrefix + "h1", Groups: []string{pki.GroupNodes}}
+	for _, tc := range []struct {
+		name     string
+		who      user.Info
+		op       admission.Operation
+		new, old runtime.Object
+		allow    bool
+	}{
+		{"a tenant's registry image", tenant, admission.Create, sb("registry.example/x:1"), nil, true},
+		{"a tenant's archive", tenant, admission.Create, sb("docker-archive:/etc/shadow"), nil, false},
+		{"a tenant's layout", tenant, admission.Create, sb("oci:/tmp/x:1"), nil, false},
+		{"a tenant changes to a layout", tenant, admission.Update, sb("oci:/tmp/x:1"), sb("registry.example/x:1"), false},
+		{"the admin's layout", admin, admission.Create, sb("oci:/tmp/x:1"), nil, true},
+		{"a node's finalizer on it", node, admission.Update, sb("oci:/tmp/x:1"), sb("oci:/tmp/x:1"), true},
+	} {
+		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, "team-a", "s", res, "", tc.op, nil, false, tc.who)
+		err := localImageAdmission{}.Validate(context.Background(), a, nil)
 		if (err == nil) != tc.allow {
 			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
 		}

@@ -62,8 +62,8 @@ type charger struct {
 
 // A reservation is reserveFactor times what the batch that made it took,
 // for at most reserveFor: well within quota.ChargeGrace, so that what was
-// created from it is in the controller's cache before the controller may
-// hand an unspent rest back.
+// created from it is in the controller's cache before the ledger forgets
+// the reservation's charge.
 const (
 	reserveFactor = 8
 	reserveFor    = time.Second
@@ -113,7 +113,9 @@ func (q *quotaAdmission) Validate(ctx context.Context, a admission.Attributes, _
 // charge raises one quota's used by delta, or refuses, with the charges
 // that arrive meanwhile.
 func (q *quotaAdmission) charge(ctx context.Context, cached *corev1.ResourceQuota, delta corev1.ResourceList, dry bool) error {
-	key := cached.Namespace + "/" + cached.Name
+	// By UID: a quota deleted and made again is another, and nothing
+	// reserved under the old one carries over.
+	key := string(cached.UID)
 	q.mu.Lock()
 	if q.chargers == nil {
 		q.chargers = map[string]*charger{}
@@ -165,7 +167,7 @@ func (q *quotaAdmission) serve(c *charger, cached *corev1.ResourceQuota) {
 		var rest []*charge
 		live := c.reserve != nil && time.Now().Before(c.reserveUntil) && apiequality.Semantic.DeepEqual(cur.Spec.Hard, cached.Spec.Hard)
 		for _, r := range batch {
-			if left, ok := quota.Take(cur.Status.Hard, c.reserve, r.delta); live && ok && !r.dry {
+			if left, ok := quota.Take(cur.Spec.Hard, c.reserve, r.delta); live && ok && !r.dry {
 				c.reserve = left
 				r.done <- nil
 				continue
@@ -214,7 +216,10 @@ func (q *quotaAdmission) decide(cur *corev1.ResourceQuota, unspent corev1.Resour
 		used := base.DeepCopy()
 		refused := false
 		for i, r := range batch {
-			next, err := quota.Fit(cur.Name, corev1.ResourceQuotaStatus{Hard: cur.Status.Hard, Used: used}, r.delta)
+			// The limits are the spec's: a quota just made, or just given
+			// another limit, bounds at once (its used is then unknown,
+			// and the create waits for the controller's count).
+			next, err := quota.Fit(cur.Name, corev1.ResourceQuotaStatus{Hard: cur.Spec.Hard, Used: used}, r.delta)
 			results[i] = err
 			refused = refused || err != nil
 			if err == nil && !r.dry {
@@ -234,14 +239,18 @@ func (q *quotaAdmission) decide(cur *corev1.ResourceQuota, unspent corev1.Resour
 		if apiequalityUsed(used, cur.Status.Used) {
 			return cur, nil, results
 		}
-		reserve := quota.Reserve(cur.Status.Hard, used, quota.Sub(used, base), reserveFactor)
+		// What this write charges: the batch's creates and the new
+		// reservation (what goes back is no charge), in the ledger too.
+		charged := quota.Sub(used, base)
+		reserve := quota.Reserve(cur.Spec.Hard, used, charged, reserveFactor)
+		quota.Add(charged, reserve)
 		next := cur.DeepCopy()
 		next.Status.Used = used
 		quota.Add(next.Status.Used, reserve)
 		if next.Annotations == nil {
 			next.Annotations = map[string]string{}
 		}
-		next.Annotations[quota.ChargedAt] = time.Now().UTC().Format(time.RFC3339Nano)
+		next.Annotations[quota.Charges] = quota.Record(quota.ParseLedger(cur.Annotations), time.Now(), charged)
 		written, err := q.store.update(ctx, next)
 		if err == nil {
 			return written, reserve, results

@@ -64,7 +64,9 @@ type Config struct {
 	// Etcd is how it reaches etcd.
 	EtcdServers []string
 	EtcdClient  pki.Pair
-	Log         *slog.Logger
+	// AuditLog is where the audit log is written ("": none).
+	AuditLog string
+	Log      *slog.Logger
 }
 
 // Server is a configured API server.
@@ -107,6 +109,11 @@ func New(c Config) (*Server, error) {
 		return nil, err
 	}
 	extCfg.SecureServing.ClientCA = clientCA
+	// The CRD server is the front of the chain: its filters, audit's
+	// among them, see every request.
+	if err := applyAudit(&extCfg.Config, c.AuditLog); err != nil {
+		return nil, err
+	}
 
 	coreCfg := genericapiserver.NewRecommendedConfig(coreCodecs)
 	coreCfg.SecureServing, coreCfg.LoopbackClientConfig = extCfg.SecureServing, extCfg.LoopbackClientConfig

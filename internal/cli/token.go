@@ -48,11 +48,8 @@ token field, kubectl --token).`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
-			if err := validateGrant(name, g.namespace, role); err != nil {
+			if err := validateGrant(name, g.namespace, role, ttl); err != nil {
 				return err
-			}
-			if ttl < minUserTTL || ttl > maxUserTTL {
-				return fmt.Errorf("--ttl %s: must be from %s to %s", ttl, minUserTTL, maxUserTTL)
 			}
 			cs, _, err := o.admin(g)
 			if err != nil {

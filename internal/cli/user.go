@@ -90,8 +90,11 @@ func validUserName(name string) error {
 }
 
 // validateGrant checks what user create and token create grant: a user
-// name, a tenant namespace and one of the tenant roles.
-func validateGrant(name, namespace, role string) error {
+// name, a tenant namespace, one of the tenant roles, for a while.
+func validateGrant(name, namespace, role string, ttl time.Duration) error {
+	if ttl < minUserTTL || ttl > maxUserTTL {
+		return fmt.Errorf("--ttl %s: must be from %s to %s", ttl, minUserTTL, maxUserTTL)
+	}
 	if err := validUserName(name); err != nil {
 		return err
 	}
@@ -137,11 +140,8 @@ once with 'hearth user delete', which removes the binding.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			name := args[0]
-			if err := validateGrant(name, g.namespace, role); err != nil {
+			if err := validateGrant(name, g.namespace, role, ttl); err != nil {
 				return err
-			}
-			if ttl < minUserTTL || ttl > maxUserTTL {
-				return fmt.Errorf("--ttl %s: must be from %s to %s", ttl, minUserTTL, maxUserTTL)
 			}
 			if out == "" {
 				out = name + ".kubeconfig"

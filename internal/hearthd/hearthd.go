@@ -297,6 +297,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		NodeClient:  nodeClient,
 		EtcdServers: []string{clientURL},
 		EtcdClient:  etcdClient,
+		AuditLog:    filepath.Join(dataDir, "audit.log"),
 		Log:         log,
 	})
 	if err != nil {

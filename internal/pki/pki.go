@@ -151,11 +151,7 @@ func (ca *CA) Ensure(req Request) (Pair, error) {
 	if ca.key == nil {
 		return p, fmt.Errorf("%s: %w", p.CertFile, ErrNoCAKey)
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return p, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	key, serial, err := newKey()
 	if err != nil {
 		return p, err
 	}
@@ -197,11 +193,7 @@ func (ca *CA) IssueClient(cn string, groups []string, ttl time.Duration) (certPE
 	if ca.key == nil {
 		return nil, nil, ErrNoCAKey
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	key, serial, err := newKey()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -225,6 +217,19 @@ func (ca *CA) IssueClient(cn string, groups []string, ttl time.Duration) (certPE
 		return nil, nil, err
 	}
 	return pem.EncodeToMemory(&pem.Block{Type: cert.CertificateBlockType, Bytes: der}), keyPEM, nil
+}
+
+// newKey is a fresh key and a random serial for a certificate of it.
+func newKey() (*ecdsa.PrivateKey, *big.Int, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, err
+	}
+	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	if err != nil {
+		return nil, nil, err
+	}
+	return key, serial, nil
 }
 
 func matches(c *x509.Certificate, req Request) bool {
@@ -265,11 +270,7 @@ func writePair(certFile, keyFile string, c *x509.Certificate, key crypto.Signer)
 // wildcards too), valid for d, PEM-encoded: the ingress's development
 // wildcard, and tests' certificates.
 func SelfSigned(hosts []string, d time.Duration) (certPEM, keyPEM []byte, err error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, nil, err
-	}
-	serial, err := rand.Int(rand.Reader, new(big.Int).Lsh(big.NewInt(1), 62))
+	key, serial, err := newKey()
 	if err != nil {
 		return nil, nil, err
 	}

@@ -20,9 +20,10 @@ import (
 )
 
 // Controller keeps each ResourceQuota's status: hard as its spec says,
-// used as the namespace's objects add up to. Admission raises used as it
-// lets creates through; this is what lowers it again when objects go,
-// and corrects it when a create that was counted then failed.
+// used as the namespace's objects add up to, plus what admission charged
+// in the last seconds (ledger.go). Admission raises used as it lets
+// creates through; this is what lowers it again when objects go, and
+// corrects it when a create that was charged then failed.
 type Controller struct {
 	Client client.Client
 	Log    *slog.Logger
@@ -31,14 +32,6 @@ type Controller struct {
 	Resync time.Duration
 	Now    func() time.Time // time.Now if nil
 }
-
-// ChargedAt is the annotation admission stamps on a quota as it charges
-// a create, and ChargeGrace how long after it the controller only raises
-// used (see Reconcile).
-const (
-	ChargedAt   = "hearth.dev/charged-at"
-	ChargeGrace = 5 * time.Second
-)
 
 // SetupWithManager registers the controller.
 func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
@@ -108,22 +101,15 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 			return reconcile.Result{}, err
 		}
 	}
-	st := Status(q.Spec.Hard, Used(Objects{Sandboxes: sbs.Items, Snapshots: len(snaps.Items), Templates: len(tmpls.Items), WarmPools: pools.Items}))
-	// Admission charges a create before the object is stored, and this
-	// cache sees it later still: a recount just after a charge would
-	// hand the charge back while its object is on its way, and let a
-	// create past the quota. So within ChargeGrace of the last charge,
-	// used only goes up.
+	// What the objects add up to, and what admission charged in the
+	// last seconds for objects this cache may not show yet (ledger.go).
+	used := Used(Objects{Sandboxes: sbs.Items, Snapshots: len(snaps.Items), Templates: len(tmpls.Items), WarmPools: pools.Items})
+	recent, until := Recent(ParseLedger(q.Annotations), c.now())
+	Add(used, recent)
+	st := Status(q.Spec.Hard, used)
 	next := resync
-	if at, err := time.Parse(time.RFC3339Nano, q.Annotations[ChargedAt]); err == nil {
-		if wait := ChargeGrace - c.since(at); wait > 0 {
-			for n, have := range q.Status.Used {
-				if u, ok := st.Used[n]; ok && u.Cmp(have) < 0 {
-					st.Used[n] = have
-				}
-			}
-			next = min(next, wait+10*time.Millisecond)
-		}
+	if !until.IsZero() {
+		next = min(next, until.Sub(c.now())+10*time.Millisecond)
 	}
 	if apiequality.Semantic.DeepEqual(st, q.Status) {
 		return reconcile.Result{RequeueAfter: next}, nil
@@ -137,9 +123,9 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	return reconcile.Result{RequeueAfter: next}, nil
 }
 
-func (c *Controller) since(t time.Time) time.Duration {
+func (c *Controller) now() time.Time {
 	if c.Now != nil {
-		return c.Now().Sub(t)
+		return c.Now()
 	}
-	return time.Since(t)
+	return time.Now()
 }

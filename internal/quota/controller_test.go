@@ -12,21 +12,29 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client/fake"
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
+	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/scheme"
 )
 
-// TestChargeGrace: just after admission charged a create whose object the
-// cache does not show yet, the recount does not hand the charge back;
-// after the grace it corrects used to what there is.
-func TestChargeGrace(t *testing.T) {
+// TestLedger: a recount just after admission charged a create whose
+// object the cache does not show yet counts the charge; once the grace
+// has passed, only the objects. A delete is credited at once, however
+// many charges keep coming.
+func TestLedger(t *testing.T) {
 	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
-	hard := corev1.ResourceList{Sandboxes: resource.MustParse("2")}
+	hard := corev1.ResourceList{Sandboxes: resource.MustParse("10")}
+	one := corev1.ResourceList{Sandboxes: resource.MustParse("1")}
+	ledger := Record(nil, now, one)
 	q := &corev1.ResourceQuota{
-		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "q", Annotations: map[string]string{ChargedAt: now.Format(time.RFC3339Nano)}},
+		ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: "q", Annotations: map[string]string{Charges: ledger}},
 		Spec:       corev1.ResourceQuotaSpec{Hard: hard},
-		Status:     corev1.ResourceQuotaStatus{Hard: hard, Used: corev1.ResourceList{Sandboxes: resource.MustParse("1")}},
+		Status:     corev1.ResourceQuotaStatus{Hard: hard, Used: corev1.ResourceList{Sandboxes: resource.MustParse("3")}},
 	}
-	cl := fake.NewClientBuilder().WithScheme(scheme.Scheme).WithObjects(q).Build()
+	// Two sandboxes stored; the third, charged, is on its way.
+	sb := func(name string) *v1alpha1.Sandbox {
+		return &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: "ns", Name: name}}
+	}
+	cl := fake.NewClientBuilder().WithScheme(scheme.Scheme).WithObjects(q, sb("a"), sb("b")).Build()
 	at := now.Add(time.Second)
 	c := &Controller{Client: cl, Now: func() time.Time { return at }}
 	used := func() string {
@@ -42,17 +50,48 @@ func TestChargeGrace(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if used() != "1" {
-		t.Errorf("within the grace: used %s, want the charge kept (1)", used())
+	if used() != "3" {
+		t.Errorf("within the grace: used %s, want the 2 objects and the recent charge (3)", used())
 	}
-	if res.RequeueAfter > ChargeGrace {
-		t.Errorf("requeued after %s, want within the grace", res.RequeueAfter)
+	if res.RequeueAfter > ChargeGrace+time.Second {
+		t.Errorf("requeued after %s, want when the charge leaves the grace", res.RequeueAfter)
 	}
-	at = now.Add(ChargeGrace + time.Second)
+	// b is deleted: credited at once, the recent charge still counted.
+	if err := cl.Delete(context.Background(), sb("b")); err != nil {
+		t.Fatal(err)
+	}
 	if _, err := c.Reconcile(context.Background(), req); err != nil {
 		t.Fatal(err)
 	}
-	if used() != "0" {
-		t.Errorf("after the grace: used %s, want the recount (0)", used())
+	if used() != "2" {
+		t.Errorf("after a delete, within the grace: used %s, want 2", used())
+	}
+	at = now.Add(ChargeGrace + 2*time.Second)
+	if _, err := c.Reconcile(context.Background(), req); err != nil {
+		t.Fatal(err)
+	}
+	if used() != "1" {
+		t.Errorf("after the grace: used %s, want the objects alone (1)", used())
+	}
+}
+
+func TestRecord(t *testing.T) {
+	now := time.Date(2026, 12, 3, 12, 0, 0, 0, time.UTC)
+	one := corev1.ResourceList{corev1.ResourceMemory: resource.MustParse("1Gi"), Sandboxes: resource.MustParse("-1")}
+	l := ParseLedger(map[string]string{Charges: Record(nil, now, one)})
+	l = ParseLedger(map[string]string{Charges: Record(l, now.Add(300*time.Millisecond), one)})
+	if len(l) != 1 {
+		t.Fatalf("two charges in one second: %d buckets", len(l))
+	}
+	sum, _ := Recent(l, now.Add(time.Second))
+	if q := sum[Memory]; q.Cmp(resource.MustParse("2Gi")) != 0 {
+		t.Errorf("recent memory %s (under its canonical name), want 2Gi", q.String())
+	}
+	if _, ok := sum[Sandboxes]; ok {
+		t.Errorf("a negative charge recorded: %v", sum)
+	}
+	l = ParseLedger(map[string]string{Charges: Record(l, now.Add(10*time.Second), one)})
+	if len(l) != 1 || !l[0].At.Equal(now.Add(10*time.Second)) {
+		t.Errorf("old buckets kept: %+v", l)
 	}
 }
