@@ -52,7 +52,7 @@ spec:
   command: [sh, -c, %q]
   resources: {cpu: 500m, memory: 128Mi, disk: 64Mi}
   hostSelector: {hearth.dev/hostname: %s}
-  ports: [{name: http, port: 8080}]
+  ports: [{name: http, port: 8080, public: true}, {port: 8081, public: true}, {port: 9999, public: true}]
 ---
 `, name, labels, img, script, host)
 }
@@ -375,6 +375,10 @@ spec: {host: waiting.example.test, sandbox: pending, port: 8080}
 		{"http://waiting.example.test:8480/", nil, 503, "not running yet"},
 		{"http://slow.example.test:8480/", nil, 504, "did not answer in time"},
 		{"http://9999-b-default.hearth.test:8480/", nil, 502, "could not be reached"},
+		// b serves 8082 (the slow route's) and 9090, not public: the
+		// generated names do not reach them, only a Route does.
+		{"http://8082-b-default.hearth.test:8480/", nil, 404, "port 8082 of sandbox default/b is not public"},
+		{"http://9090-b-default.hearth.test:8480/", nil, 404, "port 9090 of sandbox default/b is not public"},
 		{"http://8080-nobody-default.hearth.test:8480/", nil, 502, "no sandbox"},
 	} {
 		code, body := get(tc.url, tc.hdr...)

@@ -19,6 +19,13 @@ type SandboxPort struct {
 	// +kubebuilder:default=TCP
 	// +optional
 	Protocol Protocol `json:"protocol,omitempty"`
+	// Public serves the port on the ingress under the generated host
+	// names PORT-SANDBOX-NAMESPACE.DOMAIN and NAME-SANDBOX-NAMESPACE.DOMAIN,
+	// to anyone who reaches the ingress: no access token, no network
+	// policy. A port that is not public is reached from outside only
+	// through a Route (which may require a token).
+	// +optional
+	Public bool `json:"public,omitempty"`
 }
 
 // SandboxNetwork is how the sandbox reaches beyond the cluster.

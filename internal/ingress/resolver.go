@@ -23,7 +23,8 @@ import (
 )
 
 // apiResolver resolves requests from the API: Routes by host and path
-// prefix, then PORT-SANDBOX-NAMESPACE.DOMAIN host names.
+// prefix, then PORT-SANDBOX-NAMESPACE.DOMAIN host names for the ports a
+// sandbox declares public.
 type apiResolver struct {
 	reader client.Reader // a cache: reads are cheap
 	domain string        // without a leading dot
@@ -117,12 +118,29 @@ func (x *apiResolver) Resolve(ctx context.Context, r Request) (Target, *Refusal)
 	var sb v1alpha1.Sandbox
 	for i := strings.LastIndex(rest, "-"); i > 0; i = strings.LastIndex(rest[:i], "-") {
 		if x.reader.Get(ctx, types.NamespacedName{Namespace: rest[i+1:], Name: rest[:i]}, &sb) == nil {
+			if !public(&sb, port) {
+				// Else any port, a Route's token-protected one too, would
+				// be open to anyone who reaches the ingress.
+				return Target{}, &Refusal{Code: http.StatusNotFound,
+					Msg: fmt.Sprintf("port %s of sandbox %s/%s is not public (spec.ports[].public)", port, sb.Namespace, sb.Name)}
+			}
 			t, no := x.targetOf(&sb, intstr.Parse(port))
 			t.Timeout = 30 * time.Second
 			return t, no
 		}
 	}
 	return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("no sandbox for %q (want PORT-SANDBOX-NAMESPACE.%s)", host, x.domain)}
+}
+
+// public says whether the sandbox declares port (a number or a name)
+// public, as a TCP port.
+func public(sb *v1alpha1.Sandbox, port string) bool {
+	for _, p := range sb.Spec.Ports {
+		if p.Public && p.Protocol != v1alpha1.ProtocolUDP && (p.Name == port || strconv.Itoa(int(p.Port)) == port) {
+			return true
+		}
+	}
+	return false
 }
 
 func (x *apiResolver) target(ctx context.Context, ns, name string, port intstr.IntOrString) (Target, *Refusal) {

@@ -22,7 +22,8 @@ func TestResolve(t *testing.T) {
 	_ = v1alpha1.AddToScheme(scheme)
 	sb := func(ns, name string, phase v1alpha1.Phase, ip string) *v1alpha1.Sandbox {
 		return &v1alpha1.Sandbox{ObjectMeta: metav1.ObjectMeta{Namespace: ns, Name: name},
-			Spec:   v1alpha1.SandboxSpec{Ports: []v1alpha1.SandboxPort{{Name: "web", Port: 3000}}},
+			Spec: v1alpha1.SandboxSpec{Ports: []v1alpha1.SandboxPort{{Name: "web", Port: 3000, Public: true}, {Port: 8080, Public: true},
+				{Name: "admin", Port: 9000}}},
 			Status: v1alpha1.SandboxStatus{Phase: phase, IP: ip}}
 	}
 	route := func(name, host, prefix, sandbox string, port intstr.IntOrString, token string) *v1alpha1.Route {
@@ -53,7 +54,11 @@ func TestResolve(t *testing.T) {
 		{"8080-booting-team-a.hearth.localhost", "/", "", "", 503},
 		{"8080-done-team-a.hearth.localhost", "/", "", "", 502},
 		{"8080-nobody-team-a.hearth.localhost", "/", "", "", 502},
-		{"nope-my-app-team-a.hearth.localhost", "/", "", "", 502},
+		{"nope-my-app-team-a.hearth.localhost", "/", "", "", 404},
+		// Not public: reached only through its token-protected Route.
+		{"9000-my-app-team-a.hearth.localhost", "/", "", "", 404},
+		{"admin-my-app-team-a.hearth.localhost", "/", "", "", 404},
+		{"22-my-app-team-a.hearth.localhost", "/", "", "", 404},
 		{"a.b.hearth.localhost", "/", "", "", 404},
 		{"elsewhere.example.com", "/", "", "", 404},
 		{"app.example.com", "/", "", "10.244.0.5:3000", 0},
