@@ -7,7 +7,11 @@
 // in the same process and handler chain, the core API that clients expect
 // (namespaces, events, leases: core.go), and the sandbox streams (exec,
 // attach, log) proxied to the node agents (streams.go). Clients authenticate
-// with certificates from hearth's CA; anonymous requests are refused.
+// with certificates from hearth's CA or hearth's bearer tokens (tokens.go);
+// anonymous requests are refused. Requests are authorized by Kubernetes'
+// RBAC (rbac.go, policy.go), and admitted past node restriction, quotas
+// and the local-image rule (noderestriction.go, quota.go, admission.go);
+// the audit log records who did what (audit.go). docs/tenancy.md.
 package apiserver
 
 import (

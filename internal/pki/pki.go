@@ -1,8 +1,9 @@
 // Package pki makes and keeps the certificates of a hearth control plane: one
 // CA generated into the data directory signs the API server's serving
-// certificate, etcd's, the client certificates of the admin kubeconfig and of
-// node agents, and the node agents' serving certificates for the streams the
-// API server proxies to them.
+// certificate, etcd's, the client certificates of the admin kubeconfig, of
+// node agents and of users (`hearth user create`, short-lived), and the node
+// agents' serving certificates for the streams the API server proxies to
+// them. It also makes the bearer tokens of programs (token.go).
 package pki
 
 import (
