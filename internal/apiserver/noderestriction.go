@@ -79,7 +79,7 @@ func nodeMay(node string, a admission.Attributes) error {
 		if h := boundTo(obj); h != node && h != "" {
 			return fmt.Errorf("may not give snapshot %s/%s to host %s", a.GetNamespace(), a.GetName(), h)
 		}
-		if !reflect.DeepEqual(obj.Object["spec"], old.Object["spec"]) || !reflect.DeepEqual(obj.GetLabels(), old.GetLabels()) {
+		if changedSpecOrLabels(obj, old) {
 			return fmt.Errorf("may not change the spec or labels of snapshot %s/%s", a.GetNamespace(), a.GetName())
 		}
 	case hearth && gr.Resource == "sandboxtemplates":
@@ -107,11 +107,16 @@ func nodeMay(node string, a admission.Attributes) error {
 		if h := boundTo(obj); h != node && h != "" {
 			return fmt.Errorf("may not bind sandbox %s/%s to host %s", a.GetNamespace(), a.GetName(), h)
 		}
-		if !reflect.DeepEqual(obj.Object["spec"], old.Object["spec"]) || !reflect.DeepEqual(obj.GetLabels(), old.GetLabels()) {
+		if changedSpecOrLabels(obj, old) {
 			return fmt.Errorf("may not change the spec or labels of sandbox %s/%s", a.GetNamespace(), a.GetName())
 		}
 	}
 	return nil
+}
+
+// changedSpecOrLabels says whether an update changes what a tenant wrote.
+func changedSpecOrLabels(obj, old *unstructured.Unstructured) bool {
+	return !reflect.DeepEqual(obj.Object["spec"], old.Object["spec"]) || !reflect.DeepEqual(obj.GetLabels(), old.GetLabels())
 }
 
 func specOf(u *unstructured.Unstructured) map[string]any {

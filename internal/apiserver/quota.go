@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"sync"
 	"time"
 
@@ -20,6 +21,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/validation/field"
 	"k8s.io/apiserver/pkg/admission"
 	genericapirequest "k8s.io/apiserver/pkg/endpoints/request"
+	quotav1 "k8s.io/apiserver/pkg/quota/v1"
 	genericregistry "k8s.io/apiserver/pkg/registry/generic/registry"
 	"k8s.io/apiserver/pkg/registry/rest"
 	corev1listers "k8s.io/client-go/listers/core/v1"
@@ -94,7 +96,7 @@ func (q *quotaAdmission) Validate(ctx context.Context, a admission.Attributes, _
 	if err != nil || len(quotas) == 0 {
 		return err
 	}
-	slices.SortFunc(quotas, func(x, y *corev1.ResourceQuota) int { return cmpString(x.Name, y.Name) })
+	slices.SortFunc(quotas, func(x, y *corev1.ResourceQuota) int { return strings.Compare(x.Name, y.Name) })
 	for _, cached := range quotas {
 		err := q.charge(ctx, cached, delta, a.IsDryRun())
 		var ex *quota.Exceeded
@@ -212,7 +214,7 @@ func (q *quotaAdmission) decide(cur *corev1.ResourceQuota, unspent corev1.Resour
 		if fresh {
 			unspent = nil
 		}
-		base := quota.Sub(cur.Status.Used, unspent)
+		base := quotav1.Subtract(cur.Status.Used, unspent)
 		used := base.DeepCopy()
 		refused := false
 		for i, r := range batch {
@@ -236,17 +238,16 @@ func (q *quotaAdmission) decide(cur *corev1.ResourceQuota, unspent corev1.Resour
 			}
 			fresh = true
 		}
-		if apiequalityUsed(used, cur.Status.Used) {
+		if quotav1.Equals(used, cur.Status.Used) {
 			return cur, nil, results
 		}
 		// What this write charges: the batch's creates and the new
 		// reservation (what goes back is no charge), in the ledger too.
-		charged := quota.Sub(used, base)
+		charged := quotav1.Subtract(used, base)
 		reserve := quota.Reserve(cur.Spec.Hard, used, charged, reserveFactor)
-		quota.Add(charged, reserve)
+		charged = quotav1.Add(charged, reserve)
 		next := cur.DeepCopy()
-		next.Status.Used = used
-		quota.Add(next.Status.Used, reserve)
+		next.Status.Used = quotav1.Add(used, reserve)
 		if next.Annotations == nil {
 			next.Annotations = map[string]string{}
 		}
@@ -297,28 +298,6 @@ func (q *quotaStore) update(ctx context.Context, rq *corev1.ResourceQuota) (*cor
 	return obj.(*corev1.ResourceQuota), nil
 }
 
-func apiequalityUsed(a, b corev1.ResourceList) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for n, q := range a {
-		if p, ok := b[n]; !ok || p.Cmp(q) != 0 {
-			return false
-		}
-	}
-	return true
-}
-
-func cmpString(a, b string) int {
-	switch {
-	case a < b:
-		return -1
-	case a > b:
-		return 1
-	}
-	return 0
-}
-
 // usageDelta is what the request adds to its namespace's use.
 func usageDelta(a admission.Attributes) (corev1.ResourceList, error) {
 	gr := a.GetResource().GroupResource()
@@ -338,7 +317,7 @@ func usageDelta(a admission.Attributes) (corev1.ResourceList, error) {
 		if err := fromUnstructured(a.GetOldObject(), &old); err != nil {
 			return nil, err
 		}
-		d := quota.Sub(quota.Sandbox(&sb), quota.Sandbox(&old))
+		d := quotav1.Subtract(quota.Sandbox(&sb), quota.Sandbox(&old))
 		delete(d, quota.Sandboxes)
 		return d, nil
 	case gr.Resource == "snapshots" && create && a.GetSubresource() == "":

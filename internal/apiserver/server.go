@@ -98,14 +98,15 @@ func New(c Config) (*Server, error) {
 	if err := serving.ApplyTo(&extCfg.SecureServing, &extCfg.LoopbackClientConfig); err != nil {
 		return nil, fmt.Errorf("serving: %w", err)
 	}
-	informers := clientgoinformers.NewSharedInformerFactory(kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig), 10*time.Minute)
+	loopbackClient := kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig)
+	informers := clientgoinformers.NewSharedInformerFactory(loopbackClient, 10*time.Minute)
 	extCfg.SharedInformerFactory = informers
 	acc, err := newAccess(informers)
 	if err != nil {
 		return nil, err
 	}
 	tokens := &tokenAuthenticator{
-		secrets: kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig).CoreV1().Secrets(pki.TokenNamespace), now: time.Now}
+		secrets: loopbackClient.CoreV1().Secrets(pki.TokenNamespace), now: time.Now}
 	applyAuth(&extCfg.Config, c.CA, acc, tokens)
 	// The TLS handshake asks for client certificates signed by the CA.
 	clientCA, err := dynamiccertificates.NewDynamicCAContentFromFile("client-ca", c.CA.CertFile())

@@ -8,6 +8,7 @@ import (
 	corev1 "k8s.io/api/core/v1"
 	apiequality "k8s.io/apimachinery/pkg/api/equality"
 	"k8s.io/apimachinery/pkg/types"
+	quotav1 "k8s.io/apiserver/pkg/quota/v1"
 	ctrl "sigs.k8s.io/controller-runtime"
 	"sigs.k8s.io/controller-runtime/pkg/builder"
 	"sigs.k8s.io/controller-runtime/pkg/client"
@@ -105,7 +106,7 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	// last seconds for objects this cache may not show yet (ledger.go).
 	used := Used(Objects{Sandboxes: sbs.Items, Snapshots: len(snaps.Items), Templates: len(tmpls.Items), WarmPools: pools.Items})
 	recent, until := Recent(ParseLedger(q.Annotations), c.now())
-	Add(used, recent)
+	used = quotav1.Add(used, recent)
 	st := Status(q.Spec.Hard, used)
 	next := resync
 	if !until.IsZero() {

@@ -5,6 +5,7 @@ import (
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	quotav1 "k8s.io/apiserver/pkg/quota/v1"
 )
 
 // The ledger of recent charges, kept on the quota (annotation Charges) by
@@ -70,7 +71,7 @@ func Recent(l []Charge, now time.Time) (corev1.ResourceList, time.Time) {
 		if !now.Before(end) {
 			continue
 		}
-		Add(sum, c.Used)
+		sum = quotav1.Add(sum, c.Used)
 		if until.IsZero() || end.Before(until) {
 			until = end
 		}

@@ -13,6 +13,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/api/resource"
+	quotav1 "k8s.io/apiserver/pkg/quota/v1"
 
 	"hearth.dev/hearth/api/v1alpha1"
 )
@@ -82,10 +83,10 @@ func Used(o Objects) corev1.ResourceList {
 		Templates: *resource.NewQuantity(int64(o.Templates), resource.DecimalSI),
 	}
 	for i := range o.Sandboxes {
-		Add(used, Sandbox(&o.Sandboxes[i]))
+		used = quotav1.Add(used, Sandbox(&o.Sandboxes[i]))
 	}
 	for i := range o.WarmPools {
-		Add(used, WarmPool(&o.WarmPools[i]))
+		used = quotav1.Add(used, WarmPool(&o.WarmPools[i]))
 	}
 	for _, n := range []corev1.ResourceName{Sandboxes, CPU, Memory, Disk, WarmPools, WarmPoolReplicas} {
 		if _, ok := used[n]; !ok {
@@ -93,26 +94,6 @@ func Used(o Objects) corev1.ResourceList {
 		}
 	}
 	return used
-}
-
-// Sub is a - b.
-func Sub(a, b corev1.ResourceList) corev1.ResourceList {
-	out := a.DeepCopy()
-	for n, q := range b {
-		d := out[n]
-		d.Sub(q)
-		out[n] = d
-	}
-	return out
-}
-
-// Add adds b into a.
-func Add(a, b corev1.ResourceList) {
-	for n, q := range b {
-		sum := a[n]
-		sum.Add(q)
-		a[n] = sum
-	}
 }
 
 // Status is a quota's status for what the namespace uses: its hard
