@@ -90,6 +90,10 @@ func TestRecord(t *testing.T) {
 	if _, ok := sum[Sandboxes]; ok {
 		t.Errorf("a negative charge recorded: %v", sum)
 	}
+	// A bucket from the future (a clock set back) counts for nothing.
+	if sum, _ := Recent(l, now.Add(-time.Hour)); len(sum) != 0 {
+		t.Errorf("a bucket an hour ahead of the clock counted: %v", sum)
+	}
 	l = ParseLedger(map[string]string{Charges: Record(l, now.Add(10*time.Second), one)})
 	if len(l) != 1 || !l[0].At.Equal(now.Add(10*time.Second)) {
 		t.Errorf("old buckets kept: %+v", l)

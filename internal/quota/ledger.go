@@ -40,7 +40,7 @@ func Record(l []Charge, now time.Time, delta corev1.ResourceList) string {
 	sec := now.UTC().Truncate(time.Second)
 	var kept []Charge
 	for _, c := range l {
-		if now.Sub(c.At) < ChargeGrace {
+		if fresh(c, now) {
 			kept = append(kept, c)
 		}
 	}
@@ -68,7 +68,7 @@ func Recent(l []Charge, now time.Time) (corev1.ResourceList, time.Time) {
 		// A bucket holds charges of its whole second: it stays until
 		// the grace has passed for the last of them.
 		end := c.At.Add(time.Second + ChargeGrace)
-		if !now.Before(end) {
+		if !fresh(c, now) {
 			continue
 		}
 		sum = quotav1.Add(sum, c.Used)
@@ -77,4 +77,11 @@ func Recent(l []Charge, now time.Time) (corev1.ResourceList, time.Time) {
 		}
 	}
 	return sum, until
+}
+
+// fresh says whether a bucket is still within the grace at now. One from
+// the future (a clock set back, an annotation written by hand) is not: it
+// would hold used up for as long as the clock is behind.
+func fresh(c Charge, now time.Time) bool {
+	return now.Before(c.At.Add(time.Second+ChargeGrace)) && !c.At.After(now.Add(time.Second))
 }
