@@ -59,9 +59,14 @@ spec:
 
 // sh runs a shell command in a sandbox; it returns the output and whether
 // it exited 0.
+// A name "NAMESPACE/NAME" is a sandbox of another namespace than default.
 func (m *multiHost) shIn(name, script string) (string, bool) {
 	m.t.Helper()
-	r := m.hearth("", "exec", name, "--", "sh", "-c", script)
+	ns := "default"
+	if i := strings.IndexByte(name, '/'); i >= 0 {
+		ns, name = name[:i], name[i+1:]
+	}
+	r := m.hearth("", "--namespace", ns, "exec", name, "--", "sh", "-c", script)
 	return strings.TrimSpace(r.stdout + r.stderr), r.code == 0
 }
 
@@ -131,6 +136,8 @@ func TestNetworking(t *testing.T) {
 		}
 	}
 	forbidden("without policies")
+
+	testNamespaces(t, m, img, ipA, ipB)
 
 	t.Log("policies")
 	m.mustKubectlIn(`apiVersion: hearth.dev/v1alpha1
@@ -207,6 +214,60 @@ spec:
 
 	t.Log("ingress")
 	testIngress(t, m, ipB)
+}
+
+// testNamespaces: sandboxes of different namespaces do not reach each
+// other, or each other's names, unless a policy of the receiver's
+// namespace allows it; no sandbox reaches another host's gateway.
+func testNamespaces(t *testing.T, m *multiHost, img, ipA, ipB string) {
+	t.Log("namespaces: isolated from each other unless a policy allows")
+	m.mustKubectl("create", "namespace", "tenant-b")
+	m.apply(strings.Replace(netSandbox("t", img, "host-2", "{app: t}", "nc -ll -p 9090 -e cat & nettool udp-echo :5353 & wait"),
+		"metadata:\n", "metadata:\n  namespace: tenant-b\n", 1))
+	var ipT string
+	waitFor(t, "tenant-b/t to run", 3*time.Minute, func() bool {
+		out, _ := m.kubectl("get", "sandbox", "t", "-n", "tenant-b", "-o", "jsonpath={.status.phase} {.status.ip}")
+		phase, ip, _ := strings.Cut(out, " ")
+		ipT = ip
+		return phase == "Running" && ip != ""
+	})
+	reach := func(when string, want bool) {
+		t.Helper()
+		m.expectSh(when+": a→t tcp", "a", "echo x | nc -w 2 "+ipT+" 9090", want)
+		m.expectSh(when+": a→t udp", "a", "nettool udp "+ipT+":5353 x", want)
+		m.expectSh(when+": a→t icmp", "a", "ping -c 1 -W 2 "+ipT, want)
+	}
+	reach("no policy", false)
+	m.expectSh("t→a tcp (default is isolated too)", "tenant-b/t", "echo x | nc -w 2 "+ipA+" 7070", false)
+	m.expectSh("t→b, another host, tcp", "tenant-b/t", "echo x | nc -w 2 "+ipB+" 9090", false)
+	m.expectSh("a resolves t of tenant-b", "a", "nslookup t.tenant-b.hearth", false)
+	m.expectSh("t resolves a of default", "tenant-b/t", "nslookup a.default.hearth", false)
+	if out := m.expectSh("t resolves its own namespace", "tenant-b/t", "nslookup t.tenant-b.hearth", true); !strings.Contains(out, ipT) {
+		t.Errorf("nslookup t.tenant-b.hearth in t: %s", out)
+	}
+	m.mustKubectlIn(`apiVersion: hearth.dev/v1alpha1
+kind: NetworkPolicy
+metadata: {name: from-default, namespace: tenant-b}
+spec:
+  sandboxSelector: {}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: default}}}]
+`, "apply", "-f", "-")
+	waitFor(t, "tenant-b's policy to reach host-2", 30*time.Second, func() bool {
+		_, ok := m.shIn("a", "echo x | nc -w 2 "+ipT+" 9090")
+		return ok
+	})
+	reach("a policy of tenant-b allows default", true)
+	m.expectSh("t→a with tenant-b's policy (default's own decides)", "tenant-b/t", "echo x | nc -w 2 "+ipA+" 7070", false)
+
+	// Another host's gateway (its range's first address) answers nothing;
+	// a's own answers ICMP and DNS.
+	gw2 := ipT[:strings.LastIndexByte(ipT, '.')] + ".1"
+	gw1 := ipA[:strings.LastIndexByte(ipA, '.')] + ".1"
+	m.expectSh("a→its own gateway icmp", "a", "ping -c 1 -W 2 "+gw1, true)
+	m.expectSh("a→host-2's gateway icmp", "a", "ping -c 1 -W 2 "+gw2, false)
+	m.expectSh("a→host-2's gateway dns", "a", "timeout 5 nslookup b.default.hearth "+gw2, false)
+	m.mustKubectl("delete", "sandbox", "t", "-n", "tenant-b", "--timeout=2m")
 }
 
 // testNAT puts "the internet" behind host-1: a namespace routed from

@@ -57,6 +57,9 @@ type ControllerOptions struct {
 	SandboxCIDR  string
 	HostCIDRSize int
 	cluster      netip.Prefix
+	// IsolateNamespaces: a sandbox accepts connections from sandboxes of
+	// other namespaces only where a NetworkPolicy of its own allows them.
+	IsolateNamespaces bool
 }
 
 // AddFlags registers the controllers' flags.
@@ -65,6 +68,7 @@ func (o *ControllerOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.DurationVar(&o.HostTimeout, "host-timeout", hostlifecycle.DefaultTimeout, "a host whose heartbeat lapses this long is NotReady")
 	fs.DurationVar(&o.HostLostAfter, "host-lost-after", hostlifecycle.DefaultLostAfter, "a host NotReady this long is lost: its sandboxes are placed on other hosts")
 	fs.StringVar(&o.SandboxCIDR, "sandbox-cidr", "10.244.0.0/16", "the cluster's sandbox addresses (give every member and node the same); what sandboxes send beyond it is NAT'ed")
+	fs.BoolVar(&o.IsolateNamespaces, "isolate-namespaces", true, "sandboxes accept connections from other namespaces' sandboxes only where a NetworkPolicy of their own namespace allows them (give every node the same)")
 	fs.IntVar(&o.HostCIDRSize, "host-cidr-size", 24, "the prefix length of each host's share of --sandbox-cidr (a /24 holds 253 sandboxes)")
 }
 

@@ -115,7 +115,7 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), VMDir: n.VMDir, LogMax: n.LogMaxBytes,
 		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),
 		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log), ClusterCIDR: o.Controllers.cluster,
-		Network: n.Network,
+		Network: n.Network, IsolateNamespaces: o.Controllers.IsolateNamespaces,
 	}
 	if cfg.Address == "" {
 		cfg.Address = n.Listen

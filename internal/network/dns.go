@@ -7,29 +7,55 @@ import (
 	"net"
 	"net/netip"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/miekg/dns"
+	"golang.org/x/time/rate"
 )
 
 // Zone is where sandboxes have names: NAME.NAMESPACE.hearth.
 const Zone = "hearth."
 
-// DNS answers the sandboxes' queries on their gateway: A records of
-// sandboxes (Zone) from Lookup, everything else forwarded to the host's
-// own resolvers.
+// DNS answers the sandboxes' queries on their gateway: A records of the
+// asking sandbox's own namespace's sandboxes (Zone) from Lookup, everything
+// else forwarded to the host's own resolvers, at most Rate a second (burst
+// Burst; DefaultRate and DefaultBurst if 0) for each sandbox and only for
+// those that may reach
+// the outside (DNS would otherwise be their way out). Queries from an
+// address Client does not know are refused.
 type DNS struct {
 	Addr      string // host:port to serve on (UDP and TCP)
+	Client    func(src netip.Addr) (Client, bool)
 	Lookup    func(name, namespace string) (netip.Addr, bool)
 	Upstreams []string // host:port
 	Log       *slog.Logger
+	Rate      rate.Limit
+	Burst     int
+
+	mu       sync.Mutex
+	limiters map[netip.Addr]*rate.Limiter
 }
+
+// Client is what the DNS server knows of the sandbox that asks.
+type Client struct {
+	Namespace string
+	// Forward: names outside Zone are resolved (the sandbox has NAT).
+	Forward bool
+}
+
+// The forwarding rate of one sandbox: a package install looks up a few
+// dozen names; a sandbox that tunnels data through queries gets this much.
+const (
+	DefaultRate  = 50
+	DefaultBurst = 100
+)
 
 // Serve serves until ctx ends.
 func (d *DNS) Serve(ctx context.Context) error {
 	mux := dns.NewServeMux()
-	mux.HandleFunc(Zone, d.local)
-	mux.HandleFunc(".", d.forward)
+	mux.HandleFunc(Zone, d.known(d.local))
+	mux.HandleFunc(".", d.known(d.forward))
 	pc, err := net.ListenPacket("udp", d.Addr)
 	if err != nil {
 		return err
@@ -54,12 +80,34 @@ func (d *DNS) Serve(ctx context.Context) error {
 	return err
 }
 
-func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg) {
+// known answers only the sandboxes Client knows: REFUSED for the rest.
+func (d *DNS) known(h func(dns.ResponseWriter, *dns.Msg, Client)) dns.HandlerFunc {
+	return func(w dns.ResponseWriter, q *dns.Msg) {
+		var src netip.Addr
+		if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err == nil {
+			src = ap.Addr().Unmap()
+		}
+		c, ok := d.Client(src)
+		if !ok {
+			refuse(w, q)
+			return
+		}
+		h(w, q, c)
+	}
+}
+
+func refuse(w dns.ResponseWriter, q *dns.Msg) {
+	m := new(dns.Msg)
+	m.SetRcode(q, dns.RcodeRefused)
+	_ = w.WriteMsg(m)
+}
+
+func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg, c Client) {
 	m := new(dns.Msg)
 	m.SetReply(q)
 	m.Authoritative = true
 	for _, question := range q.Question {
-		addr, ok := d.lookupName(question.Name)
+		addr, ok := d.lookupName(question.Name, c.Namespace)
 		if !ok {
 			m.Rcode = dns.RcodeNameError
 			continue
@@ -72,25 +120,53 @@ func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg) {
 	_ = w.WriteMsg(m)
 }
 
-// lookupName resolves NAME.NAMESPACE.hearth.
-func (d *DNS) lookupName(name string) (netip.Addr, bool) {
+// lookupName resolves NAME.NAMESPACE.hearth if NAMESPACE is ns: other
+// namespaces' names do not exist for a sandbox.
+func (d *DNS) lookupName(name, ns string) (netip.Addr, bool) {
 	labels := dns.SplitDomainName(strings.TrimSuffix(strings.ToLower(name), Zone))
-	if len(labels) != 2 {
+	if len(labels) != 2 || labels[1] != ns {
 		return netip.Addr{}, false
 	}
 	return d.Lookup(labels[0], labels[1])
 }
 
-func (d *DNS) forward(w dns.ResponseWriter, q *dns.Msg) {
+// allow takes one forward from src's budget.
+func (d *DNS) allow(src netip.Addr) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.limiters == nil || len(d.limiters) > 4096 {
+		d.limiters = map[netip.Addr]*rate.Limiter{} // sandboxes come and go
+	}
+	l, ok := d.limiters[src]
+	if !ok {
+		r, b := d.Rate, d.Burst
+		if r == 0 {
+			r, b = DefaultRate, DefaultBurst
+		}
+		l = rate.NewLimiter(r, b)
+		d.limiters[src] = l
+	}
+	return l.Allow()
+}
+
+func (d *DNS) forward(w dns.ResponseWriter, q *dns.Msg, c Client) {
+	if !c.Forward {
+		refuse(w, q)
+		return
+	}
+	if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err != nil || !d.allow(ap.Addr().Unmap()) {
+		refuse(w, q)
+		return
+	}
 	network := "udp"
 	if _, ok := w.RemoteAddr().(*net.TCPAddr); ok {
 		network = "tcp"
 	}
-	c := &dns.Client{Net: network, Timeout: 2 * time.Second}
+	dc := &dns.Client{Net: network, Timeout: 2 * time.Second}
 	var err error
 	for _, up := range d.Upstreams {
 		var r *dns.Msg
-		if r, _, err = c.Exchange(q, up); err == nil {
+		if r, _, err = dc.Exchange(q, up); err == nil {
 			_ = w.WriteMsg(r)
 			return
 		}

@@ -34,3 +34,36 @@ func HostRoutes(hosts []v1alpha1.Host, self string) map[netip.Prefix]netip.Addr 
 	}
 	return routes
 }
+
+// Unreachable are the addresses no sandbox sends to, besides the hosts'
+// own: "this network", loopback, link-local (cloud metadata), multicast,
+// the reserved range and the limited broadcast (224.0.0.0/3), the
+// cluster range's first and last addresses, and in every host's range its
+// network, gateway and broadcast addresses (a sandbox's own gateway
+// answers it ICMP and DNS: the programs check it first).
+func Unreachable(cluster netip.Prefix, hosts []v1alpha1.Host) []netip.Prefix {
+	out := []netip.Prefix{
+		netip.MustParsePrefix("0.0.0.0/8"), netip.MustParsePrefix("127.0.0.0/8"),
+		netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("224.0.0.0/3"),
+	}
+	ends := func(p netip.Prefix) (first, last netip.Addr) {
+		p = p.Masked()
+		b := p.Addr().As4()
+		v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
+		v |= 1<<(32-p.Bits()) - 1
+		return p.Addr(), netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
+	}
+	if cluster.IsValid() && cluster.Addr().Is4() {
+		first, last := ends(cluster)
+		out = append(out, netip.PrefixFrom(first, 32), netip.PrefixFrom(last, 32))
+	}
+	for i := range hosts {
+		p, err := netip.ParsePrefix(hosts[i].Spec.SandboxCIDR)
+		if err != nil || !p.Addr().Is4() || p.Bits() > 30 {
+			continue
+		}
+		first, last := ends(p)
+		out = append(out, netip.PrefixFrom(first, 32), netip.PrefixFrom(first.Next(), 32), netip.PrefixFrom(last, 32))
+	}
+	return out
+}

@@ -99,6 +99,9 @@ type Config struct {
 	// cluster's sandbox range: what leaves it is NAT'ed.
 	Network     bool
 	ClusterCIDR netip.Prefix
+	// IsolateNamespaces: sandboxes of different namespaces reach each
+	// other only where a NetworkPolicy allows it (policy.Cluster).
+	IsolateNamespaces bool
 	// LogMax caps one run's log (rotated once: twice this is kept).
 	LogMax  int64
 	Version string
@@ -214,7 +217,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if err := mgr.Add(all); err != nil {
 		return err
 	}
-	a.net = newHostNetwork(a, all, cfg.ClusterCIDR, cfg.Network)
+	a.net = newHostNetwork(a, all, cfg.ClusterCIDR, cfg.Network, cfg.IsolateNamespaces)
 	a.watches = newWatches(a.wake)
 	// The Host first, so that the scheduler can place work as soon as
 	// possible; with a direct client, as the cache is not started yet.

@@ -43,6 +43,8 @@ type hostNetwork struct {
 	a       *Agent
 	cluster netip.Prefix
 	enabled bool
+	// isolate is the cluster's namespace isolation (policy.Cluster).
+	isolate bool
 	all     cache.Cache
 	host    *network.Host
 	pool    *ipam.Pool
@@ -54,16 +56,21 @@ type hostNetwork struct {
 
 	mu  sync.Mutex
 	eps map[types.UID]endpoint
+	// live are the cluster's sandbox addresses at the last policy sync:
+	// flows with one gone are forgotten (policy.Datapath.Forget).
+	live map[netip.Addr]bool
 }
 
 type endpoint struct {
-	ifindex int
-	addr    netip.Addr
-	tap     string
+	ifindex   int
+	addr      netip.Addr
+	tap       string
+	namespace string
+	nat       bool
 }
 
-func newHostNetwork(a *Agent, all cache.Cache, cluster netip.Prefix, enabled bool) *hostNetwork {
-	return &hostNetwork{a: a, cluster: cluster, all: all, enabled: enabled, ready: make(chan struct{}), resync: make(chan struct{}, 1), hostsChanged: make(chan struct{}, 1),
+func newHostNetwork(a *Agent, all cache.Cache, cluster netip.Prefix, enabled, isolate bool) *hostNetwork {
+	return &hostNetwork{a: a, cluster: cluster, all: all, enabled: enabled, isolate: isolate, ready: make(chan struct{}), resync: make(chan struct{}, 1), hostsChanged: make(chan struct{}, 1),
 		eps: map[types.UID]endpoint{}}
 }
 
@@ -140,7 +147,7 @@ func (n *hostNetwork) run(ctx context.Context) error {
 		}
 	}
 	dnsErr := make(chan error, 1)
-	d := &network.DNS{Addr: net.JoinHostPort(n.host.Gateway().String(), "53"), Lookup: n.lookup,
+	d := &network.DNS{Addr: net.JoinHostPort(n.host.Gateway().String(), "53"), Lookup: n.lookup, Client: n.dnsClient,
 		Upstreams: network.Upstreams("/etc/resolv.conf", n.host.Gateway()), Log: n.a.log}
 	go func() { dnsErr <- d.Serve(ctx) }()
 	close(n.ready)
@@ -215,7 +222,10 @@ func (n *hostNetwork) syncHosts(ctx context.Context) error {
 	if err := n.all.List(ctx, &hosts); err != nil {
 		return err
 	}
-	special := map[netip.Prefix]uint32{netip.MustParsePrefix("169.254.0.0/16"): policy.Forbidden}
+	special := map[netip.Prefix]uint32{}
+	for _, p := range network.Unreachable(n.cluster, hosts.Items) {
+		special[p] = policy.Forbidden
+	}
 	for i := range hosts.Items {
 		// Every host's address: forbidden to sandboxes, trusted as a source.
 		if via, ok := network.HostAddr(&hosts.Items[i]); ok {
@@ -247,8 +257,9 @@ func (n *hostNetwork) syncPolicies(ctx context.Context) error {
 			return err
 		}
 	}
-	c := &policy.Cluster{Policies: pols.Items, Namespaces: map[string]map[string]string{}}
+	c := &policy.Cluster{Policies: pols.Items, Namespaces: map[string]map[string]string{}, IsolateNamespaces: n.isolate, Range: n.cluster}
 	byUID := map[types.UID]policy.Sandbox{}
+	live := map[netip.Addr]bool{}
 	for _, ns := range nss.Items {
 		c.Namespaces[ns.Name] = ns.Labels
 	}
@@ -258,15 +269,33 @@ func (n *hostNetwork) syncPolicies(ctx context.Context) error {
 		if a, err := netip.ParseAddr(sb.Status.IP); err == nil && !sb.Status.Phase.Terminal() {
 			s.IP = a
 			c.Sandboxes = append(c.Sandboxes, s)
+			live[a] = true
 		}
 	}
 	n.mu.Lock()
 	eps := make(map[types.UID]endpoint, len(n.eps))
 	for k, v := range n.eps {
 		eps[k] = v
+		live[v.addr] = true
 	}
 	n.mu.Unlock()
 	var errs []error
+	// Sandboxes gone elsewhere: their addresses go to other tenants after
+	// ipam.Quarantine, with none of the flows local sandboxes had with
+	// them. (One that went while this agent was down keeps its flows here
+	// until they time out.)
+	if prev := n.live; prev != nil {
+		gone := map[netip.Addr]bool{}
+		for a := range prev {
+			if !live[a] {
+				gone[a] = true
+			}
+		}
+		if len(gone) > 0 {
+			errs = append(errs, n.dp.Forget(func(a netip.Addr) bool { return gone[a] }))
+		}
+	}
+	n.live = live
 	for uid, ep := range eps {
 		// A sandbox not in this cache yet is selected by no policy until
 		// the next sync, which its arrival in the cache triggers.
@@ -280,6 +309,18 @@ func (n *hostNetwork) syncPolicies(ctx context.Context) error {
 		errs = append(errs, n.dp.SetPolicy(ep.ifindex, r))
 	}
 	return errors.Join(errs...)
+}
+
+// dnsClient tells the DNS server which local sandbox asks.
+func (n *hostNetwork) dnsClient(src netip.Addr) (network.Client, bool) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for _, ep := range n.eps {
+		if ep.addr == src {
+			return network.Client{Namespace: ep.namespace, Forward: ep.nat}, true
+		}
+	}
+	return network.Client{}, false
 }
 
 // lookup resolves NAME.NAMESPACE.hearth for the DNS server.
@@ -330,7 +371,7 @@ func (n *hostNetwork) attach(sb *v1alpha1.Sandbox, dir string) (tap string, cfg 
 		return "", nil, err
 	}
 	n.mu.Lock()
-	n.eps[sb.UID] = endpoint{ifindex: ifindex, addr: addr, tap: tap}
+	n.eps[sb.UID] = endpoint{ifindex: ifindex, addr: addr, tap: tap, namespace: sb.Namespace, nat: sb.Spec.Network.NATEnabled()}
 	n.mu.Unlock()
 	kick(n.resync)
 	gw := n.host.Gateway().String()

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"net/netip"
 	"sync"
+	"time"
 )
 
 // ErrFull means a range has no free subnet or address left.
@@ -48,19 +49,29 @@ func addr(v uint32) netip.Addr {
 	return netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
 }
 
+// Quarantine is how long a freed address waits before it goes to another
+// sandbox: long enough for every host to hear that its sandbox is gone and
+// forget the flows other sandboxes had with it (and past the data path's
+// two minutes for an idle UDP or ICMP flow), so that the next tenant at the
+// address inherits none of them.
+const Quarantine = 2 * time.Minute
+
 // Pool is a host's range: the first address is the gateway, the last the
 // broadcast address; the rest go to sandboxes, one per owner (a sandbox's
-// UID), lowest free first.
+// UID), lowest free first, an address freed less than Quarantine ago last.
 type Pool struct {
 	mu     sync.Mutex
 	cidr   netip.Prefix
 	owners map[netip.Addr]string
 	byUID  map[string]netip.Addr
+	freed  map[netip.Addr]time.Time
+	// Now is the clock (tests set their own).
+	Now func() time.Time
 }
 
 // NewPool is an empty pool over cidr.
 func NewPool(cidr netip.Prefix) *Pool {
-	return &Pool{cidr: cidr.Masked(), owners: map[netip.Addr]string{}, byUID: map[string]netip.Addr{}}
+	return &Pool{cidr: cidr.Masked(), owners: map[netip.Addr]string{}, byUID: map[string]netip.Addr{}, freed: map[netip.Addr]time.Time{}, Now: time.Now}
 }
 
 // Gateway is the range's first address.
@@ -92,11 +103,24 @@ func (p *Pool) Allocate(owner string) (netip.Addr, error) {
 	if a, ok := p.byUID[owner]; ok {
 		return a, nil
 	}
+	now := p.Now()
+	held := 0
 	for a := p.Gateway().Next(); p.usable(a); a = a.Next() {
-		if _, taken := p.owners[a]; !taken {
-			p.owners[a], p.byUID[owner] = owner, a
-			return a, nil
+		if _, taken := p.owners[a]; taken {
+			continue
 		}
+		if t, ok := p.freed[a]; ok {
+			if now.Sub(t) < Quarantine && now.Sub(t) >= 0 {
+				held++
+				continue
+			}
+			delete(p.freed, a)
+		}
+		p.owners[a], p.byUID[owner] = owner, a
+		return a, nil
+	}
+	if held > 0 {
+		return netip.Addr{}, fmt.Errorf("%w in %s (%d freed in the last %s are held back)", ErrFull, p.cidr, held, Quarantine)
 	}
 	return netip.Addr{}, fmt.Errorf("%w in %s", ErrFull, p.cidr)
 }
@@ -108,6 +132,7 @@ func (p *Pool) Release(owner string) {
 	if a, ok := p.byUID[owner]; ok {
 		delete(p.owners, a)
 		delete(p.byUID, owner)
+		p.freed[a] = p.Now()
 	}
 }
 

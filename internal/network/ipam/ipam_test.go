@@ -3,7 +3,9 @@ package ipam
 import (
 	"errors"
 	"net/netip"
+	"strings"
 	"testing"
+	"time"
 )
 
 func TestNextRange(t *testing.T) {
@@ -71,8 +73,23 @@ func TestPool(t *testing.T) {
 			t.Errorf("reserved %s", bad)
 		}
 	}
+	// A freed address waits Quarantine before it goes to another owner.
+	now := time.Unix(1000, 0)
+	p.Now = func() time.Time { return now }
 	p.Release("b")
+	if a, err := p.Allocate("e"); !errors.Is(err, ErrFull) || !strings.Contains(err.Error(), "1 freed in the last 2m0s are held back") {
+		t.Errorf("right after a release: %v, %v", a, err)
+	}
+	now = now.Add(Quarantine - time.Second)
+	p.Release("c")
+	if _, err := p.Allocate("e"); !errors.Is(err, ErrFull) {
+		t.Errorf("before the quarantine ends: %v", err)
+	}
+	now = now.Add(time.Second)
 	if a, err := p.Allocate("e"); err != nil || a.String() != "10.244.3.4" {
-		t.Errorf("after a release: %v, %v", a, err)
+		t.Errorf("after the quarantine: %v, %v", a, err)
+	}
+	if a, err := p.Allocate("f"); !errors.Is(err, ErrFull) {
+		t.Errorf("the address freed later is still held back: %v, %v", a, err)
 	}
 }

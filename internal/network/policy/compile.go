@@ -66,6 +66,14 @@ type Cluster struct {
 	Sandboxes []Sandbox
 	// Namespaces' labels, by name.
 	Namespaces map[string]map[string]string
+	// IsolateNamespaces is the cluster's namespace isolation: a sandbox
+	// that no policy isolates for ingress still accepts new connections
+	// from the sandboxes of Range only if they are of its own namespace
+	// (and from anything outside Range: the hosts, the internet's
+	// replies). Another namespace's sandboxes reach it only through a
+	// policy of its own namespace that allows them.
+	IsolateNamespaces bool
+	Range             netip.Prefix
 }
 
 // atom is a set of addresses (a CIDR minus excepts) and the ports allowed
@@ -105,6 +113,10 @@ func Compile(c *Cluster, sb Sandbox) Result {
 			}
 		}
 	}
+	if !r.IngressIsolated && c.IsolateNamespaces && c.Range.IsValid() {
+		r.IngressIsolated = true
+		in = c.ownNamespace(sb.Namespace)
+	}
 	var t1, t2 bool
 	if r.IngressIsolated {
 		r.Ingress, t1 = flatten(in)
@@ -114,6 +126,18 @@ func Compile(c *Cluster, sb Sandbox) Result {
 	}
 	r.Truncated = t1 || t2
 	return r
+}
+
+// ownNamespace allows everything from outside the cluster's range and
+// from the sandboxes of namespace ns.
+func (c *Cluster) ownNamespace(ns string) []atom {
+	out := []atom{{cidr: everywhere, except: []netip.Prefix{c.Range.Masked()}, ports: []PortRange{anyPort}}}
+	for _, s := range c.Sandboxes {
+		if s.Namespace == ns && s.IP.IsValid() && s.IP.Is4() {
+			out = append(out, atom{cidr: netip.PrefixFrom(s.IP, 32), ports: []PortRange{anyPort}})
+		}
+	}
+	return out
 }
 
 // directions are the policy types, defaulted as Kubernetes does.

@@ -79,3 +79,42 @@ spec:
 		})
 	}
 }
+
+func TestCompileIsolatesNamespaces(t *testing.T) {
+	a := Sandbox{Namespace: "team-a", Name: "a", IP: netip.MustParseAddr("10.244.0.2")}
+	a2 := Sandbox{Namespace: "team-a", Name: "a2", IP: netip.MustParseAddr("10.244.1.7")}
+	b := Sandbox{Namespace: "team-b", Name: "b", Labels: map[string]string{"app": "b"}, IP: netip.MustParseAddr("10.244.1.2")}
+	cluster := netip.MustParsePrefix("10.244.0.0/16")
+	c := &Cluster{Sandboxes: []Sandbox{a, a2, b}, IsolateNamespaces: true, Range: cluster}
+
+	// No policy: its own namespace and everything outside the range.
+	got := Compile(c, a)
+	want := Result{IngressIsolated: true, Ingress: Rules{
+		everywhere:                  {anyPort},
+		cluster:                     {},
+		netip.PrefixFrom(a.IP, 32):  {anyPort},
+		netip.PrefixFrom(a2.IP, 32): {anyPort},
+	}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("isolated by namespace:\ngot  %+v\nwant %+v", got, want)
+	}
+	// b's own namespace allows team-a: its policy decides, not the
+	// isolation.
+	p := policyFrom(t, `
+metadata: {namespace: team-b}
+spec:
+  sandboxSelector: {matchLabels: {app: b}}
+  ingress:
+  - from: [{namespaceSelector: {matchLabels: {kubernetes.io/metadata.name: team-a}}}]`)
+	c.Policies = []v1alpha1.NetworkPolicy{p}
+	got = Compile(c, b)
+	want = Result{IngressIsolated: true, Ingress: Rules{netip.PrefixFrom(a.IP, 32): {anyPort}, netip.PrefixFrom(a2.IP, 32): {anyPort}}}
+	if !reflect.DeepEqual(got, want) {
+		t.Errorf("a policy that allows another namespace:\ngot  %+v\nwant %+v", got, want)
+	}
+	// The setting off: nothing isolated without a policy.
+	c.IsolateNamespaces = false
+	if got := Compile(c, a); !reflect.DeepEqual(got, Result{}) {
+		t.Errorf("without namespace isolation: %+v", got)
+	}
+}

@@ -51,6 +51,42 @@ type Datapath struct {
 	eps     map[int]netip.Addr
 	applied map[int]Result // the last SetPolicy of each endpoint
 	special map[netip.Prefix]uint32
+	// tables are the endpoints' connection tables (conntrack's inner
+	// maps), made from ctSpec.
+	tables map[int]*ebpf.Map
+	ctSpec *ebpf.MapSpec
+}
+
+// TableEntries is what one sandbox's connection table holds (policy.c's
+// CT_ENTRIES): a flow takes two entries, and past that the sandbox's least
+// recently used flows are evicted, not another's.
+const TableEntries = 8192
+
+// Flows counts the entries of an endpoint's connection table.
+func (d *Datapath) Flows(ifindex int) (int, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	t, ok := d.tables[ifindex]
+	if !ok {
+		return 0, fmt.Errorf("interface %d has no connection table", ifindex)
+	}
+	n := 0
+	var k ctKey
+	var v uint64
+	it := t.Iterate()
+	for it.Next(&k, &v) {
+		n++
+	}
+	return n, it.Err()
+}
+
+// ctKey is policy.c's struct ct_key (bpf2go cannot see it: the tables
+// name its size only).
+type ctKey struct {
+	Saddr, Daddr uint32
+	Sport, Dport uint16
+	Proto, Dir   uint8
+	_            [2]byte
 }
 
 // Load loads the programs and maps into the kernel, pinned in pinDir
@@ -59,11 +95,14 @@ func Load(pinDir string) (*Datapath, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("lift the memlock limit for eBPF maps: %w", err)
 	}
-	d := &Datapath{pinDir: pinDir, links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}, applied: map[int]Result{}, special: map[netip.Prefix]uint32{}}
+	d := &Datapath{pinDir: pinDir, links: map[int][2]link.Link{}, written: [2]map[netip.Addr][]policyRuleKey{{}, {}}, eps: map[int]netip.Addr{}, applied: map[int]Result{}, special: map[netip.Prefix]uint32{},
+		tables: map[int]*ebpf.Map{}}
 	spec, err := loadPolicy()
 	if err != nil {
 		return nil, err
 	}
+	d.ctSpec = spec.Maps["conntrack"].InnerMap.Copy()
+	d.ctSpec.Name = "hearth_ct"
 	if pinDir == "" {
 		for _, m := range spec.Maps {
 			m.Pinning = ebpf.PinNone
@@ -107,6 +146,12 @@ func (d *Datapath) recover() error {
 			gone = append(gone, int(ifindex))
 		}
 	}
+	for idx := range d.eps {
+		var table *ebpf.Map
+		if err := d.objs.Conntrack.Lookup(uint32(idx), &table); err == nil {
+			d.tables[idx] = table
+		}
+	}
 	for dir, m := range []*ebpf.Map{d.objs.EgressRules, d.objs.IngressRules} {
 		var k policyRuleKey
 		var v policyRule
@@ -125,6 +170,7 @@ func (d *Datapath) recover() error {
 		addr := d.eps[idx]
 		delete(d.eps, idx)
 		_ = d.objs.Endpoints.Delete(uint32(idx))
+		d.dropTable(idx)
 		if !slices.Contains(slices.Collect(maps.Values(d.eps)), addr) {
 			for dir := range d.written {
 				_ = d.replace(dir, addr, nil)
@@ -202,6 +248,9 @@ func (d *Datapath) Close() error {
 		errs = append(errs, l[0].Close(), l[1].Close())
 		delete(d.links, ifindex)
 	}
+	for _, t := range d.tables {
+		errs = append(errs, t.Close())
+	}
 	errs = append(errs, d.objs.Close())
 	return errors.Join(errs...)
 }
@@ -248,6 +297,20 @@ func (d *Datapath) Attach(ifindex int, addr netip.Addr, nat bool) error {
 	defer d.mu.Unlock()
 	var ep policyEndpoint
 	_ = d.objs.Endpoints.Lookup(uint32(ifindex), &ep) // keep its isolation flags
+	if old, ok := d.eps[ifindex]; ok && old != addr {
+		d.dropTable(ifindex) // another sandbox's flows
+	}
+	if _, ok := d.tables[ifindex]; !ok {
+		table, err := ebpf.NewMap(d.ctSpec)
+		if err != nil {
+			return fmt.Errorf("connection table for interface %d: %w", ifindex, err)
+		}
+		if err := d.objs.Conntrack.Put(uint32(ifindex), table); err != nil {
+			_ = table.Close()
+			return fmt.Errorf("connection table for interface %d: %w", ifindex, err)
+		}
+		d.tables[ifindex] = table
+	}
 	ep.Addr = be32(addr)
 	ep.Flags &^= flagNoNAT
 	if !nat {
@@ -302,15 +365,60 @@ func (d *Datapath) Detach(ifindex int) error {
 		}
 		delete(d.links, ifindex)
 	}
+	if err := d.objs.Endpoints.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		errs = append(errs, err)
+	}
+	d.dropTable(ifindex)
 	if addr, ok := d.eps[ifindex]; ok {
 		for dir := range d.written {
 			errs = append(errs, d.replace(dir, addr, nil))
 		}
 		delete(d.eps, ifindex)
+		// The address goes to another sandbox one day: the flows the
+		// other sandboxes here had with this one must not be its.
+		errs = append(errs, d.forget(func(a netip.Addr) bool { return a == addr }))
 	}
 	delete(d.applied, ifindex)
-	if err := d.objs.Endpoints.Delete(uint32(ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		errs = append(errs, err)
+	return errors.Join(errs...)
+}
+
+// dropTable removes an endpoint's connection table (the kernel frees it
+// with the last reference).
+func (d *Datapath) dropTable(ifindex int) {
+	_ = d.objs.Conntrack.Delete(uint32(ifindex))
+	if t, ok := d.tables[ifindex]; ok {
+		_ = t.Close()
+		delete(d.tables, ifindex)
+	}
+}
+
+// Forget deletes, from every endpoint's connection table, the flows with
+// a peer that gone reports: sandboxes gone elsewhere in the cluster,
+// whose addresses may go to other tenants.
+func (d *Datapath) Forget(gone func(netip.Addr) bool) error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.forget(gone)
+}
+
+func (d *Datapath) forget(gone func(netip.Addr) bool) error {
+	var errs []error
+	for _, t := range d.tables {
+		var k ctKey
+		var v uint64
+		var stale []ctKey
+		it := t.Iterate()
+		for it.Next(&k, &v) {
+			if gone(addrOf(k.Saddr)) || gone(addrOf(k.Daddr)) {
+				stale = append(stale, k)
+			}
+		}
+		errs = append(errs, it.Err())
+		for _, k := range stale {
+			if err := t.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				errs = append(errs, err)
+			}
+		}
 	}
 	return errors.Join(errs...)
 }

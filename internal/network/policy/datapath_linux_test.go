@@ -329,3 +329,111 @@ func TestDatapathPinned(t *testing.T) {
 		t.Errorf("pins after detaching both taps: %d entries, want the 6 maps", len(entries))
 	}
 }
+
+// udpFlow is a UDP flow that B opens to A (B: a connected socket; A: a
+// bound one that can answer unprompted).
+func (l *lab) udpFlow(port int) (b net.Conn, a net.PacketConn) {
+	l.t.Helper()
+	dst := fmt.Sprintf("%s:%d", addrA, port)
+	a, err := nettest.ListenPacket(l.a, "udp", dst)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { a.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+	defer cancel()
+	b, err = nettest.Dial(ctx, l.b, "udp", dst)
+	if err != nil {
+		l.t.Fatal(err)
+	}
+	l.t.Cleanup(func() { b.Close() })
+	if _, err := b.Write([]byte("open")); err != nil {
+		l.t.Fatal(err)
+	}
+	buf := make([]byte, 16)
+	_ = a.SetReadDeadline(time.Now().Add(time.Second))
+	if _, _, err := a.ReadFrom(buf); err != nil {
+		l.t.Fatalf("B's datagram to A: %v", err)
+	}
+	return b, a
+}
+
+// answered reports whether a datagram A sends on the flow reaches B.
+func answered(b net.Conn, a net.PacketConn) bool {
+	if _, err := a.WriteTo([]byte("answer"), b.LocalAddr()); err != nil {
+		return false
+	}
+	buf := make([]byte, 16)
+	_ = b.SetReadDeadline(time.Now().Add(500 * time.Millisecond))
+	n, err := b.Read(buf)
+	return err == nil && string(buf[:n]) == "answer"
+}
+
+// A sandbox that gets a deleted sandbox's address does not get its flows:
+// B, which accepts nothing, had a flow with A; once A's tap is detached,
+// whoever has A's address next cannot send on it.
+func TestDatapathForgetsFlows(t *testing.T) {
+	l := newLab(t)
+	l.apply(np("b-in", v1alpha1.NetworkPolicySpec{SandboxSelector: *sel("b")}))
+	b, a := l.udpFlow(6000)
+	if !answered(b, a) {
+		t.Fatal("A's answer on B's flow was dropped")
+	}
+	l.do(func() error { return errors.Join(l.dp.Detach(l.ifA), l.dp.Attach(l.ifA, addrA, true)) })
+	if answered(b, a) {
+		t.Error("the next sandbox at A's address sent on A's flow with B")
+	}
+
+	// A flow with a peer elsewhere in the cluster: Forget.
+	b2, a2 := l.udpFlow(6001)
+	if !answered(b2, a2) {
+		t.Fatal("A's answer on B's second flow was dropped")
+	}
+	l.do(func() error { return l.dp.Forget(func(x netip.Addr) bool { return x == addrA }) })
+	if answered(b2, a2) {
+		t.Error("a flow with a peer forgotten still passes")
+	}
+}
+
+// One sandbox's flows fill its own connection table, not another's.
+func TestDatapathTablePerSandbox(t *testing.T) {
+	l := newLab(t)
+	l.apply(np("b-in", v1alpha1.NetworkPolicySpec{SandboxSelector: *sel("b")}))
+	b, a := l.udpFlow(6000)
+	// A opens 20,000 flows (to nowhere: the host drops them).
+	err := nettest.Do(l.a, func() error {
+		c, err := net.ListenPacket("udp", addrA.String()+":0")
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		for i := 0; i < 20000; i++ {
+			dst := &net.UDPAddr{IP: net.IPv4(10, 99, 200, byte(i%250+1)), Port: 1024 + i/250}
+			if _, err := c.WriteTo([]byte("x"), dst); err != nil && !errors.Is(err, unix.ECONNREFUSED) && !errors.Is(err, unix.EHOSTUNREACH) {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var nA, nB int
+	l.do(func() error {
+		var err error
+		if nA, err = l.dp.Flows(l.ifA); err != nil {
+			return err
+		}
+		nB, err = l.dp.Flows(l.ifB)
+		return err
+	})
+	if nA > policy.TableEntries || nA < policy.TableEntries/2 {
+		t.Errorf("A's table holds %d entries after 20,000 flows, want at most %d and not far below", nA, policy.TableEntries)
+	}
+	if nB != 2 {
+		t.Errorf("B's table holds %d entries, want its one flow's 2", nB)
+	}
+	if !answered(b, a) {
+		t.Error("A's flood cost B its flow")
+	}
+}

@@ -26,22 +26,6 @@ type policyConfig struct {
 	ClusterMask uint32
 }
 
-type policyCtEntry struct {
-	_    structs.HostLayout
-	Seen uint64
-}
-
-type policyCtKey struct {
-	_     structs.HostLayout
-	Saddr uint32
-	Daddr uint32
-	Sport uint16
-	Dport uint16
-	Proto uint8
-	Dir   uint8
-	Pad   uint16
-}
-
 type policyEndpoint struct {
 	_     structs.HostLayout
 	Addr  uint32

@@ -15,6 +15,9 @@
 //   established flow → from the hosts' infrastructure (ingress, probes)
 //   passes → ingress rules if isolated → a new conntrack entry.
 //
+// Each sandbox has a connection table of its own (conntrack, a map of
+// maps by tap): one that opens flows without end evicts only its own.
+//
 // The maps are pinned by name (the node agent's pin directory) and so are
 // the links that attach the programs: a node agent that restarts finds the
 // state it left and the programs still enforcing it in the meantime.
@@ -47,6 +50,10 @@
 
 #define DIR_EGRESS 0
 #define DIR_INGRESS 1
+
+// Entries of one sandbox's connection table: a flow takes two (its
+// packets and its replies).
+#define CT_ENTRIES 8192
 
 #define CT_TIMEOUT_TCP (3600ULL * 1000000000ULL)
 #define CT_TIMEOUT_OTHER (120ULL * 1000000000ULL)
@@ -138,12 +145,24 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } special SEC(".maps");
 
+// Connection tracking is a table per sandbox (by tap ifindex), made by
+// userspace when it attaches the programs: a sandbox that opens flows
+// without end evicts its own entries only (an LRU hash), never another
+// tenant's, and a tap's table goes with it.
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 1 << 17);
-	__type(key, struct ct_key);
-	__type(value, struct ct_entry);
+	__uint(type, BPF_MAP_TYPE_HASH_OF_MAPS);
+	__uint(max_entries, 4096);
+	__type(key, __u32); // ifindex
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	// Sizes, not types: a type named this deep reaches BTF as a forward
+	// declaration (clang prunes what only pointers reach), which loaders
+	// cannot size. Inline: a named struct only pointed to here would too.
+	__array(values, struct {
+		__uint(type, BPF_MAP_TYPE_LRU_HASH);
+		__uint(max_entries, CT_ENTRIES);
+		__uint(key_size, sizeof(struct ct_key));
+		__uint(value_size, sizeof(struct ct_entry));
+	});
 } conntrack SEC(".maps");
 
 struct pkt {
@@ -194,9 +213,9 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p) {
 	return 0;
 }
 
-static __always_inline int ct_established(struct pkt *p, __u8 dir) {
+static __always_inline int ct_established(void *table, struct pkt *p, __u8 dir) {
 	struct ct_key k = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport, .proto = p->proto, .dir = dir};
-	struct ct_entry *e = bpf_map_lookup_elem(&conntrack, &k);
+	struct ct_entry *e = bpf_map_lookup_elem(table, &k);
 	if (!e)
 		return 0;
 	__u64 now = bpf_ktime_get_ns();
@@ -210,12 +229,12 @@ static __always_inline int ct_established(struct pkt *p, __u8 dir) {
 
 // ct_open records the flow at this point (dir) and its replies at the same
 // point, in the other direction.
-static __always_inline void ct_open(struct pkt *p, __u8 dir) {
+static __always_inline void ct_open(void *table, struct pkt *p, __u8 dir) {
 	struct ct_entry e = {.seen = bpf_ktime_get_ns()};
 	struct ct_key k = {.saddr = p->saddr, .daddr = p->daddr, .sport = p->sport, .dport = p->dport, .proto = p->proto, .dir = dir};
-	bpf_map_update_elem(&conntrack, &k, &e, BPF_ANY);
+	bpf_map_update_elem(table, &k, &e, BPF_ANY);
 	struct ct_key r = {.saddr = p->daddr, .daddr = p->saddr, .sport = p->dport, .dport = p->sport, .proto = p->proto, .dir = dir ^ 1};
-	bpf_map_update_elem(&conntrack, &r, &e, BPF_ANY);
+	bpf_map_update_elem(table, &r, &e, BPF_ANY);
 }
 
 static __always_inline int allowed(void *rules, __u32 ep, __u32 peer, struct pkt *p) {
@@ -257,7 +276,10 @@ int sandbox_egress(struct __sk_buff *skb) {
 		return TCX_PASS;
 	if (kind < 0 || p.saddr != ep->addr)
 		return TCX_DROP;
-	if (ct_established(&p, DIR_EGRESS))
+	void *ct = bpf_map_lookup_elem(&conntrack, &ifindex);
+	if (!ct)
+		return TCX_DROP;
+	if (ct_established(ct, &p, DIR_EGRESS))
 		return TCX_PASS;
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&settings, &zero);
@@ -274,7 +296,7 @@ int sandbox_egress(struct __sk_buff *skb) {
 		return TCX_DROP;
 	if ((ep->flags & EP_EGRESS_ISOLATED) && !allowed(&egress_rules, ep->addr, p.daddr, &p))
 		return TCX_DROP;
-	ct_open(&p, DIR_EGRESS);
+	ct_open(ct, &p, DIR_EGRESS);
 	return TCX_PASS;
 }
 
@@ -290,19 +312,22 @@ int sandbox_ingress(struct __sk_buff *skb) {
 		return TCX_PASS;
 	if (kind < 0)
 		return TCX_DROP;
-	if (ct_established(&p, DIR_INGRESS))
+	void *ct = bpf_map_lookup_elem(&conntrack, &ifindex);
+	if (!ct)
+		return TCX_DROP;
+	if (ct_established(ct, &p, DIR_INGRESS))
 		return TCX_PASS;
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&settings, &zero);
 	if (!cfg)
 		return TCX_DROP;
 	if (p.saddr == cfg->gateway || (special_flags(p.saddr) & FLAG_TRUSTED)) {
-		ct_open(&p, DIR_INGRESS);
+		ct_open(ct, &p, DIR_INGRESS);
 		return TCX_PASS;
 	}
 	if ((ep->flags & EP_INGRESS_ISOLATED) && !allowed(&ingress_rules, ep->addr, p.saddr, &p))
 		return TCX_DROP;
-	ct_open(&p, DIR_INGRESS);
+	ct_open(ct, &p, DIR_INGRESS);
 	return TCX_PASS;
 }
 
