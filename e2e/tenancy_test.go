@@ -128,10 +128,19 @@ func TestTenants(t *testing.T) {
 		// Her own sandbox's status is the system's.
 		{"patch", "sandbox", "a1", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"elsewhere"}}`},
 		{"create", "rolebinding", "x", "--clusterrole=admin", "--user=alice"},
-		// Routes are the admin's until the ingress knows who owns a host name.
-		{"create", "-f", "testdata/route.yaml"},
 	} {
 		forbidden("alice", args...)
+	}
+	// A host name is the namespace's whose Route claimed it first: bob's
+	// app.team-b.example is not alice's to take (testdata/route.yaml).
+	if out, err := c.asIn(kc["bob"], "apiVersion: hearth.dev/v1alpha1\nkind: Route\nmetadata: {name: app}\nspec: {host: app.team-b.example, sandbox: b1, port: 8080}\n", "apply", "-f", "-"); err != nil {
+		t.Fatalf("bob's route: %v\n%s", err, out)
+	}
+	if out, err := c.as(kc["alice"], "create", "-f", "testdata/route.yaml"); err == nil || !strings.Contains(out, `spec.host "app.team-b.example" belongs to another namespace`) {
+		t.Errorf("alice's route on bob's host name: %v\n%s", err, out)
+	}
+	if out, err := c.asIn(kc["alice"], "apiVersion: hearth.dev/v1alpha1\nkind: Route\nmetadata: {name: app}\nspec: {host: app.team-a.example, sandbox: a1, port: 8080}\n", "apply", "-f", "-"); err != nil {
+		t.Errorf("alice's route on a host name of her own: %v\n%s", err, out)
 	}
 	for _, sub := range [][]string{
 		{"exec", "--namespace", "team-b", "b1", "--", "true"},

@@ -170,7 +170,10 @@ type NetworkPolicyList struct {
 // RouteSpec sends the ingress's requests for a host name and path prefix
 // to a port of a sandbox in the Route's namespace.
 type RouteSpec struct {
-	// Host is the request's host name (without a port).
+	// Host is the request's host name (without a port). It belongs to
+	// the namespace whose Route claimed it first: another namespace's
+	// Route for it is refused (and, if two are made at once, the ingress
+	// serves the older's).
 	// +kubebuilder:validation:MinLength=1
 	// +kubebuilder:validation:Pattern=`^[a-z0-9*]([-a-z0-9.]*[a-z0-9])?$`
 	Host string `json:"host"`
@@ -210,6 +213,7 @@ type RouteSpec struct {
 // +kubebuilder:printcolumn:name="Sandbox",type=string,JSONPath=`.spec.sandbox`
 // +kubebuilder:printcolumn:name="Port",type=string,JSONPath=`.spec.port`
 // +kubebuilder:printcolumn:name="Age",type=date,JSONPath=`.metadata.creationTimestamp`
+// +kubebuilder:selectablefield:JSONPath=`.spec.host`
 type Route struct {
 	metav1.TypeMeta   `json:",inline"`
 	metav1.ObjectMeta `json:"metadata,omitempty"`

@@ -5,9 +5,14 @@ import (
 	"fmt"
 	"slices"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apiserver/pkg/admission"
 	"k8s.io/apiserver/pkg/authentication/user"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/image"
@@ -74,4 +79,68 @@ func (localImageAdmission) Validate(_ context.Context, a admission.Attributes, _
 		return admission.NewForbidden(a, fmt.Errorf("spec.image %q: images from files on the host (oci:, docker-archive:) are for the admin and `hearth run --local`; give a registry reference", ref))
 	}
 	return nil
+}
+
+// routeHostAdmission gives a host name to one namespace: a Route whose
+// spec.host another namespace's Route has is refused, so that one tenant
+// cannot take another's traffic (or its TLS certificate's name). Two made
+// at the same moment can both pass; the ingress then serves the older
+// Route's namespace (internal/ingress indexRoutes).
+type routeHostAdmission struct {
+	// claims are the Routes of every namespace with a host name.
+	claims func(ctx context.Context, host string) ([]types.NamespacedName, error)
+}
+
+var _ admission.ValidationInterface = routeHostAdmission{}
+
+func (routeHostAdmission) Handles(op admission.Operation) bool {
+	return op == admission.Create || op == admission.Update
+}
+
+func (r routeHostAdmission) Validate(ctx context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
+	gr := a.GetResource().GroupResource()
+	if gr.Group != v1alpha1.GroupVersion.Group || gr.Resource != "routes" || a.GetSubresource() != "" {
+		return nil
+	}
+	u, ok := a.GetObject().(*unstructured.Unstructured)
+	if !ok {
+		return admission.NewForbidden(a, fmt.Errorf("cannot read the host of a %T", a.GetObject()))
+	}
+	host, _, _ := unstructured.NestedString(u.Object, "spec", "host")
+	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
+		if was, _, _ := unstructured.NestedString(old.Object, "spec", "host"); was == host {
+			return nil
+		}
+	}
+	claims, err := r.claims(ctx, host)
+	if err != nil {
+		return admission.NewForbidden(a, fmt.Errorf("cannot tell which namespace owns host %q: %w", host, err))
+	}
+	for _, c := range claims {
+		if c.Namespace != a.GetNamespace() {
+			return admission.NewForbidden(a, fmt.Errorf("spec.host %q belongs to another namespace, whose Route claimed it first", host))
+		}
+	}
+	return nil
+}
+
+// routeClaims lists the Routes with a host name through the API (the
+// loopback client), by the Route CRD's selectable field spec.host.
+func routeClaims(cfg *rest.Config) (func(ctx context.Context, host string) ([]types.NamespacedName, error), error) {
+	dc, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	routes := dc.Resource(v1alpha1.GroupVersion.WithResource("routes"))
+	return func(ctx context.Context, host string) ([]types.NamespacedName, error) {
+		list, err := routes.List(ctx, metav1.ListOptions{FieldSelector: fields.OneTermEqualSelector("spec.host", host).String()})
+		if err != nil {
+			return nil, err
+		}
+		out := make([]types.NamespacedName, 0, len(list.Items))
+		for _, it := range list.Items {
+			out = append(out, types.NamespacedName{Namespace: it.GetNamespace(), Name: it.GetName()})
+		}
+		return out, nil
+	}, nil
 }

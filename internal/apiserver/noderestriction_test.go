@@ -2,11 +2,14 @@ package apiserver
 
 import (
 	"context"
+	"errors"
+	"strings"
 	"testing"
 
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
+	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apiserver/pkg/admission"
 	"k8s.io/apiserver/pkg/authentication/user"
 
@@ -109,6 +112,47 @@ func TestLocalImageAdmission(t *testing.T) {
 		err := localImageAdmission{}.Validate(context.Background(), a, nil)
 		if (err == nil) != tc.allow {
 			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
+		}
+	}
+}
+
+func TestRouteHostAdmission(t *testing.T) {
+	route := func(host string) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{"spec": map[string]any{"host": host}}}
+	}
+	// app.example.test is team-a's; shared.example.test team-b's too.
+	claims := map[string][]types.NamespacedName{
+		"app.example.test": {{Namespace: "team-a", Name: "web"}},
+	}
+	r := routeHostAdmission{claims: func(_ context.Context, host string) ([]types.NamespacedName, error) {
+		if host == "broken.example.test" {
+			return nil, errors.New("etcd is away")
+		}
+		return claims[host], nil
+	}}
+	res := v1alpha1.GroupVersion.WithResource("routes")
+	who := &user.DefaultInfo{Name: "bob"}
+	for _, tc := range []struct {
+		name     string
+		ns       string
+		op       admission.Operation
+		new, old runtime.Object
+		allow    bool
+	}{
+		{"a free host", "team-b", admission.Create, route("new.example.test"), nil, true},
+		{"its own namespace's host", "team-a", admission.Create, route("app.example.test"), nil, true},
+		{"another namespace's host", "team-b", admission.Create, route("app.example.test"), nil, false},
+		{"changed to another namespace's host", "team-b", admission.Update, route("app.example.test"), route("b.example.test"), false},
+		{"an update that keeps the host", "team-b", admission.Update, route("legacy.example.test"), route("legacy.example.test"), true},
+		{"the owners cannot be read", "team-b", admission.Create, route("broken.example.test"), nil, false},
+	} {
+		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, tc.ns, "r", res, "", tc.op, nil, false, who)
+		err := r.Validate(context.Background(), a, nil)
+		if (err == nil) != tc.allow {
+			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
+		}
+		if err != nil && !tc.allow && tc.name == "another namespace's host" && !strings.Contains(err.Error(), `spec.host "app.example.test" belongs to another namespace`) {
+			t.Errorf("%s: the message %q does not name the field and the host", tc.name, err)
 		}
 	}
 }

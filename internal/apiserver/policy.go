@@ -49,17 +49,10 @@ func defaultClusterRoles() []rbacv1.ClusterRole {
 		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get"}},
 	}
 	// Writes: not status, which is the system's (a tenant that set a
-	// sandbox's host would steer its streams).
-	// Not Routes either, until the ingress knows which namespace owns a
-	// host name: one tenant's Route could take another's traffic.
-	var written []string
-	for _, r := range tenantResources {
-		if r != "routes" {
-			written = append(written, r)
-		}
-	}
+	// sandbox's host would steer its streams). Routes: a host name is the
+	// namespace's that claimed it first (routeHostAdmission).
 	edit := append(append([]rbacv1.PolicyRule(nil), view...),
-		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: written, Verbs: writeVerbs},
+		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: tenantResources, Verbs: writeVerbs},
 		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: []string{"warmpools/scale"}, Verbs: []string{"update", "patch"}},
 		rbacv1.PolicyRule{APIGroups: []string{hearth}, Resources: []string{"sandboxes/exec", "sandboxes/attach"}, Verbs: []string{"create", "get"}},
 		rbacv1.PolicyRule{APIGroups: []string{""}, Resources: []string{"secrets"}, Verbs: append(append([]string(nil), readVerbs...), writeVerbs...)},

@@ -160,7 +160,11 @@ func New(c Config) (*Server, error) {
 	}
 	extCfg.MergedResourceConfig = extapiserver.DefaultAPIResourceConfigSource()
 	quotas := &quotaAdmission{quotas: informers.Core().V1().ResourceQuotas().Lister(), store: &quotaStore{quotaStorage}}
-	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, localImageAdmission{}, quotas)
+	claims, err := routeClaims(extCfg.LoopbackClientConfig)
+	if err != nil {
+		return nil, err
+	}
+	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, localImageAdmission{}, routeHostAdmission{claims: claims}, quotas)
 	namer := openapinamer.NewDefinitionNamer(extapiserver.Scheme, clientgoscheme.Scheme)
 	defs := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(extopenapi.GetOpenAPIDefinitions)
 	extCfg.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(defs, namer)

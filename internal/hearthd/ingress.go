@@ -39,7 +39,7 @@ func startIngress(log *slog.Logger, loopback *rest.Config, o Options, start func
 			return err
 		}
 	}
-	ic := ingress.Config{HTTP: o.Ingress.HTTP, HTTPS: o.Ingress.HTTPS, Domain: o.Ingress.Domain, Scheme: Scheme, Log: log,
+	ic := ingress.Config{HTTP: o.Ingress.HTTP, HTTPS: o.Ingress.HTTPS, Domain: o.Ingress.Domain, Sandboxes: o.Controllers.cluster, Scheme: Scheme, Log: log,
 		// Without a node agent here, the ingress routes to the hosts'
 		// sandbox ranges itself (as root: it changes the routing table).
 		Routes: !o.has(RoleNode) && os.Geteuid() == 0}

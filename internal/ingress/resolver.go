@@ -5,8 +5,10 @@ import (
 	"crypto/subtle"
 	"crypto/tls"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
+	"net/netip"
 	"sort"
 	"strconv"
 	"strings"
@@ -28,7 +30,12 @@ import (
 type apiResolver struct {
 	reader client.Reader // a cache: reads are cheap
 	domain string        // without a leading dot
-	routes atomic.Pointer[routeIndex]
+	// sandboxes is the cluster's sandbox range: a sandbox's status.ip
+	// outside it (a node's lie: a host's address, a management network's)
+	// is not dialed.
+	sandboxes netip.Prefix
+	log       *slog.Logger
+	routes    atomic.Pointer[routeIndex]
 
 	mu    sync.Mutex
 	certs map[types.NamespacedName]certEntry
@@ -48,16 +55,59 @@ func (x *apiResolver) rebuild(ctx context.Context) error {
 	if err := x.reader.List(ctx, &list); err != nil {
 		return err
 	}
+	idx, ignored := indexRoutes(list.Items, x.domain)
+	for _, r := range ignored {
+		if x.log != nil {
+			x.log.Warn("route not served: its host is another namespace's, or one of the ingress's own names",
+				"route", r.Namespace+"/"+r.Name, "host", r.Spec.Host)
+		}
+	}
+	x.routes.Store(&idx)
+	return nil
+}
+
+// indexRoutes indexes routes by host, longest path prefix first. A host
+// is served for one namespace, that of its oldest Route (the API server
+// refuses another namespace's Route for a host that has one; two made at
+// once can both pass, and the first stays the owner); names under the
+// ingress's domain are its generated ones (PORT-SANDBOX-NAMESPACE), which
+// no Route takes. The rest are ignored.
+func indexRoutes(routes []v1alpha1.Route, domain string) (routeIndex, []*v1alpha1.Route) {
+	owner := map[string]*v1alpha1.Route{}
+	for i := range routes {
+		r := &routes[i]
+		host := strings.ToLower(r.Spec.Host)
+		if o, ok := owner[host]; !ok || older(r, o) {
+			owner[host] = r
+		}
+	}
 	idx := routeIndex{}
-	for i := range list.Items {
-		r := &list.Items[i]
-		idx[strings.ToLower(r.Spec.Host)] = append(idx[strings.ToLower(r.Spec.Host)], r)
+	var ignored []*v1alpha1.Route
+	for i := range routes {
+		r := &routes[i]
+		host := strings.ToLower(r.Spec.Host)
+		if strings.HasSuffix(host, "."+domain) || host == domain || r.Namespace != owner[host].Namespace {
+			ignored = append(ignored, r)
+			continue
+		}
+		idx[host] = append(idx[host], r)
 	}
 	for _, rs := range idx {
 		sort.Slice(rs, func(i, j int) bool { return len(prefix(rs[i])) > len(prefix(rs[j])) })
 	}
-	x.routes.Store(&idx)
-	return nil
+	return idx, ignored
+}
+
+// older orders Routes by creation, then namespace and name (a tie must
+// not be decided by the order of a list).
+func older(a, b *v1alpha1.Route) bool {
+	if !a.CreationTimestamp.Equal(&b.CreationTimestamp) {
+		return a.CreationTimestamp.Before(&b.CreationTimestamp)
+	}
+	if a.Namespace != b.Namespace {
+		return a.Namespace < b.Namespace
+	}
+	return a.Name < b.Name
 }
 
 func prefix(r *v1alpha1.Route) string {
@@ -175,6 +225,12 @@ func (x *apiResolver) targetOf(sb *v1alpha1.Sandbox, port intstr.IntOrString) (T
 	}
 	if n < 1 || n > 65535 {
 		return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("sandbox %s has no port %s", name, port.String())}
+	}
+	if a, err := netip.ParseAddr(sb.Status.IP); err != nil || !x.sandboxes.Contains(a) {
+		if x.log != nil {
+			x.log.Warn("a sandbox's address is outside the sandbox range; not dialed", "sandbox", name, "ip", sb.Status.IP, "range", x.sandboxes)
+		}
+		return Target{}, &Refusal{Code: http.StatusBadGateway, Msg: fmt.Sprintf("sandbox %s could not be reached", name)}
 	}
 	return Target{Addr: net.JoinHostPort(sb.Status.IP, strconv.Itoa(n))}, nil
 }

@@ -2,8 +2,10 @@ package ingress
 
 import (
 	"context"
+	"net/netip"
 	"slices"
 	"testing"
+	"time"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -26,9 +28,16 @@ func TestResolve(t *testing.T) {
 				{Name: "admin", Port: 9000}}},
 			Status: v1alpha1.SandboxStatus{Phase: phase, IP: ip}}
 	}
+	early := metav1.NewTime(time.Unix(1000, 0))
 	route := func(name, host, prefix, sandbox string, port intstr.IntOrString, token string) *v1alpha1.Route {
-		return &v1alpha1.Route{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name},
+		return &v1alpha1.Route{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: name, CreationTimestamp: early},
 			Spec: v1alpha1.RouteSpec{Host: host, PathPrefix: prefix, Sandbox: sandbox, Port: port, AccessTokenSecret: token}}
+	}
+	// team-b's Routes on team-a's host name and on one of the ingress's
+	// generated names: neither is served.
+	later := func(r *v1alpha1.Route) *v1alpha1.Route {
+		r.Namespace, r.CreationTimestamp = "team-b", metav1.NewTime(time.Unix(2000, 0))
+		return r
 	}
 	c := fake.NewClientBuilder().WithScheme(scheme).WithObjects(
 		sb("team-a", "my-app", v1alpha1.PhaseRunning, "10.244.0.5"),
@@ -38,8 +47,13 @@ func TestResolve(t *testing.T) {
 		route("api", "app.example.com", "/api", "my-app", intstr.FromInt32(8080), ""),
 		route("admin", "app.example.com", "/admin", "my-app", intstr.FromInt32(9000), "tok"),
 		&corev1.Secret{ObjectMeta: metav1.ObjectMeta{Namespace: "team-a", Name: "tok"}, Data: map[string][]byte{"token": []byte("t0ken")}},
+		later(route("steal", "app.example.com", "/admin", "thief", intstr.FromInt32(80), "")),
+		later(route("generated", "8080-my-app-team-a.hearth.localhost", "/", "thief", intstr.FromInt32(80), "")),
+		sb("team-b", "thief", v1alpha1.PhaseRunning, "10.244.1.9"),
+		// A node that wrote a host's address as a sandbox's.
+		sb("team-a", "elsewhere", v1alpha1.PhaseRunning, "192.168.1.1"),
 	).Build()
-	x := &apiResolver{reader: c, domain: "hearth.localhost", certs: map[types.NamespacedName]certEntry{}}
+	x := &apiResolver{reader: c, domain: "hearth.localhost", sandboxes: netip.MustParsePrefix("10.244.0.0/16"), certs: map[types.NamespacedName]certEntry{}}
 	if err := x.rebuild(context.Background()); err != nil {
 		t.Fatal(err)
 	}
@@ -67,6 +81,7 @@ func TestResolve(t *testing.T) {
 		{"app.example.com", "/admin", "", "", 401},
 		{"app.example.com", "/admin/x", "Bearer nope", "", 401},
 		{"app.example.com", "/admin/x", "Bearer t0ken", "10.244.0.5:9000", 0},
+		{"8080-elsewhere-team-a.hearth.localhost", "/", "", "", 502},
 	} {
 		r := Request{Host: hostOnly(tc.host), Path: tc.path, Header: func(name string) string {
 			if name == "Authorization" {

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -29,6 +30,9 @@ type Config struct {
 	HTTP, HTTPS string
 	// Domain is where PORT-SANDBOX-NAMESPACE host names live.
 	Domain string
+	// Sandboxes is the cluster's sandbox range: the only addresses the
+	// ingress sends requests to.
+	Sandboxes netip.Prefix
 	// Routes installs routes to every host's sandbox range through the
 	// host's address (when no node agent in this process does).
 	Routes bool
@@ -42,7 +46,7 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 	if err != nil {
 		return err
 	}
-	res := &apiResolver{reader: c, domain: cfg.Domain, certs: map[types.NamespacedName]certEntry{}}
+	res := &apiResolver{reader: c, domain: cfg.Domain, sandboxes: cfg.Sandboxes, log: cfg.Log, certs: map[types.NamespacedName]certEntry{}}
 	// Route changes rebuild the route index; Host changes (with Routes)
 	// the routes to the hosts' ranges. Sandboxes and Secrets are read from
 	// the cache per request.
