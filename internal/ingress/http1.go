@@ -3,11 +3,15 @@ package ingress
 import (
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"iter"
 	"net"
+	"net/http"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/valyala/fasthttp"
@@ -211,6 +215,16 @@ func refuseHTTP1(ctx *fasthttp.RequestCtx, no *Refusal) {
 // connection and that one are joined byte for byte until either ends;
 // any other answer is passed back as a response.
 func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
+	if no := p.upgrades.acquire(t.Addr); no != nil {
+		refuseHTTP1(ctx, no)
+		return
+	}
+	joined := false
+	defer func() {
+		if !joined {
+			p.upgrades.release(t.Addr)
+		}
+	}()
 	c, err := p.backend.dial(ctx, "tcp", t.Addr)
 	if err != nil {
 		refuseHTTP1(ctx, p.failed(t, err))
@@ -249,20 +263,95 @@ func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 	head := append([]byte(nil), in.Header.Header()...)
 	fasthttp.ReleaseResponse(in)
 	ctx.HijackSetNoResponse(true)
+	joined = true
 	ctx.Hijack(func(client net.Conn) {
+		defer p.upgrades.release(t.Addr)
 		defer c.Close()
 		_ = client.SetDeadline(time.Time{})
 		if _, err := client.Write(head); err != nil {
 			return
 		}
-		done := make(chan struct{})
-		go func() {
-			_, _ = io.Copy(client, bc.br)
-			client.Close()
-			close(done)
-		}()
-		_, _ = io.Copy(c, client)
-		c.Close()
-		<-done
+		join(client, c, bc.br, p.upgrades.idle)
 	})
+}
+
+// join copies both ways between a client's connection and a sandbox's
+// (whose bytes come through br) until either ends, or until nothing has
+// moved either way for idle: a connection one side left open, or that
+// sends nothing, is not held for ever.
+func join(client, sandbox net.Conn, br io.Reader, idle time.Duration) {
+	var last atomic.Int64
+	last.Store(time.Now().UnixNano())
+	pipe := func(dst, src net.Conn, r io.Reader) {
+		buf := make([]byte, 32<<10)
+		for {
+			_ = src.SetReadDeadline(time.Now().Add(idle))
+			n, err := r.Read(buf)
+			if n > 0 {
+				last.Store(time.Now().UnixNano())
+				_ = dst.SetWriteDeadline(time.Now().Add(idle))
+				if _, werr := dst.Write(buf[:n]); werr != nil {
+					return
+				}
+			}
+			if err != nil {
+				// Silent this way, but the other moved: wait on.
+				if isTimeout(err) && time.Since(time.Unix(0, last.Load())) < idle {
+					continue
+				}
+				return
+			}
+		}
+	}
+	done := make(chan struct{})
+	go func() {
+		pipe(client, sandbox, br)
+		client.Close()
+		close(done)
+	}()
+	pipe(sandbox, client, client)
+	sandbox.Close()
+	<-done
+}
+
+// upgrades bounds upgraded connections (WebSockets): how many are open to
+// one sandbox port and in all, and how long one may be silent both ways.
+type upgrades struct {
+	perTarget, total int
+	idle             time.Duration
+
+	mu   sync.Mutex
+	open map[string]int
+	n    int
+}
+
+// Defaults: a sandbox port holds up to 256 WebSockets through an ingress,
+// the ingress 4,096 (each costs two connections and two goroutines).
+const (
+	maxUpgradesPerTarget = 256
+	maxUpgrades          = 4096
+)
+
+func (u *upgrades) acquire(target string) *Refusal {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	if u.open[target] >= u.perTarget {
+		return &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5,
+			Msg: fmt.Sprintf("this sandbox port has %d upgraded connections open, the most it may", u.perTarget)}
+	}
+	if u.n >= u.total {
+		return &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5, Msg: "the ingress has as many upgraded connections open as it may"}
+	}
+	u.open[target]++
+	u.n++
+	return nil
+}
+
+func (u *upgrades) release(target string) {
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	u.n--
+	if u.open[target]--; u.open[target] <= 0 {
+		delete(u.open, target)
+	}
 }

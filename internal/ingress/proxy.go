@@ -98,6 +98,7 @@ type Proxy struct {
 	backend  *backend
 	h2       http.Handler
 	log      *slog.Logger
+	upgrades *upgrades
 }
 
 // NewProxy makes a proxy that asks resolver where requests go and dials
@@ -106,7 +107,8 @@ func NewProxy(resolver Resolver, dial Dialer, log *slog.Logger) *Proxy {
 	if dial == nil {
 		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	}
-	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}, log: log}
+	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}, log: log,
+		upgrades: &upgrades{perTarget: maxUpgradesPerTarget, total: maxUpgrades, idle: streamIdle, open: map[string]int{}}}
 	p.h2 = newHTTP2Proxy(p, dial)
 	return p
 }

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"runtime"
 	"strings"
 	"sync/atomic"
 	"syscall"
@@ -25,10 +26,12 @@ import (
 )
 
 // testResolver sends every host to one backend, but for a few names.
-type testResolver struct{ backend string }
+type testResolver struct{ backend, huge string }
 
 func (r testResolver) Resolve(_ context.Context, req Request) (Target, *Refusal) {
 	switch req.Host {
+	case "huge.test":
+		return Target{Addr: r.huge, Timeout: 5 * time.Second}, nil
 	case "refused.test":
 		return Target{}, &Refusal{Code: http.StatusNotFound, Msg: "no route for host " + req.Host}
 	case "down.test":
@@ -51,6 +54,7 @@ func (r testResolver) Resolve(_ context.Context, req Request) (Target, *Refusal)
 }
 
 type fixture struct {
+	proxy         *Proxy
 	plain, secure string
 	backendConns  atomic.Int64
 	release       chan struct{}
@@ -129,7 +133,8 @@ func newFixture(t *testing.T) *fixture {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	log := slog.New(slog.NewTextHandler(io.Discard, nil))
-	p := NewProxy(testResolver{backend: be.Listener.Addr().String()}, nil, log)
+	p := NewProxy(testResolver{backend: be.Listener.Addr().String(), huge: hugeHeaders(t)}, nil, log)
+	f.proxy = p
 	certPEM, keyPEM, err := pki.SelfSigned([]string{"ingress.test"}, time.Hour)
 	if err != nil {
 		t.Fatal(err)
@@ -541,4 +546,109 @@ func (l *failingListener) Accept() (net.Conn, error) {
 		return nil, &net.OpError{Op: "accept", Net: "tcp", Err: syscall.EMFILE}
 	}
 	return l.Listener.Accept()
+}
+
+// hugeHeaders is a sandbox that answers every request with a 1 MiB
+// response header, from one buffer.
+func hugeHeaders(t *testing.T) string {
+	t.Helper()
+	resp := []byte("HTTP/1.1 200 OK\r\nX-Huge: " + strings.Repeat("h", 1<<20) + "\r\nContent-Length: 0\r\n\r\n")
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				buf := make([]byte, 4096)
+				if _, err := c.Read(buf); err == nil {
+					_, _ = c.Write(resp)
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String()
+}
+
+// A sandbox's 1 MiB response header is a 502, on both front ends, and is
+// not held: the ingress's heap does not grow with such answers.
+func TestProxyHugeResponseHeader(t *testing.T) {
+	f := newFixture(t)
+	heap := func() uint64 {
+		runtime.GC()
+		var m runtime.MemStats
+		runtime.ReadMemStats(&m)
+		return m.HeapInuse
+	}
+	clients := f.clients()
+	for name, c := range clients { // warm up: pools, TLS, HTTP/2
+		if resp, body := do(t, c.c, "GET", c.base+"/", "huge.test", nil); resp.StatusCode != 502 {
+			t.Errorf("%s: a 1 MiB response header: %d %q, want 502", name, resp.StatusCode, body)
+		}
+	}
+	before := heap()
+	for range 10 {
+		for name, c := range clients {
+			if resp, _ := do(t, c.c, "GET", c.base+"/", "huge.test", nil); resp.StatusCode != 502 {
+				t.Fatalf("%s: a 1 MiB response header: %d, want 502", name, resp.StatusCode)
+			}
+		}
+	}
+	if after := heap(); after > before+8<<20 {
+		t.Errorf("the heap grew from %d to %d KiB over 40 answers with 1 MiB headers", before>>10, after>>10)
+	}
+}
+
+// Upgraded connections are bounded per sandbox port and in time.
+func TestProxyUpgradeBounds(t *testing.T) {
+	f := newFixture(t)
+	f.proxy.upgrades.perTarget, f.proxy.upgrades.idle = 1, 500*time.Millisecond
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	dial := func() (*websocket.Conn, *http.Response, error) {
+		return websocket.Dial(ctx, "ws://"+f.plain+"/ws", &websocket.DialOptions{Host: "app.test"})
+	}
+	first, _, err := dial()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer first.CloseNow()
+	if _, resp, err := dial(); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a second WebSocket to a port that holds one: %v %v, want 503", resp, err)
+	}
+	// Talking keeps it open past the idle time; silence ends it.
+	for range 4 {
+		time.Sleep(200 * time.Millisecond)
+		if err := first.Write(ctx, websocket.MessageText, []byte("still here")); err != nil {
+			t.Fatalf("a WebSocket in use was cut: %v", err)
+		}
+		if _, _, err := first.Read(ctx); err != nil {
+			t.Fatalf("a WebSocket in use was cut: %v", err)
+		}
+	}
+	start := time.Now()
+	if _, _, err := first.Read(ctx); err == nil {
+		t.Error("a silent WebSocket got a message")
+	} else if d := time.Since(start); d > 3*time.Second {
+		t.Errorf("a silent WebSocket was cut after %s, want about 500ms", d)
+	}
+	// Its slot is free again.
+	waitUntil := time.Now().Add(2 * time.Second)
+	for {
+		ws, _, err := dial()
+		if err == nil {
+			ws.Close(websocket.StatusNormalClosure, "")
+			break
+		}
+		if time.Now().After(waitUntil) {
+			t.Fatalf("after the first WebSocket ended, another: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
 }
