@@ -62,6 +62,9 @@ func startCluster(t *testing.T, h *harness, extra ...string) *cluster {
 		// change: the networking tests give each host a namespace
 		// (multihost_test.go).
 		"--network=false",
+		// The tests' registries are on 127.0.0.1 (testenv.StartRegistry);
+		// sandboxes pull from no other loopback address.
+		"--private-registry", "127.0.0.1",
 		"--ingress-http", testenv.FreeAddr(t), "--ingress-https", testenv.FreeAddr(t)}, extra...)
 	t.Cleanup(func() {
 		if c.running() {

@@ -12,7 +12,10 @@ import (
 	"testing"
 	"time"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+
 	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/testenv"
 )
 
 // as runs kubectl with another kubeconfig than the admin's.
@@ -85,6 +88,20 @@ func TestTenants(t *testing.T) {
 		if err == nil || !strings.Contains(out, "images from files on the host (oci:, docker-archive:) are for the admin") {
 			t.Errorf("alice's sandbox of %s: %v\n%s", ref, err, out)
 		}
+	}
+	// A registry on the node's loopback is not a tenant's to pull from
+	// (but for 127.0.0.1, which the cluster lists: --private-registry).
+	reg := testenv.StartRegistryOn(t, "127.0.0.3")
+	guarded := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}, nil), "guarded:1")
+	if out, err := c.asIn(kc["alice"], sandboxYAML("loopback", guarded, "", "", "true"), "apply", "-f", "-"); err != nil {
+		t.Fatalf("alice's sandbox from a loopback registry: %v\n%s", err, out)
+	}
+	waitFor(t, "the loopback pull to be refused", 2*time.Minute, func() bool {
+		out, _ := c.as(kc["alice"], "get", "sandbox", "loopback", "-o", "jsonpath={.status.phase} {.status.message}")
+		return strings.HasPrefix(out, "Failed ") && strings.Contains(out, "registry "+reg.Addr+" is at 127.0.0.3")
+	})
+	if out, err := c.as(kc["alice"], "delete", "sandbox", "loopback"); err != nil {
+		t.Errorf("alice deletes her sandbox: %v\n%s", err, out)
 	}
 	for _, ns := range []string{"team-a", "team-b"} {
 		out, err := c.kubectl("wait", "-n", ns, "--for=jsonpath={.status.phase}=Running", "sandboxes", "--all", "--timeout=3m")

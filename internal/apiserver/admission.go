@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"slices"
+	"strings"
 
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
@@ -42,20 +43,23 @@ func (finalizerAdmission) Admit(_ context.Context, a admission.Attributes, _ adm
 	return nil
 }
 
-// localImageAdmission refuses, to everyone but the admin (system:masters),
-// sandboxes and templates whose image names files on the node (oci:DIR,
-// docker-archive:FILE): the node opens them as root, so a tenant could
-// boot whatever layout lies on the host, or probe any path through the
-// error it gets back. Tenants give registry references.
-type localImageAdmission struct{}
+// imageAdmission checks the images of sandboxes and templates that API
+// users (all but the admin, system:masters) write: no files on the node
+// (oci:DIR, docker-archive:FILE: the node opens them as root, so a tenant
+// could boot whatever layout lies on the host, or probe any path through
+// the error it gets back), and, if the cluster names its registries
+// (hearthd --allowed-registries), only those.
+type imageAdmission struct {
+	allowed []string
+}
 
-var _ admission.ValidationInterface = localImageAdmission{}
+var _ admission.ValidationInterface = imageAdmission{}
 
-func (localImageAdmission) Handles(op admission.Operation) bool {
+func (imageAdmission) Handles(op admission.Operation) bool {
 	return op == admission.Create || op == admission.Update
 }
 
-func (localImageAdmission) Validate(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
+func (ia imageAdmission) Validate(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
 	gr := a.GetResource().GroupResource()
 	if gr.Group != v1alpha1.GroupVersion.Group || (gr.Resource != "sandboxes" && gr.Resource != "sandboxtemplates") || a.GetSubresource() != "" {
 		return nil
@@ -70,13 +74,26 @@ func (localImageAdmission) Validate(_ context.Context, a admission.Attributes, _
 	ref, _, _ := unstructured.NestedString(u.Object, "spec", "image")
 	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
 		// Others may write an object the admin made (a node its
-		// finalizers): what is refused is a new local image.
+		// finalizers): what is refused is a new image.
 		if was, _, _ := unstructured.NestedString(old.Object, "spec", "image"); was == ref {
 			return nil
 		}
 	}
+	if ref == "" {
+		return nil // a sandbox from a snapshot or template names none
+	}
 	if image.IsLocal(ref) {
 		return admission.NewForbidden(a, fmt.Errorf("spec.image %q: images from files on the host (oci:, docker-archive:) are for the admin and `hearth run --local`; give a registry reference", ref))
+	}
+	if len(ia.allowed) == 0 {
+		return nil
+	}
+	reg, err := image.Registry(ref)
+	if err != nil {
+		return admission.NewForbidden(a, fmt.Errorf("spec.image: %w", err))
+	}
+	if !image.Listed(ia.allowed, reg) {
+		return admission.NewForbidden(a, fmt.Errorf("spec.image %q: registry %s is not one this cluster pulls from (%s)", ref, reg, strings.Join(ia.allowed, ", ")))
 	}
 	return nil
 }

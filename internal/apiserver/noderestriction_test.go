@@ -109,10 +109,29 @@ func TestLocalImageAdmission(t *testing.T) {
 		{"a node's finalizer on it", node, admission.Update, sb("oci:/tmp/x:1"), sb("oci:/tmp/x:1"), true},
 	} {
 		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, "team-a", "s", res, "", tc.op, nil, false, tc.who)
-		err := localImageAdmission{}.Validate(context.Background(), a, nil)
+		err := imageAdmission{}.Validate(context.Background(), a, nil)
 		if (err == nil) != tc.allow {
 			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
 		}
+	}
+	// With a registry allowlist.
+	ia := imageAdmission{allowed: []string{"registry.example", "index.docker.io", "10.0.0.5:5000"}}
+	for ref, allow := range map[string]bool{
+		"registry.example/x:1": true, "registry.example:443/x:1": true, "busybox:1.36": true, "10.0.0.5:5000/x": true,
+		"evil.example/x:1": false, "10.0.0.5:6000/x": false, "Not A Ref!!": false,
+	} {
+		a := admission.NewAttributesRecord(sb(ref), nil, schema.GroupVersionKind{}, "team-a", "s", res, "", admission.Create, nil, false, tenant)
+		err := ia.Validate(context.Background(), a, nil)
+		if (err == nil) != allow {
+			t.Errorf("%s with an allowlist: %v, want allowed %v", ref, err, allow)
+		}
+		if ref == "evil.example/x:1" && (err == nil || !strings.Contains(err.Error(), "registry evil.example is not one this cluster pulls from")) {
+			t.Errorf("the allowlist's refusal: %v", err)
+		}
+	}
+	a := admission.NewAttributesRecord(sb("evil.example/x:1"), nil, schema.GroupVersionKind{}, "team-a", "s", res, "", admission.Create, nil, false, admin)
+	if err := ia.Validate(context.Background(), a, nil); err != nil {
+		t.Errorf("the admin's image is not checked: %v", err)
 	}
 }
 

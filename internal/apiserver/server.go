@@ -70,7 +70,10 @@ type Config struct {
 	EtcdClient  pki.Pair
 	// AuditLog is where the audit log is written ("": none).
 	AuditLog string
-	Log      *slog.Logger
+	// AllowedRegistries, if any, are the only registries (host or
+	// host:port) API users' sandboxes and templates may name.
+	AllowedRegistries []string
+	Log               *slog.Logger
 }
 
 // Server is a configured API server.
@@ -164,7 +167,7 @@ func New(c Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, localImageAdmission{}, routeHostAdmission{claims: claims}, quotas)
+	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, imageAdmission{allowed: c.AllowedRegistries}, routeHostAdmission{claims: claims}, quotas)
 	namer := openapinamer.NewDefinitionNamer(extapiserver.Scheme, clientgoscheme.Scheme)
 	defs := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(extopenapi.GetOpenAPIDefinitions)
 	extCfg.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(defs, namer)

@@ -12,6 +12,7 @@ import (
 	"runtime/debug"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/spf13/cobra"
 	"golang.org/x/term"
 
@@ -116,7 +117,7 @@ func Finish(err error, stderr io.Writer) int {
 func (g *globals) store(progress io.Writer) *image.Store {
 	return &image.Store{
 		Dir:      config.ImageDir(),
-		Source:   image.SourceOptions{Insecure: g.insecure, Timeout: g.registryTimeout},
+		Source:   image.SourceOptions{Insecure: g.insecure, Timeout: g.registryTimeout, Keychain: authn.DefaultKeychain},
 		Progress: progress,
 		Log:      g.log,
 	}

@@ -46,10 +46,13 @@ type Options struct {
 	// AdvertiseAddress is the address node agents and clients use; it is
 	// also in the serving certificate.
 	AdvertiseAddress string
-	Node             NodeOptions
-	Controllers      ControllerOptions
-	Ingress          IngressOptions
-	Version          string
+	// AllowedRegistries, if any, are the only registries API users'
+	// images come from.
+	AllowedRegistries []string
+	Node              NodeOptions
+	Controllers       ControllerOptions
+	Ingress           IngressOptions
+	Version           string
 }
 
 // AddFlags registers the options as flags.
@@ -61,6 +64,7 @@ func (o *Options) AddFlags(fs *pflag.FlagSet) {
 	fs.IntVar(&o.EtcdClientPort, "etcd-client-port", 2379, "embedded etcd's client port (loopback only)")
 	fs.IntVar(&o.EtcdPeerPort, "etcd-peer-port", 2380, "embedded etcd's peer port (loopback only)")
 	fs.StringVar(&o.AdvertiseAddress, "advertise-address", "", "address clients and node agents reach the API server at (default: --bind-address)")
+	fs.StringSliceVar(&o.AllowedRegistries, "allowed-registries", nil, "the only registries (host or host:port; Docker Hub is index.docker.io) API users' sandboxes and templates may pull from (default: any; the admin's are not checked)")
 	o.Controllers.AddFlags(fs)
 	o.Node.AddFlags(fs)
 	o.Ingress.AddFlags(fs)
@@ -290,15 +294,16 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 	}
 	cp := &controlPlane{member: member}
 	srv, err := apiserver.New(apiserver.Config{
-		BindAddress: net.ParseIP(o.BindAddress),
-		Port:        o.Port,
-		Serving:     serving,
-		CA:          ca,
-		NodeClient:  nodeClient,
-		EtcdServers: []string{clientURL},
-		EtcdClient:  etcdClient,
-		AuditLog:    filepath.Join(dataDir, "audit.log"),
-		Log:         log,
+		BindAddress:       net.ParseIP(o.BindAddress),
+		Port:              o.Port,
+		Serving:           serving,
+		CA:                ca,
+		NodeClient:        nodeClient,
+		EtcdServers:       []string{clientURL},
+		EtcdClient:        etcdClient,
+		AuditLog:          filepath.Join(dataDir, "audit.log"),
+		AllowedRegistries: o.AllowedRegistries,
+		Log:               log,
 	})
 	if err != nil {
 		cp.close()

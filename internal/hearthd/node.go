@@ -39,6 +39,7 @@ type NodeOptions struct {
 	AllowTCG     bool
 	VMDir        string
 	InsecureRegs []string
+	PrivateRegs  []string
 	LogMaxBytes  int64
 	Network      bool
 }
@@ -59,6 +60,7 @@ func (o *NodeOptions) AddFlags(fs *pflag.FlagSet) {
 	fs.StringVar(&o.VMDir, "vm-dir", "", "where VMs' writable disks, memory files and sockets live (default: DATA-DIR/node/vms): a real filesystem, not a tmpfs; each VM's disk and memory file are reserved there when made, and its free space is the host's allocatable disk")
 	fs.BoolVar(&o.AllowTCG, "allow-tcg", false, "development only: run guests under TCG software emulation where there is no usable KVM (or with --accel tcg); TCG is no security boundary, so without this flag a node agent refuses it ('hearth up' sets it)")
 	fs.StringSliceVar(&o.InsecureRegs, "insecure-registry", nil, "reach this registry (host:port) over plain HTTP; localhost always is")
+	fs.StringSliceVar(&o.PrivateRegs, "private-registry", nil, "let sandboxes pull from this registry (host or host:port) although it is on a loopback, private or link-local address (others there are refused: a tenant's image reference must not reach the host's own network); --insecure-registry ones may too")
 	fs.Int64Var(&o.LogMaxBytes, "log-max-bytes", 10<<20, "a run's log is rotated at this size; twice it is kept")
 	fs.BoolVar(&o.Network, "network", true, "give sandboxes a network: taps, addresses, routes, NAT, DNS and policies on this host (off: their interface is connected to nothing)")
 }
@@ -111,7 +113,7 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	cfg := node.Config{
 		Name: name, Labels: n.Labels, Zone: n.Zone, Heartbeat: n.Heartbeat, Listen: n.Listen, Address: n.Address,
 		Images:       &image.Store{Dir: config.ImageDir(), Log: log},
-		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs,
+		MaxSandboxes: n.MaxSandboxes, Accel: accel, InsecureRegistries: n.InsecureRegs, PrivateRegistries: n.PrivateRegs,
 		StateDir: filepath.Join(dataDir, "node", "sandboxes"), VMDir: n.VMDir, LogMax: n.LogMaxBytes,
 		SnapshotDir: filepath.Join(dataDir, "node", "snapshots"), TemplateDir: filepath.Join(dataDir, "node", "templates"),
 		Version: o.Version, Log: log, Scheme: Scheme, Logr: logrFrom(log), ClusterCIDR: o.Controllers.cluster,

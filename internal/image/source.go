@@ -6,8 +6,10 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
@@ -33,6 +35,70 @@ type SourceOptions struct {
 	// Timeout bounds connecting to a registry and waiting for each answer,
 	// so that a registry that does not answer fails instead of hanging.
 	Timeout time.Duration
+	// Guard refuses to connect to registries at loopback, private,
+	// link-local, shared (100.64.0.0/10) or unspecified addresses, checked
+	// on the address dialed (after DNS, so a name that resolves there is
+	// refused too), but for the registries listed in Private (host or
+	// host:port) or Insecure: a tenant's image reference must not make the
+	// node a client of its own management network or its loopback services.
+	Guard   bool
+	Private []string
+	// Keychain gives credentials for registries (nil: none, anonymous
+	// pulls).
+	Keychain authn.Keychain
+}
+
+// ErrForbiddenRegistry means a guarded pull would reach a private address.
+var ErrForbiddenRegistry = errors.New("registry on a private address")
+
+// Registry is the registry (host[:port]) a reference pulls from; Docker
+// Hub's is index.docker.io.
+func Registry(ref string) (string, error) {
+	r, err := name.ParseReference(ref)
+	if err != nil {
+		return "", fmt.Errorf("%w %q: %v", ErrInvalid, ref, err)
+	}
+	return r.Context().RegistryStr(), nil
+}
+
+// Listed says whether registry (host[:port]) is in list, by host:port or
+// by host alone.
+func Listed(list []string, registry string) bool {
+	host := registry
+	if h, _, err := net.SplitHostPort(registry); err == nil {
+		host = h
+	}
+	for _, l := range list {
+		if l == registry || l == host {
+			return true
+		}
+	}
+	return false
+}
+
+var sharedRange = netip.MustParsePrefix("100.64.0.0/10")
+
+// privateAddr reports an address no guarded pull connects to.
+func privateAddr(a netip.Addr) bool {
+	a = a.Unmap()
+	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsUnspecified() ||
+		a.IsMulticast() || a.IsInterfaceLocalMulticast() || sharedRange.Contains(a)
+}
+
+// guardedDialer refuses connections to private addresses (after DNS).
+func guardedDialer(d *net.Dialer, registry string) *net.Dialer {
+	d.Control = func(_, address string, _ syscall.RawConn) error {
+		ap, err := netip.ParseAddrPort(address)
+		if err != nil {
+			return fmt.Errorf("%w: cannot tell where %s is", ErrForbiddenRegistry, address)
+		}
+		if privateAddr(ap.Addr()) {
+			return fmt.Errorf("%w: registry %s is at %s; nodes pull from loopback, private and link-local addresses only for the registries they list (hearthd --private-registry)",
+				ErrForbiddenRegistry, registry, ap.Addr())
+		}
+		return nil
+	}
+	return d
 }
 
 // Source prefixes for local images.
@@ -78,9 +144,18 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 	if timeout <= 0 {
 		timeout = 30 * time.Second
 	}
+	dialer := &net.Dialer{Timeout: timeout}
+	registry := r.Context().RegistryStr()
+	if opts.Guard && !Listed(opts.Private, registry) && !Listed(opts.Insecure, registry) {
+		dialer = guardedDialer(dialer, registry)
+	}
+	keychain := opts.Keychain
+	if keychain == nil {
+		keychain = anonymous{}
+	}
 	tr := &http.Transport{
 		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: timeout}).DialContext,
+		DialContext:           dialer.DialContext,
 		TLSHandshakeTimeout:   timeout,
 		ResponseHeaderTimeout: timeout,
 		IdleConnTimeout:       90 * time.Second,
@@ -88,7 +163,7 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 	}
 	img, err := remote.Image(r,
 		remote.WithContext(ctx),
-		remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithAuthFromKeychain(keychain),
 		remote.WithTransport(tr),
 		remote.WithPlatform(v1.Platform{OS: "linux", Architecture: "amd64"}),
 		// One retry, not go-containerregistry's two: a registry that did
@@ -115,6 +190,11 @@ func ParseReference(ref string, opts SourceOptions) (name.Reference, error) {
 	}
 	return r, nil
 }
+
+// anonymous is the keychain of no credentials.
+type anonymous struct{}
+
+func (anonymous) Resolve(authn.Resource) (authn.Authenticator, error) { return authn.Anonymous, nil }
 
 func registryError(r name.Reference, err error) error {
 	var te *transport.Error

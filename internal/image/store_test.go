@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -235,5 +236,46 @@ func TestUnpackLimits(t *testing.T) {
 	}
 	if left, _ := filepath.Glob(filepath.Join(s.Dir, "*", "*")); len(left) != 0 {
 		t.Logf("store after refusals: %v", left)
+	}
+}
+
+// A tenant's pull (Guard) reaches no registry on a loopback, private or
+// link-local address but those listed.
+func TestGuardedPulls(t *testing.T) {
+	reg := testenv.StartRegistry(t)
+	ref := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}, nil), "guarded:1")
+	ctx := context.Background()
+	host, _, _ := strings.Cut(reg.Addr, ":")
+	for _, tc := range []struct {
+		name string
+		opts SourceOptions
+		ok   bool
+	}{
+		{"unguarded (the person at the host)", SourceOptions{}, true},
+		{"guarded", SourceOptions{Guard: true}, false},
+		{"guarded, the registry listed by host:port", SourceOptions{Guard: true, Private: []string{reg.Addr}}, true},
+		{"guarded, the registry listed by host", SourceOptions{Guard: true, Private: []string{host}}, true},
+		{"guarded, an insecure registry", SourceOptions{Guard: true, Insecure: []string{reg.Addr}}, true},
+		{"guarded, another listed", SourceOptions{Guard: true, Private: []string{"10.0.0.5:5000"}}, false},
+	} {
+		_, err := Open(ctx, ref, tc.opts)
+		if (err == nil) != tc.ok {
+			t.Errorf("%s: %v, want ok %v", tc.name, err, tc.ok)
+		}
+		if err != nil && !tc.ok && (!errors.Is(err, ErrForbiddenRegistry) || !strings.Contains(err.Error(), "registry "+reg.Addr+" is at 127.0.0.1")) {
+			t.Errorf("%s: the error %q does not say where the registry is", tc.name, err)
+		}
+	}
+	// A name that resolves to loopback is refused too: the check is on
+	// the address dialed.
+	if _, err := Open(ctx, strings.Replace(ref, "127.0.0.1", "localhost", 1), SourceOptions{Guard: true}); !errors.Is(err, ErrForbiddenRegistry) {
+		t.Errorf("localhost: %v", err)
+	}
+	for addr, want := range map[string]bool{"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true,
+		"169.254.169.254": true, "100.64.0.1": true, "0.0.0.0": true, "::1": true, "fd00::1": true, "fe80::1": true,
+		"8.8.8.8": false, "2001:4860:4860::8888": false, "::ffff:10.0.0.1": true} {
+		if got := privateAddr(netip.MustParseAddr(addr)); got != want {
+			t.Errorf("privateAddr(%s) = %v, want %v", addr, got, want)
+		}
 	}
 }

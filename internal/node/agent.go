@@ -84,8 +84,10 @@ type Config struct {
 	CPU, Memory  resource.Quantity
 	MaxSandboxes int
 	Accel        vmm.Accel
-	// InsecureRegistries are reached over plain HTTP by image pulls.
-	InsecureRegistries []string
+	// InsecureRegistries are reached over plain HTTP by image pulls;
+	// PrivateRegistries (and they) are the only registries on loopback,
+	// private or link-local addresses that sandboxes' pulls reach.
+	InsecureRegistries, PrivateRegistries []string
 	// Shim is the hearth-shim binary that supervises each run; Host is
 	// what it runs VMs with (its RunRoot is VMDir's, set here).
 	Shim string

@@ -293,6 +293,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 // hostSpec fills in what every shim of this host runs with.
 func (a *Agent) hostSpec(spec *shim.Spec) {
 	spec.Accel, spec.InsecureRegistries = string(a.cfg.Accel), a.cfg.InsecureRegistries
+	spec.Tenant, spec.PrivateRegistries = true, a.cfg.PrivateRegistries
 	spec.Host, spec.Reserve = a.cfg.Host, true
 	if a.cfg.Images != nil {
 		spec.ImageDir = a.cfg.Images.Dir

@@ -13,6 +13,8 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+
 	"hearth.dev/hearth/internal/image"
 	"hearth.dev/hearth/internal/logfile"
 	"hearth.dev/hearth/internal/sandbox"
@@ -67,8 +69,12 @@ func run(log *slog.Logger, dir string, st *State) error {
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
-	images := &image.Store{Dir: spec.ImageDir, Log: log,
-		Source: image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second}}
+	source := image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second,
+		Guard: spec.Tenant, Private: spec.PrivateRegistries}
+	if !spec.Tenant {
+		source.Keychain = authn.DefaultKeychain
+	}
+	images := &image.Store{Dir: spec.ImageDir, Log: log, Source: source}
 	rt := sandbox.NewRuntime(spec.Host, images, vmm.Accel(spec.Accel), image.PullMissing, log)
 	rt.Reserve = spec.Reserve
 	// The API's requests in flight get their replies before the shim

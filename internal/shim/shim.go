@@ -65,6 +65,12 @@ type Spec struct {
 	StdinOnce bool `json:"stdinOnce,omitempty"`
 	// InsecureRegistries are reached over plain HTTP.
 	InsecureRegistries []string `json:"insecureRegistries,omitempty"`
+	// Tenant: the image is an API user's (a node's sandbox): pulls are
+	// guarded (image.SourceOptions.Guard: no loopback, private or
+	// link-local registry but PrivateRegistries and InsecureRegistries)
+	// and never use this host's own registry credentials.
+	Tenant            bool     `json:"tenant,omitempty"`
+	PrivateRegistries []string `json:"privateRegistries,omitempty"`
 }
 
 // Phases of a run.
