@@ -413,6 +413,28 @@ func TestQuotas(t *testing.T) {
 	if out, err := create("s3", "128Mi"); err != nil {
 		t.Errorf("a create after one was deleted: %v %s", err, out)
 	}
+
+	// LimitRanges: a namespace's defaults and maxima (the admin's to set).
+	limits := "apiVersion: v1\nkind: LimitRange\nmetadata: {name: sandbox-limits, namespace: %s}\nspec:\n  limits:\n  - type: %s\n    default: {memory: 96Mi}\n    max: {memory: 512Mi}\n"
+	if out, err := c.asIn(alice, fmt.Sprintf(limits, "team-q", "Sandbox"), "create", "-f", "-"); err == nil || !strings.Contains(out, "forbidden") {
+		t.Errorf("alice sets her own LimitRange: %v %s", err, out)
+	}
+	if out, err := c.kubectlIn(fmt.Sprintf(limits, "team-q", "Container"), "create", "-f", "-"); err == nil || !strings.Contains(out, `Unsupported value: "Container"`) {
+		t.Errorf("a LimitRange of containers: %v\n%s", err, out)
+	}
+	c.mustKubectl("create", "namespace", "team-l")
+	c.mustKubectlIn(fmt.Sprintf(limits, "team-l", "Sandbox"), "create", "-f", "-")
+	unsized := strings.Replace(sandboxYAML("unsized", "registry.example/tools:1", "", "  hostSelector: {none: none}\n", "true"),
+		"resources: {cpu: 500m, memory: 128Mi, disk: 64Mi}", "resources: {cpu: 500m}", 1)
+	c.mustKubectlIn(unsized, "create", "-n", "team-l", "-f", "-")
+	if out, _ := c.kubectl("get", "sandbox", "unsized", "-n", "team-l", "-o", "jsonpath={.spec.resources.memory} {.spec.resources.disk}"); out != "96Mi 1Gi" {
+		t.Errorf("a sandbox without memory under a LimitRange: memory and disk %q, want the LimitRange's 96Mi and the cluster's 1Gi", out)
+	}
+	big := strings.Replace(unsized, "name: unsized", "name: big", 1)
+	big = strings.Replace(big, "resources: {cpu: 500m}", "resources: {cpu: 500m, memory: 1Gi}", 1)
+	if out, err := c.kubectlIn(big, "create", "-n", "team-l", "-f", "-"); err == nil || !strings.Contains(out, "spec.resources.memory 1Gi is over the maximum 512Mi of LimitRange sandbox-limits") {
+		t.Errorf("a sandbox over the LimitRange's maximum: %v\n%s", err, out)
+	}
 }
 
 // auditEvent is what checkAudit reads of an audit.k8s.io/v1 Event.

@@ -45,20 +45,19 @@ type EnvVar struct {
 // a client that leaves one out (a Go client included) gets the default.
 type Resources struct {
 	// CPU is the number of virtual CPUs (rounded up to whole CPUs for the
-	// VM; the scheduler counts the quantity as given).
-	// +kubebuilder:default="1"
+	// VM; the scheduler counts the quantity as given). Unset, the API
+	// server sets it, and Memory and Disk, from the namespace's LimitRange
+	// default (type Sandbox), else 1 CPU, 256Mi and 1Gi.
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).isGreaterThan(quantity('0'))",message="must be positive"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('64')) <= 0",message="must be at most 64"
 	// +optional
 	CPU *resource.Quantity `json:"cpu,omitempty"`
 	// Memory is the guest's RAM.
-	// +kubebuilder:default="256Mi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('48Mi')) >= 0",message="must be at least 48Mi: a guest needs that much to boot"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('256Gi')) <= 0",message="must be at most 256Gi"
 	// +optional
 	Memory *resource.Quantity `json:"memory,omitempty"`
 	// Disk is the size of the writable layer over the image.
-	// +kubebuilder:default="1Gi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('8Mi')) >= 0",message="must be at least 8Mi"
 	// +kubebuilder:validation:XValidation:rule="quantity(string(self)).compareTo(quantity('4Ti')) <= 0",message="must be at most 4Ti"
 	// +optional
@@ -335,7 +334,8 @@ func (s *Sandbox) ClaimsWarmPool() bool {
 	return src != nil && src.WarmPool != "" && len(s.Spec.Command) == 0 && len(s.Spec.Args) == 0
 }
 
-// Default values of Resources, as the CRD defaults them.
+// Default values of Resources where no LimitRange gives one (the API
+// server's limit admission sets them).
 var (
 	DefaultCPU    = resource.MustParse("1")
 	DefaultMemory = resource.MustParse("256Mi")

@@ -2,21 +2,28 @@ package apiserver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"slices"
 	"strings"
 
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/fields"
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apiserver/pkg/admission"
 	"k8s.io/apiserver/pkg/authentication/user"
 	"k8s.io/client-go/dynamic"
+	corelisters "k8s.io/client-go/listers/core/v1"
 	"k8s.io/client-go/rest"
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/image"
+	"hearth.dev/hearth/internal/quota"
 )
 
 // finalizerAdmission is a built-in mutating admission plugin: every Sandbox
@@ -160,4 +167,67 @@ func routeClaims(cfg *rest.Config) (func(ctx context.Context, host string) ([]ty
 		}
 		return out, nil
 	}, nil
+}
+
+// limitAdmission fills in the resources a sandbox or template leaves
+// unset, from its namespace's LimitRanges (type Sandbox) or the cluster's
+// defaults, and refuses those outside the LimitRanges' min and max
+// (quota.ApplyLimits). It mutates, so quota admission, which validates
+// after it, charges what the sandbox will have.
+type limitAdmission struct {
+	ranges corelisters.LimitRangeLister
+	synced func() bool
+}
+
+var _ admission.MutationInterface = limitAdmission{}
+
+func (limitAdmission) Handles(op admission.Operation) bool {
+	return op == admission.Create || op == admission.Update
+}
+
+func (l limitAdmission) Admit(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
+	gr := a.GetResource().GroupResource()
+	if gr.Group != v1alpha1.GroupVersion.Group || (gr.Resource != "sandboxes" && gr.Resource != "sandboxtemplates") || a.GetSubresource() != "" {
+		return nil
+	}
+	u, ok := a.GetObject().(*unstructured.Unstructured)
+	if !ok {
+		return admission.NewForbidden(a, fmt.Errorf("cannot read the resources of a %T", a.GetObject()))
+	}
+	raw, _, err := unstructured.NestedMap(u.Object, "spec", "resources")
+	if err != nil {
+		return admission.NewForbidden(a, fmt.Errorf("spec.resources: %w", err))
+	}
+	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
+		// A write that leaves the resources as they were (a node's
+		// finalizer) is not held to a LimitRange made since.
+		if was, _, _ := unstructured.NestedMap(old.Object, "spec", "resources"); equality.Semantic.DeepEqual(was, raw) {
+			return nil
+		}
+	}
+	if !l.synced() {
+		return admission.NewForbidden(a, errors.New("the namespace's LimitRanges are not loaded yet; try again"))
+	}
+	var r v1alpha1.Resources
+	if err := runtime.DefaultUnstructuredConverter.FromUnstructured(raw, &r); err != nil {
+		return admission.NewForbidden(a, fmt.Errorf("spec.resources: %w", err))
+	}
+	ranges, err := l.ranges.LimitRanges(a.GetNamespace()).List(labels.Everything())
+	if err != nil {
+		return admission.NewForbidden(a, fmt.Errorf("the namespace's LimitRanges: %w", err))
+	}
+	list := make([]corev1.LimitRange, 0, len(ranges))
+	for _, lr := range ranges {
+		list = append(list, *lr)
+	}
+	// Deterministic: the first default by name.
+	slices.SortFunc(list, func(x, y corev1.LimitRange) int { return strings.Compare(x.Name, y.Name) })
+	if err := quota.ApplyLimits(list, &r, "spec.resources"); err != nil {
+		return admission.NewForbidden(a, err)
+	}
+	out, err := runtime.DefaultUnstructuredConverter.ToUnstructured(&r)
+	if err != nil {
+		return err
+	}
+	return unstructured.SetNestedMap(u.Object, out, "spec", "resources")
 }

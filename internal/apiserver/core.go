@@ -48,6 +48,7 @@ var coreKinds = map[schema.GroupVersion][]runtime.Object{
 	corev1.SchemeGroupVersion: {
 		&corev1.Namespace{}, &corev1.NamespaceList{}, &corev1.Event{}, &corev1.EventList{},
 		&corev1.Secret{}, &corev1.SecretList{}, &corev1.ResourceQuota{}, &corev1.ResourceQuotaList{},
+		&corev1.LimitRange{}, &corev1.LimitRangeList{},
 	},
 	coordinationv1.SchemeGroupVersion: {&coordinationv1.Lease{}, &coordinationv1.LeaseList{}},
 	rbacv1.SchemeGroupVersion: {
@@ -173,6 +174,15 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 	if err != nil {
 		return nil, nil, nil, err
 	}
+	limits, err := newStore(getter, resource{
+		gr: corev1.Resource("limitranges"), singular: "limitrange", namespaced: true,
+		new: func() runtime.Object { return &corev1.LimitRange{} }, newList: func() runtime.Object { return &corev1.LimitRangeList{} },
+		validateName: apivalidation.NameIsDNSSubdomain, validate: validateLimitRange,
+		columns: []extv1.CustomResourceColumnDefinition{col("Age", "date", ".metadata.creationTimestamp")},
+	})
+	if err != nil {
+		return nil, nil, nil, err
+	}
 	leases, err := newStore(getter, resource{
 		gr: coordinationv1.Resource("leases"), singular: "lease", namespaced: true,
 		new: func() runtime.Object { return &coordinationv1.Lease{} }, newList: func() runtime.Object { return &coordinationv1.LeaseList{} },
@@ -185,7 +195,8 @@ func coreAPIGroups(getter generic.RESTOptionsGetter, acc *access) (legacy *gener
 	core := genericapiserver.NewDefaultAPIGroupInfo(corev1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	core.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{
 		"namespaces": shortNames{ns, []string{"ns"}}, "events": shortNames{ev, []string{"ev"}},
-		"secrets": secrets, "resourcequotas": shortNames{quotas, []string{"quota"}}}
+		"secrets": secrets, "resourcequotas": shortNames{quotas, []string{"quota"}},
+		"limitranges": shortNames{limits, []string{"limits"}}}
 	coord := genericapiserver.NewDefaultAPIGroupInfo(coordinationv1.GroupName, coreScheme, metav1.ParameterCodec, coreCodecs)
 	coord.VersionedResourcesStorageMap["v1"] = map[string]rest.Storage{"leases": leases}
 	rbac, err := rbacGroup(getter, acc)

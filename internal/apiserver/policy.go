@@ -44,7 +44,7 @@ func defaultClusterRoles() []rbacv1.ClusterRole {
 	hearth := v1alpha1.GroupVersion.Group
 	view := []rbacv1.PolicyRule{
 		{APIGroups: []string{hearth}, Resources: hearthRead, Verbs: readVerbs},
-		{APIGroups: []string{""}, Resources: []string{"events", "resourcequotas"}, Verbs: readVerbs},
+		{APIGroups: []string{""}, Resources: []string{"events", "resourcequotas", "limitranges"}, Verbs: readVerbs},
 		// Bound in a namespace, this is that namespace only.
 		{APIGroups: []string{""}, Resources: []string{"namespaces"}, Verbs: []string{"get"}},
 	}

@@ -378,3 +378,36 @@ func validateQuota(obj runtime.Object) field.ErrorList {
 	}
 	return errs
 }
+
+// validateLimitRange admits LimitRanges of hearth's one item type,
+// Sandbox (quota.LimitTypeSandbox), over cpu, memory and disk.
+func validateLimitRange(obj runtime.Object) field.ErrorList {
+	var errs field.ErrorList
+	lr := obj.(*corev1.LimitRange)
+	names := make([]string, 0, len(quota.LimitResources))
+	for _, n := range quota.LimitResources {
+		names = append(names, string(n))
+	}
+	for i, item := range lr.Spec.Limits {
+		p := field.NewPath("spec", "limits").Index(i)
+		if item.Type != quota.LimitTypeSandbox {
+			errs = append(errs, field.NotSupported(p.Child("type"), item.Type, []string{string(quota.LimitTypeSandbox)}))
+		}
+		for what, l := range map[string]corev1.ResourceList{"default": item.Default, "max": item.Max, "min": item.Min,
+			"defaultRequest": item.DefaultRequest, "maxLimitRequestRatio": item.MaxLimitRequestRatio} {
+			for n, v := range l {
+				if what == "defaultRequest" || what == "maxLimitRequestRatio" {
+					errs = append(errs, field.Forbidden(p.Child(what), "hearth's sandboxes have requests only: give default, min and max"))
+					break
+				}
+				if !slices.Contains(quota.LimitResources, n) {
+					errs = append(errs, field.NotSupported(p.Child(what).Key(string(n)), n, names))
+				}
+				if v.Sign() < 0 {
+					errs = append(errs, field.Invalid(p.Child(what).Key(string(n)), v.String(), "must not be negative"))
+				}
+			}
+		}
+	}
+	return errs
+}

@@ -167,7 +167,8 @@ func New(c Config) (*Server, error) {
 	if err != nil {
 		return nil, err
 	}
-	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, nodeRestriction{}, imageAdmission{allowed: c.AllowedRegistries}, routeHostAdmission{claims: claims}, quotas)
+	limits := limitAdmission{ranges: informers.Core().V1().LimitRanges().Lister(), synced: informers.Core().V1().LimitRanges().Informer().HasSynced}
+	extCfg.AdmissionControl = admission.NewChainHandler(finalizerAdmission{}, limits, nodeRestriction{}, imageAdmission{allowed: c.AllowedRegistries}, routeHostAdmission{claims: claims}, quotas)
 	namer := openapinamer.NewDefinitionNamer(extapiserver.Scheme, clientgoscheme.Scheme)
 	defs := openapi.GetOpenAPIDefinitionsWithoutDisabledFeatures(extopenapi.GetOpenAPIDefinitions)
 	extCfg.OpenAPIConfig = genericapiserver.DefaultOpenAPIConfig(defs, namer)

@@ -34,7 +34,10 @@ func TestDNS(t *testing.T) {
 		m.Answer = append(m.Answer, &dns.A{Hdr: dns.RR_Header{Name: q.Question[0].Name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 5}, A: net.IPv4(192, 0, 2, 1)})
 		_ = w.WriteMsg(m)
 	})}
+	started := make(chan struct{})
+	up.NotifyStartedFunc = func() { close(started) }
 	go func() { _ = up.ListenAndServe() }()
+	<-started
 	defer func() { _ = up.Shutdown() }()
 
 	clients := map[netip.Addr]Client{
