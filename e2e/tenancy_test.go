@@ -110,6 +110,8 @@ func TestTenants(t *testing.T) {
 		}
 	}
 
+	testPullSecrets(t, c, kc["alice"], kc["bob"])
+
 	forbidden := func(user string, args ...string) {
 		t.Helper()
 		out, err := c.as(kc[user], args...)
@@ -434,6 +436,50 @@ func TestQuotas(t *testing.T) {
 	big = strings.Replace(big, "resources: {cpu: 500m}", "resources: {cpu: 500m, memory: 1Gi}", 1)
 	if out, err := c.kubectlIn(big, "create", "-n", "team-l", "-f", "-"); err == nil || !strings.Contains(out, "spec.resources.memory 1Gi is over the maximum 512Mi of LimitRange sandbox-limits") {
 		t.Errorf("a sandbox over the LimitRange's maximum: %v\n%s", err, out)
+	}
+}
+
+// testPullSecrets: alice pulls a private image with her namespace's pull
+// secret; bob, whose sandbox names the same image on the same node, does
+// not get it without credentials of his own.
+func testPullSecrets(t *testing.T, c *cluster, alice, bob string) {
+	t.Helper()
+	reg := testenv.StartAuthRegistry(t, "alice", "s3cret")
+	// Its own content: an image of the same digest pulled anonymously
+	// (the tests' tools) is anyone's, wherever it was pulled from.
+	ref := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}, Env: []string{"PRIVATE=alice"}}), "private:1")
+	if out, err := c.as(alice, "create", "secret", "docker-registry", "pull", "--docker-server="+reg.Addr,
+		"--docker-username=alice", "--docker-password=s3cret"); err != nil {
+		t.Fatalf("alice's pull secret: %v\n%s", err, out)
+	}
+	phase := func(kubeconfig, name string) string {
+		out, _ := c.as(kubeconfig, "get", "sandbox", name, "-o", "jsonpath={.status.phase} {.status.message}")
+		return out
+	}
+	if out, err := c.asIn(alice, sandboxYAML("private", ref, "", "  imagePullSecrets: [{name: pull}]\n", "echo", "pulled"), "apply", "-f", "-"); err != nil {
+		t.Fatalf("alice's sandbox: %v\n%s", err, out)
+	}
+	waitFor(t, "alice's private image to run", 3*time.Minute, func() bool { return strings.HasPrefix(phase(alice, "private"), "Succeeded") })
+	if out, err := c.asIn(bob, sandboxYAML("private", ref, "", "", "echo", "pulled"), "apply", "-f", "-"); err != nil {
+		t.Fatalf("bob's sandbox: %v\n%s", err, out)
+	}
+	last := ""
+	t.Cleanup(func() {
+		if t.Failed() {
+			t.Logf("bob's sandbox: %s", last)
+		}
+	})
+	waitFor(t, "bob's pull of alice's image to fail", 2*time.Minute, func() bool {
+		last = phase(bob, "private")
+		return strings.HasPrefix(last, "Failed")
+	})
+	if got := phase(bob, "private"); !strings.Contains(got, "UNAUTHORIZED") && !strings.Contains(got, "401") {
+		t.Errorf("bob's sandbox failed for another reason: %s", got)
+	}
+	for _, kc := range []string{alice, bob} {
+		if out, err := c.as(kc, "delete", "sandbox", "private"); err != nil {
+			t.Errorf("delete: %v %s", err, out)
+		}
 	}
 }
 

@@ -74,6 +74,15 @@ type SandboxSpec struct {
 	// +kubebuilder:validation:MinLength=1
 	// +optional
 	Image string `json:"image,omitempty"`
+	// ImagePullSecrets name Secrets of the sandbox's namespace, of type
+	// kubernetes.io/dockerconfigjson, with the credentials to pull Image:
+	// the node that runs the sandbox may read them, and no other. Without
+	// them a node pulls anonymously (never with its own credentials); an
+	// image a node holds from a pull with credentials is used for another
+	// sandbox only after its registry accepts that sandbox's.
+	// +kubebuilder:validation:MaxItems=8
+	// +optional
+	ImagePullSecrets []corev1.LocalObjectReference `json:"imagePullSecrets,omitempty"`
 	// Source starts the sandbox from a snapshot, a template or a warm pool
 	// instead of booting the image.
 	// +optional

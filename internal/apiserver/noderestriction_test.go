@@ -12,6 +12,7 @@ import (
 	"k8s.io/apimachinery/pkg/types"
 	"k8s.io/apiserver/pkg/admission"
 	"k8s.io/apiserver/pkg/authentication/user"
+	"k8s.io/apiserver/pkg/authorization/authorizer"
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/pki"
@@ -172,6 +173,47 @@ func TestRouteHostAdmission(t *testing.T) {
 		}
 		if err != nil && !tc.allow && tc.name == "another namespace's host" && !strings.Contains(err.Error(), `spec.host "app.example.test" belongs to another namespace`) {
 			t.Errorf("%s: the message %q does not name the field and the host", tc.name, err)
+		}
+	}
+}
+
+func TestNodeSecrets(t *testing.T) {
+	sb := func(name string, secrets ...string) unstructured.Unstructured {
+		var refs []any
+		for _, s := range secrets {
+			refs = append(refs, map[string]any{"name": s})
+		}
+		return unstructured.Unstructured{Object: map[string]any{"metadata": map[string]any{"name": name},
+			"spec": map[string]any{"imagePullSecrets": refs}}}
+	}
+	// h1 runs team-a's s1, which pulls with "pull"; h2 runs nothing there.
+	n := nodeSecrets{bound: func(_ context.Context, ns, host string) ([]unstructured.Unstructured, error) {
+		if ns == "team-a" && host == "h1" {
+			return []unstructured.Unstructured{sb("s1", "pull")}, nil
+		}
+		return nil, nil
+	}}
+	node := func(host string) user.Info {
+		return &user.DefaultInfo{Name: pki.NodeUserPrefix + host, Groups: []string{pki.GroupNodes}}
+	}
+	for _, tc := range []struct {
+		name     string
+		who      user.Info
+		verb, ns string
+		secret   string
+		allow    bool
+	}{
+		{"its sandbox's pull secret", node("h1"), "get", "team-a", "pull", true},
+		{"another secret of the namespace", node("h1"), "get", "team-a", "tls", false},
+		{"listing secrets", node("h1"), "list", "team-a", "", false},
+		{"another node", node("h2"), "get", "team-a", "pull", false},
+		{"another namespace", node("h1"), "get", "team-b", "pull", false},
+		{"a user named like a node", &user.DefaultInfo{Name: pki.NodeUserPrefix + "h1"}, "get", "team-a", "pull", false},
+	} {
+		a := authorizer.AttributesRecord{User: tc.who, Verb: tc.verb, Namespace: tc.ns, Resource: "secrets", Name: tc.secret, ResourceRequest: true}
+		d, _, err := n.Authorize(context.Background(), a)
+		if err != nil || (d == authorizer.DecisionAllow) != tc.allow {
+			t.Errorf("%s: %v %v, want allowed %v", tc.name, d, err, tc.allow)
 		}
 	}
 }

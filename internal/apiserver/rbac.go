@@ -48,16 +48,22 @@ type access struct {
 	seen func(name string, binding bool) bool
 }
 
-func newAccess(informers clientgoinformers.SharedInformerFactory) (*access, error) {
+// nodes, if not nil, decides what node agents may beyond RBAC
+// (nodeSecrets).
+func newAccess(informers clientgoinformers.SharedInformerFactory, nodes authorizer.Authorizer) (*access, error) {
 	rbac := informers.Rbac().V1()
 	roles := &rbacauthorizer.RoleGetter{Lister: rbac.Roles().Lister()}
 	bindings := &rbacauthorizer.RoleBindingLister{Lister: rbac.RoleBindings().Lister()}
 	clusterRoles := &rbacauthorizer.ClusterRoleGetter{Lister: rbac.ClusterRoles().Lister()}
 	clusterBindings := &rbacauthorizer.ClusterRoleBindingLister{Lister: rbac.ClusterRoleBindings().Lister()}
 	a := rbacauthorizer.New(roles, bindings, clusterRoles, clusterBindings)
-	chain, err := union.New(
-		union.NamedAuthorizer{AuthorizerName: "privileged", Authorizer: authorizerfactory.NewPrivilegedGroups(user.SystemPrivilegedGroup)},
-		union.NamedAuthorizer{AuthorizerName: "rbac", Authorizer: a})
+	named := []union.NamedAuthorizer{
+		{AuthorizerName: "privileged", Authorizer: authorizerfactory.NewPrivilegedGroups(user.SystemPrivilegedGroup)},
+		{AuthorizerName: "rbac", Authorizer: a}}
+	if nodes != nil {
+		named = append(named, union.NamedAuthorizer{AuthorizerName: "node-secrets", Authorizer: nodes})
+	}
+	chain, err := union.New(named...)
 	if err != nil {
 		return nil, err
 	}

@@ -35,7 +35,7 @@ func TestDefaultPolicy(t *testing.T) {
 	}
 	objs = append(objs, bind("team-a", "alice", "edit"), bind("team-b", "bob", "admin"), bind("team-a", "vera", "view"))
 	informers := clientgoinformers.NewSharedInformerFactory(fake.NewClientset(objs...), 0)
-	acc, err := newAccess(informers)
+	acc, err := newAccess(informers, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

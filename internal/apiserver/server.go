@@ -33,6 +33,7 @@ import (
 	"k8s.io/apimachinery/pkg/runtime/schema"
 	"k8s.io/apimachinery/pkg/util/sets"
 	"k8s.io/apiserver/pkg/admission"
+	"k8s.io/apiserver/pkg/authorization/authorizer"
 	"k8s.io/apiserver/pkg/authentication/authenticator"
 	"k8s.io/apiserver/pkg/authentication/group"
 	"k8s.io/apiserver/pkg/authentication/request/bearertoken"
@@ -104,7 +105,11 @@ func New(c Config) (*Server, error) {
 	loopbackClient := kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig)
 	informers := clientgoinformers.NewSharedInformerFactory(loopbackClient, 10*time.Minute)
 	extCfg.SharedInformerFactory = informers
-	acc, err := newAccess(informers)
+	bound, err := boundSandboxes(extCfg.LoopbackClientConfig)
+	if err != nil {
+		return nil, err
+	}
+	acc, err := newAccess(informers, authorizer.AuthorizerFunc(nodeSecrets{bound: bound}.Authorize))
 	if err != nil {
 		return nil, err
 	}

@@ -2,11 +2,13 @@ package image
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"net"
 	"net/http"
 	"net/netip"
+	"net/url"
 	"os"
 	"strings"
 	"syscall"
@@ -140,6 +142,29 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 	if err != nil {
 		return nil, err
 	}
+	img, err := remote.Image(r, remoteOptions(ctx, r, opts)...)
+	if err != nil {
+		return nil, registryError(r, err)
+	}
+	return img, nil
+}
+
+// Head asks the registry for ref's manifest digest, with opts' credentials
+// (an image the registry does not give them is refused here).
+func Head(ctx context.Context, ref string, opts SourceOptions) (string, error) {
+	r, err := ParseReference(ref, opts)
+	if err != nil {
+		return "", err
+	}
+	desc, err := remote.Head(r, remoteOptions(ctx, r, opts)...)
+	if err != nil {
+		return "", registryError(r, err)
+	}
+	return desc.Digest.String(), nil
+}
+
+// remoteOptions are how Open and Head reach r's registry.
+func remoteOptions(ctx context.Context, r name.Reference, opts SourceOptions) []remote.Option {
 	timeout := opts.Timeout
 	if timeout <= 0 {
 		timeout = 30 * time.Second
@@ -161,7 +186,7 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 		IdleConnTimeout:       90 * time.Second,
 		MaxIdleConnsPerHost:   8,
 	}
-	img, err := remote.Image(r,
+	return []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(keychain),
 		remote.WithTransport(tr),
@@ -169,11 +194,7 @@ func Open(ctx context.Context, ref string, opts SourceOptions) (v1.Image, error)
 		// One retry, not go-containerregistry's two: a registry that did
 		// not answer within Timeout twice is down, and the user is waiting.
 		remote.WithRetryBackoff(remote.Backoff{Duration: time.Second, Factor: 3, Jitter: 0.1, Steps: 2}),
-	)
-	if err != nil {
-		return nil, registryError(r, err)
 	}
-	return img, nil
 }
 
 // ParseReference parses a registry reference, treating registries listed
@@ -288,4 +309,42 @@ func pickPlatform(idx v1.ImageIndex) (v1.Image, error) {
 		}
 	}
 	return nil, fmt.Errorf("%w: no linux/amd64 image in the index", ErrNotFound)
+}
+
+// Credentials are registry credentials by registry (host[:port]): a
+// keychain of a sandbox's pull secrets.
+type Credentials map[string]authn.AuthConfig
+
+// Resolve implements authn.Keychain: the registry's credentials, or none.
+func (c Credentials) Resolve(r authn.Resource) (authn.Authenticator, error) {
+	if cfg, ok := c[r.RegistryStr()]; ok {
+		return authn.FromConfig(cfg), nil
+	}
+	return authn.Anonymous, nil
+}
+
+// dockerHub is Docker Hub's key in a docker config.
+const dockerHub = "https://index.docker.io/v1/"
+
+// AddDockerConfig adds the credentials of a docker config file (a
+// kubernetes.io/dockerconfigjson Secret's .dockerconfigjson: {"auths":
+// {REGISTRY: {"username", "password"} or {"auth": base64(user:pass)}}}).
+// Keys may be URLs ("https://reg.example/v1/"): the host is what counts.
+func (c Credentials) AddDockerConfig(b []byte) error {
+	var cfg struct {
+		Auths map[string]authn.AuthConfig `json:"auths"`
+	}
+	if err := json.Unmarshal(b, &cfg); err != nil {
+		return fmt.Errorf("a docker config: %w", err)
+	}
+	for k, v := range cfg.Auths {
+		host := k
+		if k == dockerHub || k == "docker.io" {
+			host = name.DefaultRegistry
+		} else if u, err := url.Parse(k); err == nil && u.Host != "" {
+			host = u.Host
+		}
+		c[host] = v
+	}
+	return nil
 }

@@ -27,6 +27,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/klauspost/compress/zstd"
 	"github.com/schollz/progressbar/v3"
@@ -88,6 +89,9 @@ func (s *Store) Get(ctx context.Context, ref string, policy PullPolicy) (*Image,
 	if remoteRef && policy != PullAlways {
 		if dgst, ok := s.lookupRef(ref); ok {
 			if img, err := s.load(ref, dgst); err == nil {
+				if err := s.mayUse(ctx, ref, dgst); err != nil {
+					return nil, err
+				}
 				return img, nil
 			}
 		}
@@ -107,7 +111,51 @@ func (s *Store) Get(ctx context.Context, ref string, policy PullPolicy) (*Image,
 	if err != nil {
 		return nil, err
 	}
+	if remoteRef && s.anonymous(ref) {
+		// Anyone may have it: another sandbox's use needs no credentials.
+		_ = os.WriteFile(filepath.Join(s.blobDir(img.Digest), publicFile), nil, 0o644)
+	}
 	return img, s.setRef(ref, img.Digest)
+}
+
+// publicFile, in an image's blob directory, says that it was pulled
+// without credentials.
+const publicFile = "public"
+
+// anonymous says whether the store's keychain has no credentials for
+// ref's registry.
+func (s *Store) anonymous(ref string) bool {
+	r, err := ParseReference(ref, s.Source)
+	if err != nil {
+		return false
+	}
+	kc := s.Source.Keychain
+	if kc == nil {
+		return true
+	}
+	a, err := kc.Resolve(r.Context())
+	return err == nil && a == authn.Anonymous
+}
+
+// mayUse checks, for a tenant's pull (Source.Guard), that a stored image
+// pulled with someone's credentials is the tenant's too: its registry
+// must accept the tenant's credentials (or none) for ref, at the same
+// digest. An image once pulled anonymously is anyone's.
+func (s *Store) mayUse(ctx context.Context, ref, digest string) error {
+	if !s.Source.Guard {
+		return nil
+	}
+	if _, err := os.Stat(filepath.Join(s.blobDir(digest), publicFile)); err == nil {
+		return nil
+	}
+	d, err := Head(ctx, ref, s.Source)
+	if err != nil {
+		return err
+	}
+	if d != digest {
+		return fmt.Errorf("%s: the registry has %s now, this host %s; pull again", ref, d, digest)
+	}
+	return nil
 }
 
 func canonicalRef(ref string) string {

@@ -279,3 +279,46 @@ func TestGuardedPulls(t *testing.T) {
 		}
 	}
 }
+
+// An image a tenant pulled with its credentials is another tenant's only
+// if the registry takes the other's credentials: the store checks before
+// it hands a held image to a guarded (tenant's) pull.
+func TestPrivateImages(t *testing.T) {
+	s := newStore(t)
+	reg := testenv.StartAuthRegistry(t, "alice", "s3cret")
+	ref := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}), "private:1")
+	ctx := context.Background()
+	as := func(creds Credentials) *Store {
+		return &Store{Dir: s.Dir, Source: SourceOptions{Timeout: 5 * time.Second, Guard: true, Private: []string{"127.0.0.1"}, Keychain: creds}}
+	}
+	// A docker config, as a kubernetes.io/dockerconfigjson Secret holds it.
+	alice := Credentials{}
+	if err := alice.AddDockerConfig([]byte(`{"auths": {"http://` + reg.Addr + `/v2/": {"auth": "YWxpY2U6czNjcmV0"}}}`)); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := as(Credentials{}).Get(ctx, ref, PullMissing); err == nil {
+		t.Fatal("an anonymous pull of a private image went through")
+	}
+	img, err := as(alice).Get(ctx, ref, PullMissing)
+	if err != nil {
+		t.Fatalf("alice's pull: %v", err)
+	}
+	if !img.Converted {
+		t.Error("alice's pull did not convert the image")
+	}
+	for name, creds := range map[string]Credentials{
+		"no credentials":    {},
+		"wrong credentials": {reg.Addr: {Username: "alice", Password: "guess"}},
+	} {
+		if _, err := as(creds).Get(ctx, ref, PullMissing); err == nil {
+			t.Errorf("%s: the image alice pulled was handed over", name)
+		}
+	}
+	if img, err := as(alice).Get(ctx, ref, PullMissing); err != nil || img.Converted {
+		t.Errorf("alice again: %v (converted %v), want the held image", err, img != nil && img.Converted)
+	}
+	// The person at the host (no guard) uses what the host holds.
+	if _, err := (&Store{Dir: s.Dir}).Get(ctx, ref, PullMissing); err != nil {
+		t.Errorf("an unguarded use of a held image: %v", err)
+	}
+}

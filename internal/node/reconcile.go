@@ -248,6 +248,13 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 			return res, err
 		}
 	}
+	secrets, err := a.pullSecrets(ctx, sb)
+	if err != nil {
+		st := &sb.Status
+		st.Reason, st.Message = "WaitingForPullSecret", err.Error()
+		return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
+	}
+	spec.PullSecrets = secrets
 	if err := spec.Sandbox.Validate(); err != nil {
 		// The API's validation should have caught it; nothing will change
 		// until the object does.
@@ -288,6 +295,24 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		a.recorder.Eventf(sb, corev1.EventTypeNormal, "Booting", "Pulling %s and booting run %d", spec.Sandbox.Image, n)
 	}
 	return reconcile.Result{}, nil
+}
+
+// pullSecrets reads the docker configs of the sandbox's image pull
+// secrets (the API server lets a node read those of its own sandboxes).
+func (a *Agent) pullSecrets(ctx context.Context, sb *v1alpha1.Sandbox) ([][]byte, error) {
+	var out [][]byte
+	for _, ref := range sb.Spec.ImagePullSecrets {
+		var sec corev1.Secret
+		if err := a.reader.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: ref.Name}, &sec); err != nil {
+			return nil, fmt.Errorf("image pull secret %q: %w", ref.Name, err)
+		}
+		cfg, ok := sec.Data[corev1.DockerConfigJsonKey]
+		if sec.Type != corev1.SecretTypeDockerConfigJson || !ok {
+			return nil, fmt.Errorf("image pull secret %q is not of type %s (with %s)", ref.Name, corev1.SecretTypeDockerConfigJson, corev1.DockerConfigJsonKey)
+		}
+		out = append(out, cfg)
+	}
+	return out, nil
 }
 
 // hostSpec fills in what every shim of this host runs with.

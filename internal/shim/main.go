@@ -61,6 +61,15 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err != nil {
 		return err
 	}
+	creds := image.Credentials{}
+	for _, cfg := range spec.PullSecrets {
+		if err := creds.AddDockerConfig(cfg); err != nil {
+			return fmt.Errorf("an image pull secret: %w", err)
+		}
+	}
+	if err := takeSecrets(dir, spec); err != nil {
+		return fmt.Errorf("the run's spec: %w", err)
+	}
 	out, err := logfile.Open(spec.Log, spec.LogMax)
 	if err != nil {
 		return fmt.Errorf("log file: %w", err)
@@ -71,7 +80,9 @@ func run(log *slog.Logger, dir string, st *State) error {
 	defer stop()
 	source := image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second,
 		Guard: spec.Tenant, Private: spec.PrivateRegistries}
-	if !spec.Tenant {
+	if spec.Tenant {
+		source.Keychain = creds // the sandbox's pull secrets, never this host's
+	} else {
 		source.Keychain = authn.DefaultKeychain
 	}
 	images := &image.Store{Dir: spec.ImageDir, Log: log, Source: source}

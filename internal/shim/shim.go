@@ -71,6 +71,11 @@ type Spec struct {
 	// and never use this host's own registry credentials.
 	Tenant            bool     `json:"tenant,omitempty"`
 	PrivateRegistries []string `json:"privateRegistries,omitempty"`
+	// PullSecrets are the docker configs (.dockerconfigjson) of the
+	// sandbox's image pull secrets. The shim takes them out of spec.json
+	// once it has read them: credentials stay on disk no longer than the
+	// shim's start.
+	PullSecrets [][]byte `json:"pullSecrets,omitempty"`
 }
 
 // Phases of a run.
@@ -196,6 +201,23 @@ func Alive(dir string) bool {
 	}
 	_ = unix.Flock(int(f.Fd()), unix.LOCK_UN)
 	return false
+}
+
+// takeSecrets rewrites spec.json without the spec's pull secrets.
+func takeSecrets(dir string, s Spec) error {
+	if len(s.PullSecrets) == 0 {
+		return nil
+	}
+	s.PullSecrets = nil
+	b, err := json.Marshal(s)
+	if err != nil {
+		return err
+	}
+	tmp := filepath.Join(dir, specFile+".tmp")
+	if err := os.WriteFile(tmp, b, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, filepath.Join(dir, specFile))
 }
 
 // ReadSpec reads the spec the run was started with.

@@ -26,6 +26,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/layout"
+	"golang.org/x/crypto/bcrypt"
 
 	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/imagebuild"
@@ -179,6 +180,8 @@ func freeAddrOn(t testing.TB, host string) string {
 // Registry is a docker-registry serving on loopback for one test.
 type Registry struct {
 	Addr string // 127.0.0.1:PORT
+	// User and Password, if set, are what the registry asks for.
+	User, Password string
 }
 
 // StartRegistry starts Debian's docker-registry on 127.0.0.1 with its
@@ -189,9 +192,33 @@ func StartRegistry(t testing.TB) *Registry { return StartRegistryOn(t, "127.0.0.
 // treat only localhost and 127.0.0.1 as plain HTTP by themselves.
 func StartRegistryOn(t testing.TB, host string) *Registry {
 	t.Helper()
+	return startRegistry(t, host, "", "")
+}
+
+// StartAuthRegistry is StartRegistry with basic authentication: pulls and
+// pushes need user and password.
+func StartAuthRegistry(t testing.TB, user, password string) *Registry {
+	t.Helper()
+	return startRegistry(t, "127.0.0.1", user, password)
+}
+
+func startRegistry(t testing.TB, host, user, password string) *Registry {
+	t.Helper()
 	NeedRegistry(t)
 	dir := t.TempDir()
 	addr := freeAddrOn(t, host)
+	auth := ""
+	if user != "" {
+		hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
+		if err != nil {
+			t.Fatal(err)
+		}
+		htpasswd := filepath.Join(dir, "htpasswd")
+		if err := os.WriteFile(htpasswd, []byte(user+":"+string(hash)+"\n"), 0o644); err != nil {
+			t.Fatal(err)
+		}
+		auth = fmt.Sprintf("auth:\n  htpasswd:\n    realm: hearth-test\n    path: %s\n", htpasswd)
+	}
 	cfg := fmt.Sprintf(`version: 0.1
 log:
   level: error
@@ -202,7 +229,7 @@ storage:
     enabled: true
 http:
   addr: %s
-`, filepath.Join(dir, "data"), addr)
+%s`, filepath.Join(dir, "data"), addr, auth)
 	cfgPath := filepath.Join(dir, "config.yml")
 	if err := os.WriteFile(cfgPath, []byte(cfg), 0o644); err != nil {
 		t.Fatal(err)
@@ -222,7 +249,7 @@ http:
 		c, err := net.DialTimeout("tcp", addr, 100*time.Millisecond)
 		if err == nil {
 			c.Close()
-			return &Registry{Addr: addr}
+			return &Registry{Addr: addr, User: user, Password: password}
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("docker-registry did not start on %s: %s", addr, logs.String())
@@ -240,8 +267,11 @@ func (r *Registry) Push(t testing.TB, img v1.Image, repoTag string) string {
 		t.Fatal(err)
 	}
 	ref := r.Addr + "/" + repoTag
-	out, err := exec.Command("skopeo", "copy", "--quiet", "--dest-tls-verify=false",
-		"oci:"+dir+":push", "docker://"+ref).CombinedOutput()
+	args := []string{"copy", "--quiet", "--dest-tls-verify=false"}
+	if r.User != "" {
+		args = append(args, "--dest-creds", r.User+":"+r.Password)
+	}
+	out, err := exec.Command("skopeo", append(args, "oci:"+dir+":push", "docker://"+ref)...).CombinedOutput()
 	if err != nil {
 		t.Fatalf("skopeo copy to %s: %v\n%s", ref, err, out)
 	}
