@@ -231,7 +231,7 @@ func TestSandboxValidation(t *testing.T) {
 		{"no image", `spec: {command: ["true"]}`, []string{"give an image, or a source to start from"}},
 		{"two sources", "spec: {source: {snapshot: a, template: b}}", []string{"set exactly one of snapshot, template and warmPool"}},
 		{"negative memory", "spec: {image: x, resources: {memory: -1Gi}}", []string{"spec.resources.memory", "must be at least 48Mi"}},
-		{"too much", "spec: {image: x, resources: {cpu: 65, memory: 1Ti, disk: 5Ti}}", []string{"spec.resources.cpu: Invalid value: 65: must be at most 64",
+		{"too much", "spec: {image: x, resources: {cpu: 65, memory: 1Ti, disk: 5Ti}}", []string{`spec.resources.cpu: Invalid value: "65": must be at most 64`,
 			`spec.resources.memory: Invalid value: "1Ti": must be at most 256Gi`, `spec.resources.disk: Invalid value: "5Ti": must be at most 4Ti`}},
 		{"unknown field", "spec: {image: x, colour: blue}", []string{`unknown field "spec.colour"`}},
 		{"unknown restart policy", "spec: {image: x, restartPolicy: Sometimes}", []string{`spec.restartPolicy: Unsupported value: "Sometimes"`}},
