@@ -67,25 +67,16 @@ func (imageAdmission) Handles(op admission.Operation) bool {
 }
 
 func (ia imageAdmission) Validate(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
-	gr := a.GetResource().GroupResource()
-	if gr.Group != v1alpha1.GroupVersion.Group || (gr.Resource != "sandboxes" && gr.Resource != "sandboxtemplates") || a.GetSubresource() != "" {
-		return nil
-	}
 	if u := a.GetUserInfo(); u != nil && slices.Contains(u.GetGroups(), user.SystemPrivilegedGroup) {
 		return nil
 	}
-	u, ok := a.GetObject().(*unstructured.Unstructured)
-	if !ok {
-		return admission.NewForbidden(a, fmt.Errorf("cannot read the image of a %T", a.GetObject()))
+	u, err := hearthWrite(a, "sandboxes", "sandboxtemplates")
+	// Others may write an object the admin made (a node its finalizers):
+	// what is refused is a new image.
+	if u == nil || err != nil || unchanged(a, u, "spec", "image") {
+		return err
 	}
 	ref, _, _ := unstructured.NestedString(u.Object, "spec", "image")
-	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
-		// Others may write an object the admin made (a node its
-		// finalizers): what is refused is a new image.
-		if was, _, _ := unstructured.NestedString(old.Object, "spec", "image"); was == ref {
-			return nil
-		}
-	}
 	if ref == "" {
 		return nil // a sandbox from a snapshot or template names none
 	}
@@ -105,6 +96,32 @@ func (ia imageAdmission) Validate(_ context.Context, a admission.Attributes, _ a
 	return nil
 }
 
+// hearthWrite is the object a create or update writes, if it writes one of
+// hearth's resources (not a subresource): nil for any other write.
+func hearthWrite(a admission.Attributes, resources ...string) (*unstructured.Unstructured, error) {
+	gr := a.GetResource().GroupResource()
+	if gr.Group != v1alpha1.GroupVersion.Group || !slices.Contains(resources, gr.Resource) || a.GetSubresource() != "" {
+		return nil, nil
+	}
+	u, ok := a.GetObject().(*unstructured.Unstructured)
+	if !ok {
+		return nil, admission.NewForbidden(a, fmt.Errorf("cannot read a %T", a.GetObject()))
+	}
+	return u, nil
+}
+
+// unchanged says whether a is an update that leaves the field at path of
+// u as the old object had it.
+func unchanged(a admission.Attributes, u *unstructured.Unstructured, path ...string) bool {
+	old, ok := a.GetOldObject().(*unstructured.Unstructured)
+	if !ok || a.GetOperation() != admission.Update {
+		return false
+	}
+	was, _, _ := unstructured.NestedFieldNoCopy(old.Object, path...)
+	now, _, _ := unstructured.NestedFieldNoCopy(u.Object, path...)
+	return equality.Semantic.DeepEqual(was, now)
+}
+
 // routeHostAdmission gives a host name to one namespace: a Route whose
 // spec.host another namespace's Route has is refused, so that one tenant
 // cannot take another's traffic (or its TLS certificate's name). Two made
@@ -122,20 +139,11 @@ func (routeHostAdmission) Handles(op admission.Operation) bool {
 }
 
 func (r routeHostAdmission) Validate(ctx context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
-	gr := a.GetResource().GroupResource()
-	if gr.Group != v1alpha1.GroupVersion.Group || gr.Resource != "routes" || a.GetSubresource() != "" {
-		return nil
-	}
-	u, ok := a.GetObject().(*unstructured.Unstructured)
-	if !ok {
-		return admission.NewForbidden(a, fmt.Errorf("cannot read the host of a %T", a.GetObject()))
+	u, err := hearthWrite(a, "routes")
+	if u == nil || err != nil || unchanged(a, u, "spec", "host") {
+		return err
 	}
 	host, _, _ := unstructured.NestedString(u.Object, "spec", "host")
-	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
-		if was, _, _ := unstructured.NestedString(old.Object, "spec", "host"); was == host {
-			return nil
-		}
-	}
 	claims, err := r.claims(ctx, host)
 	if err != nil {
 		return admission.NewForbidden(a, fmt.Errorf("cannot tell which namespace owns host %q: %w", host, err))
@@ -186,24 +194,15 @@ func (limitAdmission) Handles(op admission.Operation) bool {
 }
 
 func (l limitAdmission) Admit(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
-	gr := a.GetResource().GroupResource()
-	if gr.Group != v1alpha1.GroupVersion.Group || (gr.Resource != "sandboxes" && gr.Resource != "sandboxtemplates") || a.GetSubresource() != "" {
-		return nil
-	}
-	u, ok := a.GetObject().(*unstructured.Unstructured)
-	if !ok {
-		return admission.NewForbidden(a, fmt.Errorf("cannot read the resources of a %T", a.GetObject()))
+	u, err := hearthWrite(a, "sandboxes", "sandboxtemplates")
+	// A write that leaves the resources as they were (a node's finalizer)
+	// is not held to a LimitRange made since.
+	if u == nil || err != nil || unchanged(a, u, "spec", "resources") {
+		return err
 	}
 	raw, _, err := unstructured.NestedMap(u.Object, "spec", "resources")
 	if err != nil {
 		return admission.NewForbidden(a, fmt.Errorf("spec.resources: %w", err))
-	}
-	if old, ok := a.GetOldObject().(*unstructured.Unstructured); ok && a.GetOperation() == admission.Update {
-		// A write that leaves the resources as they were (a node's
-		// finalizer) is not held to a LimitRange made since.
-		if was, _, _ := unstructured.NestedMap(old.Object, "spec", "resources"); equality.Semantic.DeepEqual(was, raw) {
-			return nil
-		}
 	}
 	if !l.synced() {
 		return admission.NewForbidden(a, errors.New("the namespace's LimitRanges are not loaded yet; try again"))

@@ -360,10 +360,7 @@ func fromUnstructured(obj runtime.Object, into any) error {
 func validateQuota(obj runtime.Object) field.ErrorList {
 	var errs field.ErrorList
 	q := obj.(*corev1.ResourceQuota)
-	known := make([]string, 0, len(quota.Known))
-	for _, n := range quota.Known {
-		known = append(known, string(n))
-	}
+	known := resourceNames(quota.Known)
 	for n, v := range q.Spec.Hard {
 		p := field.NewPath("spec", "hard").Key(string(n))
 		if !slices.Contains(quota.Known, n) {
@@ -379,15 +376,20 @@ func validateQuota(obj runtime.Object) field.ErrorList {
 	return errs
 }
 
+func resourceNames(list []corev1.ResourceName) []string {
+	out := make([]string, 0, len(list))
+	for _, n := range list {
+		out = append(out, string(n))
+	}
+	return out
+}
+
 // validateLimitRange admits LimitRanges of hearth's one item type,
 // Sandbox (quota.LimitTypeSandbox), over cpu, memory and disk.
 func validateLimitRange(obj runtime.Object) field.ErrorList {
 	var errs field.ErrorList
 	lr := obj.(*corev1.LimitRange)
-	names := make([]string, 0, len(quota.LimitResources))
-	for _, n := range quota.LimitResources {
-		names = append(names, string(n))
-	}
+	names := resourceNames(quota.LimitResources)
 	for i, item := range lr.Spec.Limits {
 		p := field.NewPath("spec", "limits").Index(i)
 		if item.Type != quota.LimitTypeSandbox {

@@ -81,7 +81,7 @@ func (d *DNS) Serve(ctx context.Context) error {
 }
 
 // known answers only the sandboxes Client knows: REFUSED for the rest.
-func (d *DNS) known(h func(dns.ResponseWriter, *dns.Msg, Client)) dns.HandlerFunc {
+func (d *DNS) known(h func(dns.ResponseWriter, *dns.Msg, netip.Addr, Client)) dns.HandlerFunc {
 	return func(w dns.ResponseWriter, q *dns.Msg) {
 		var src netip.Addr
 		if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err == nil {
@@ -92,7 +92,7 @@ func (d *DNS) known(h func(dns.ResponseWriter, *dns.Msg, Client)) dns.HandlerFun
 			refuse(w, q)
 			return
 		}
-		h(w, q, c)
+		h(w, q, src, c)
 	}
 }
 
@@ -102,7 +102,7 @@ func refuse(w dns.ResponseWriter, q *dns.Msg) {
 	_ = w.WriteMsg(m)
 }
 
-func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg, c Client) {
+func (d *DNS) local(w dns.ResponseWriter, q *dns.Msg, _ netip.Addr, c Client) {
 	m := new(dns.Msg)
 	m.SetReply(q)
 	m.Authoritative = true
@@ -149,12 +149,8 @@ func (d *DNS) allow(src netip.Addr) bool {
 	return l.Allow()
 }
 
-func (d *DNS) forward(w dns.ResponseWriter, q *dns.Msg, c Client) {
-	if !c.Forward {
-		refuse(w, q)
-		return
-	}
-	if ap, err := netip.ParseAddrPort(w.RemoteAddr().String()); err != nil || !d.allow(ap.Addr().Unmap()) {
+func (d *DNS) forward(w dns.ResponseWriter, q *dns.Msg, src netip.Addr, c Client) {
+	if !c.Forward || !d.allow(src) {
 		refuse(w, q)
 		return
 	}

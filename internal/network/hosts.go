@@ -5,6 +5,7 @@ import (
 	"net/netip"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/network/ipam"
 )
 
 // HostAddr is a Host's address: the IP of its status.address, if it is a
@@ -46,24 +47,16 @@ func Unreachable(cluster netip.Prefix, hosts []v1alpha1.Host) []netip.Prefix {
 		netip.MustParsePrefix("0.0.0.0/8"), netip.MustParsePrefix("127.0.0.0/8"),
 		netip.MustParsePrefix("169.254.0.0/16"), netip.MustParsePrefix("224.0.0.0/3"),
 	}
-	ends := func(p netip.Prefix) (first, last netip.Addr) {
-		p = p.Masked()
-		b := p.Addr().As4()
-		v := uint32(b[0])<<24 | uint32(b[1])<<16 | uint32(b[2])<<8 | uint32(b[3])
-		v |= 1<<(32-p.Bits()) - 1
-		return p.Addr(), netip.AddrFrom4([4]byte{byte(v >> 24), byte(v >> 16), byte(v >> 8), byte(v)})
-	}
 	if cluster.IsValid() && cluster.Addr().Is4() {
-		first, last := ends(cluster)
-		out = append(out, netip.PrefixFrom(first, 32), netip.PrefixFrom(last, 32))
+		out = append(out, netip.PrefixFrom(cluster.Masked().Addr(), 32), netip.PrefixFrom(ipam.Last(cluster), 32))
 	}
 	for i := range hosts {
 		p, err := netip.ParsePrefix(hosts[i].Spec.SandboxCIDR)
 		if err != nil || !p.Addr().Is4() || p.Bits() > 30 {
 			continue
 		}
-		first, last := ends(p)
-		out = append(out, netip.PrefixFrom(first, 32), netip.PrefixFrom(first.Next(), 32), netip.PrefixFrom(last, 32))
+		first := p.Masked().Addr()
+		out = append(out, netip.PrefixFrom(first, 32), netip.PrefixFrom(first.Next(), 32), netip.PrefixFrom(ipam.Last(p), 32))
 	}
 	return out
 }

@@ -61,14 +61,14 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err != nil {
 		return err
 	}
+	if err := takeSecrets(dir, spec); err != nil {
+		return fmt.Errorf("the run's spec: %w", err)
+	}
 	creds := image.Credentials{}
 	for _, cfg := range spec.PullSecrets {
 		if err := creds.AddDockerConfig(cfg); err != nil {
 			return fmt.Errorf("an image pull secret: %w", err)
 		}
-	}
-	if err := takeSecrets(dir, spec); err != nil {
-		return fmt.Errorf("the run's spec: %w", err)
 	}
 	out, err := logfile.Open(spec.Log, spec.LogMax)
 	if err != nil {

@@ -58,7 +58,8 @@ const Quarantine = 2 * time.Minute
 
 // Pool is a host's range: the first address is the gateway, the last the
 // broadcast address; the rest go to sandboxes, one per owner (a sandbox's
-// UID), lowest free first, an address freed less than Quarantine ago last.
+// UID), lowest free first; an address freed less than Quarantine ago is
+// held back.
 type Pool struct {
 	mu     sync.Mutex
 	cidr   netip.Prefix
@@ -138,6 +139,11 @@ func (p *Pool) Release(owner string) {
 
 // usable: inside the range, past the gateway, before broadcast.
 func (p *Pool) usable(a netip.Addr) bool {
-	last := addr(u32(p.cidr.Addr()) | (1<<(32-p.cidr.Bits()) - 1))
-	return p.cidr.Contains(a) && a.Compare(p.Gateway()) > 0 && a.Compare(last) < 0
+	return p.cidr.Contains(a) && a.Compare(p.Gateway()) > 0 && a.Compare(Last(p.cidr)) < 0
+}
+
+// Last is an IPv4 prefix's last address (its broadcast address).
+func Last(p netip.Prefix) netip.Addr {
+	p = p.Masked()
+	return addr(u32(p.Addr()) | (1<<(32-p.Bits()) - 1))
 }
