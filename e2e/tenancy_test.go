@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -13,6 +14,7 @@ import (
 	"time"
 
 	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"k8s.io/client-go/tools/clientcmd"
 
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/testenv"
@@ -225,6 +227,10 @@ func TestTenants(t *testing.T) {
 	forbidden("carol", "create", "role", "hosts", "--verb=get", "--resource=hosts.hearth.dev")
 	allowed("carol", "create", "role", "readers", "--verb=get", "--resource=sandboxes.hearth.dev")
 
+	// A user's certificate is no key to a node agent's streams (their CA
+	// is another): refused at the TLS handshake.
+	testStreamsCA(t, c, kc["alice"])
+
 	// A node's identity: no Secrets, no sandboxes of its own making, no
 	// roles.
 	node := filepath.Join(dir, "node.kubeconfig")
@@ -436,6 +442,31 @@ func TestQuotas(t *testing.T) {
 	big = strings.Replace(big, "resources: {cpu: 500m}", "resources: {cpu: 500m, memory: 1Gi}", 1)
 	if out, err := c.kubectlIn(big, "create", "-n", "team-l", "-f", "-"); err == nil || !strings.Contains(out, "spec.resources.memory 1Gi is over the maximum 512Mi of LimitRange sandbox-limits") {
 		t.Errorf("a sandbox over the LimitRange's maximum: %v\n%s", err, out)
+	}
+}
+
+func testStreamsCA(t *testing.T, c *cluster, kubeconfig string) {
+	t.Helper()
+	cfg, err := clientcmd.LoadFromFile(kubeconfig)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var cert tls.Certificate
+	for _, u := range cfg.AuthInfos {
+		if cert, err = tls.X509KeyPair(u.ClientCertificateData, u.ClientKeyData); err != nil {
+			t.Fatal(err)
+		}
+	}
+	addr := strings.TrimSpace(c.mustKubectl("get", "host", "host-1", "-o", "jsonpath={.status.address}"))
+	conn, err := tls.Dial("tcp", addr, &tls.Config{Certificates: []tls.Certificate{cert}, InsecureSkipVerify: true})
+	if err == nil {
+		defer conn.Close()
+		_, _ = conn.Write([]byte("GET /sandboxes/team-b/b1/log HTTP/1.1\r\nHost: x\r\n\r\n"))
+		_ = conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		_, err = conn.Read(make([]byte, 1))
+	}
+	if err == nil || !strings.Contains(err.Error(), "certificate") {
+		t.Errorf("a user's certificate on a node's stream server: %v, want a TLS certificate error", err)
 	}
 }
 

@@ -63,11 +63,16 @@ type Config struct {
 	BindAddress net.IP
 	Port        int
 	Serving     pki.Pair // its serving certificate
-	CA          *pki.CA  // signs the clients it accepts and the node agents it calls
-	// NodeClient is the certificate it presents to node agents.
+	CA          *pki.CA  // signs the clients it accepts (users, nodes, the admin)
+	// StreamsCA signs the node agents' serving certificates and
+	// NodeClient, the certificate it presents to them: an API client's
+	// certificate is no key to a node's streams.
+	StreamsCA  *pki.CA
 	NodeClient pki.Pair
-	// Etcd is how it reaches etcd.
+	// Etcd is how it reaches etcd: EtcdCA (a CA of etcd's own) signs
+	// etcd's certificate and EtcdClient.
 	EtcdServers []string
+	EtcdCA      string
 	EtcdClient  pki.Pair
 	// AuditLog is where the audit log is written ("": none).
 	AuditLog string
@@ -89,7 +94,7 @@ func New(c Config) (*Server, error) {
 	etcd.StorageConfig.Transport.ServerList = c.EtcdServers
 	etcd.StorageConfig.Transport.CertFile = c.EtcdClient.CertFile
 	etcd.StorageConfig.Transport.KeyFile = c.EtcdClient.KeyFile
-	etcd.StorageConfig.Transport.TrustedCAFile = c.CA.CertFile()
+	etcd.StorageConfig.Transport.TrustedCAFile = c.EtcdCA
 
 	serving := genericoptions.NewSecureServingOptions().WithLoopback()
 	serving.BindAddress, serving.BindPort = c.BindAddress, c.Port

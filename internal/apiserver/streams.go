@@ -48,7 +48,7 @@ func newStreamProxy(c Config, loopback *rest.Config) (*streamProxy, error) {
 	}
 	return &streamProxy{
 		client: cl,
-		tls:    &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.CA.Pool(), MinVersion: tls.VersionTLS12},
+		tls:    &tls.Config{Certificates: []tls.Certificate{cert}, RootCAs: c.StreamsCA.Pool(), MinVersion: tls.VersionTLS12},
 	}, nil
 }
 

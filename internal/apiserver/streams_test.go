@@ -58,7 +58,7 @@ func TestNodeTransportChecksHost(t *testing.T) {
 	srv.TLS = &tls.Config{Certificates: []tls.Certificate{cert}}
 	srv.StartTLS()
 	defer srv.Close()
-	p, err := newStreamProxy(Config{CA: ca, NodeClient: client}, &rest.Config{Host: "https://127.0.0.1:1"})
+	p, err := newStreamProxy(Config{CA: ca, StreamsCA: ca, NodeClient: client}, &rest.Config{Host: "https://127.0.0.1:1"})
 	if err != nil {
 		t.Fatal(err)
 	}

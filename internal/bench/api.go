@@ -361,7 +361,7 @@ func parallel(ctx context.Context, n, workers int, f func(int) error) (time.Dura
 }
 
 func etcdClient(dataDir string, port int) (*clientv3.Client, error) {
-	dir := filepath.Join(dataDir, "pki")
+	dir := filepath.Join(dataDir, "pki", pki.EtcdDir)
 	ca, err := pki.LoadOrCreateCA(dir)
 	if err != nil {
 		return nil, err

@@ -178,12 +178,23 @@ under DIR/pki. Copy DIR to the new host and start it there with
 			if err != nil {
 				return err
 			}
-			issuer, err := ca.Issuer(filepath.Join(out, "pki"))
+			streamsCA, err := pki.LoadCA(filepath.Join(dataDir, "pki", pki.StreamsDir), true)
 			if err != nil {
 				return err
 			}
-			for _, r := range []pki.Request{pki.NodeServingRequest(args[0], address), pki.NodeClientRequest(args[0])} {
-				if _, err := issuer.Ensure(r); err != nil {
+			// The API's CA for its client certificate, the streams' for
+			// its serving one.
+			for _, c := range []struct {
+				ca  *pki.CA
+				dir string
+				req pki.Request
+			}{{ca, filepath.Join(out, "pki"), pki.NodeClientRequest(args[0])},
+				{streamsCA, filepath.Join(out, "pki", pki.StreamsDir), pki.NodeServingRequest(args[0], address)}} {
+				issuer, err := c.ca.Issuer(c.dir)
+				if err != nil {
+					return err
+				}
+				if _, err := issuer.Ensure(c.req); err != nil {
 					return err
 				}
 			}

@@ -245,17 +245,30 @@ func (cp *controlPlane) close() {
 }
 
 func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o Options, start func(string, bool, func(context.Context) error)) (*controlPlane, error) {
+	// Three CAs, so that no identity of one reaches the others: the API's
+	// (its serving certificate, the admin's, users' and nodes' client
+	// certificates), etcd's (etcd and the API server's client to it) and
+	// the streams' (node agents' serving certificates and the API server's
+	// client to them).
 	ca, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki"))
+	if err != nil {
+		return nil, err
+	}
+	etcdCA, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki", pki.EtcdDir))
+	if err != nil {
+		return nil, err
+	}
+	streamsCA, err := pki.LoadOrCreateCA(filepath.Join(dataDir, "pki", pki.StreamsDir))
 	if err != nil {
 		return nil, err
 	}
 	hostname, _ := os.Hostname()
 	issue := func(r pki.Request) (pki.Pair, error) { return ca.Ensure(r) }
-	etcdServing, err := issue(pki.Request{Name: "etcd", CN: "etcd", Hosts: []string{"127.0.0.1", "localhost"}, Server: true, Client: true})
+	etcdServing, err := etcdCA.Ensure(pki.Request{Name: "etcd", CN: "etcd", Hosts: []string{"127.0.0.1", "localhost"}, Server: true, Client: true})
 	if err != nil {
 		return nil, err
 	}
-	etcdClient, err := issue(pki.Request{Name: "apiserver-etcd-client", CN: apiServerCN, Client: true})
+	etcdClient, err := etcdCA.Ensure(pki.Request{Name: "apiserver-etcd-client", CN: apiServerCN, Client: true})
 	if err != nil {
 		return nil, err
 	}
@@ -267,7 +280,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 	if err != nil {
 		return nil, err
 	}
-	nodeClient, err := issue(pki.Request{Name: "apiserver-node-client", CN: apiServerCN, Groups: []string{pki.GroupAPIServer}, Client: true})
+	nodeClient, err := streamsCA.Ensure(pki.Request{Name: "apiserver-node-client", CN: apiServerCN, Groups: []string{pki.GroupAPIServer}, Client: true})
 	if err != nil {
 		return nil, err
 	}
@@ -286,7 +299,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		DataDir:   filepath.Join(dataDir, "etcd"),
 		ClientURL: clientURL,
 		PeerURL:   "https://127.0.0.1:" + strconv.Itoa(o.EtcdPeerPort),
-		CertFile:  etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: ca.CertFile(),
+		CertFile:  etcdServing.CertFile, KeyFile: etcdServing.KeyFile, CAFile: etcdCA.CertFile(),
 		ClientCNs: []string{apiServerCN},
 	})
 	if err != nil {
@@ -298,8 +311,10 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		Port:              o.Port,
 		Serving:           serving,
 		CA:                ca,
+		StreamsCA:         streamsCA,
 		NodeClient:        nodeClient,
 		EtcdServers:       []string{clientURL},
+		EtcdCA:            etcdCA.CertFile(),
 		EtcdClient:        etcdClient,
 		AuditLog:          filepath.Join(dataDir, "audit.log"),
 		AllowedRegistries: o.AllowedRegistries,

@@ -150,8 +150,12 @@ func startNode(log *slog.Logger, dataDir string, o Options, start func(string, b
 	if err != nil {
 		return err
 	}
-	cfg.CA = ca
-	if cfg.Serving, err = ca.Ensure(pki.NodeServingRequest(name, host)); err != nil {
+	streamsCA, err := pki.LoadCA(filepath.Join(dataDir, "pki", pki.StreamsDir), !o.has(RoleControlPlane))
+	if err != nil {
+		return credentialsHint(err, name, host)
+	}
+	cfg.CA = streamsCA
+	if cfg.Serving, err = streamsCA.Ensure(pki.NodeServingRequest(name, host)); err != nil {
 		return credentialsHint(err, name, host)
 	}
 	client, err := ca.Ensure(pki.NodeClientRequest(name))

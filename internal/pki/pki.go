@@ -1,9 +1,13 @@
-// Package pki makes and keeps the certificates of a hearth control plane: one
-// CA generated into the data directory signs the API server's serving
-// certificate, etcd's, the client certificates of the admin kubeconfig, of
-// node agents and of users (`hearth user create`, short-lived), and the node
-// agents' serving certificates for the streams the API server proxies to
-// them. It also makes the bearer tokens of programs (token.go).
+// Package pki makes and keeps the certificates of a hearth control plane,
+// under three CAs generated into the data directory, so that an identity
+// of one never opens another: the API's (DATA/pki) signs the API server's
+// serving certificate and the client certificates of the admin kubeconfig,
+// of node agents and of users (`hearth user create`, short-lived); etcd's
+// (DATA/pki/etcd) signs etcd's certificate and the API server's client to
+// it; the streams' (DATA/pki/streams) signs the node agents' serving
+// certificates for the streams the API server proxies to them and the API
+// server's client to them. It also makes the bearer tokens of programs
+// (token.go).
 package pki
 
 import (
@@ -38,6 +42,12 @@ const (
 )
 
 const validity = 10 * 365 * 24 * time.Hour
+
+// The directories of etcd's and the streams' CAs, under the API CA's.
+const (
+	EtcdDir    = "etcd"
+	StreamsDir = "streams"
+)
 
 // CA is the cluster's certificate authority, kept as DIR/ca.crt and ca.key.
 type CA struct {
