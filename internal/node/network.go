@@ -156,14 +156,20 @@ func (n *hostNetwork) run(ctx context.Context) error {
 	n.a.requeueAll(ctx)
 	hosts, policies := true, true
 	for {
+		// A sync that failed (the API out of reach, a map write refused)
+		// is tried again in 2 seconds rather than 30: what it would have
+		// forbidden is not in force until it succeeds.
+		next := 30 * time.Second
 		if hosts {
 			if err := n.syncHosts(ctx); err != nil && ctx.Err() == nil {
 				n.a.log.Warn("network sync: hosts", "err", err)
+				next = 2 * time.Second
 			}
 		}
 		if policies {
 			if err := n.syncPolicies(ctx); err != nil && ctx.Err() == nil {
 				n.a.log.Warn("network sync: policies", "err", err)
+				next = 2 * time.Second
 			}
 		}
 		hosts, policies = false, false
@@ -179,7 +185,7 @@ func (n *hostNetwork) run(ctx context.Context) error {
 			hosts = true
 		case <-n.resync:
 			policies = true
-		case <-time.After(30 * time.Second):
+		case <-time.After(next):
 			// This host's own interfaces may have changed too.
 			hosts, policies = true, true
 		}

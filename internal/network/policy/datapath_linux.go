@@ -271,23 +271,42 @@ func (d *Datapath) SetNetwork(gateway netip.Addr, cluster netip.Prefix) error {
 	return d.objs.Settings.Put(uint32(0), cfg)
 }
 
+// SpecialEntries is how many special addresses the programs hold (the
+// special map's size in bpf/policy.c).
+const SpecialEntries = 1 << 16
+
 // SetSpecial replaces the special addresses: prefix → Forbidden|Trusted.
+// Stale entries go first, so that a full map never keeps the new ones
+// out; a set larger than the map is refused whole, and so is the rest of
+// a set after a write fails: the caller retries, and the old entries that
+// are still wanted stay in force meanwhile.
 func (d *Datapath) SetSpecial(special map[netip.Prefix]uint32) error {
+	if len(special) > SpecialEntries {
+		return fmt.Errorf("%d special addresses, more than the %d the datapath holds", len(special), SpecialEntries)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	var errs []error
-	for p, f := range special {
-		k := policyAddrKey{Prefixlen: uint32(p.Bits()), Addr: be32(p.Masked().Addr())}
-		errs = append(errs, d.objs.Special.Put(k, f))
+	key := func(p netip.Prefix) policyAddrKey {
+		return policyAddrKey{Prefixlen: uint32(p.Bits()), Addr: be32(p.Masked().Addr())}
 	}
 	for p := range d.special {
 		if _, ok := special[p]; !ok {
-			k := policyAddrKey{Prefixlen: uint32(p.Bits()), Addr: be32(p.Masked().Addr())}
-			errs = append(errs, d.objs.Special.Delete(k))
+			if err := d.objs.Special.Delete(key(p)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+				return fmt.Errorf("remove special address %s: %w", p, err)
+			}
+			delete(d.special, p)
 		}
 	}
-	d.special = special
-	return errors.Join(errs...)
+	for p, f := range special {
+		if old, ok := d.special[p]; ok && old == f {
+			continue
+		}
+		if err := d.objs.Special.Put(key(p), f); err != nil {
+			return fmt.Errorf("special address %s: %w", p, err)
+		}
+		d.special[p] = f
+	}
+	return nil
 }
 
 // Attach puts the programs on a sandbox's tap (once) and sets its

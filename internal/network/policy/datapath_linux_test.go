@@ -437,3 +437,32 @@ func TestDatapathTablePerSandbox(t *testing.T) {
 		t.Error("A's flood cost B its flow")
 	}
 }
+
+// The special addresses of a large cluster (five per host, 10,000 hosts)
+// fit, replace one another whole, and a set past the map is refused.
+func TestDatapathSpecialAtScale(t *testing.T) {
+	l := newLab(t)
+	l.serve(l.host, mgmt.String()+":22")
+	large := map[netip.Prefix]uint32{netip.MustParsePrefix("10.98.0.0/24"): policy.Forbidden | policy.Trusted}
+	for i := range 50_000 {
+		a := netip.AddrFrom4([4]byte{172, byte(16 + i>>16), byte(i >> 8), byte(i)})
+		large[netip.PrefixFrom(a, 32)] = policy.Forbidden
+	}
+	l.do(func() error { return l.dp.SetSpecial(large) })
+	if l.reach(l.a, mgmt.String()+":22") {
+		t.Error("the management network was reached with 50,000 special addresses set")
+	}
+	// The next set drops what it does not name: the management network too.
+	l.do(func() error {
+		return l.dp.SetSpecial(map[netip.Prefix]uint32{netip.MustParsePrefix("169.254.0.0/16"): policy.Forbidden})
+	})
+	if !l.reach(l.a, mgmt.String()+":22") {
+		t.Error("the management network, no longer special, was not reached")
+	}
+	for i := range policy.SpecialEntries + 1 - len(large) {
+		large[netip.PrefixFrom(netip.AddrFrom4([4]byte{192, 168, byte(i >> 8), byte(i)}), 32)] = policy.Forbidden
+	}
+	if err := l.dp.SetSpecial(large); err == nil {
+		t.Errorf("%d special addresses were taken, more than the map holds", len(large))
+	}
+}

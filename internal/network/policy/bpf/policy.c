@@ -136,9 +136,13 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ingress_rules SEC(".maps");
 
+// Addresses sandboxes may not reach, or whose packets are trusted: about
+// five per host of the cluster (its address; its range's network, gateway
+// and broadcast) and this host's own, so 65,536 leave room for ~10,000
+// hosts. Userspace refuses a set larger than this (SpecialEntries).
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
-	__uint(max_entries, 1024);
+	__uint(max_entries, 1 << 16);
 	__type(key, struct addr_key);
 	__type(value, __u32);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
