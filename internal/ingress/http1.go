@@ -215,14 +215,15 @@ func refuseHTTP1(ctx *fasthttp.RequestCtx, no *Refusal) {
 // connection and that one are joined byte for byte until either ends;
 // any other answer is passed back as a response.
 func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
-	if no := p.upgrades.acquire(t.Addr); no != nil {
+	release, no := p.upgrades.acquire(t.Addr, ctx.RemoteIP().String())
+	if no != nil {
 		refuseHTTP1(ctx, no)
 		return
 	}
 	joined := false
 	defer func() {
 		if !joined {
-			p.upgrades.release(t.Addr)
+			release()
 		}
 	}()
 	c, err := p.backend.dial(ctx, "tcp", t.Addr)
@@ -264,8 +265,19 @@ func (p *Proxy) upgrade(ctx *fasthttp.RequestCtx, t Target) {
 	fasthttp.ReleaseResponse(in)
 	ctx.HijackSetNoResponse(true)
 	joined = true
+	// fasthttp calls a hijack handler only once it has flushed what it
+	// holds for the client's connection; when that fails it drops the
+	// handler without a call. The sandbox's connection and the slot are
+	// then let go after hijackWait, not held for ever.
+	giveUp := time.AfterFunc(hijackWait, func() {
+		c.Close()
+		release()
+	})
 	ctx.Hijack(func(client net.Conn) {
-		defer p.upgrades.release(t.Addr)
+		if !giveUp.Stop() {
+			return
+		}
+		defer release()
 		defer c.Close()
 		_ = client.SetDeadline(time.Time{})
 		if _, err := client.Write(head); err != nil {
@@ -315,43 +327,67 @@ func join(client, sandbox net.Conn, br io.Reader, idle time.Duration) {
 }
 
 // upgrades bounds upgraded connections (WebSockets): how many are open to
-// one sandbox port and in all, and how long one may be silent both ways.
+// one sandbox port, from one client address and in all, and how long one
+// may be silent both ways.
 type upgrades struct {
-	perTarget, total int
-	idle             time.Duration
+	perTarget, perClient, total int
+	idle                        time.Duration
 
-	mu   sync.Mutex
-	open map[string]int
-	n    int
+	mu       sync.Mutex
+	byTarget map[string]int
+	byClient map[string]int
+	n        int
 }
 
 // Defaults: a sandbox port holds up to 256 WebSockets through an ingress,
-// the ingress 4,096 (each costs two connections and two goroutines).
+// a client address 256, the ingress 4,096 (each costs two connections and
+// two goroutines).
 const (
 	maxUpgradesPerTarget = 256
+	maxUpgradesPerClient = 256
 	maxUpgrades          = 4096
+	// hijackWait is how long an upgrade answered 101 waits for fasthttp to
+	// hand over the client's connection.
+	hijackWait = 30 * time.Second
 )
 
-func (u *upgrades) acquire(target string) *Refusal {
-	u.mu.Lock()
-	defer u.mu.Unlock()
-	if u.open[target] >= u.perTarget {
-		return &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5,
-			Msg: fmt.Sprintf("this sandbox port has %d upgraded connections open, the most it may", u.perTarget)}
-	}
-	if u.n >= u.total {
-		return &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5, Msg: "the ingress has as many upgraded connections open as it may"}
-	}
-	u.open[target]++
-	u.n++
-	return nil
+func newUpgrades() *upgrades {
+	return &upgrades{perTarget: maxUpgradesPerTarget, perClient: maxUpgradesPerClient, total: maxUpgrades, idle: streamIdle,
+		byTarget: map[string]int{}, byClient: map[string]int{}}
 }
 
-func (u *upgrades) release(target string) {
+// acquire takes a slot for an upgrade from client to target, or says why
+// not; release gives it back (once, however often it is called).
+func (u *upgrades) acquire(target, client string) (release func(), no *Refusal) {
 	u.mu.Lock()
 	defer u.mu.Unlock()
-	u.n--
-	if u.open[target]--; u.open[target] <= 0 {
-		delete(u.open, target)
+	switch {
+	case u.byTarget[target] >= u.perTarget:
+		return nil, &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5,
+			Msg: fmt.Sprintf("this sandbox port has %d upgraded connections open, the most it may", u.perTarget)}
+	case u.byClient[client] >= u.perClient:
+		return nil, &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5,
+			Msg: fmt.Sprintf("your address has %d upgraded connections open through this ingress, the most it may", u.perClient)}
+	case u.n >= u.total:
+		return nil, &Refusal{Code: http.StatusServiceUnavailable, RetryAfter: 5, Msg: "the ingress has as many upgraded connections open as it may"}
+	}
+	u.byTarget[target]++
+	u.byClient[client]++
+	u.n++
+	var once sync.Once
+	return func() {
+		once.Do(func() {
+			u.mu.Lock()
+			defer u.mu.Unlock()
+			u.n--
+			decrement(u.byTarget, target)
+			decrement(u.byClient, client)
+		})
+	}, nil
+}
+
+func decrement(m map[string]int, k string) {
+	if m[k]--; m[k] <= 0 {
+		delete(m, k)
 	}
 }

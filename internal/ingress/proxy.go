@@ -108,7 +108,7 @@ func NewProxy(resolver Resolver, dial Dialer, log *slog.Logger) *Proxy {
 		dial = (&net.Dialer{Timeout: 5 * time.Second, KeepAlive: 30 * time.Second}).DialContext
 	}
 	p := &Proxy{resolver: resolver, backend: &backend{dial: dial}, log: log,
-		upgrades: &upgrades{perTarget: maxUpgradesPerTarget, total: maxUpgrades, idle: streamIdle, open: map[string]int{}}}
+		upgrades: newUpgrades()}
 	p.h2 = newHTTP2Proxy(p, dial)
 	return p
 }

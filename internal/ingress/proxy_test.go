@@ -622,6 +622,11 @@ func TestProxyUpgradeBounds(t *testing.T) {
 	if _, resp, err := dial(); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
 		t.Errorf("a second WebSocket to a port that holds one: %v %v, want 503", resp, err)
 	}
+	// One client address is bounded too, whichever port it dials.
+	f.proxy.upgrades.perTarget, f.proxy.upgrades.perClient = 10, 1
+	if _, resp, err := dial(); err == nil || resp == nil || resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("a second WebSocket from a client that holds one: %v %v, want 503", resp, err)
+	}
 	// Talking keeps it open past the idle time; silence ends it.
 	for range 4 {
 		time.Sleep(200 * time.Millisecond)
@@ -650,5 +655,30 @@ func TestProxyUpgradeBounds(t *testing.T) {
 			t.Fatalf("after the first WebSocket ended, another: %v", err)
 		}
 		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// A slot is given back once, however often its release is called (an
+// upgrade whose hijack never came, released by its timer and again).
+func TestUpgradeSlotsReleaseOnce(t *testing.T) {
+	u := newUpgrades()
+	u.perTarget = 2
+	r1, no := u.acquire("10.244.1.2:80", "192.0.2.1")
+	if no != nil {
+		t.Fatal(no)
+	}
+	if _, no := u.acquire("10.244.1.2:80", "192.0.2.2"); no != nil {
+		t.Fatal(no)
+	}
+	r1()
+	r1()
+	if u.n != 1 || u.byTarget["10.244.1.2:80"] != 1 || len(u.byClient) != 1 {
+		t.Errorf("after one release called twice: %d open, %v by target, %v by client; want 1", u.n, u.byTarget, u.byClient)
+	}
+	if _, no := u.acquire("10.244.1.2:80", "192.0.2.3"); no != nil {
+		t.Errorf("a port with one of its two slots free: %v", no)
+	}
+	if _, no := u.acquire("10.244.1.2:80", "192.0.2.4"); no == nil {
+		t.Error("a third upgrade to a port that holds two was let through")
 	}
 }
