@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -111,16 +112,88 @@ func (s *Store) Get(ctx context.Context, ref string, policy PullPolicy) (*Image,
 	if err != nil {
 		return nil, err
 	}
-	if remoteRef && s.anonymous(ref) {
-		// Anyone may have it: another sandbox's use needs no credentials.
-		_ = os.WriteFile(filepath.Join(s.blobDir(img.Digest), publicFile), nil, 0o644)
+	if remoteRef {
+		if err := s.claim(ctx, ref, img, src); err != nil {
+			return nil, err
+		}
 	}
 	return img, s.setRef(ref, img.Digest)
 }
 
-// publicFile, in an image's blob directory, says that it was pulled
-// without credentials.
-const publicFile = "public"
+// In an image's blob directory, publicFile says that its blobs came down
+// without credentials, originsFile names the repositories (one a line)
+// that served it.
+const (
+	publicFile  = "public"
+	originsFile = "origins"
+)
+
+// claim records that ref's repository serves img. An image held here is
+// found by its manifest's digest, which anyone who has seen the manifest
+// can serve: for a tenant's pull (Source.Guard) of an image first pulled
+// from another repository and not public, the layers come down again
+// from ref's registry and must match their digests, so that a registry
+// that knows a private image's manifest does not get its contents.
+func (s *Store) claim(ctx context.Context, ref string, img *Image, src v1.Image) error {
+	dir := s.blobDir(img.Digest)
+	repo := ref
+	if r, err := ParseReference(ref, s.Source); err == nil {
+		repo = r.Context().Name()
+	}
+	_, err := os.Stat(filepath.Join(dir, publicFile))
+	public := err == nil
+	fetched := img.Converted
+	if !fetched && s.Source.Guard && !public && !s.servedBy(img.Digest, repo) {
+		if err := fetchLayers(ctx, src); err != nil {
+			return fmt.Errorf("%s: this host holds an image of digest %s from another repository; its layers from %s: %w", ref, img.Digest, repo, err)
+		}
+		fetched = true
+	}
+	if !s.servedBy(img.Digest, repo) {
+		f, err := os.OpenFile(filepath.Join(dir, originsFile), os.O_CREATE|os.O_APPEND|os.O_WRONLY, 0o644)
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Fprintln(f, repo)
+		if err = errors.Join(err, f.Close()); err != nil {
+			return err
+		}
+	}
+	if fetched && !public && s.anonymous(ref) {
+		// Anyone may have it: another sandbox's use needs no credentials.
+		return os.WriteFile(filepath.Join(dir, publicFile), nil, 0o644)
+	}
+	return nil
+}
+
+// servedBy says whether repo has served the image of digest here.
+func (s *Store) servedBy(digest, repo string) bool {
+	b, err := os.ReadFile(filepath.Join(s.blobDir(digest), originsFile))
+	return err == nil && slices.Contains(strings.Split(string(b), "\n"), repo)
+}
+
+// fetchLayers reads every layer of a remote image through to its end,
+// which checks it against its digest.
+func fetchLayers(ctx context.Context, img v1.Image) error {
+	layers, err := img.Layers()
+	if err != nil {
+		return err
+	}
+	for _, l := range layers {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		rc, err := l.Compressed()
+		if err != nil {
+			return err
+		}
+		_, err = io.Copy(io.Discard, rc)
+		if err = errors.Join(err, rc.Close()); err != nil {
+			return err
+		}
+	}
+	return nil
+}
 
 // anonymous says whether the store's keychain has no credentials for
 // ref's registry.

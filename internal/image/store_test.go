@@ -4,10 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -286,7 +289,8 @@ func TestGuardedPulls(t *testing.T) {
 func TestPrivateImages(t *testing.T) {
 	s := newStore(t)
 	reg := testenv.StartAuthRegistry(t, "alice", "s3cret")
-	ref := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}}), "private:1")
+	privateImage := testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}})
+	ref := reg.Push(t, privateImage, "private:1")
 	ctx := context.Background()
 	as := func(creds Credentials) *Store {
 		return &Store{Dir: s.Dir, Source: SourceOptions{Timeout: 5 * time.Second, Guard: true, Private: []string{"127.0.0.1"}, Keychain: creds}}
@@ -317,8 +321,57 @@ func TestPrivateImages(t *testing.T) {
 	if img, err := as(alice).Get(ctx, ref, PullMissing); err != nil || img.Converted {
 		t.Errorf("alice again: %v (converted %v), want the held image", err, img != nil && img.Converted)
 	}
+	// A registry that knows the manifest only (not the layers) serves the
+	// same digest under a repository of its own: refused, and the image
+	// stays alice's.
+	private := img.Digest
+	evil := manifestOnlyRegistry(t, privateImage)
+	if _, err := as(Credentials{}).Get(ctx, evil+"/copy:1", PullMissing); err == nil || !strings.Contains(err.Error(), "another repository") {
+		t.Errorf("a manifest-only registry's copy of alice's image: %v, want refused", err)
+	}
+	if _, err := as(Credentials{}).Get(ctx, ref, PullMissing); err == nil {
+		t.Error("after a manifest-only registry's try, alice's image was handed over without credentials")
+	}
+	// One that has the layers has the image: it may use what is held.
+	public := testenv.StartRegistry(t)
+	copyRef := public.Push(t, privateImage, "copy:1")
+	if img, err := as(Credentials{}).Get(ctx, copyRef, PullMissing); err != nil || img.Digest != private {
+		t.Errorf("an anonymous pull of the same image from a registry that has it: %v, want %s", err, private)
+	}
 	// The person at the host (no guard) uses what the host holds.
 	if _, err := (&Store{Dir: s.Dir}).Get(ctx, ref, PullMissing); err != nil {
 		t.Errorf("an unguarded use of a held image: %v", err)
 	}
+}
+
+// manifestOnlyRegistry serves img's manifest under any name, and no blob:
+// a registry that has seen a manifest and nothing more. It returns its
+// host:port.
+func manifestOnlyRegistry(t *testing.T, img v1.Image) string {
+	manifest, err := img.RawManifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mt, err := img.MediaType()
+	if err != nil {
+		t.Fatal(err)
+	}
+	digest, err := img.Digest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		switch {
+		case r.URL.Path == "/v2/":
+		case strings.Contains(r.URL.Path, "/manifests/"):
+			w.Header().Set("Content-Type", string(mt))
+			w.Header().Set("Docker-Content-Digest", digest.String())
+			w.Header().Set("Content-Length", strconv.Itoa(len(manifest)))
+			_, _ = w.Write(manifest)
+		default:
+			http.NotFound(w, r)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://")
 }
