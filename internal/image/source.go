@@ -10,6 +10,7 @@ import (
 	"net/netip"
 	"net/url"
 	"os"
+	"slices"
 	"strings"
 	"syscall"
 	"time"
@@ -45,6 +46,10 @@ type SourceOptions struct {
 	// node a client of its own management network or its loopback services.
 	Guard   bool
 	Private []string
+	// Refused are more addresses a guarded pull never connects to: the
+	// cluster's hosts and control plane. This machine's own addresses
+	// always are.
+	Refused []netip.Addr
 	// Keychain gives credentials for registries (nil: none, anonymous
 	// pulls).
 	Keychain authn.Keychain
@@ -78,25 +83,66 @@ func Listed(list []string, registry string) bool {
 	return false
 }
 
-var sharedRange = netip.MustParsePrefix("100.64.0.0/10")
-
-// privateAddr reports an address no guarded pull connects to.
-func privateAddr(a netip.Addr) bool {
-	a = a.Unmap()
-	return a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsUnspecified() ||
-		a.IsMulticast() || a.IsInterfaceLocalMulticast() || sharedRange.Contains(a)
+// refusedRanges are the ranges beyond loopback, private, link-local,
+// multicast and unspecified that no guarded pull connects to: shared
+// (CGNAT), IETF protocol assignments, benchmarking, reserved, "this
+// network", and the IPv6 prefixes that carry an IPv4 address (NAT64,
+// 6to4), which could carry any of those.
+var refusedRanges = []netip.Prefix{
+	netip.MustParsePrefix("100.64.0.0/10"),
+	netip.MustParsePrefix("192.0.0.0/24"),
+	netip.MustParsePrefix("198.18.0.0/15"),
+	netip.MustParsePrefix("240.0.0.0/4"),
+	netip.MustParsePrefix("0.0.0.0/8"),
+	netip.MustParsePrefix("64:ff9b::/96"),
+	netip.MustParsePrefix("64:ff9b:1::/48"),
+	netip.MustParsePrefix("2002::/16"),
 }
 
-// guardedDialer refuses connections to private addresses (after DNS).
-func guardedDialer(d *net.Dialer, registry string) *net.Dialer {
+// privateAddr reports an address no guarded pull connects to, whoever's.
+func privateAddr(a netip.Addr) bool {
+	a = a.Unmap()
+	if a.IsLoopback() || a.IsPrivate() || a.IsLinkLocalUnicast() || a.IsLinkLocalMulticast() || a.IsUnspecified() ||
+		a.IsMulticast() || a.IsInterfaceLocalMulticast() {
+		return true
+	}
+	for _, p := range refusedRanges {
+		if p.Contains(a) {
+			return true
+		}
+	}
+	return false
+}
+
+// localAddr reports an address of this machine's own interfaces (a
+// public one too: what listens there is the host's).
+func localAddr(a netip.Addr) bool {
+	addrs, err := net.InterfaceAddrs()
+	if err != nil {
+		return true // cannot tell: refused
+	}
+	for _, ia := range addrs {
+		if n, ok := ia.(*net.IPNet); ok {
+			if b, ok := netip.AddrFromSlice(n.IP); ok && b.Unmap() == a.Unmap() {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// guardedDialer refuses connections to private addresses, this machine's
+// own and those refused (after DNS).
+func guardedDialer(d *net.Dialer, registry string, refused []netip.Addr) *net.Dialer {
 	d.Control = func(_, address string, _ syscall.RawConn) error {
 		ap, err := netip.ParseAddrPort(address)
 		if err != nil {
 			return fmt.Errorf("%w: cannot tell where %s is", ErrForbiddenRegistry, address)
 		}
-		if privateAddr(ap.Addr()) {
-			return fmt.Errorf("%w: registry %s is at %s; nodes pull from loopback, private and link-local addresses only for the registries they list (hearthd --private-registry)",
-				ErrForbiddenRegistry, registry, ap.Addr())
+		a := ap.Addr().Unmap()
+		if privateAddr(a) || localAddr(a) || slices.Contains(refused, a) {
+			return fmt.Errorf("%w: registry %s is at %s; nodes pull from the cluster's hosts and loopback, private and link-local addresses only for the registries they list (hearthd --private-registry)",
+				ErrForbiddenRegistry, registry, a)
 		}
 		return nil
 	}
@@ -171,15 +217,19 @@ func remoteOptions(ctx context.Context, r name.Reference, opts SourceOptions) []
 	}
 	dialer := &net.Dialer{Timeout: timeout}
 	registry := r.Context().RegistryStr()
+	proxy := http.ProxyFromEnvironment
 	if opts.Guard && !Listed(opts.Private, registry) && !Listed(opts.Insecure, registry) {
-		dialer = guardedDialer(dialer, registry)
+		dialer = guardedDialer(dialer, registry, opts.Refused)
+		// Through a proxy the guard would check the proxy's address, not
+		// the registry's: guarded pulls go direct.
+		proxy = nil
 	}
 	keychain := opts.Keychain
 	if keychain == nil {
 		keychain = anonymous{}
 	}
 	tr := &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
+		Proxy:                 proxy,
 		DialContext:           dialer.DialContext,
 		TLSHandshakeTimeout:   timeout,
 		ResponseHeaderTimeout: timeout,

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/netip"
@@ -276,9 +277,27 @@ func TestGuardedPulls(t *testing.T) {
 	}
 	for addr, want := range map[string]bool{"127.0.0.1": true, "10.1.2.3": true, "172.16.0.1": true, "192.168.1.1": true,
 		"169.254.169.254": true, "100.64.0.1": true, "0.0.0.0": true, "::1": true, "fd00::1": true, "fe80::1": true,
-		"8.8.8.8": false, "2001:4860:4860::8888": false, "::ffff:10.0.0.1": true} {
+		"8.8.8.8": false, "2001:4860:4860::8888": false, "::ffff:10.0.0.1": true,
+		"198.18.0.1": true, "240.0.0.1": true, "255.255.255.255": true, "192.0.0.8": true,
+		"64:ff9b::a00:1": true, "2002:a00:1::1": true} {
 		if got := privateAddr(netip.MustParseAddr(addr)); got != want {
 			t.Errorf("privateAddr(%s) = %v, want %v", addr, got, want)
+		}
+	}
+	// The addresses refused by name (the cluster's hosts) and this
+	// machine's own, public ones too: the dialer's check, without a dial.
+	d := guardedDialer(&net.Dialer{}, "r.example", []netip.Addr{netip.MustParseAddr("203.0.113.7")})
+	check := map[string]bool{"203.0.113.7:443": false, "203.0.113.8:443": true}
+	if addrs, err := net.InterfaceAddrs(); err == nil {
+		for _, ia := range addrs {
+			if n, ok := ia.(*net.IPNet); ok {
+				check[net.JoinHostPort(n.IP.String(), "443")] = false
+			}
+		}
+	}
+	for addr, ok := range check {
+		if err := d.Control("tcp", addr, nil); (err == nil) != ok {
+			t.Errorf("a guarded dial of %s: %v, want allowed %v", addr, err, ok)
 		}
 	}
 }

@@ -478,3 +478,24 @@ func readTap(dir string) string {
 	}
 	return strings.TrimSpace(string(b))
 }
+
+// clusterAddrs are the addresses of the cluster's hosts and its control
+// plane, which a tenant's registry may not be at: a name that resolves to
+// one would make this node a client of another host's services.
+func (n *hostNetwork) clusterAddrs(ctx context.Context) []netip.Addr {
+	var out []netip.Addr
+	if cp, ok := n.a.controlPlaneAddr(); ok {
+		out = append(out, cp)
+	}
+	var hosts v1alpha1.HostList
+	if err := n.all.List(ctx, &hosts); err != nil {
+		n.a.log.Warn("hosts' addresses for the registry guard", "err", err)
+		return out
+	}
+	for i := range hosts.Items {
+		if addr, ok := network.HostAddr(&hosts.Items[i]); ok {
+			out = append(out, addr)
+		}
+	}
+	return out
+}

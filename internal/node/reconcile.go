@@ -279,7 +279,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	run := runDir(dir, n)
 	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n))) // from the run directory
 	spec.LogMax, spec.StdinOnce = a.cfg.LogMax, sb.Spec.StdinOnce
-	a.hostSpec(&spec)
+	a.hostSpec(ctx, &spec)
 	if _, err := shim.Start(run, spec, a.cfg.Shim); err != nil {
 		return reconcile.Result{}, err
 	}
@@ -316,9 +316,10 @@ func (a *Agent) pullSecrets(ctx context.Context, sb *v1alpha1.Sandbox) ([][]byte
 }
 
 // hostSpec fills in what every shim of this host runs with.
-func (a *Agent) hostSpec(spec *shim.Spec) {
+func (a *Agent) hostSpec(ctx context.Context, spec *shim.Spec) {
 	spec.Accel, spec.InsecureRegistries = string(a.cfg.Accel), a.cfg.InsecureRegistries
 	spec.Tenant, spec.PrivateRegistries = true, a.cfg.PrivateRegistries
+	spec.RefusedAddrs = a.net.clusterAddrs(ctx)
 	spec.Host, spec.Reserve = a.cfg.Host, true
 	if a.cfg.Images != nil {
 		spec.ImageDir = a.cfg.Images.Dir

@@ -181,7 +181,7 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 		return err
 	}
 	ss := shim.Spec{Sandbox: spec, Log: buildLog, LogMax: 1 << 20}
-	a.hostSpec(&ss)
+	a.hostSpec(ctx, &ss)
 	if _, err := shim.Start(run, ss, a.cfg.Shim); err != nil {
 		return err
 	}

@@ -79,7 +79,7 @@ func run(log *slog.Logger, dir string, st *State) error {
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
 	defer stop()
 	source := image.SourceOptions{Insecure: spec.InsecureRegistries, Timeout: 30 * time.Second,
-		Guard: spec.Tenant, Private: spec.PrivateRegistries}
+		Guard: spec.Tenant, Private: spec.PrivateRegistries, Refused: spec.RefusedAddrs}
 	if spec.Tenant {
 		source.Keychain = creds // the sandbox's pull secrets, never this host's
 	} else {

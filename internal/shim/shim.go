@@ -26,6 +26,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -71,6 +72,10 @@ type Spec struct {
 	// and never use this host's own registry credentials.
 	Tenant            bool     `json:"tenant,omitempty"`
 	PrivateRegistries []string `json:"privateRegistries,omitempty"`
+	// RefusedAddrs are the cluster's hosts' and control plane's
+	// addresses: no registry of a tenant's may be at one
+	// (image.SourceOptions.Refused).
+	RefusedAddrs []netip.Addr `json:"refusedAddrs,omitempty"`
 	// PullSecrets are the docker configs (.dockerconfigjson) of the
 	// sandbox's image pull secrets. The shim takes them out of spec.json
 	// once it has read them: credentials stay on disk no longer than the
