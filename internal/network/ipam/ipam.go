@@ -54,12 +54,22 @@ func addr(v uint32) netip.Addr {
 // forget the flows other sandboxes had with it (and past the data path's
 // two minutes for an idle UDP or ICMP flow), so that the next tenant at the
 // address inherits none of them.
-const Quarantine = 2 * time.Minute
+//
+// A range whose free addresses are all in quarantine (a tenant that starts
+// and deletes sandboxes in a loop could hold a whole range so) hands out
+// the one freed longest ago, once MinQuarantine has passed: by then the
+// hosts have long heard of the deletion; the full two minutes only cover
+// a host slow to hear.
+const (
+	Quarantine    = 2 * time.Minute
+	MinQuarantine = 15 * time.Second
+)
 
 // Pool is a host's range: the first address is the gateway, the last the
 // broadcast address; the rest go to sandboxes, one per owner (a sandbox's
 // UID), lowest free first; an address freed less than Quarantine ago is
-// held back.
+// held back while another is free (then the oldest freed, past
+// MinQuarantine).
 type Pool struct {
 	mu     sync.Mutex
 	cidr   netip.Prefix
@@ -106,24 +116,37 @@ func (p *Pool) Allocate(owner string) (netip.Addr, error) {
 	}
 	now := p.Now()
 	held := 0
+	var oldest netip.Addr
 	for a := p.Gateway().Next(); p.usable(a); a = a.Next() {
 		if _, taken := p.owners[a]; taken {
 			continue
 		}
 		if t, ok := p.freed[a]; ok {
-			if now.Sub(t) < Quarantine && now.Sub(t) >= 0 {
+			if age := now.Sub(t); age < Quarantine && age >= 0 {
 				held++
+				if age >= MinQuarantine && (!oldest.IsValid() || t.Before(p.freed[oldest])) {
+					oldest = a
+				}
 				continue
 			}
 			delete(p.freed, a)
 		}
-		p.owners[a], p.byUID[owner] = owner, a
+		p.lease(a, owner)
 		return a, nil
 	}
+	if oldest.IsValid() {
+		p.lease(oldest, owner)
+		return oldest, nil
+	}
 	if held > 0 {
-		return netip.Addr{}, fmt.Errorf("%w in %s (%d freed in the last %s are held back)", ErrFull, p.cidr, held, Quarantine)
+		return netip.Addr{}, fmt.Errorf("%w in %s (%d freed in the last %s are held back)", ErrFull, p.cidr, held, MinQuarantine)
 	}
 	return netip.Addr{}, fmt.Errorf("%w in %s", ErrFull, p.cidr)
+}
+
+func (p *Pool) lease(a netip.Addr, owner string) {
+	delete(p.freed, a)
+	p.owners[a], p.byUID[owner] = owner, a
 }
 
 // Release frees owner's address, if it has one.

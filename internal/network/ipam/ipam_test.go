@@ -73,23 +73,41 @@ func TestPool(t *testing.T) {
 			t.Errorf("reserved %s", bad)
 		}
 	}
-	// A freed address waits Quarantine before it goes to another owner.
+	// A freed address waits Quarantine before it goes to another owner,
+	// while another is free; when none is, the one freed longest ago goes,
+	// past MinQuarantine.
 	now := time.Unix(1000, 0)
 	p.Now = func() time.Time { return now }
+	b, _ := p.Allocate("b")
 	p.Release("b")
-	if a, err := p.Allocate("e"); !errors.Is(err, ErrFull) || !strings.Contains(err.Error(), "1 freed in the last 2m0s are held back") {
+	if a, err := p.Allocate("e"); !errors.Is(err, ErrFull) || !strings.Contains(err.Error(), "1 freed in the last 15s are held back") {
 		t.Errorf("right after a release: %v, %v", a, err)
 	}
-	now = now.Add(Quarantine - time.Second)
+	now = now.Add(MinQuarantine - time.Second)
+	_, _ = p.Allocate("c")
 	p.Release("c")
 	if _, err := p.Allocate("e"); !errors.Is(err, ErrFull) {
-		t.Errorf("before the quarantine ends: %v", err)
+		t.Errorf("before the least quarantine ends: %v", err)
 	}
 	now = now.Add(time.Second)
-	if a, err := p.Allocate("e"); err != nil || a.String() != "10.244.3.4" {
-		t.Errorf("after the quarantine: %v, %v", a, err)
+	if a, err := p.Allocate("e"); err != nil || a != b {
+		t.Errorf("a full range after %s: %v, %v; want %s, the oldest freed", MinQuarantine, a, err, b)
 	}
 	if a, err := p.Allocate("f"); !errors.Is(err, ErrFull) {
 		t.Errorf("the address freed later is still held back: %v, %v", a, err)
+	}
+	// With a never-used address free, a quarantined one waits the whole
+	// Quarantine.
+	wide := NewPool(netip.MustParsePrefix("10.244.5.0/29"))
+	wide.Now = p.Now
+	first, _ := wide.Allocate("x")
+	wide.Release("x")
+	now = now.Add(Quarantine - time.Second)
+	if a, _ := wide.Allocate("y"); a == first {
+		t.Errorf("an address in quarantine went out while others were free: %s", a)
+	}
+	now = now.Add(time.Second)
+	if a, _ := wide.Allocate("z"); a != first {
+		t.Errorf("after the whole quarantine: %s, want %s (lowest free)", a, first)
 	}
 }
