@@ -16,6 +16,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"k8s.io/client-go/tools/clientcmd"
 
+	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/testenv"
 )
@@ -163,6 +164,16 @@ func TestTenants(t *testing.T) {
 	if out, err := c.asIn(kc["alice"], "apiVersion: hearth.dev/v1alpha1\nkind: Route\nmetadata: {name: app}\nspec: {host: app.team-a.example, sandbox: a1, port: 8080}\n", "apply", "-f", "-"); err != nil {
 		t.Errorf("alice's route on a host name of her own: %v\n%s", err, out)
 	}
+	// The ingress's own names (PORT-SANDBOX-NAMESPACE.DOMAIN) are no
+	// Route's; and a namespace the admin gave names takes only those.
+	if out, err := c.asIn(kc["alice"], "apiVersion: hearth.dev/v1alpha1\nkind: Route\nmetadata: {name: squat}\nspec: {host: 8080-b1-team-b.hearth.localhost, sandbox: a1, port: 8080}\n", "create", "-f", "-"); err == nil || !strings.Contains(out, "under the ingress's domain") {
+		t.Errorf("alice's route on the ingress's name of bob's sandbox: %v\n%s", err, out)
+	}
+	c.mustKubectl("annotate", "namespace", "team-a", v1alpha1.AnnotationRouteHosts+"=.team-a.example")
+	if out, err := c.asIn(kc["alice"], "apiVersion: hearth.dev/v1alpha1\nkind: Route\nmetadata: {name: squat}\nspec: {host: login.bank.example, sandbox: a1, port: 8080}\n", "create", "-f", "-"); err == nil || !strings.Contains(out, "not one this namespace may take") {
+		t.Errorf("alice's route on a name her namespace was not given: %v\n%s", err, out)
+	}
+	forbidden("alice", "annotate", "namespace", "team-a", "--overwrite", v1alpha1.AnnotationRouteHosts+"=.example")
 	for _, sub := range [][]string{
 		{"exec", "--namespace", "team-b", "b1", "--", "true"},
 		{"logs", "--namespace", "team-b", "b1"},
@@ -256,6 +267,9 @@ func TestTenants(t *testing.T) {
 	allowed("node", "annotate", "sandbox", "a1", "-n", "team-a", "hearth.dev/test=1")
 	forbidden("node", "patch", "sandbox", "a1", "-n", "team-a", "--subresource=status", "--type=merge", "-p", `{"status":{"hostName":"host-2"}}`)
 	forbidden("node", "patch", "sandbox", "a1", "-n", "team-a", "--type=merge", "-p", `{"spec":{"command":["evil"]}}`)
+	// An address outside its Host's range: another sandbox's, for all a
+	// policy, DNS or the ingress could tell.
+	forbidden("node", "patch", "sandbox", "a1", "-n", "team-a", "--subresource=status", "--type=merge", "-p", `{"status":{"ip":"192.0.2.1"}}`)
 	forbidden("node", "patch", "lease", "hearth-controllers", "-n", "hearth-system", "--type=merge", "-p", `{"spec":{"holderIdentity":"evil"}}`)
 	allowed("node", "annotate", "host", "host-1", "hearth.dev/test=1")
 	// Another host's node agent, joined with credentials from `hearth host

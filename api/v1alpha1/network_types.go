@@ -204,6 +204,12 @@ type RouteSpec struct {
 	TimeoutSeconds int32 `json:"timeoutSeconds,omitempty"`
 }
 
+// AnnotationRouteHosts, on a Namespace (the admin's to set), lists the
+// host names its Routes may take, comma-separated: "app.example.com" that
+// name, ".example.com" any name under it. Without it any name not another
+// namespace's.
+const AnnotationRouteHosts = "hearth.dev/route-hosts"
+
 // Route is a host name and path prefix served by a sandbox through the
 // ingress.
 // +kubebuilder:object:root=true

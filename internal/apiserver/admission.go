@@ -127,9 +127,18 @@ func unchanged(a admission.Attributes, u *unstructured.Unstructured, path ...str
 // cannot take another's traffic (or its TLS certificate's name). Two made
 // at the same moment can both pass; the ingress then serves the older
 // Route's namespace (internal/ingress indexRoutes).
+//
+// Names under the ingress's domain are its generated ones
+// (PORT-SANDBOX-NAMESPACE.DOMAIN): no Route takes one. A namespace the
+// admin annotated hearth.dev/route-hosts takes only the names it lists,
+// so that the first tenant to ask cannot squat on another's name.
 type routeHostAdmission struct {
 	// claims are the Routes of every namespace with a host name.
 	claims func(ctx context.Context, host string) ([]types.NamespacedName, error)
+	// domain is the ingress's domain ("": none checked).
+	domain string
+	// namespace reads a namespace (its annotations) through the API.
+	namespace func(ctx context.Context, name string) (*corev1.Namespace, error)
 }
 
 var _ admission.ValidationInterface = routeHostAdmission{}
@@ -144,6 +153,19 @@ func (r routeHostAdmission) Validate(ctx context.Context, a admission.Attributes
 		return err
 	}
 	host, _, _ := unstructured.NestedString(u.Object, "spec", "host")
+	host = strings.ToLower(host)
+	if d := strings.ToLower(r.domain); d != "" && (host == d || strings.HasSuffix(host, "."+d)) {
+		return admission.NewForbidden(a, fmt.Errorf("spec.host %q is under the ingress's domain %s, whose names are its own (PORT-SANDBOX-NAMESPACE.%s)", host, d, d))
+	}
+	if r.namespace != nil {
+		ns, err := r.namespace(ctx, a.GetNamespace())
+		if err != nil {
+			return admission.NewForbidden(a, fmt.Errorf("namespace %s: %w", a.GetNamespace(), err))
+		}
+		if err := routeHostAllowed(host, ns.Annotations[v1alpha1.AnnotationRouteHosts]); err != nil {
+			return admission.NewForbidden(a, err)
+		}
+	}
 	claims, err := r.claims(ctx, host)
 	if err != nil {
 		return admission.NewForbidden(a, fmt.Errorf("cannot tell which namespace owns host %q: %w", host, err))
@@ -154,6 +176,23 @@ func (r routeHostAdmission) Validate(ctx context.Context, a admission.Attributes
 		}
 	}
 	return nil
+}
+
+// routeHostAllowed is the decision on a namespace's
+// hearth.dev/route-hosts ("": any host).
+func routeHostAllowed(host, allowed string) error {
+	if strings.TrimSpace(allowed) == "" {
+		return nil
+	}
+	var names []string
+	for _, n := range strings.Split(allowed, ",") {
+		n = strings.ToLower(strings.TrimSpace(n))
+		if n == host || strings.HasPrefix(n, ".") && strings.HasSuffix(host, n) {
+			return nil
+		}
+		names = append(names, n)
+	}
+	return fmt.Errorf("spec.host %q is not one this namespace may take (its %s: %s)", host, v1alpha1.AnnotationRouteHosts, strings.Join(names, ", "))
 }
 
 // routeClaims lists the Routes with a host name through the API (the

@@ -3,14 +3,19 @@ package apiserver
 import (
 	"context"
 	"fmt"
+	"net/netip"
 	"reflect"
 	"slices"
 	"strings"
 
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apiserver/pkg/admission"
+	"k8s.io/client-go/dynamic"
+	"k8s.io/client-go/rest"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/network/ipam"
 	"hearth.dev/hearth/internal/pki"
 )
 
@@ -25,8 +30,14 @@ import (
 // spec; and its own Lease. So a node taken over cannot steer another
 // host's sandboxes or snapshots (and their exec streams) to itself,
 // rewrite a template other hosts boot, uncordon itself, mark other hosts
-// down, or touch the controllers' leader lease.
-type nodeRestriction struct{}
+// down, or touch the controllers' leader lease. The address a node gives
+// a sandbox (status.ip) must be of its own Host's range: a node cannot
+// claim another sandbox's address, which policies, DNS and the ingress
+// take as that sandbox's.
+type nodeRestriction struct {
+	// hostRange is a Host's spec.sandboxCIDR ("": none).
+	hostRange func(ctx context.Context, host string) (string, error)
+}
 
 var _ admission.ValidationInterface = nodeRestriction{}
 
@@ -34,7 +45,7 @@ func (nodeRestriction) Handles(op admission.Operation) bool {
 	return op == admission.Create || op == admission.Update || op == admission.Delete
 }
 
-func (nodeRestriction) Validate(_ context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
+func (n nodeRestriction) Validate(ctx context.Context, a admission.Attributes, _ admission.ObjectInterfaces) error {
 	u := a.GetUserInfo()
 	if u == nil || !slices.Contains(u.GetGroups(), pki.GroupNodes) {
 		return nil
@@ -46,7 +57,62 @@ func (nodeRestriction) Validate(_ context.Context, a admission.Attributes, _ adm
 	if err := nodeMay(node, a); err != nil {
 		return admission.NewForbidden(a, fmt.Errorf("node %s: %w", node, err))
 	}
+	if ip, changed := newSandboxIP(a); changed && ip != "" {
+		cidr, err := n.hostRange(ctx, node)
+		if err != nil {
+			return admission.NewForbidden(a, fmt.Errorf("node %s: its Host's sandbox range: %w", node, err))
+		}
+		if err := ipInRange(ip, cidr); err != nil {
+			return admission.NewForbidden(a, fmt.Errorf("node %s: sandbox %s/%s: %w", node, a.GetNamespace(), a.GetName(), err))
+		}
+	}
 	return nil
+}
+
+// newSandboxIP is the status.ip a sandbox update writes, and whether it
+// differs from the old one.
+func newSandboxIP(a admission.Attributes) (string, bool) {
+	gr := a.GetResource().GroupResource()
+	obj, _ := a.GetObject().(*unstructured.Unstructured)
+	old, _ := a.GetOldObject().(*unstructured.Unstructured)
+	if gr != v1alpha1.GroupVersion.WithResource("sandboxes").GroupResource() || a.GetOperation() != admission.Update || obj == nil || old == nil {
+		return "", false
+	}
+	ip, _, _ := unstructured.NestedString(obj.Object, "status", "ip")
+	was, _, _ := unstructured.NestedString(old.Object, "status", "ip")
+	return ip, ip != was
+}
+
+// ipInRange is the decision: nil if ip is an address of cidr (a host's
+// range) other than its network, gateway (its first two) and broadcast.
+func ipInRange(ip, cidr string) error {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		return fmt.Errorf("status.ip %s: the host has no sandbox range", ip)
+	}
+	a, err := netip.ParseAddr(ip)
+	if err != nil || !p.Contains(a) || a == p.Masked().Addr() || a == p.Masked().Addr().Next() || a == ipam.Last(p) {
+		return fmt.Errorf("status.ip %s is not a sandbox address of the host's range %s", ip, p)
+	}
+	return nil
+}
+
+// hostRanges reads Hosts' spec.sandboxCIDR through the API (the loopback
+// client).
+func hostRanges(cfg *rest.Config) (func(ctx context.Context, host string) (string, error), error) {
+	dc, err := dynamic.NewForConfig(cfg)
+	if err != nil {
+		return nil, err
+	}
+	hosts := dc.Resource(v1alpha1.GroupVersion.WithResource("hosts"))
+	return func(ctx context.Context, host string) (string, error) {
+		h, err := hosts.Get(ctx, host, metav1.GetOptions{})
+		if err != nil {
+			return "", err
+		}
+		cidr, _, _ := unstructured.NestedString(h.Object, "spec", "sandboxCIDR")
+		return cidr, nil
+	}, nil
 }
 
 // nodeMay is the decision: nil if node may make the request.

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/runtime/schema"
@@ -41,9 +43,25 @@ func TestNodeRestriction(t *testing.T) {
 		return &unstructured.Unstructured{Object: map[string]any{"metadata": map[string]any{"name": "h1"},
 			"spec": map[string]any{"unschedulable": unschedulable}}}
 	}
+	withIP := func(host, ip string) *unstructured.Unstructured {
+		sb := sandbox(host)
+		sb.Object["status"].(map[string]any)["ip"] = ip
+		return sb
+	}
+	// h1's range is 10.244.1.0/24; h3 has none.
+	restriction := nodeRestriction{hostRange: func(_ context.Context, host string) (string, error) {
+		switch host {
+		case "h1":
+			return "10.244.1.0/24", nil
+		case "h3":
+			return "", nil
+		}
+		return "", errors.New("no such host")
+	}}
 	hearth := func(r string) schema.GroupVersionResource { return v1alpha1.GroupVersion.WithResource(r) }
 	leases := schema.GroupVersionResource{Group: "coordination.k8s.io", Version: "v1", Resource: "leases"}
 	node := &user.DefaultInfo{Name: pki.NodeUserPrefix + "h1", Groups: []string{pki.GroupNodes}}
+	node3 := &user.DefaultInfo{Name: pki.NodeUserPrefix + "h3", Groups: []string{pki.GroupNodes}}
 	for _, tc := range []struct {
 		name     string
 		who      user.Info
@@ -60,6 +78,14 @@ func TestNodeRestriction(t *testing.T) {
 		{"binds to another host", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", sandbox("h2"), sandbox("h1"), false},
 		{"an unbound sandbox", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", sandbox("h1"), sandbox(""), false},
 		{"its sandbox's spec", node, admission.Update, hearth("sandboxes"), "", "team-a", "s", sandbox("h1", "evil"), sandbox("h1"), false},
+		{"an address of its range", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "10.244.1.7"), sandbox("h1"), true},
+		{"the same address again", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "10.244.1.7"), withIP("h1", "10.244.1.7"), true},
+		{"clears the address", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", sandbox("h1"), withIP("h1", "10.244.1.7"), true},
+		{"another host's address", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "10.244.2.7"), sandbox("h1"), false},
+		{"its gateway", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "10.244.1.1"), sandbox("h1"), false},
+		{"its broadcast", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "10.244.1.255"), sandbox("h1"), false},
+		{"not an address", node, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h1", "evil"), sandbox("h1"), false},
+		{"a host without a range", node3, admission.Update, hearth("sandboxes"), "status", "team-a", "s", withIP("h3", "10.244.1.7"), sandbox("h3"), false},
 		{"deletes its own", node, admission.Delete, hearth("sandboxes"), "", "team-a", "s", nil, sandbox("h1"), true},
 		{"deletes another's", node, admission.Delete, hearth("sandboxes"), "", "team-a", "s", nil, sandbox("h2"), false},
 		{"its Host", node, admission.Update, hearth("hosts"), "status", "", "h1", nil, nil, true},
@@ -77,7 +103,7 @@ func TestNodeRestriction(t *testing.T) {
 		{"the admin", &user.DefaultInfo{Name: "hearth-admin", Groups: []string{pki.GroupAdmin}}, admission.Update, hearth("sandboxes"), "status", "team-a", "s", sandbox("h2"), sandbox("h1"), true},
 	} {
 		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, tc.ns, tc.obj, tc.res, tc.sub, tc.op, nil, false, tc.who)
-		err := nodeRestriction{}.Validate(context.Background(), a, nil)
+		err := restriction.Validate(context.Background(), a, nil)
 		if (err == nil) != tc.allow {
 			t.Errorf("%s: %v, want allowed %v", tc.name, err, tc.allow)
 		}
@@ -149,7 +175,14 @@ func TestRouteHostAdmission(t *testing.T) {
 			return nil, errors.New("etcd is away")
 		}
 		return claims[host], nil
-	}}
+	}, domain: "hearth.example",
+		namespace: func(_ context.Context, name string) (*corev1.Namespace, error) {
+			ns := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: name}}
+			if name == "team-c" {
+				ns.Annotations = map[string]string{v1alpha1.AnnotationRouteHosts: "c.example.test, .c-apps.example.test"}
+			}
+			return ns, nil
+		}}
 	res := v1alpha1.GroupVersion.WithResource("routes")
 	who := &user.DefaultInfo{Name: "bob"}
 	for _, tc := range []struct {
@@ -165,6 +198,12 @@ func TestRouteHostAdmission(t *testing.T) {
 		{"changed to another namespace's host", "team-b", admission.Update, route("app.example.test"), route("b.example.test"), false},
 		{"an update that keeps the host", "team-b", admission.Update, route("legacy.example.test"), route("legacy.example.test"), true},
 		{"the owners cannot be read", "team-b", admission.Create, route("broken.example.test"), nil, false},
+		{"a name of the ingress's domain", "team-b", admission.Create, route("80-web-team-a.hearth.example"), nil, false},
+		{"the ingress's domain in capitals", "team-b", admission.Create, route("HEARTH.EXAMPLE"), nil, false},
+		{"a name its namespace lists", "team-c", admission.Create, route("c.example.test"), nil, true},
+		{"a name under a suffix its namespace lists", "team-c", admission.Create, route("x.c-apps.example.test"), nil, true},
+		{"a name its namespace does not list", "team-c", admission.Create, route("new.example.test"), nil, false},
+		{"a name that only ends like a listed suffix", "team-c", admission.Create, route("evilc-apps.example.test"), nil, false},
 	} {
 		a := admission.NewAttributesRecord(tc.new, tc.old, schema.GroupVersionKind{}, tc.ns, "r", res, "", tc.op, nil, false, who)
 		err := r.Validate(context.Background(), a, nil)

@@ -318,6 +318,7 @@ func startControlPlane(ctx context.Context, log *slog.Logger, dataDir string, o 
 		EtcdClient:        etcdClient,
 		AuditLog:          filepath.Join(dataDir, "audit.log"),
 		AllowedRegistries: o.AllowedRegistries,
+		IngressDomain:     o.Ingress.Domain,
 		Log:               log,
 	})
 	if err != nil {
