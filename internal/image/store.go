@@ -90,10 +90,14 @@ func (s *Store) Get(ctx context.Context, ref string, policy PullPolicy) (*Image,
 	if remoteRef && policy != PullAlways {
 		if dgst, ok := s.lookupRef(ref); ok {
 			if img, err := s.load(ref, dgst); err == nil {
-				if err := s.mayUse(ctx, ref, dgst); err != nil {
+				err := s.mayUse(ctx, ref, dgst)
+				if err == nil {
+					return img, nil
+				}
+				if !errors.Is(err, errMoved) {
 					return nil, err
 				}
-				return img, nil
+				// The tag moved: what it names now is pulled below.
 			}
 		}
 		if policy == PullNever {
@@ -213,7 +217,8 @@ func (s *Store) anonymous(ref string) bool {
 // mayUse checks, for a tenant's pull (Source.Guard), that a stored image
 // pulled with someone's credentials is the tenant's too: its registry
 // must accept the tenant's credentials (or none) for ref, at the same
-// digest. An image once pulled anonymously is anyone's.
+// digest (errMoved if the tag names another now: the caller pulls that).
+// An image once pulled anonymously is anyone's.
 func (s *Store) mayUse(ctx context.Context, ref, digest string) error {
 	if !s.Source.Guard {
 		return nil
@@ -226,10 +231,13 @@ func (s *Store) mayUse(ctx context.Context, ref, digest string) error {
 		return err
 	}
 	if d != digest {
-		return fmt.Errorf("%s: the registry has %s now, this host %s; pull again", ref, d, digest)
+		return fmt.Errorf("%w: %s is %s now, this host holds %s", errMoved, ref, d, digest)
 	}
 	return nil
 }
+
+// errMoved: a tag names another image than the one held for it.
+var errMoved = errors.New("the tag moved")
 
 func canonicalRef(ref string) string {
 	for _, p := range []string{ociPrefix, archivePrefix} {

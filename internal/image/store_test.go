@@ -344,6 +344,11 @@ func TestPrivateImages(t *testing.T) {
 	// same digest under a repository of its own: refused, and the image
 	// stays alice's.
 	private := img.Digest
+	// The tag moves: alice's next pull gets what it names now.
+	reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}, Env: []string{"V=2"}}), "private:1")
+	if img, err := as(alice).Get(ctx, ref, PullMissing); err != nil || img.Digest == private || !img.Converted {
+		t.Errorf("alice after the tag moved: %v, %+v; want the new image pulled", err, img)
+	}
 	evil := manifestOnlyRegistry(t, privateImage)
 	if _, err := as(Credentials{}).Get(ctx, evil+"/copy:1", PullMissing); err == nil || !strings.Contains(err.Error(), "another repository") {
 		t.Errorf("a manifest-only registry's copy of alice's image: %v, want refused", err)

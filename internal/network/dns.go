@@ -65,6 +65,7 @@ func (d *DNS) Serve(ctx context.Context) error {
 		pc.Close()
 		return err
 	}
+	ln = &connLimit{Listener: ln, perSource: maxTCPPerSource, total: maxTCP, open: map[netip.Addr]int{}}
 	servers := []*dns.Server{{PacketConn: pc, Handler: mux}, {Listener: ln, Handler: mux}}
 	errc := make(chan error, len(servers))
 	for _, s := range servers {
@@ -192,4 +193,65 @@ func Upstreams(resolvConf string, gateway netip.Addr) []string {
 		}
 	}
 	return out
+}
+
+// DNS over TCP holds a goroutine and a descriptor a connection (each
+// closed after 8 s idle by the server): a sandbox may hold this many at
+// once, all sandboxes of the host maxTCP; others are closed as they come.
+const (
+	maxTCPPerSource = 16
+	maxTCP          = 1024
+)
+
+// connLimit is a listener that closes connections past its bounds.
+type connLimit struct {
+	net.Listener
+	perSource, total int
+
+	mu   sync.Mutex
+	open map[netip.Addr]int
+	n    int
+}
+
+func (l *connLimit) Accept() (net.Conn, error) {
+	for {
+		c, err := l.Listener.Accept()
+		if err != nil {
+			return nil, err
+		}
+		var src netip.Addr
+		if ap, err := netip.ParseAddrPort(c.RemoteAddr().String()); err == nil {
+			src = ap.Addr().Unmap()
+		}
+		l.mu.Lock()
+		ok := l.open[src] < l.perSource && l.n < l.total
+		if ok {
+			l.open[src]++
+			l.n++
+		}
+		l.mu.Unlock()
+		if !ok {
+			c.Close()
+			continue
+		}
+		return &limitedConn{Conn: c, release: func() {
+			l.mu.Lock()
+			defer l.mu.Unlock()
+			l.n--
+			if l.open[src]--; l.open[src] <= 0 {
+				delete(l.open, src)
+			}
+		}}, nil
+	}
+}
+
+type limitedConn struct {
+	net.Conn
+	once    sync.Once
+	release func()
+}
+
+func (c *limitedConn) Close() error {
+	c.once.Do(c.release)
+	return c.Conn.Close()
 }

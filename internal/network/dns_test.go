@@ -98,6 +98,50 @@ func TestDNS(t *testing.T) {
 	if rcode, _ := ask("127.0.0.1", "x.team-a.hearth."); rcode != dns.RcodeSuccess {
 		t.Errorf("a sandbox's own names after its forwarding budget: rcode %d", rcode)
 	}
+	// Over TCP, a sandbox holds at most maxTCPPerSource connections; the
+	// next is closed, another sandbox's is served.
+	tcp := func(from string) (*dns.Conn, error) {
+		d := &net.Dialer{LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}, Timeout: time.Second}
+		c, err := d.Dial("tcp", addr)
+		if err != nil {
+			return nil, err
+		}
+		return &dns.Conn{Conn: c}, nil
+	}
+	query := func(c *dns.Conn) error {
+		q := new(dns.Msg)
+		q.SetQuestion("x.team-a.hearth.", dns.TypeA)
+		_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+		if err := c.WriteMsg(q); err != nil {
+			return err
+		}
+		_, err := c.ReadMsg()
+		return err
+	}
+	for i := range maxTCPPerSource {
+		c, err := tcp("127.0.0.1")
+		if err == nil {
+			defer c.Close()
+			err = query(c)
+		}
+		if err != nil {
+			t.Fatalf("TCP connection %d of %d: %v", i+1, maxTCPPerSource, err)
+		}
+	}
+	if c, err := tcp("127.0.0.1"); err == nil {
+		defer c.Close()
+		if err := query(c); err == nil {
+			t.Errorf("a sandbox's TCP connection past %d was served", maxTCPPerSource)
+		}
+	}
+	c, err := tcp("127.0.0.2")
+	if err == nil {
+		defer c.Close()
+		err = query(c)
+	}
+	if err != nil {
+		t.Errorf("another sandbox's TCP connection: %v", err)
+	}
 }
 
 func TestUnreachable(t *testing.T) {

@@ -101,6 +101,12 @@ func (n *hostNetwork) run(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	// The cluster's range decides what namespace isolation and no-NAT
+	// sandboxes hold to: a node started with another than the control
+	// plane's would enforce neither as the cluster means.
+	if !n.cluster.Contains(cidr.Addr()) || cidr.Bits() < n.cluster.Bits() {
+		return fmt.Errorf("this host's sandbox range %s is outside the cluster's %s that this node was started with: give it the control plane's --sandbox-cidr", cidr, n.cluster)
+	}
 	n.host = &network.Host{CIDR: cidr, Cluster: n.cluster}
 	if err := n.host.Setup(); err != nil {
 		return fmt.Errorf("set up the host network: %w", err)
