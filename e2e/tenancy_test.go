@@ -511,7 +511,7 @@ func testPullSecrets(t *testing.T, c *cluster, alice, bob string) {
 	last := ""
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("bob's sandbox: %s", last)
+			t.Logf("the last sandbox waited for: %s", last)
 		}
 	})
 	waitFor(t, "bob's pull of alice's image to fail", 2*time.Minute, func() bool {
@@ -524,6 +524,29 @@ func testPullSecrets(t *testing.T, c *cluster, alice, bob string) {
 	for _, kc := range []string{alice, bob} {
 		if out, err := c.as(kc, "delete", "sandbox", "private"); err != nil {
 			t.Errorf("delete: %v %s", err, out)
+		}
+	}
+	// A template pulls with its own pull secrets (an image no host holds
+	// yet): every node may read those.
+	tplRef := reg.Push(t, testenv.BusyboxImage(t, v1.Config{Cmd: []string{"sh"}, Env: []string{"PRIVATE=template"}}), "template:1")
+	tpl := strings.Replace(templateYAML("private-tpl", tplRef, "{exec: [\"true\"]}", "sleep", "100000"), "spec:\n", "spec:\n  imagePullSecrets: [{name: pull}]\n", 1)
+	if out, err := c.asIn(alice, tpl, "apply", "-f", "-"); err != nil {
+		t.Fatalf("alice's template: %v\n%s", err, out)
+	}
+	// A host builds it when a sandbox placed there first needs it.
+	if out, err := c.asIn(alice, strings.Replace(claimYAML("from-tpl", ""), "{warmPool: }", "{template: private-tpl}", 1), "apply", "-f", "-"); err != nil {
+		t.Fatalf("alice's sandbox from the template: %v\n%s", err, out)
+	}
+	waitFor(t, "alice's sandbox from a template of a private image to run", 3*time.Minute, func() bool {
+		last = phase(alice, "from-tpl")
+		return strings.HasPrefix(last, "Running")
+	})
+	if out, _ := c.as(alice, "get", "sandboxtemplate", "private-tpl", "-o", "jsonpath={.status.hosts[0].ready}"); out != "true" {
+		t.Errorf("the template's host entry: ready %q, want true", out)
+	}
+	for _, kind := range []string{"sandbox/from-tpl", "sandboxtemplate/private-tpl"} {
+		if out, err := c.as(alice, "delete", kind); err != nil {
+			t.Errorf("delete %s: %v %s", kind, err, out)
 		}
 	}
 }

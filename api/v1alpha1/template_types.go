@@ -1,6 +1,7 @@
 package v1alpha1
 
 import (
+	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
@@ -9,6 +10,12 @@ import (
 type SandboxTemplateSpec struct {
 	// +kubebuilder:validation:MinLength=1
 	Image string `json:"image"`
+	// ImagePullSecrets as a Sandbox's: Secrets of the template's
+	// namespace to pull Image with. Every host builds the template, so
+	// every node may read them.
+	// +kubebuilder:validation:MaxItems=8
+	// +optional
+	ImagePullSecrets []corev1.LocalObjectReference `json:"imagePullSecrets,omitempty"`
 	// Command and Args as a Sandbox's. The template's process should keep
 	// running (a server, a shell waiting on stdin-less input, sleep): the
 	// sandboxes started from it run on from it.

@@ -217,18 +217,22 @@ func TestRouteHostAdmission(t *testing.T) {
 }
 
 func TestNodeSecrets(t *testing.T) {
-	sb := func(name string, secrets ...string) unstructured.Unstructured {
+	obj := func(kind, name string, secrets ...string) unstructured.Unstructured {
 		var refs []any
 		for _, s := range secrets {
 			refs = append(refs, map[string]any{"name": s})
 		}
-		return unstructured.Unstructured{Object: map[string]any{"metadata": map[string]any{"name": name},
+		return unstructured.Unstructured{Object: map[string]any{"kind": kind, "metadata": map[string]any{"name": name},
 			"spec": map[string]any{"imagePullSecrets": refs}}}
 	}
-	// h1 runs team-a's s1, which pulls with "pull"; h2 runs nothing there.
-	n := nodeSecrets{bound: func(_ context.Context, ns, host string) ([]unstructured.Unstructured, error) {
-		if ns == "team-a" && host == "h1" {
-			return []unstructured.Unstructured{sb("s1", "pull")}, nil
+	// h1 runs team-a's s1, which pulls with "pull"; h2 runs nothing there;
+	// team-c's template, which every host builds, pulls with "tpl".
+	n := nodeSecrets{pullers: func(_ context.Context, ns, host string) ([]unstructured.Unstructured, error) {
+		switch {
+		case ns == "team-a" && host == "h1":
+			return []unstructured.Unstructured{obj("Sandbox", "s1", "pull")}, nil
+		case ns == "team-c":
+			return []unstructured.Unstructured{obj("SandboxTemplate", "t", "tpl")}, nil
 		}
 		return nil, nil
 	}}
@@ -248,6 +252,8 @@ func TestNodeSecrets(t *testing.T) {
 		{"another node", node("h2"), "get", "team-a", "pull", false},
 		{"another namespace", node("h1"), "get", "team-b", "pull", false},
 		{"a user named like a node", &user.DefaultInfo{Name: pki.NodeUserPrefix + "h1"}, "get", "team-a", "pull", false},
+		{"a template's pull secret", node("h2"), "get", "team-c", "tpl", true},
+		{"another secret of the template's namespace", node("h2"), "get", "team-c", "pull", false},
 	} {
 		a := authorizer.AttributesRecord{User: tc.who, Verb: tc.verb, Namespace: tc.ns, Resource: "secrets", Name: tc.secret, ResourceRequest: true}
 		d, _, err := n.Authorize(context.Background(), a)

@@ -115,11 +115,11 @@ func New(c Config) (*Server, error) {
 	loopbackClient := kubernetes.NewForConfigOrDie(extCfg.LoopbackClientConfig)
 	informers := clientgoinformers.NewSharedInformerFactory(loopbackClient, 10*time.Minute)
 	extCfg.SharedInformerFactory = informers
-	bound, err := boundSandboxes(extCfg.LoopbackClientConfig)
+	pulls, err := pullers(extCfg.LoopbackClientConfig)
 	if err != nil {
 		return nil, err
 	}
-	acc, err := newAccess(informers, authorizer.AuthorizerFunc(nodeSecrets{bound: bound}.Authorize))
+	acc, err := newAccess(informers, authorizer.AuthorizerFunc(nodeSecrets{pullers: pulls}.Authorize))
 	if err != nil {
 		return nil, err
 	}

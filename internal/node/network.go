@@ -294,9 +294,12 @@ func (n *hostNetwork) syncPolicies(ctx context.Context) error {
 	var errs []error
 	// Sandboxes gone elsewhere: their addresses go to other tenants after
 	// ipam.Quarantine, with none of the flows local sandboxes had with
-	// them. (One that went while this agent was down keeps its flows here
-	// until they time out.)
-	if prev := n.live; prev != nil {
+	// them. On the first sync since this agent started, every flow with a
+	// sandbox address that no sandbox has now goes: it may have gone
+	// while the agent was down (the pinned tables outlive the agent).
+	if prev := n.live; prev == nil {
+		errs = append(errs, n.dp.Forget(func(a netip.Addr) bool { return n.cluster.Contains(a) && !live[a] }))
+	} else {
 		gone := map[netip.Addr]bool{}
 		for a := range prev {
 			if !live[a] {

@@ -248,7 +248,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 			return res, err
 		}
 	}
-	secrets, err := a.pullSecrets(ctx, sb)
+	secrets, err := a.pullSecrets(ctx, sb.Namespace, sb.Spec.ImagePullSecrets)
 	if err != nil {
 		st := &sb.Status
 		st.Reason, st.Message = "WaitingForPullSecret", err.Error()
@@ -297,13 +297,14 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 	return reconcile.Result{}, nil
 }
 
-// pullSecrets reads the docker configs of the sandbox's image pull
-// secrets (the API server lets a node read those of its own sandboxes).
-func (a *Agent) pullSecrets(ctx context.Context, sb *v1alpha1.Sandbox) ([][]byte, error) {
+// pullSecrets reads the docker configs of a sandbox's or template's image
+// pull secrets (the API server lets a node read those of its own
+// sandboxes and of templates).
+func (a *Agent) pullSecrets(ctx context.Context, namespace string, refs []corev1.LocalObjectReference) ([][]byte, error) {
 	var out [][]byte
-	for _, ref := range sb.Spec.ImagePullSecrets {
+	for _, ref := range refs {
 		var sec corev1.Secret
-		if err := a.reader.Get(ctx, types.NamespacedName{Namespace: sb.Namespace, Name: ref.Name}, &sec); err != nil {
+		if err := a.reader.Get(ctx, types.NamespacedName{Namespace: namespace, Name: ref.Name}, &sec); err != nil {
 			return nil, fmt.Errorf("image pull secret %q: %w", ref.Name, err)
 		}
 		cfg, ok := sec.Data[corev1.DockerConfigJsonKey]

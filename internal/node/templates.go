@@ -180,7 +180,11 @@ func (t *templates) make(tpl *v1alpha1.SandboxTemplate, dir string) error {
 	if err := os.RemoveAll(run); err != nil {
 		return err
 	}
-	ss := shim.Spec{Sandbox: spec, Log: buildLog, LogMax: 1 << 20}
+	secrets, err := a.pullSecrets(ctx, tpl.Namespace, tpl.Spec.ImagePullSecrets)
+	if err != nil {
+		return err
+	}
+	ss := shim.Spec{Sandbox: spec, Log: buildLog, LogMax: 1 << 20, PullSecrets: secrets}
 	a.hostSpec(ctx, &ss)
 	if _, err := shim.Start(run, ss, a.cfg.Shim); err != nil {
 		return err
