@@ -20,7 +20,7 @@ import (
 // benchmarks are hearth-bench's benchmarks, in the order `all` runs them;
 // each call makes new flag values.
 func benchmarks() []*benchmark {
-	return []*benchmark{bootBench(), apiBench(), schedulerBench(), warmBench(), ingressBench(), policyBench()}
+	return []*benchmark{bootBench(), apiBench(), schedulerBench(), warmBench(), ingressBench(), policyBench(), migrateBench()}
 }
 
 // summary turns a benchmark's own result into the common shape.
@@ -238,6 +238,49 @@ the rounds' throughput with the programs over without.`,
 		run: func(ctx context.Context, e *env, _ string) (*bench.Result, error) {
 			o.Out, o.Log = e.out, e.log
 			return summary(bench.Policy(ctx, o))
+		},
+	}
+}
+
+func migrateBench() *benchmark {
+	var o bench.MigrateOptions
+	var accel string
+	return &benchmark{
+		name:  "migrate",
+		short: "Live-migrate a running guest from VMM to VMM with hearth's parameters, against QEMU's defaults",
+		long: `Boots one guest (hearth's kernel and agent) and live-migrates it 2N times
+between QEMU processes on this host over a socket pair, jailed as hearth
+jails its VMMs (as root): the odd moves with hearth's parameters (no
+bandwidth cap, a 50 ms downtime limit, auto-converge), the even ones with
+QEMU's defaults (128 MiB/s, 300 ms). Prints each move's total time,
+downtime (the guest's pause, as the source measured it), bytes and
+dirty-memory rounds, and the p50s and their ratios. After the last move
+the guest's agent must answer on its newest VMM's channel.`,
+		flags: func(fs *pflag.FlagSet) {
+			fs.IntVarP(&o.N, "n", "n", 10, "migrations of each kind")
+			fs.IntVar(&o.MemoryMiB, "memory", 256, "guest memory in MiB")
+			accelFlag(fs, &accel)
+		},
+		smoke: map[string]string{"n": "2"},
+		run: func(ctx context.Context, e *env, dir string) (*bench.Result, error) {
+			var err error
+			if o.Accel, err = vmm.ParseAccel(accel); err != nil {
+				return nil, err
+			}
+			agent, err := config.Agent()
+			if err != nil {
+				return nil, err
+			}
+			if o.Initrd, err = initramfs.Ensure(filepath.Join(config.CacheDir(), "initramfs"), agent); err != nil {
+				return nil, err
+			}
+			o.Kernel, o.WorkDir, o.Out = config.Kernel(), dir, e.out
+			if os.Geteuid() == 0 {
+				if o.Jail, err = jail.HostOptions(); err != nil {
+					return nil, err
+				}
+			}
+			return summary(bench.Migrate(ctx, o))
 		},
 	}
 }

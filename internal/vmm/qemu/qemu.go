@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"os/user"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -333,6 +334,12 @@ func (d *Driver) Start(ctx context.Context, cfg vmm.Config) (vmm.VM, error) {
 // extra arguments, and connects to its QMP socket. Jailed, QEMU starts in
 // its jail; otherwise, as root, it drops to "nobody" once started.
 func (d *Driver) launch(ctx context.Context, cfg vmm.Config, memFile string, shared bool, extra ...string) (*VM, error) {
+	return d.launchWith(ctx, cfg, memFile, shared, nil, extra...)
+}
+
+// launchWith is launch giving QEMU stream (if not nil) as its last
+// descriptor, streamFD; the caller keeps its own.
+func (d *Driver) launchWith(ctx context.Context, cfg vmm.Config, memFile string, shared bool, stream *os.File, extra ...string) (*VM, error) {
 	if cfg.Channel == "" {
 		return nil, errors.New("qemu: the VM's config names no agent channel")
 	}
@@ -412,6 +419,9 @@ func (d *Driver) launch(ctx context.Context, cfg vmm.Config, memFile string, sha
 	}
 	defer closeAll(files) // QEMU has its own copies once started
 	cmd.ExtraFiles = files
+	if stream != nil {
+		cmd.ExtraFiles = append(slices.Clip(files), stream)
+	}
 	cmd.Stdout, cmd.Stderr = vm.output, vm.output
 	if err := cmd.Start(); err != nil {
 		console.Close()

@@ -8,6 +8,7 @@ import (
 	"crypto/sha256"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -76,6 +77,10 @@ func Run(t *testing.T, d vmm.Driver) {
 
 	t.Run("snapshot and restore", func(t *testing.T) { snapshotRestore(t, d, cfg) })
 
+	if m, ok := d.(vmm.Migrator); ok {
+		t.Run("live migration", func(t *testing.T) { liveMigration(t, m, d, cfg) })
+	}
+
 	t.Run("bad kernel", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 		defer cancel()
@@ -100,7 +105,15 @@ func hello(ctx context.Context, t *testing.T, vm vmm.VM) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	helloOn(ctx, t, vm, conn)
+}
+
+// helloOn is hello on the VM's channel conn, which it closes.
+func helloOn(ctx context.Context, t *testing.T, vm vmm.VM, conn net.Conn) {
+	t.Helper()
 	defer conn.Close()
+	// A guest that never answers fails the test, not its deadline.
+	conn.SetDeadline(time.Now().Add(time.Minute))
 	w, r := protocol.NewWriter(conn), protocol.NewReader(conn)
 	if err := w.WriteJSON(protocol.THello, 0, protocol.Hello{Version: protocol.Version + 100}); err != nil {
 		t.Fatal(err)
