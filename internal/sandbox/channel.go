@@ -34,6 +34,9 @@ type channel struct {
 	next uint32
 	err  error // why the channel ended
 	done chan struct{}
+	// moving refuses new sessions while the VM migrates; moved makes the
+	// channel's end ErrMigrated: the VM runs on elsewhere.
+	moving, moved bool
 }
 
 // errChannelClosed wraps a read error that is not the guest's fault: the
@@ -135,6 +138,11 @@ func (c *channel) dispatch(f protocol.Frame) error {
 		}
 		return s.stdin.add(a.Bytes)
 	case protocol.TExit:
+		if c.handedOver(f.Session) {
+			// Its exit is the target's to report (the guest reports it
+			// again there at Migrated): it must not end here too.
+			return nil
+		}
 		var e protocol.Exit
 		if err := protocol.Decode(f, &e); err != nil {
 			return err
@@ -155,6 +163,9 @@ func (c *channel) fail(err error) {
 	if c.err != nil {
 		c.mu.Unlock()
 		return
+	}
+	if c.moved {
+		err = ErrMigrated
 	}
 	c.err = err
 	sessions := c.sessions
@@ -187,6 +198,10 @@ func (c *channel) open(t protocol.Type, v any, out sinks) (*stream, error) {
 	if c.err != nil {
 		c.mu.Unlock()
 		return nil, c.err
+	}
+	if c.moving {
+		c.mu.Unlock()
+		return nil, ErrMigrating
 	}
 	if len(c.sessions) >= protocol.MaxSessions {
 		c.mu.Unlock()

@@ -109,32 +109,13 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	if _, err := os.Stat(rt.Kernel); err != nil {
-		return nil, fmt.Errorf("no guest kernel at %s: build it with `make kernel` (kernel/build.sh)", rt.Kernel)
-	}
-	rt.sweep(log)
-
 	t0 := time.Now()
-	img, err := rt.Images.Get(ctx, spec.Image, rt.Pull)
+	p, err := rt.prepare(ctx, spec, log)
 	if err != nil {
 		return nil, err
 	}
-	release, err := rt.Images.Use(img.Digest)
-	if err != nil {
-		return nil, err
-	}
-	defer release()
-	initrd, err := initramfs.Ensure(filepath.Join(rt.CacheDir, "initramfs"), rt.Agent)
-	if err != nil {
-		return nil, err
-	}
-
-	id := newID()
-	runDir, remove, err := rt.makeRunDir(id)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { err = errors.Join(err, remove()) }()
+	defer func() { err = errors.Join(err, p.done()) }()
+	img, initrd, id, runDir := p.img, p.initrd, p.id, p.runDir
 	disk := filepath.Join(runDir, snapshotDisk)
 	if spec.DiskFrom != "" {
 		if err := sparse.Copy(spec.DiskFrom, disk); err != nil {
@@ -152,7 +133,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}
 	log.Debug("image and disk ready", "took", time.Since(t0))
 	start := time.Now()
-	vm, err := rt.Driver.Start(ctx, vmm.Config{
+	cfg := vmm.Config{
 		MemoryFile: memFile,
 		Channel:    protocol.ChannelName,
 		ID:         id,
@@ -168,7 +149,8 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
 			{ID: rwDrive, Path: disk, Serial: "rw"},
 		},
-	})
+	}
+	vm, err := rt.Driver.Start(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
 	}
@@ -178,11 +160,34 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	}()
 	log.Debug("vm started", "id", id, "pid", vm.Pid(), "accel", rt.Accel, "took", time.Since(start))
 
+	boot := bootOf(spec, img, id)
+	limit := rt.BootLimit
+	if limit == 0 {
+		limit = 2 * time.Minute
+	}
+	conn, err := vm.Channel(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
+	}
+	res, err = serveBoot(ctx, vm, conn, boot, sio, limit, start, log, func(ch *channel) *Running {
+		return &Running{ch: ch, driver: rt.Driver, vm: vm, cfg: cfg, runDir: runDir, boot: boot, image: spec.Image, digest: img.Digest, log: log}
+	})
+	if err != nil {
+		return nil, err
+	}
+	// The workload has ended and its exit is known: nothing in the VM is
+	// worth waiting for (the writable disk is discarded), so the deferred
+	// Kill ends it now rather than after the guest's own reset.
+	return res, nil
+}
+
+// bootOf is the workload's Boot for spec, from its image, in the VM id.
+func bootOf(spec Spec, img *image.Image, id string) protocol.Boot {
 	name := spec.Name
 	if name == "" {
 		name = "hearth-" + id
 	}
-	boot := protocol.Boot{
+	return protocol.Boot{
 		Image:    protocol.Disk{Serial: "image", FSType: "erofs"},
 		Writable: protocol.Disk{Serial: "rw", FSType: "ext4"},
 		Hostname: name,
@@ -199,24 +204,46 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 			Stdin: spec.Stdin,
 		},
 	}
-	limit := rt.BootLimit
-	if limit == 0 {
-		limit = 2 * time.Minute
+}
+
+// prepared is what a sandbox's VM needs on this host before its VMM
+// starts: its image, held until done, the initramfs, and a run directory,
+// removed by done.
+type prepared struct {
+	img                *image.Image
+	initrd, id, runDir string
+	done               func() error
+}
+
+// prepare gets spec's image and a run directory for a new VM.
+func (rt *Runtime) prepare(ctx context.Context, spec Spec, log *slog.Logger) (*prepared, error) {
+	if _, err := os.Stat(rt.Kernel); err != nil {
+		return nil, fmt.Errorf("no guest kernel at %s: build it with `make kernel` (kernel/build.sh)", rt.Kernel)
 	}
-	conn, err := vm.Channel(ctx)
-	if err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
-	}
-	res, err = serveBoot(ctx, vm, conn, boot, sio, limit, start, log, func(ch *channel) *Running {
-		return &Running{ch: ch, driver: rt.Driver, runDir: runDir, boot: boot, image: spec.Image, digest: img.Digest, log: log}
-	})
+	rt.sweep(log)
+	img, err := rt.Images.Get(ctx, spec.Image, rt.Pull)
 	if err != nil {
 		return nil, err
 	}
-	// The workload has ended and its exit is known: nothing in the VM is
-	// worth waiting for (the writable disk is discarded), so the deferred
-	// Kill ends it now rather than after the guest's own reset.
-	return res, nil
+	release, err := rt.Images.Use(img.Digest)
+	if err != nil {
+		return nil, err
+	}
+	initrd, err := initramfs.Ensure(filepath.Join(rt.CacheDir, "initramfs"), rt.Agent)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	id := newID()
+	runDir, remove, err := rt.makeRunDir(id)
+	if err != nil {
+		release()
+		return nil, err
+	}
+	return &prepared{img: img, initrd: initrd, id: id, runDir: runDir, done: func() error {
+		defer release()
+		return remove()
+	}}, nil
 }
 
 // guestVM is what the workload's session needs of its VM: its end, and
@@ -600,6 +627,9 @@ func (s *session) serve(ctx context.Context, startLimit time.Duration) (*Result,
 // ended is the session's result once its stream has ended.
 func (s *session) ended(res *Result) (*Result, error) {
 	e, err := s.st.result()
+	if errors.Is(err, ErrMigrated) {
+		return nil, err
+	}
 	if err != nil {
 		if errors.Is(err, errChannelClosed) && s.vmDone != nil {
 			// QEMU closes the channel as it exits: give the exit a moment

@@ -22,6 +22,10 @@ import (
 type Running struct {
 	ch     *channel
 	driver vmm.Driver
+	// vm and cfg are the VM and how it was started, where this process
+	// booted it (Run; for a migration), and zero otherwise.
+	vm     vmm.VM
+	cfg    vmm.Config
 	runDir string
 	// boot is the workload's, whose process an exec inherits (its
 	// environment, user and directory, as `docker exec` does).

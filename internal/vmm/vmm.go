@@ -186,9 +186,10 @@ type Migrator interface {
 // Incoming is a VM receiving a migration.
 type Incoming interface {
 	VM
-	// Accept waits until the whole stream has loaded. The caller then
-	// connects to the VM's Channel, so that the guest finds its host
-	// there at once, and calls Resume.
+	// Accept waits until the whole stream has loaded. The caller
+	// connects to the VM's Channel before (virtio-serial tells the guest
+	// its host hung up where the port's host side was connected on the
+	// source and is not on the target), and calls Resume after.
 	Accept(ctx context.Context) error
 	// Resume runs the guest.
 	Resume(ctx context.Context) error

@@ -236,9 +236,12 @@ type conn struct {
 
 	mu       sync.Mutex
 	sessions map[uint32]*session
-	workload *session      // from Boot on
-	bye      chan struct{} // closed at the host's Bye on the workload's session
-	byeOnce  sync.Once
+	workload *session // from Boot on
+	// workloadExit is the workload's exit once reported: reported again
+	// at Migrated, since the host it went to may be the one the VM left.
+	workloadExit []byte
+	bye          chan struct{} // closed at the host's Bye on the workload's session
+	byeOnce      sync.Once
 }
 
 // session is one process (the workload's or an exec's) or control action.
@@ -390,7 +393,7 @@ func (c *conn) forget(s *session) {
 }
 
 // restored ends every session but the workload's and keep (a fork's
-// Restored): their host was the saved VM's.
+// Restored, a moved VM's Migrated): their host was the previous one.
 func (c *conn) restored(keep *session) {
 	c.mu.Lock()
 	var others []*session
@@ -457,8 +460,11 @@ func (s *session) boot(b *protocol.Boot, err error) {
 			exit = s.run(&b.Process, true)
 		}
 	}
-	sent := make(chan error, 1)
-	go func() { sent <- s.c.w.WriteJSON(protocol.TExit, s.id, exit) }()
+	report, _ := json.Marshal(exit)
+	s.c.mu.Lock()
+	s.c.workloadExit = report
+	s.c.mu.Unlock()
+	go func() { _ = s.c.w.Write(protocol.TExit, s.id, report) }()
 	// Wait for the host's Bye so that the exit report is out of the
 	// virtqueue before the VM resets (the host usually ends the VM first).
 	select {
@@ -498,9 +504,10 @@ func (s *session) exec(p *protocol.Process, err error) {
 	}
 }
 
-// control carries out a control action. Restored ends the sessions the
-// saved VM's host had open and makes the workload's output credit whole
-// again, with the Exit: the host sees the new credit from that frame on.
+// control carries out a control action. Restored and Migrated end the
+// sessions the previous host had open and make the workload's output
+// credit whole again, with the Exit: the host sees the new credit from
+// that frame on.
 func (s *session) control(ctl *protocol.Control, err error) {
 	if err == nil {
 		err = act(ctl)
@@ -510,10 +517,15 @@ func (s *session) control(ctl *protocol.Control, err error) {
 		exit = failure(exitHearth, "%s: %v", ctl.Action, err)
 	}
 	var then func()
-	if ctl.Action == protocol.Restored {
+	var again []byte // the workload's exit, reported again
+	var wl *session
+	if ctl.Action == protocol.Restored || ctl.Action == protocol.Migrated {
 		s.c.restored(s)
 		s.c.mu.Lock()
-		wl := s.c.workload
+		wl = s.c.workload
+		if ctl.Action == protocol.Migrated {
+			again = s.c.workloadExit
+		}
 		s.c.mu.Unlock()
 		if wl != nil {
 			then = wl.out.reset
@@ -521,6 +533,9 @@ func (s *session) control(ctl *protocol.Control, err error) {
 	}
 	b, _ := json.Marshal(exit)
 	_ = s.c.w.WriteThen(protocol.TExit, s.id, b, then)
+	if again != nil {
+		_ = s.c.w.Write(protocol.TExit, wl.id, again)
+	}
 	s.c.forget(s)
 }
 

@@ -39,6 +39,8 @@ func act(st *protocol.Control) error {
 		return thaw()
 	case protocol.Restored:
 		return restored(st)
+	case protocol.Migrated:
+		return setClock(st.Time)
 	case protocol.Probe:
 		c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(st.Port)), time.Second)
 		if err != nil {
@@ -68,11 +70,8 @@ func restored(st *protocol.Control) error {
 	if err := thaw(); err != nil {
 		return err
 	}
-	if st.Time != 0 {
-		tv := unix.NsecToTimeval(st.Time)
-		if err := unix.Settimeofday(&tv); err != nil {
-			return fmt.Errorf("set the clock: %w", err)
-		}
+	if err := setClock(st.Time); err != nil {
+		return err
 	}
 	if st.Hostname != "" {
 		if err := unix.Sethostname([]byte(st.Hostname)); err != nil {
@@ -99,6 +98,18 @@ func restored(st *protocol.Control) error {
 		if err := os.WriteFile("/etc/machine-id", []byte(hex.EncodeToString(id)+"\n"), 0o444); err != nil {
 			return fmt.Errorf("machine-id: %w", err)
 		}
+	}
+	return nil
+}
+
+// setClock sets the clock to t (ns since the epoch; 0: leaves it).
+func setClock(t int64) error {
+	if t == 0 {
+		return nil
+	}
+	tv := unix.NsecToTimeval(t)
+	if err := unix.Settimeofday(&tv); err != nil {
+		return fmt.Errorf("set the clock: %w", err)
 	}
 	return nil
 }

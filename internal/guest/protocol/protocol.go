@@ -299,6 +299,15 @@ const (
 	// output credit is whole again (acknowledgements in flight when the
 	// snapshot was taken went to the saved VM's host).
 	Restored Action = "restored"
+	// Migrated tells a VM that moved to another host's VMM that it is the
+	// same sandbox with a new host: it sets the clock (Time; the guest
+	// was paused for the switch), and, as Restored, ends every session
+	// but the workload's (their host was the source's) and makes the
+	// workload's output credit whole again; a workload that had already
+	// exited has its Exit reported again (it went to the source's host,
+	// which drops it once it has handed the sandbox over). Hostname,
+	// random pool, machine-id and network stay as they were.
+	Migrated Action = "migrated"
 	// Probe succeeds if a TCP connection to 127.0.0.1:Port is accepted in
 	// the guest (a template's readiness check).
 	Probe Action = "probe"
@@ -309,7 +318,7 @@ const (
 type Control struct {
 	Action   Action   `json:"action"`
 	Hostname string   `json:"hostname,omitempty"` // Restored
-	Time     int64    `json:"time,omitempty"`     // Restored
+	Time     int64    `json:"time,omitempty"`     // Restored, Migrated
 	Entropy  []byte   `json:"entropy,omitempty"`  // Restored
 	Network  *Network `json:"network,omitempty"`  // Restored
 	Port     int      `json:"port,omitempty"`     // Probe

@@ -111,6 +111,7 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 	for _, dr := range cfg.Drives {
 		writable = writable || !dr.ReadOnly
 	}
+	parent := ctx
 	ctx, cancel := context.WithTimeout(ctx, opts.Timeout)
 	defer cancel()
 	err = control(runDir, func(m *monitor) error {
@@ -119,11 +120,8 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 		} else if st != "running" {
 			return fmt.Errorf("the VM is %s, not running", st)
 		}
-		caps := []map[string]any{}
-		for c, on := range map[string]bool{"x-ignore-shared": false, "auto-converge": true, "pause-before-switchover": true, "zero-blocks": writable} {
-			caps = append(caps, map[string]any{"capability": c, "state": on})
-		}
-		if err := m.qmp("migrate-set-capabilities", map[string]any{"capabilities": caps}, nil); err != nil {
+		if err := m.setCapabilities(map[string]bool{"x-ignore-shared": false, "auto-converge": true,
+			"pause-before-switchover": true, "zero-blocks": writable}); err != nil {
 			return err
 		}
 		bw := opts.Bandwidth
@@ -140,7 +138,9 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 			return err
 		}
 		if err := m.qmp("migrate", map[string]any{"uri": "fd:migrate", "blk": writable}, nil); err != nil {
-			return err
+			// QEMU keeps the descriptor it was given until it is used:
+			// the target would never see the stream end.
+			return errors.Join(err, m.qmp("closefd", map[string]string{"fdname": "migrate"}, nil))
 		}
 		st, err := m.followMigration(ctx, opts.BeforeSwitch)
 		stats = vmm.MigrateStats{Total: time.Duration(st.TotalTime) * time.Millisecond,
@@ -152,7 +152,7 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 		return nil
 	})
 	if err != nil {
-		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil {
+		if errors.Is(err, context.DeadlineExceeded) && ctx.Err() != nil && parent.Err() == nil {
 			err = fmt.Errorf("%w in %s (%d rounds, %d MiB sent, vCPUs throttled %d%%): %w",
 				vmm.ErrNoConvergence, opts.Timeout, stats.Rounds, stats.Bytes>>20, stats.Throttled, err)
 		}
@@ -165,6 +165,7 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 // beforeSwitch at the pre-switchover pause; it returns the last status.
 func (m *monitor) followMigration(ctx context.Context, beforeSwitch func(context.Context) error) (migrateStatus, error) {
 	var st migrateStatus
+	continued := false
 	for {
 		st = migrateStatus{}
 		if err := m.qmp("query-migrate", nil, &st); err != nil {
@@ -176,6 +177,10 @@ func (m *monitor) followMigration(ctx context.Context, beforeSwitch func(context
 		case "failed", "cancelled":
 			return st, fmt.Errorf("migration %s: %s", st.Status, st.ErrorDesc)
 		case "pre-switchover":
+			if continued { // QEMU has not moved on yet
+				break
+			}
+			continued = true
 			if beforeSwitch != nil {
 				if err := beforeSwitch(ctx); err != nil {
 					return st, fmt.Errorf("before the switch: %w", err)

@@ -92,12 +92,27 @@ func (m *monitor) version() (string, error) {
 	return fmt.Sprintf("%d.%d.%d %s", ver.QEMU.Major, ver.QEMU.Minor, ver.QEMU.Micro, ver.Package), nil
 }
 
+// setCapabilities sets QEMU's migration capabilities, which stay set in
+// the process for its next migration: each kind of migration sets every
+// one it depends on.
+func (m *monitor) setCapabilities(caps map[string]bool) error {
+	list := make([]map[string]any, 0, len(caps))
+	for c, on := range caps {
+		list = append(list, map[string]any{"capability": c, "state": on})
+	}
+	return m.qmp("migrate-set-capabilities", map[string]any{"capabilities": list}, nil)
+}
+
 // ignoreShared leaves shared RAM (the memory file) out of the migration
-// stream: it is saved, or mapped, as the file itself.
+// stream: it is saved, or mapped, as the file itself. A snapshot is
+// stop-and-copy: none of a live migration's capabilities (MigrateOut's,
+// left behind by one that failed) and no bandwidth cap.
 func (m *monitor) ignoreShared() error {
-	return m.qmp("migrate-set-capabilities", map[string]any{
-		"capabilities": []map[string]any{{"capability": "x-ignore-shared", "state": true}},
-	}, nil)
+	if err := m.setCapabilities(map[string]bool{"x-ignore-shared": true,
+		"auto-converge": false, "pause-before-switchover": false, "zero-blocks": false}); err != nil {
+		return err
+	}
+	return m.qmp("migrate-set-parameters", map[string]any{"max-bandwidth": int64(1 << 40)}, nil)
 }
 
 // waitMigration polls the migration until it reaches want, or fails.
