@@ -184,7 +184,7 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 		return stats, fmt.Errorf("%w: it was started from a snapshot", ErrCannotMigrate)
 	case r.cfg.MemoryFile != "" && r.cfg.Accel == vmm.TCG:
 		// vmm.Migrator.Incoming says why.
-		return stats, fmt.Errorf("%w: it is snapshottable, and under TCG its memory file loses pages in a live migration", ErrCannotMigrate)
+		return stats, fmt.Errorf("%w: it is snapshottable, and moving a memory file under TCG is not supported (docs/migration.md)", ErrCannotMigrate)
 	}
 	var disk int64
 	for _, d := range r.cfg.Drives {
@@ -221,6 +221,9 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 	if err := withLimit(conn, handoverLimit, func() error { return writeHeader(conn, h) }); err != nil {
 		return stats, fmt.Errorf("migrate: send the header: %w", err)
 	}
+	// Under TCG, dirty tracking loses pages: the guest is paused for the
+	// whole copy (vmm.MigrateOptions.StopAndCopy).
+	opts.StopAndCopy = opts.StopAndCopy || r.cfg.Accel == vmm.TCG
 	if stats, err = m.MigrateOut(ctx, r.runDir, conn, opts); err != nil {
 		return stats, err
 	}

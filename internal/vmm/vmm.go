@@ -206,6 +206,11 @@ type MigrateOptions struct {
 	Timeout time.Duration
 	// Bandwidth caps the stream in bytes a second (0: no cap).
 	Bandwidth int64
+	// StopAndCopy pauses the guest before the copy instead of copying
+	// while it runs: the pause is the whole copy, but no page depends on
+	// dirty tracking. The sandbox layer asks for it under TCG, whose
+	// dirty tracking loses pages (see Migrator.Incoming).
+	StopAndCopy bool
 	// BeforeSwitch, if set, runs once the source is paused and everything
 	// but the last pages is sent; an error cancels the migration and the
 	// source resumes. (The network's switch is prepared here.)
@@ -215,7 +220,7 @@ type MigrateOptions struct {
 // MigrateStats is what a migration took.
 type MigrateStats struct {
 	Total    time.Duration // from start to the switch
-	Downtime time.Duration // the guest's pause, as the source measured it
+	Downtime time.Duration // the guest's pause, as the source measured it (StopAndCopy: from the stop)
 	Bytes    int64         // sent over the stream
 	Rounds   int           // dirty-memory passes
 	// Throttled is the largest share of vCPU time the source took away

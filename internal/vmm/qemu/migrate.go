@@ -137,15 +137,24 @@ func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, o
 		if err := m.qmpFile("getfd", map[string]string{"fdname": "migrate"}, nil, conn); err != nil {
 			return err
 		}
+		stopped := time.Now()
+		if opts.StopAndCopy {
+			if err := m.qmp("stop", nil, nil); err != nil {
+				return err
+			}
+		}
 		if err := m.qmp("migrate", map[string]any{"uri": "fd:migrate", "blk": writable}, nil); err != nil {
 			// QEMU keeps the descriptor it was given until it is used:
 			// the target would never see the stream end.
-			return errors.Join(err, m.qmp("closefd", map[string]string{"fdname": "migrate"}, nil))
+			return errors.Join(err, m.qmp("closefd", map[string]string{"fdname": "migrate"}, nil), m.abandon())
 		}
 		st, err := m.followMigration(ctx, opts.BeforeSwitch)
 		stats = vmm.MigrateStats{Total: time.Duration(st.TotalTime) * time.Millisecond,
 			Downtime: time.Duration(st.Downtime) * time.Millisecond, Bytes: st.RAM.Transferred + st.Disk.Transferred,
 			Rounds: st.RAM.DirtySyncCount, Throttled: st.CPUThrottle}
+		if opts.StopAndCopy {
+			stats.Downtime = time.Since(stopped)
+		}
 		if err != nil {
 			return errors.Join(err, m.abandon())
 		}
