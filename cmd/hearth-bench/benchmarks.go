@@ -35,6 +35,24 @@ func accelFlag(fs *pflag.FlagSet, p *string) {
 	fs.StringVar(p, "accel", "auto", "kvm, tcg or auto")
 }
 
+// guestAndJail is the guest agent, hearth's initramfs with it, and, as
+// root, the jail hearth runs its VMMs in (nil otherwise): what a benchmark
+// that boots hearth's guest needs.
+func guestAndJail() (agent, initrd string, j *jail.Options, err error) {
+	if agent, err = config.Agent(); err != nil {
+		return "", "", nil, err
+	}
+	if initrd, err = initramfs.Ensure(filepath.Join(config.CacheDir(), "initramfs"), agent); err != nil {
+		return "", "", nil, err
+	}
+	if os.Geteuid() == 0 { // as hearth run jails its VMMs
+		if j, err = jail.HostOptions(); err != nil {
+			return "", "", nil, err
+		}
+	}
+	return agent, initrd, j, nil
+}
+
 func imageStore(e *env) *image.Store { return &image.Store{Dir: config.ImageDir(), Log: e.log} }
 
 func bootBench() *benchmark {
@@ -63,20 +81,12 @@ whether a second get of a converted image converts again.`,
 			if o.Hearth, err = config.Hearth(); err != nil {
 				return nil, err
 			}
-			agent, err := config.Agent()
-			if err != nil {
-				return nil, err
-			}
-			if o.Initrd, err = initramfs.Ensure(filepath.Join(config.CacheDir(), "initramfs"), agent); err != nil {
+			var agent string
+			if agent, o.Initrd, o.Jail, err = guestAndJail(); err != nil {
 				return nil, err
 			}
 			o.Env = append(os.Environ(), "HEARTH_RUN_DIR="+filepath.Join(dir, "run"), "HEARTH_AGENT="+agent)
 			o.Kernel, o.WorkDir, o.Images, o.Out = config.Kernel(), dir, imageStore(e), e.out
-			if os.Geteuid() == 0 { // as hearth run jails its VMMs
-				if o.Jail, err = jail.HostOptions(); err != nil {
-					return nil, err
-				}
-			}
 			return summary(bench.Boot(ctx, o))
 		},
 	}
@@ -267,19 +277,10 @@ the guest's agent must answer on its newest VMM's channel.`,
 			if o.Accel, err = vmm.ParseAccel(accel); err != nil {
 				return nil, err
 			}
-			agent, err := config.Agent()
-			if err != nil {
-				return nil, err
-			}
-			if o.Initrd, err = initramfs.Ensure(filepath.Join(config.CacheDir(), "initramfs"), agent); err != nil {
+			if _, o.Initrd, o.Jail, err = guestAndJail(); err != nil {
 				return nil, err
 			}
 			o.Kernel, o.WorkDir, o.Out = config.Kernel(), dir, e.out
-			if os.Geteuid() == 0 {
-				if o.Jail, err = jail.HostOptions(); err != nil {
-					return nil, err
-				}
-			}
 			return summary(bench.Migrate(ctx, o))
 		},
 	}

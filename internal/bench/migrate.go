@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"syscall"
 	"time"
 
 	"hearth.dev/hearth/internal/guest/protocol"
@@ -108,11 +107,10 @@ func Migrate(ctx context.Context, o MigrateOptions) (*MigrateResult, error) {
 // migrateOnce moves the VM in runDir into a new VMM for next and
 // resumes it there.
 func migrateOnce(ctx context.Context, d *qemu.Driver, runDir string, next vmm.Config, opts vmm.MigrateOptions) (vmm.VM, vmm.MigrateStats, error) {
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	send, recv, err := vmm.StreamPair()
 	if err != nil {
 		return nil, vmm.MigrateStats{}, err
 	}
-	send, recv := os.NewFile(uintptr(fds[0]), "send"), os.NewFile(uintptr(fds[1]), "recv")
 	defer send.Close()
 	in, err := d.Incoming(ctx, next, recv)
 	recv.Close()

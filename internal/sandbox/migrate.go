@@ -31,9 +31,9 @@ var ErrMigrating = errors.New("the sandbox is moving to another host")
 var ErrCannotMigrate = errors.New("the sandbox cannot migrate")
 
 // migration is what the source's host sends ahead of the VMM's stream:
-// what the target's host needs to serve the moved sandbox (the
-// workload's process, for execs; the channel's next session), and the
-// machine, to be checked against the sandbox's own spec there.
+// what the target's host needs to serve the moved sandbox (the channel's
+// next session), and the machine and image, to be checked against the
+// sandbox's own spec and the image there.
 type migration struct {
 	Protocol    int    `json:"protocol"`
 	Digest      string `json:"digest"`
@@ -129,8 +129,9 @@ func writeHeader(conn *os.File, m migration) error {
 
 // readHeader reads the header, within handoverLimit, and not a byte
 // more: the VMM reads on from there.
-func readHeader(conn *os.File) (m migration, err error) {
-	err = withLimit(conn, handoverLimit, func() error {
+func readHeader(conn *os.File) (migration, error) {
+	var m migration
+	err := withLimit(conn, handoverLimit, func() (err error) {
 		m, err = readHeaderBytes(conn)
 		return err
 	})
@@ -346,7 +347,7 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	defer func() { err = errors.Join(err, p.done()) }()
 	img, id, runDir := p.img, p.id, p.runDir
 	if img.Digest != h.Digest {
-		return nil, fmt.Errorf("%w: the source runs %s as %s, this host has %s", ErrCannotMigrate, spec.Image, h.Digest, img.Digest)
+		return nil, fmt.Errorf("%w: the source runs %s as %.80q, this host has %s", ErrCannotMigrate, spec.Image, h.Digest, img.Digest)
 	}
 	// The writable disk's blocks come in the stream.
 	disk := filepath.Join(runDir, snapshotDisk)
@@ -356,20 +357,9 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	if err := os.Truncate(disk, h.DiskBytes); err != nil {
 		return nil, err
 	}
-	var memFile string
-	if spec.Snapshottable {
-		memFile = filepath.Join(runDir, memoryFile)
-	}
-	if err := rt.reserve(disk, memFile, spec.MemoryMiB); err != nil {
+	cfg, err := rt.vmConfig(spec, p, disk)
+	if err != nil {
 		return nil, err
-	}
-	cfg := vmm.Config{
-		MemoryFile: memFile, Channel: protocol.ChannelName, ID: id, RunDir: runDir, Kernel: rt.Kernel, Initrd: p.initrd,
-		Cmdline: rt.KernelArgs, VCPUs: spec.CPUs, MemoryMiB: spec.MemoryMiB, Accel: rt.Accel, Net: vmm.Net{Tap: spec.Tap},
-		Drives: []vmm.Drive{
-			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
-			{ID: rwDrive, Path: disk, Serial: "rw"},
-		},
 	}
 	start := time.Now()
 	in, err := m.Incoming(ctx, cfg, conn)

@@ -11,7 +11,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -89,11 +88,11 @@ func TestMigrate(t *testing.T) {
 	}
 
 	pair := func() (send, recv *os.File) {
-		fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+		send, recv, err := vmm.StreamPair()
 		if err != nil {
 			t.Fatal(err)
 		}
-		return os.NewFile(uintptr(fds[0]), "send"), os.NewFile(uintptr(fds[1]), "recv")
+		return send, recv
 	}
 	incoming := func(spec Spec, recv *os.File) <-chan error {
 		done := make(chan error, 1)

@@ -115,7 +115,7 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 		return nil, err
 	}
 	defer func() { err = errors.Join(err, p.done()) }()
-	img, initrd, id, runDir := p.img, p.initrd, p.id, p.runDir
+	img, id, runDir := p.img, p.id, p.runDir
 	disk := filepath.Join(runDir, snapshotDisk)
 	if spec.DiskFrom != "" {
 		if err := sparse.Copy(spec.DiskFrom, disk); err != nil {
@@ -124,32 +124,12 @@ func (rt *Runtime) Run(ctx context.Context, spec Spec, sio IO) (res *Result, err
 	} else if err := rt.makeDisk(ctx, disk, spec.DiskMiB); err != nil {
 		return nil, err
 	}
-	var memFile string
-	if spec.Snapshottable {
-		memFile = filepath.Join(runDir, memoryFile)
-	}
-	if err := rt.reserve(disk, memFile, spec.MemoryMiB); err != nil {
+	cfg, err := rt.vmConfig(spec, p, disk)
+	if err != nil {
 		return nil, err
 	}
 	log.Debug("image and disk ready", "took", time.Since(t0))
 	start := time.Now()
-	cfg := vmm.Config{
-		MemoryFile: memFile,
-		Channel:    protocol.ChannelName,
-		ID:         id,
-		RunDir:     runDir,
-		Kernel:     rt.Kernel,
-		Initrd:     initrd,
-		Cmdline:    rt.KernelArgs,
-		VCPUs:      spec.CPUs,
-		MemoryMiB:  spec.MemoryMiB,
-		Accel:      rt.Accel,
-		Net:        vmm.Net{Tap: spec.Tap},
-		Drives: []vmm.Drive{
-			{ID: "image", Path: img.RootFS, ReadOnly: true, Serial: "image"},
-			{ID: rwDrive, Path: disk, Serial: "rw"},
-		},
-	}
 	vm, err := rt.Driver.Start(ctx, cfg)
 	if err != nil {
 		return nil, fmt.Errorf("%w: %v", ErrBoot, err)
@@ -244,6 +224,37 @@ func (rt *Runtime) prepare(ctx context.Context, spec Spec, log *slog.Logger) (*p
 		defer release()
 		return remove()
 	}}, nil
+}
+
+// vmConfig is the VM of spec in p's run directory with the writable disk
+// disk, which it reserves (and the memory file of a snapshottable one):
+// a booted sandbox's and a migrated one's are the same machine, drive
+// for drive, as a migration needs.
+func (rt *Runtime) vmConfig(spec Spec, p *prepared, disk string) (vmm.Config, error) {
+	var memFile string
+	if spec.Snapshottable {
+		memFile = filepath.Join(p.runDir, memoryFile)
+	}
+	if err := rt.reserve(disk, memFile, spec.MemoryMiB); err != nil {
+		return vmm.Config{}, err
+	}
+	return vmm.Config{
+		MemoryFile: memFile,
+		Channel:    protocol.ChannelName,
+		ID:         p.id,
+		RunDir:     p.runDir,
+		Kernel:     rt.Kernel,
+		Initrd:     p.initrd,
+		Cmdline:    rt.KernelArgs,
+		VCPUs:      spec.CPUs,
+		MemoryMiB:  spec.MemoryMiB,
+		Accel:      rt.Accel,
+		Net:        vmm.Net{Tap: spec.Tap},
+		Drives: []vmm.Drive{
+			{ID: "image", Path: p.img.RootFS, ReadOnly: true, Serial: "image"},
+			{ID: rwDrive, Path: disk, Serial: "rw"},
+		},
+	}, nil
 }
 
 // guestVM is what the workload's session needs of its VM: its end, and

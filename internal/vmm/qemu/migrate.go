@@ -2,11 +2,9 @@ package qemu
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"time"
 
 	"hearth.dev/hearth/internal/vmm"
@@ -48,15 +46,28 @@ type incoming struct{ *VM }
 // Accept waits for the incoming stream to load. QEMU ends itself if it
 // does not (a broken or hostile sender, a stream of another machine).
 func (v *incoming) Accept(ctx context.Context) error {
-	if err := v.mon.waitMigration(ctx, "completed"); err != nil {
-		select {
-		case <-v.done:
+	if exited, err := v.awaitIncoming(ctx); err != nil {
+		if exited {
 			err = fmt.Errorf("%w: the incoming migration did not load: %v", vmm.ErrExited, err)
-		case <-time.After(time.Second):
 		}
 		return v.fail(err)
 	}
 	return nil
+}
+
+// awaitIncoming waits for an incoming stream (a migration's, a
+// snapshot's) to load. QEMU ends itself on one it cannot load: exited
+// says whether it did, within a second of the failure.
+func (v *VM) awaitIncoming(ctx context.Context) (exited bool, err error) {
+	if err = v.mon.waitMigration(ctx, "completed"); err == nil {
+		return false, nil
+	}
+	select {
+	case <-v.done:
+		return true, err
+	case <-time.After(time.Second):
+		return false, err
+	}
 }
 
 func (v *incoming) Resume(context.Context) error {
@@ -93,13 +104,9 @@ type migrateStatus struct {
 // drives travel in the same stream (QEMU's block migration: the target
 // has its own copies of the files, of the same sizes).
 func (d *Driver) MigrateOut(ctx context.Context, runDir string, conn *os.File, opts vmm.MigrateOptions) (stats vmm.MigrateStats, err error) {
-	var cfg vmm.Config
-	b, err := os.ReadFile(filepath.Join(runDir, vmFile))
+	cfg, err := startedWith(runDir)
 	if err != nil {
-		return stats, fmt.Errorf("migrate: no VM in %s: %w", runDir, err)
-	}
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return stats, err
+		return stats, fmt.Errorf("migrate: %w", err)
 	}
 	if opts.DowntimeLimit <= 0 {
 		opts.DowntimeLimit = 50 * time.Millisecond

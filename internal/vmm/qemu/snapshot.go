@@ -58,6 +58,16 @@ func (a info) mismatch(b info) string {
 	return ""
 }
 
+// startedWith is the configuration the VM in runDir was started with.
+func startedWith(runDir string) (vmm.Config, error) {
+	var cfg vmm.Config
+	b, err := os.ReadFile(filepath.Join(runDir, vmFile))
+	if err != nil {
+		return cfg, fmt.Errorf("no VM in %s: %w", runDir, err)
+	}
+	return cfg, json.Unmarshal(b, &cfg)
+}
+
 // control connects to the control monitor of the VM in runDir and runs f.
 func control(runDir string, f func(*monitor) error) error {
 	m, err := dialMonitor(sock(runDir, controlSock))
@@ -84,12 +94,8 @@ func (d *Driver) Resume(_ context.Context, runDir string) error {
 // or spawn), the memory as a copy of the VM's memory file, and
 // snapshot.json. It returns the configuration the VM was started with.
 func (d *Driver) Snapshot(ctx context.Context, runDir, dir string) (cfg vmm.Config, err error) {
-	b, err := os.ReadFile(filepath.Join(runDir, vmFile))
-	if err != nil {
-		return cfg, fmt.Errorf("snapshot: no VM in %s: %w", runDir, err)
-	}
-	if err := json.Unmarshal(b, &cfg); err != nil {
-		return cfg, err
+	if cfg, err = startedWith(runDir); err != nil {
+		return cfg, fmt.Errorf("snapshot: %w", err)
 	}
 	if cfg.MemoryFile == "" {
 		return cfg, errors.New("snapshot: the VM was started without a memory file")
@@ -136,7 +142,8 @@ func (d *Driver) Snapshot(ctx context.Context, runDir, dir string) (cfg vmm.Conf
 	}
 	in := infoOf(cfg, version)
 	in.Created = time.Now().UTC()
-	if b, err = json.MarshalIndent(in, "", "  "); err != nil {
+	b, err := json.MarshalIndent(in, "", "  ")
+	if err != nil {
 		return cfg, err
 	}
 	return cfg, os.WriteFile(filepath.Join(dir, vmm.SnapshotInfo), b, 0o600)
@@ -191,11 +198,9 @@ func (d *Driver) Restore(ctx context.Context, cfg vmm.Config, dir string) (vmm.V
 	}
 	// QEMU ends itself if the stream does not load. The guest was paused
 	// when it was saved, so it stays paused once loaded, until Resume.
-	if err := vm.mon.waitMigration(ctx, "completed"); err != nil {
-		select {
-		case <-vm.done:
+	if exited, err := vm.awaitIncoming(ctx); err != nil {
+		if exited {
 			err = fmt.Errorf("%w: QEMU could not load it", vmm.ErrBadSnapshot)
-		case <-time.After(time.Second):
 		}
 		return nil, vm.fail(err)
 	}

@@ -7,22 +7,19 @@ import (
 	"errors"
 	"os"
 	"path/filepath"
-	"syscall"
 	"testing"
 	"time"
 
 	"hearth.dev/hearth/internal/vmm"
 )
 
-// socketPair is a connected pair of stream sockets, as a migration's two
-// ends: the sender's and the receiver's.
+// socketPair is vmm.StreamPair, closed after t.
 func socketPair(t *testing.T) (send, recv *os.File) {
 	t.Helper()
-	fds, err := syscall.Socketpair(syscall.AF_UNIX, syscall.SOCK_STREAM|syscall.SOCK_CLOEXEC, 0)
+	send, recv, err := vmm.StreamPair()
 	if err != nil {
 		t.Fatal(err)
 	}
-	send, recv = os.NewFile(uintptr(fds[0]), "send"), os.NewFile(uintptr(fds[1]), "recv")
 	t.Cleanup(func() { send.Close(); recv.Close() })
 	return send, recv
 }
