@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"fmt"
+	"maps"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -59,6 +60,39 @@ func (c *cluster) apply(manifest string) {
 	}
 }
 
+// claimsRunning polls the sandboxes claim-0 … claim-(n-1) until each is
+// Running, and then sends its warm pool member on its channel; the
+// channels of those not Running within timeout are closed.
+func claimsRunning(t *testing.T, c *cluster, n int, timeout time.Duration) map[string]chan string {
+	chans := map[string]chan string{}
+	for i := range n {
+		chans[fmt.Sprintf("claim-%d", i)] = make(chan string, 1)
+	}
+	go func() {
+		waiting := maps.Clone(chans)
+		deadline := time.Now().Add(timeout)
+		for len(waiting) > 0 && time.Now().Before(deadline) {
+			out, err := c.kubectl("get", "sandboxes", "-o",
+				`jsonpath={range .items[*]}{.metadata.name} {.status.phase} {.status.warmPoolMember}{"\n"}{end}`)
+			if err != nil {
+				t.Logf("kubectl get sandboxes: %v: %s", err, out)
+			}
+			for _, line := range strings.Split(out, "\n") {
+				f := strings.Fields(line)
+				if len(f) == 3 && f[1] == "Running" && waiting[f[0]] != nil {
+					waiting[f[0]] <- f[2]
+					delete(waiting, f[0])
+				}
+			}
+			time.Sleep(500 * time.Millisecond)
+		}
+		for _, ch := range waiting {
+			close(ch)
+		}
+	}()
+	return chans
+}
+
 // poolField reads a warm pool's fields with a JSONPath template.
 func (c *cluster) poolField(name, template string) string {
 	out, _ := c.kubectl("get", "warmpool", name, "-o", "jsonpath="+template)
@@ -110,7 +144,10 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 		c.apply(strings.Join(manifest, "---\n"))
 		// Each claim, once running, checks that nobody had its VM
 		// before (a mark in the VM), and is deleted, as an agent's
-		// sandbox is when its work is done.
+		// sandbox is when its work is done. One poll of every claim's
+		// phase serves the 50 of them: a kubectl per claim every 200 ms
+		// (250 processes a second) starved the VMs of a 2-core machine.
+		running := claimsRunning(t, c, 50, 5*time.Minute)
 		var wg sync.WaitGroup
 		var mu sync.Mutex
 		var stuck sync.Once
@@ -120,28 +157,24 @@ func TestTemplatesAndWarmPools(t *testing.T) {
 			go func() {
 				defer wg.Done()
 				name := fmt.Sprintf("claim-%d", i)
-				deadline := time.Now().Add(5 * time.Minute)
-				for c.field(name, ".status.phase") != "Running" {
-					if time.Now().After(deadline) {
-						out, _ := c.kubectl("get", "sandbox", name, "-o", "yaml")
-						t.Errorf("%s never ran:\n%s", name, out)
-						// Once: why the pool did not refill (its
-						// members, the pool, what the host offers).
-						stuck.Do(func() {
-							for _, args := range [][]string{
-								{"get", "sandboxes", "-l", v1alpha1.LabelWarmPool, "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,REASON:.status.reason,MESSAGE:.status.message,HOST:.status.hostName"},
-								{"get", "warmpool", "pool", "-o", "yaml"},
-								{"get", "hosts", "-o", "jsonpath={.items[*].status.allocatable}"},
-							} {
-								out, _ := c.kubectl(args...)
-								t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)
-							}
-						})
-						return
-					}
-					time.Sleep(200 * time.Millisecond)
+				member, ok := <-running[name]
+				if !ok {
+					out, _ := c.kubectl("get", "sandbox", name, "-o", "yaml")
+					t.Errorf("%s never ran:\n%s", name, out)
+					// Once: why the pool did not refill (its
+					// members, the pool, what the host offers).
+					stuck.Do(func() {
+						for _, args := range [][]string{
+							{"get", "sandboxes", "-l", v1alpha1.LabelWarmPool, "-o", "custom-columns=NAME:.metadata.name,PHASE:.status.phase,REASON:.status.reason,MESSAGE:.status.message,HOST:.status.hostName"},
+							{"get", "warmpool", "pool", "-o", "yaml"},
+							{"get", "hosts", "-o", "jsonpath={.items[*].status.allocatable}"},
+						} {
+							out, _ := c.kubectl(args...)
+							t.Logf("kubectl %s:\n%s", strings.Join(args, " "), out)
+						}
+					})
+					return
 				}
-				member := c.field(name, ".status.warmPoolMember")
 				r := c.hearth("", "exec", name, "--", "sh", "-c", "test -e /claimed && exit 7; touch /claimed; test -e /ready && hostname")
 				if r.code != 0 {
 					t.Errorf("%s: exit %d (7: its VM was claimed before): %s %s", name, r.code, r.stdout, r.stderr)
