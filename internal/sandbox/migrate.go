@@ -183,9 +183,6 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 		return stats, fmt.Errorf("%w: the %s driver cannot migrate", ErrCannotMigrate, r.driver.Name())
 	case r.vm == nil:
 		return stats, fmt.Errorf("%w: it was started from a snapshot", ErrCannotMigrate)
-	case r.cfg.MemoryFile != "" && r.cfg.Accel == vmm.TCG:
-		// vmm.Migrator.Incoming says why.
-		return stats, fmt.Errorf("%w: it is snapshottable, and moving a memory file under TCG is not supported (docs/migration.md)", ErrCannotMigrate)
 	}
 	var disk int64
 	for _, d := range r.cfg.Drives {

@@ -1,6 +1,7 @@
 package shim
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"errors"
@@ -16,6 +17,7 @@ import (
 
 	"hearth.dev/hearth/internal/guest/protocol"
 	"hearth.dev/hearth/internal/sandbox"
+	"hearth.dev/hearth/internal/vmm"
 )
 
 // The shim serves what is done to its running VM on apiSock in its run
@@ -38,6 +40,9 @@ const (
 	OpProbe        = "probe"         // a TCP connection to Port in the guest
 	OpSnapshot     = "snapshot"      // memory, devices and disk into Dir
 	OpSnapshotDisk = "snapshot-disk" // the writable disk alone into Dir
+	// OpMigrate moves the sandbox out over the stream socket sent with
+	// the request (SCM_RIGHTS) to an incoming shim (StartIncoming).
+	OpMigrate = "migrate"
 )
 
 // Request is what a client asks of the shim.
@@ -46,6 +51,16 @@ type Request struct {
 	Exec *sandbox.ExecSpec `json:"exec,omitempty"`
 	Port int               `json:"port,omitempty"`
 	Dir  string            `json:"dir,omitempty"` // an empty directory, for the snapshots
+	// Migrate is OpMigrate's.
+	Migrate *MigrateOptions `json:"migrate,omitempty"`
+}
+
+// MigrateOptions are a migration's limits (vmm.MigrateOptions; zero:
+// its defaults).
+type MigrateOptions struct {
+	DowntimeLimit  time.Duration `json:"downtimeLimit,omitempty"`
+	Timeout        time.Duration `json:"timeout,omitempty"`
+	BandwidthBytes int64         `json:"bandwidthBytes,omitempty"` // a second
 }
 
 // Reply is how a request ended: an exec's exit, or why it failed.
@@ -53,6 +68,8 @@ type Reply struct {
 	Exit   *protocol.Exit `json:"exit,omitempty"`
 	Error  string         `json:"error,omitempty"`
 	Reason string         `json:"reason,omitempty"` // GuestProtocolError: the guest broke the protocol
+	// Migrated is what a successful OpMigrate took.
+	Migrated *vmm.MigrateStats `json:"migrated,omitempty"`
 }
 
 // ErrNotRunning means the run's workload does not run (yet, or any more).
@@ -111,7 +128,10 @@ func serveConn(ctx context.Context, log *slog.Logger, r *sandbox.Running, c net.
 	defer c.Close()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	fr, w := protocol.NewReader(c), protocol.NewWriter(c)
+	// The request's first bytes may carry a descriptor (OpMigrate's).
+	rc := &rightsReader{c: c.(*net.UnixConn)}
+	defer rc.close()
+	fr, w := protocol.NewReader(rc), protocol.NewWriter(c)
 	f, err := fr.Read()
 	var req Request
 	if err == nil && f.Type == protocol.TControl {
@@ -157,10 +177,78 @@ func serveConn(ctx context.Context, log *slog.Logger, r *sandbox.Running, c net.
 		rep = failed(r.Snapshot(ctx, req.Dir))
 	case OpSnapshotDisk:
 		rep = failed(r.SnapshotDisk(ctx, req.Dir))
+	case OpMigrate:
+		stream := rc.take()
+		if stream == nil || req.Migrate == nil {
+			rep.Error = "migrate: no stream socket, or no options, with the request"
+			break
+		}
+		o := req.Migrate
+		if o.DowntimeLimit < 0 || o.Timeout < 0 || o.BandwidthBytes < 0 {
+			stream.Close()
+			rep.Error = fmt.Sprintf("migrate: negative limits %+v", *o)
+			break
+		}
+		stats, err := r.MigrateOut(ctx, stream, vmm.MigrateOptions{DowntimeLimit: o.DowntimeLimit, Timeout: o.Timeout, Bandwidth: o.BandwidthBytes})
+		stream.Close()
+		if rep = failed(err); err == nil {
+			rep.Migrated = &stats
+		}
 	default:
 		rep.Error = fmt.Sprintf("unknown op %q", req.Op)
 	}
 	_ = w.WriteJSON(protocol.TExit, 0, rep)
+}
+
+// rightsReader reads a request, taking the one descriptor its first
+// bytes may carry (more, or a cut list, are closed and refused).
+type rightsReader struct {
+	c      *net.UnixConn
+	read   bool
+	stream *os.File
+}
+
+func (r *rightsReader) Read(p []byte) (int, error) {
+	if r.read {
+		return r.c.Read(p)
+	}
+	r.read = true
+	oob := make([]byte, syscall.CmsgSpace(4*maxRights))
+	n, oobn, flags, _, err := r.c.ReadMsgUnix(p, oob)
+	var fds []int
+	if msgs, perr := syscall.ParseSocketControlMessage(oob[:oobn]); perr == nil {
+		for _, m := range msgs {
+			if rights, err := syscall.ParseUnixRights(&m); err == nil {
+				fds = append(fds, rights...)
+			}
+		}
+	}
+	if len(fds) == 1 && flags&syscall.MSG_CTRUNC == 0 {
+		syscall.CloseOnExec(fds[0])
+		r.stream = os.NewFile(uintptr(fds[0]), "migration stream")
+	} else {
+		for _, fd := range fds {
+			syscall.Close(fd)
+		}
+	}
+	return n, err
+}
+
+// maxRights is the most descriptors a request's first read takes in (one
+// is all any request may carry; the rest are closed).
+const maxRights = 4
+
+// take hands the request's descriptor, if any, over to the caller.
+func (r *rightsReader) take() *os.File {
+	f := r.stream
+	r.stream = nil
+	return f
+}
+
+func (r *rightsReader) close() {
+	if r.stream != nil {
+		r.stream.Close()
+	}
 }
 
 // failed is the reply for err (nil: success).
@@ -231,8 +319,9 @@ func (f frames) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-// dial connects to the shim of the run directory dir and sends req.
-func dial(ctx context.Context, dir string, req Request) (net.Conn, *protocol.Reader, *protocol.Writer, error) {
+// dial connects to the shim of the run directory dir and sends req, with
+// the descriptor of send if it is not nil.
+func dial(ctx context.Context, dir string, req Request, send *os.File) (net.Conn, *protocol.Reader, *protocol.Writer, error) {
 	c, err := dialUnix(ctx, filepath.Join(dir, apiSock))
 	if err != nil {
 		if errors.Is(err, os.ErrNotExist) || errors.Is(err, syscall.ECONNREFUSED) {
@@ -241,12 +330,20 @@ func dial(ctx context.Context, dir string, req Request) (net.Conn, *protocol.Rea
 		return nil, nil, nil, fmt.Errorf("connect to the shim: %w", err)
 	}
 	context.AfterFunc(ctx, func() { c.Close() })
-	w := protocol.NewWriter(c)
-	if err := w.WriteJSON(protocol.TControl, 0, req); err != nil {
+	var frame bytes.Buffer
+	if err := protocol.NewWriter(&frame).WriteJSON(protocol.TControl, 0, req); err != nil {
+		c.Close()
+		return nil, nil, nil, err
+	}
+	var rights []byte
+	if send != nil {
+		rights = syscall.UnixRights(int(send.Fd()))
+	}
+	if _, _, err := c.(*net.UnixConn).WriteMsgUnix(frame.Bytes(), rights, nil); err != nil {
 		c.Close()
 		return nil, nil, nil, fmt.Errorf("send to the shim: %w", err)
 	}
-	return c, protocol.NewReader(c), w, nil
+	return c, protocol.NewReader(c), protocol.NewWriter(c), nil
 }
 
 // dialUnix connects to the unix socket at path, which may be longer than
@@ -331,7 +428,7 @@ func (e guestProtocolError) Unwrap() error { return sandbox.ErrGuestProtocol }
 
 // call makes a request with no streams of the shim of run directory dir.
 func call(ctx context.Context, dir string, req Request) error {
-	c, r, _, err := dial(ctx, dir, req)
+	c, r, _, err := dial(ctx, dir, req, nil)
 	if err != nil {
 		return err
 	}
@@ -359,12 +456,35 @@ func Snapshot(ctx context.Context, dir, into string, diskOnly bool) error {
 	return call(ctx, dir, Request{Op: op, Dir: into})
 }
 
+// Migrate has the shim of run directory dir move its sandbox out over
+// stream, a stream socket to an incoming shim (StartIncoming) or a relay
+// to one, and returns what the move took. On success the run ends with
+// reason Migrated; on failure the sandbox runs on here.
+func Migrate(ctx context.Context, dir string, stream *os.File, opts MigrateOptions) (vmm.MigrateStats, error) {
+	c, r, _, err := dial(ctx, dir, Request{Op: OpMigrate, Migrate: &opts}, stream)
+	if err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	defer c.Close()
+	rep, err := reply(ctx, r, sandbox.IO{Stdout: io.Discard, Stderr: io.Discard})
+	if err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	if err := rep.err(); err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	if rep.Migrated == nil {
+		return vmm.MigrateStats{}, errors.New("the shim's reply has no migration")
+	}
+	return *rep.Migrated, nil
+}
+
 // Exec runs spec in the sandbox of run directory dir, with its streams
 // on sio, and returns how it ended.
 func Exec(ctx context.Context, dir string, spec sandbox.ExecSpec, sio sandbox.IO) (*sandbox.Result, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	c, r, w, err := dial(ctx, dir, Request{Op: OpExec, Exec: &spec})
+	c, r, w, err := dial(ctx, dir, Request{Op: OpExec, Exec: &spec}, nil)
 	if err != nil {
 		return nil, err
 	}

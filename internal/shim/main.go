@@ -61,6 +61,13 @@ func run(log *slog.Logger, dir string, st *State) error {
 	if err != nil {
 		return err
 	}
+	var stream *os.File
+	if spec.Incoming {
+		// fd 4 (StartIncoming): QEMU gets its own copy, nothing else.
+		syscall.CloseOnExec(4)
+		stream = os.NewFile(4, "migration stream")
+		defer stream.Close()
+	}
 	if err := takeSecrets(dir, spec); err != nil {
 		return fmt.Errorf("the run's spec: %w", err)
 	}
@@ -123,9 +130,12 @@ func run(log *slog.Logger, dir string, st *State) error {
 		}
 	}
 	var res *sandbox.Result
-	if spec.Snapshot != "" {
+	switch {
+	case spec.Incoming:
+		res, err = rt.RunIncoming(ctx, stream, spec.Sandbox, sio)
+	case spec.Snapshot != "":
 		res, err = rt.RunSnapshot(ctx, spec.Snapshot, spec.Sandbox, sio)
-	} else {
+	default:
 		res, err = rt.Run(ctx, spec.Sandbox, sio)
 	}
 	st.Phase, st.FinishedAt = Exited, time.Now()
@@ -133,6 +143,10 @@ func run(log *slog.Logger, dir string, st *State) error {
 	case ctx.Err() != nil:
 		st.ExitCode, st.Signal = 128+int(syscall.SIGKILL), int(syscall.SIGKILL)
 		st.Reason, st.Message = "Killed", "the sandbox's VM was stopped"
+		return nil
+	case errors.Is(err, sandbox.ErrMigrated):
+		// Not an exit: the workload runs on in the target's run.
+		st.Reason, st.Message = "Migrated", err.Error()
 		return nil
 	case err != nil:
 		st.ExitCode = 125
@@ -150,6 +164,8 @@ func run(log *slog.Logger, dir string, st *State) error {
 			st.Reason = "GuestProtocolError"
 		case errors.Is(err, sandbox.ErrNoSpace):
 			st.Reason = "InsufficientDisk"
+		case spec.Incoming:
+			st.Reason = "MigrationFailed"
 		}
 		st.Message = ClipMessage(err.Error())
 		return nil

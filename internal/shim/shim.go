@@ -76,6 +76,10 @@ type Spec struct {
 	// addresses: no registry of a tenant's may be at one
 	// (image.SourceOptions.Refused).
 	RefusedAddrs []netip.Addr `json:"refusedAddrs,omitempty"`
+	// Incoming: the sandbox is not booted but migrates in (a
+	// sandbox.Runtime.RunIncoming) over the stream socket that is the
+	// shim's fd 4 (StartIncoming), from the shim of its source (Migrate).
+	Incoming bool `json:"incoming,omitempty"`
 	// PullSecrets are the docker configs (.dockerconfigjson) of the
 	// sandbox's image pull secrets. The shim takes them out of spec.json
 	// once it has read them: credentials stay on disk no longer than the
@@ -120,7 +124,9 @@ type State struct {
 	Signal     int       `json:"signal,omitempty"`
 	// Reason is a CamelCase word when the run did not end by itself or
 	// did not start: Completed, Error, OOMKilled, DiskFull, StartError,
-	// ImagePullError, BootError, BadSnapshot, Killed.
+	// ImagePullError, BootError, BadSnapshot, Killed; Migrated (the
+	// sandbox runs on in another host's run), MigrationFailed (an
+	// incoming run that did not take the sandbox over).
 	Reason  string `json:"reason,omitempty"`
 	Message string `json:"message,omitempty"`
 }
@@ -147,6 +153,18 @@ func StdinSocket(dir string) string { return filepath.Join(dir, stdinSock) }
 // moment in which the run exists but looks dead. exe is the hearth-shim
 // binary (cmd/hearth-shim), whose main is Main.
 func Start(dir string, spec Spec, exe string) (int, error) {
+	return start(dir, spec, exe, nil)
+}
+
+// StartIncoming starts a shim in dir for the sandbox of spec that
+// migrates in over stream, a stream socket from the source's shim
+// (Migrate) or a relay of it: the shim's fd 4, the caller keeps its own.
+func StartIncoming(dir string, spec Spec, exe string, stream *os.File) (int, error) {
+	spec.Incoming = true
+	return start(dir, spec, exe, stream)
+}
+
+func start(dir string, spec Spec, exe string, stream *os.File) (int, error) {
 	if err := os.MkdirAll(filepath.Dir(dir), 0o700); err != nil {
 		return 0, err
 	}
@@ -176,6 +194,9 @@ func Start(dir string, spec Spec, exe string) (int, error) {
 	cmd := exec.Command(exe, dir)
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.ExtraFiles = []*os.File{lock}
+	if stream != nil {
+		cmd.ExtraFiles = append(cmd.ExtraFiles, stream)
+	}
 	// Its own session: not in the node agent's process group, so a Ctrl-C
 	// or a SIGKILL of the agent leaves it (and its VM) running.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setsid: true}

@@ -168,13 +168,14 @@ type Migrator interface {
 	// vCPUs, drives in the same order, with files of the same sizes).
 	// The VM stays paused until Accept returns.
 	//
-	// Under TCG (development), guest RAM must be anonymous on both sides
-	// (no MemoryFile): QEMU 7.2's live pre-copy between VMs whose RAM is
-	// a shared file mapping (on ext4 or tmpfs, on either side) lost pages
-	// in 2 to 3 migrations in 10 on the development host — the guest
-	// oopsed at once through a stale scheduler pointer — and never with
-	// anonymous RAM (36 in 36) or with the source paused first (12 in
-	// 12). KVM tracks dirty pages itself; see docs/migration.md.
+	// Under TCG (development), live pre-copy wants guest RAM anonymous
+	// on both sides (no MemoryFile), or else StopAndCopy: QEMU 7.2's live
+	// pre-copy between VMs whose RAM is a shared file mapping (on ext4 or
+	// tmpfs, on either side) lost pages in 2 to 3 migrations in 10 on the
+	// development host — the guest oopsed at once through a stale
+	// scheduler pointer — and never with anonymous RAM (36 in 36) or with
+	// the source paused first (12 in 12). KVM tracks dirty pages itself;
+	// see docs/migration.md.
 	Incoming(ctx context.Context, cfg Config, conn *os.File) (Incoming, error)
 	// MigrateOut sends the running VM in runDir over conn (the sending
 	// end). On success the VM is paused for good and its owner ends it;
