@@ -230,15 +230,19 @@ type AffinityTerm struct {
 }
 
 // SandboxStatus is what hearth observed.
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || size(oldSelf.hostName) == 0 || !has(self.hostName) || size(self.hostName) == 0 || self.hostName == oldSelf.hostName",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || size(oldSelf.hostName) == 0 || !has(self.hostName) || size(self.hostName) == 0 || self.hostName == oldSelf.hostName || (has(self.migration) && size(self.migration) > 0 && (!has(oldSelf.migration) || self.migration != oldSelf.migration))",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host but by a migration (status.migration names it)"
 type SandboxStatus struct {
 	// +optional
 	Phase Phase `json:"phase,omitempty"`
 	// HostName is the Host the sandbox is bound to; only binding sets it.
 	// It is cleared when the sandbox is placed again (its host was lost,
-	// or drained).
+	// or drained), and changed only by a migration (Migration).
 	// +optional
 	HostName string `json:"hostName,omitempty"`
+	// Migration is the last Migration that moved the sandbox to another
+	// host; a change of HostName names a new one.
+	// +optional
+	Migration string `json:"migration,omitempty"`
 	// IP is the sandbox's address, leased from its host's sandbox CIDR
 	// before the VM starts; it is the sandbox's until it is deleted.
 	// +optional

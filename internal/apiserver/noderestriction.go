@@ -3,7 +3,6 @@ package apiserver
 import (
 	"context"
 	"fmt"
-	"net/netip"
 	"reflect"
 	"slices"
 	"strings"
@@ -26,7 +25,8 @@ import (
 // change only the status, finalizers and annotations of a sandbox bound
 // to it, bind it to no other host, delete only one bound to it (the warm
 // pool member a claim took over); the same of a snapshot unclaimed or its
-// own; only its own entry of a template's status; its own Host, not its
+// own; the status of a migration it is the source or target of, not who
+// those are; only its own entry of a template's status; its own Host, not its
 // spec; and its own Lease. So a node taken over cannot steer another
 // host's sandboxes or snapshots (and their exec streams) to itself,
 // rewrite a template other hosts boot, uncordon itself, mark other hosts
@@ -62,8 +62,8 @@ func (n nodeRestriction) Validate(ctx context.Context, a admission.Attributes, _
 		if err != nil {
 			return admission.NewForbidden(a, fmt.Errorf("node %s: its Host's sandbox range: %w", node, err))
 		}
-		if err := ipInRange(ip, cidr); err != nil {
-			return admission.NewForbidden(a, fmt.Errorf("node %s: sandbox %s/%s: %w", node, a.GetNamespace(), a.GetName(), err))
+		if err := ipam.CheckSandboxAddr(ip, cidr); err != nil {
+			return admission.NewForbidden(a, fmt.Errorf("node %s: sandbox %s/%s: status.ip %w", node, a.GetNamespace(), a.GetName(), err))
 		}
 	}
 	return nil
@@ -81,20 +81,6 @@ func newSandboxIP(a admission.Attributes) (string, bool) {
 	ip, _, _ := unstructured.NestedString(obj.Object, "status", "ip")
 	was, _, _ := unstructured.NestedString(old.Object, "status", "ip")
 	return ip, ip != was
-}
-
-// ipInRange is the decision: nil if ip is an address of cidr (a host's
-// range) other than its network, gateway (its first two) and broadcast.
-func ipInRange(ip, cidr string) error {
-	p, err := netip.ParsePrefix(cidr)
-	if err != nil {
-		return fmt.Errorf("status.ip %s: the host has no sandbox range", ip)
-	}
-	a, err := netip.ParseAddr(ip)
-	if err != nil || !p.Contains(a) || a == p.Masked().Addr() || a == p.Masked().Addr().Next() || a == ipam.Last(p) {
-		return fmt.Errorf("status.ip %s is not a sandbox address of the host's range %s", ip, p)
-	}
-	return nil
 }
 
 // hostRanges reads Hosts' spec.sandboxCIDR through the API (the loopback
@@ -155,6 +141,22 @@ func nodeMay(node string, a admission.Attributes) error {
 		}
 		if !reflect.DeepEqual(otherHosts(obj, node), otherHosts(old, node)) {
 			return fmt.Errorf("template %s/%s: may not change other hosts' entries", a.GetNamespace(), a.GetName())
+		}
+	case hearth && gr.Resource == "migrations":
+		// The status of a migration it is the source or target of, not
+		// who those are (the control plane's choice), nor the spec.
+		if a.GetSubresource() != "status" || old == nil || obj == nil {
+			return fmt.Errorf("migration %s/%s: may write only its status", a.GetNamespace(), a.GetName())
+		}
+		src, _, _ := unstructured.NestedString(old.Object, "status", "sourceHost")
+		dst, _, _ := unstructured.NestedString(old.Object, "status", "targetHost")
+		if node != src && node != dst {
+			return fmt.Errorf("migration %s/%s is between %q and %q", a.GetNamespace(), a.GetName(), src, dst)
+		}
+		nsrc, _, _ := unstructured.NestedString(obj.Object, "status", "sourceHost")
+		ndst, _, _ := unstructured.NestedString(obj.Object, "status", "targetHost")
+		if nsrc != src || ndst != dst || changedSpecOrLabels(obj, old) {
+			return fmt.Errorf("migration %s/%s: may not change its hosts, spec or labels", a.GetNamespace(), a.GetName())
 		}
 	case gr.Group == "coordination.k8s.io" && gr.Resource == "leases":
 		if a.GetNamespace() != v1alpha1.LeaseNamespace || a.GetName() != node {

@@ -48,6 +48,13 @@ func TestNodeRestriction(t *testing.T) {
 		sb.Object["status"].(map[string]any)["ip"] = ip
 		return sb
 	}
+	migration := func(src, dst, phase string) *unstructured.Unstructured {
+		return &unstructured.Unstructured{Object: map[string]any{
+			"metadata": map[string]any{"name": "m", "namespace": "team-a"},
+			"spec":     map[string]any{"sandbox": "s"},
+			"status":   map[string]any{"sourceHost": src, "targetHost": dst, "phase": phase},
+		}}
+	}
 	// h1's range is 10.244.1.0/24; h3 has none.
 	restriction := nodeRestriction{hostRange: func(_ context.Context, host string) (string, error) {
 		switch host {
@@ -97,6 +104,12 @@ func TestNodeRestriction(t *testing.T) {
 		{"its template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h2", "h1"), template("h2"), true},
 		{"another host's template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h1"), template("h2"), false},
 		{"a template's spec", node, admission.Update, hearth("sandboxtemplates"), "", "team-a", "t", template(), template(), false},
+		{"a migration from it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h1", "h2", "Failed"), migration("h1", "h2", "Copying"), true},
+		{"a migration to it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Succeeded"), migration("h2", "h1", "Copying"), true},
+		{"another hosts' migration", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h3", "Failed"), migration("h2", "h3", "Copying"), false},
+		{"steers a migration to itself", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Copying"), migration("h2", "h3", "Copying"), false},
+		{"a migration's spec", node, admission.Update, hearth("migrations"), "", "team-a", "m", migration("h1", "h2", "Copying"), migration("h1", "h2", "Copying"), false},
+		{"creates a migration", node, admission.Create, hearth("migrations"), "", "team-a", "m", migration("", "", ""), nil, false},
 		{"its Lease", node, admission.Update, leases, "", v1alpha1.LeaseNamespace, "h1", nil, nil, true},
 		{"the controllers' Lease", node, admission.Update, leases, "", "hearth-system", "hearth-controllers", nil, nil, false},
 		{"a node without a node's name", &user.DefaultInfo{Name: "alice", Groups: []string{pki.GroupNodes}}, admission.Update, hearth("hosts"), "", "", "alice", nil, nil, false},

@@ -25,7 +25,7 @@ import (
 // authenticated user may do (discovery, and asking what it may do).
 
 // tenantResources are hearth's namespaced resources, what tenants own.
-var tenantResources = []string{"sandboxes", "snapshots", "sandboxtemplates", "warmpools", "routes", "networkpolicies"}
+var tenantResources = []string{"sandboxes", "snapshots", "sandboxtemplates", "warmpools", "routes", "networkpolicies", "migrations"}
 
 var (
 	readVerbs  = []string{"get", "list", "watch"}
@@ -76,7 +76,8 @@ func defaultClusterRoles() []rbacv1.ClusterRole {
 // nodeRules are what node agents (group hearth:nodes) may do: read what
 // they run and what their network policy needs (every sandbox, policy and
 // namespace of the cluster), write the status of sandboxes, snapshots and
-// templates and the finalizers of sandboxes and snapshots, delete the warm
+// templates, of the migrations they take part in, and the finalizers of
+// sandboxes and snapshots, delete the warm
 // pool member a claim took over, and keep their Host, Lease and events.
 // Not Secrets, roles, or any spec a tenant wrote. Node restriction
 // (noderestriction.go) then limits each node to its own objects.
@@ -84,7 +85,7 @@ func nodeRules() []rbacv1.PolicyRule {
 	hearth := v1alpha1.GroupVersion.Group
 	return []rbacv1.PolicyRule{
 		{APIGroups: []string{hearth}, Resources: append([]string{"hosts"}, tenantResources...), Verbs: readVerbs},
-		{APIGroups: []string{hearth}, Resources: []string{"sandboxes/status", "snapshots/status", "sandboxtemplates/status", "hosts/status"}, Verbs: []string{"update", "patch"}},
+		{APIGroups: []string{hearth}, Resources: []string{"sandboxes/status", "snapshots/status", "sandboxtemplates/status", "hosts/status", "migrations/status"}, Verbs: []string{"update", "patch"}},
 		{APIGroups: []string{hearth}, Resources: []string{"sandboxes", "snapshots"}, Verbs: []string{"update", "patch"}},
 		{APIGroups: []string{hearth}, Resources: []string{"sandboxes"}, Verbs: []string{"delete"}},
 		{APIGroups: []string{hearth}, Resources: []string{"hosts"}, Verbs: []string{"create", "update", "patch"}},

@@ -79,7 +79,7 @@ $HEARTH_RUN_DIR, else /run/hearth.`,
 	pf.StringVar(&g.namespace, "namespace", "", "the API namespace (default: the kubeconfig's, else default)")
 
 	root.AddCommand(runCmd(g), imageCmd(g), VersionCmd(), benchCmd(g), upCmd(g),
-		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g), hostCmd(g), snapshotCmd(g), userCmd(g), tokenCmd(g))
+		psCmd(g), getCmd(g), logsCmd(g), execCmd(g), rmCmd(g), hostCmd(g), snapshotCmd(g), migrateCmd(g), userCmd(g), tokenCmd(g))
 	return Finish(root.Execute(), stderr)
 }
 

@@ -24,6 +24,7 @@ import (
 
 	"hearth.dev/hearth/api/v1alpha1"
 	"hearth.dev/hearth/internal/hostlifecycle"
+	"hearth.dev/hearth/internal/migration"
 	"hearth.dev/hearth/internal/network/ipam"
 	"hearth.dev/hearth/internal/quota"
 	"hearth.dev/hearth/internal/scheduler"
@@ -164,6 +165,11 @@ func runControllersOnce(ctx context.Context, log *slog.Logger, cfg *rest.Config,
 	}
 	pools := &warmpool.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-warmpool"), Log: log}
 	if err := pools.SetupWithManager(ctx, mgr); err != nil {
+		return err
+	}
+	moves := &migration.Controller{Client: mgr.GetClient(), Recorder: mgr.GetEventRecorderFor("hearth-migration"), Log: log,
+		Policy: v1alpha1.Placement(o.Placement)}
+	if err := moves.SetupWithManager(mgr); err != nil {
 		return err
 	}
 	quotas := &quota.Controller{Client: mgr.GetClient(), Log: log}

@@ -133,6 +133,10 @@ type Agent struct {
 	net       *hostNetwork
 	// server is the API server's address, which sandboxes never reach.
 	server string
+	// moves are the migrations under way to or from this host; ctx is
+	// the agent's life, which the sending of one lasts at most.
+	moves *moves
+	ctx   context.Context
 }
 
 // artifacts are what a host holds that makes starting sandboxes cheaper
@@ -207,6 +211,8 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		wake:      make(chan event.GenericEvent, 256),
 		gcNow:     make(chan struct{}, 1),
 		reportNow: make(chan struct{}, 1),
+		moves:     newMoves(),
+		ctx:       ctx,
 	}
 	a.templates = &templates{a: a, ctx: ctx, builds: map[string]*templateBuild{}, running: map[string]bool{}}
 	a.server = restCfg.Host
@@ -243,6 +249,12 @@ func Run(ctx context.Context, restCfg *rest.Config, cfg Config) error {
 		Named("snapshots").
 		For(&v1alpha1.Snapshot{}).
 		Complete(snapshotReconciler{a}); err != nil {
+		return err
+	}
+	if err := ctrl.NewControllerManagedBy(mgr).
+		Named("migrations").
+		For(&v1alpha1.Migration{}).
+		Complete(migrationReconciler{a}); err != nil {
 		return err
 	}
 	for _, r := range []manager.RunnableFunc{

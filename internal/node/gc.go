@@ -64,8 +64,8 @@ func (a *Agent) collect(ctx context.Context) error {
 	var errs []error
 	for _, e := range entries {
 		uid := types.UID(e.Name())
-		if !e.IsDir() || mine[uid] {
-			continue
+		if !e.IsDir() || mine[uid] || a.moves.receiving(uid) {
+			continue // (a sandbox migrating here is bound elsewhere until the switch)
 		}
 		// Not in the cache may mean "created a moment ago": ask the API
 		// server before removing anything.

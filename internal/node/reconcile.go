@@ -164,6 +164,11 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 	if st.Phase.Terminal() {
 		return reconcile.Result{}, nil
 	}
+	if state.Reason == "Migrated" && a.movedAway(ctx, sb) {
+		// Its VM runs on the target: the control plane binds it there,
+		// and this host's copy of it is garbage from then on.
+		return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
+	}
 	// A VM that did not boot is the host's failure, not the workload's:
 	// boot again a few times, whatever the restart policy, as the kubelet
 	// retries a pod sandbox it could not create.

@@ -21,8 +21,10 @@ import (
 )
 
 // serveStreams serves the sandboxes' streams to the API server: HTTPS
-// with a certificate from hearth's CA, and only to clients whose
-// certificate from the same CA says they are an API server.
+// with a certificate from hearth's streams CA, and only to clients whose
+// certificate from the same CA says they are an API server; and the
+// streams of migrations to this host to the source's node agent
+// (serveMigration).
 func (a *Agent) serveStreams(ctx context.Context) error {
 	cert, err := tls.LoadX509KeyPair(a.cfg.Serving.CertFile, a.cfg.Serving.KeyFile)
 	if err != nil {
@@ -32,8 +34,13 @@ func (a *Agent) serveStreams(ctx context.Context) error {
 	mux.HandleFunc("GET /sandboxes/{ns}/{name}/log", a.serveLog)
 	mux.HandleFunc("/sandboxes/{ns}/{name}/exec", a.serveRemoteCommand(false))
 	mux.HandleFunc("/sandboxes/{ns}/{name}/attach", a.serveRemoteCommand(true))
+	// A migration's stream comes from the source's node agent, the rest
+	// from API servers.
+	root := http.NewServeMux()
+	root.Handle("/", onlyAPIServers(mux))
+	root.HandleFunc("POST /migrations/{uid}/stream", a.serveMigration)
 	srv := &http.Server{
-		Handler: onlyAPIServers(mux),
+		Handler: root,
 		TLSConfig: &tls.Config{
 			Certificates: []tls.Certificate{cert},
 			ClientAuth:   tls.RequireAndVerifyClientCert,

@@ -303,9 +303,10 @@ func SelfSigned(hosts []string, d time.Duration) (certPEM, keyPEM []byte, err er
 // an API user: hearth-node:HOST.
 const NodeUserPrefix = "hearth-node:"
 
-// NodeServingRequest is the certificate a node agent serves streams with.
+// NodeServingRequest is the certificate a node agent serves streams with,
+// and sends a migration's stream to another node agent with (a client).
 func NodeServingRequest(name, host string) Request {
-	return Request{Name: "node-" + name, CN: NodeUserPrefix + name, Hosts: []string{host}, Server: true}
+	return Request{Name: "node-" + name, CN: NodeUserPrefix + name, Hosts: []string{host}, Server: true, Client: true}
 }
 
 // NodeClientRequest is the certificate a node agent calls the API with.

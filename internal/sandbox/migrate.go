@@ -393,7 +393,7 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	if err := in.Resume(ctx); err != nil {
 		return nil, err
 	}
-	if err := r.Control(ctx, protocol.Control{Action: protocol.Migrated, Time: time.Now().UnixNano()}); err != nil {
+	if err := r.Control(ctx, protocol.Control{Action: protocol.Migrated, Time: time.Now().UnixNano(), Network: spec.Network}); err != nil {
 		return nil, err
 	}
 	log.Debug("migrated in", "id", id, "took", time.Since(start))

@@ -40,7 +40,7 @@ func act(st *protocol.Control) error {
 	case protocol.Restored:
 		return restored(st)
 	case protocol.Migrated:
-		return setClock(st.Time)
+		return migrated(st)
 	case protocol.Probe:
 		c, err := net.DialTimeout("tcp", net.JoinHostPort("127.0.0.1", strconv.Itoa(st.Port)), time.Second)
 		if err != nil {
@@ -98,6 +98,22 @@ func restored(st *protocol.Control) error {
 		if err := os.WriteFile("/etc/machine-id", []byte(hex.EncodeToString(id)+"\n"), 0o444); err != nil {
 			return fmt.Errorf("machine-id: %w", err)
 		}
+	}
+	return nil
+}
+
+// migrated sets the clock and, if the new host gives one, the network
+// (an address of the new host's range).
+func migrated(st *protocol.Control) error {
+	if err := setClock(st.Time); err != nil {
+		return err
+	}
+	if st.Network == nil {
+		return nil
+	}
+	name, _ := os.Hostname()
+	if err := setupNetwork(st.Network, name); err != nil {
+		return fmt.Errorf("set up the network: %w", err)
 	}
 	return nil
 }

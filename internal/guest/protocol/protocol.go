@@ -305,8 +305,9 @@ const (
 	// but the workload's (their host was the source's) and makes the
 	// workload's output credit whole again; a workload that had already
 	// exited has its Exit reported again (it went to the source's host,
-	// which drops it once it has handed the sandbox over). Hostname,
-	// random pool, machine-id and network stay as they were.
+	// which drops it once it has handed the sandbox over). With Network,
+	// the interface takes the new host's address, gateway and DNS.
+	// Hostname, random pool and machine-id stay as they were.
 	Migrated Action = "migrated"
 	// Probe succeeds if a TCP connection to 127.0.0.1:Port is accepted in
 	// the guest (a template's readiness check).
@@ -320,7 +321,7 @@ type Control struct {
 	Hostname string   `json:"hostname,omitempty"` // Restored
 	Time     int64    `json:"time,omitempty"`     // Restored, Migrated
 	Entropy  []byte   `json:"entropy,omitempty"`  // Restored
-	Network  *Network `json:"network,omitempty"`  // Restored
+	Network  *Network `json:"network,omitempty"`  // Restored, Migrated
 	Port     int      `json:"port,omitempty"`     // Probe
 }
 

@@ -170,3 +170,18 @@ func Last(p netip.Prefix) netip.Addr {
 	p = p.Masked()
 	return addr(u32(p.Addr()) | (1<<(32-p.Bits()) - 1))
 }
+
+// CheckSandboxAddr is nil if ip is an address of cidr (a host's range)
+// that a sandbox may have: not its network, gateway (its first two) or
+// broadcast address.
+func CheckSandboxAddr(ip, cidr string) error {
+	p, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		return fmt.Errorf("%s: the host has no sandbox range", ip)
+	}
+	a, err := netip.ParseAddr(ip)
+	if err != nil || !p.Contains(a) || a == p.Masked().Addr() || a == p.Masked().Addr().Next() || a == Last(p) {
+		return fmt.Errorf("%s is not a sandbox address of the host's range %s", ip, p)
+	}
+	return nil
+}

@@ -1,0 +1,578 @@
+package node
+
+import (
+	"bufio"
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/client-go/util/retry"
+	"sigs.k8s.io/controller-runtime/pkg/client"
+	"sigs.k8s.io/controller-runtime/pkg/reconcile"
+
+	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/pki"
+	"hearth.dev/hearth/internal/shim"
+	"hearth.dev/hearth/internal/vmm"
+)
+
+// A migration between two hosts, as their node agents see it (the
+// control plane has picked the target: internal/migration):
+//
+//  1. Preparing: the target's agent gives the sandbox an address of its
+//     range and a tap, starts a shim in incoming mode whose stream is one
+//     end of a socket pair, and keeps the other end for the source; then
+//     Copying, with the address.
+//  2. Copying: the source's agent connects to the target's stream server
+//     (mutual TLS: each side's certificate from the streams CA names its
+//     node, and the target takes the stream only from the migration's
+//     source), and relays between that connection and a socket pair whose
+//     other end it sends its shim (shim.Migrate). The shims' sandbox
+//     layers check, bound and hand over (docs/migration.md).
+//  3. The target's agent reports Succeeded once its shim runs the sandbox;
+//     the control plane then binds the sandbox to the target, whose agent
+//     serves it from then on as any other, and the source's agent lets go
+//     of its run (it ended Migrated) and its address.
+//
+// A failure at any step is Failed with the reason; the sandbox runs on at
+// the source, and the target removes what it prepared. Deleting the
+// Migration cancels it (before the switch: after it, the move completes).
+
+// upgradeMigration is the protocol a migration stream's request upgrades
+// to.
+const upgradeMigration = "hearth-migration"
+
+// moves are this host's migrations under way.
+type moves struct {
+	mu  sync.Mutex
+	in  map[types.NamespacedName]*incomingMove
+	out map[types.NamespacedName]context.CancelFunc
+}
+
+// incomingMove is a migration to this host, prepared.
+type incomingMove struct {
+	uid, sandbox types.UID
+	source       string // the node whose agent may send the stream
+	dir, run     string
+	stream       net.Conn // the relay's end of the shim's stream; nil once taken
+}
+
+func newMoves() *moves {
+	return &moves{in: map[types.NamespacedName]*incomingMove{}, out: map[types.NamespacedName]context.CancelFunc{}}
+}
+
+// receiving reports whether a sandbox's directory is an incoming
+// migration's (not garbage while the sandbox is bound elsewhere).
+func (m *moves) receiving(sandbox types.UID) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, in := range m.in {
+		if in.sandbox == sandbox {
+			return true
+		}
+	}
+	return false
+}
+
+// take hands the stream of migration uid to its source's connection,
+// once.
+func (m *moves) take(uid types.UID, from string) (net.Conn, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	for _, in := range m.in {
+		if in.uid != uid {
+			continue
+		}
+		if in.source != from {
+			return nil, fmt.Errorf("migration %s comes from %s, not %s", uid, in.source, from)
+		}
+		if in.stream == nil {
+			return nil, fmt.Errorf("migration %s has its stream already", uid)
+		}
+		s := in.stream
+		in.stream = nil
+		return s, nil
+	}
+	return nil, fmt.Errorf("no migration %s waits here", uid)
+}
+
+// migrationReconciler is the node agent's side of Migrations: this host
+// as a target, or as a source.
+type migrationReconciler struct{ a *Agent }
+
+func (r migrationReconciler) Reconcile(ctx context.Context, req reconcile.Request) (reconcile.Result, error) {
+	a := r.a
+	var m v1alpha1.Migration
+	err := a.client.Get(ctx, req.NamespacedName, &m)
+	if err != nil && !apierrors.IsNotFound(err) {
+		return reconcile.Result{}, err
+	}
+	if err != nil {
+		// Gone (its finalizer is released once it has ended and its
+		// sandbox is bound where it runs): what is left here of it is
+		// garbage unless the sandbox is bound here.
+		a.cancelOutgoing(req.NamespacedName)
+		a.moves.mu.Lock()
+		in := a.moves.in[req.NamespacedName]
+		a.moves.mu.Unlock()
+		if in != nil {
+			a.dropIncoming(ctx, req.NamespacedName, !a.exists(ctx, in.sandbox))
+		}
+		return reconcile.Result{}, nil
+	}
+	deleting := !m.DeletionTimestamp.IsZero()
+	switch a.cfg.Name {
+	case m.Status.TargetHost:
+		return a.receive(ctx, &m, deleting)
+	case m.Status.SourceHost:
+		switch {
+		case deleting || m.Status.Phase.Terminal():
+			a.cancelOutgoing(req.NamespacedName)
+		case m.Status.Phase == v1alpha1.MigrationCopying:
+			a.send(&m)
+		}
+	}
+	return reconcile.Result{}, nil
+}
+
+// receive is the target's part; deleting, it cancels what has not
+// switched.
+func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting bool) (reconcile.Result, error) {
+	key := types.NamespacedName{Namespace: m.Namespace, Name: m.Name}
+	a.moves.mu.Lock()
+	in := a.moves.in[key]
+	a.moves.mu.Unlock()
+	if deleting && !m.Status.Phase.Terminal() {
+		if in != nil {
+			if st, err := shim.ReadState(in.run); err == nil && st.Phase == shim.Running {
+				return a.switched(ctx, m) // too late to cancel
+			}
+			a.dropIncoming(ctx, key, true)
+		}
+		return reconcile.Result{}, a.migrationFailed(ctx, m, "Cancelled", errors.New("the migration was deleted before the switch"))
+	}
+	switch m.Status.Phase {
+	case v1alpha1.MigrationPreparing:
+		if in != nil {
+			return reconcile.Result{RequeueAfter: time.Second}, nil // its status is on its way
+		}
+		ip, err := a.prepareIncoming(ctx, m, key)
+		if err != nil {
+			return reconcile.Result{}, a.migrationFailed(ctx, m, "PrepareFailed", err)
+		}
+		return reconcile.Result{}, a.updateMigration(ctx, m, func(st *v1alpha1.MigrationStatus) {
+			if st.Phase == v1alpha1.MigrationPreparing {
+				st.Phase, st.TargetIP = v1alpha1.MigrationCopying, ip
+			}
+		})
+	case v1alpha1.MigrationCopying:
+		if in == nil {
+			return reconcile.Result{}, a.migrationFailed(ctx, m, "TargetRestarted", errors.New("the target's node agent restarted and lost the incoming VM"))
+		}
+		st, err := shim.ReadState(in.run)
+		switch {
+		case err != nil:
+			return reconcile.Result{}, err
+		case st.Phase == shim.Running:
+			return a.switched(ctx, m)
+		case st.Phase == shim.Exited || !shim.Alive(in.run):
+			a.dropIncoming(ctx, key, true)
+			return reconcile.Result{}, a.migrationFailed(ctx, m, orDefault(st.Reason, "MigrationFailed"), errors.New(orDefault(st.Message, "the incoming VM ended")))
+		}
+		return reconcile.Result{RequeueAfter: 200 * time.Millisecond}, nil
+	case v1alpha1.MigrationSucceeded:
+		// Held until the sandbox is bound here (the control plane's
+		// part): from then on the sandbox reconciler serves it.
+		if in == nil || a.exists(ctx, in.sandbox) {
+			a.dropIncoming(ctx, key, false)
+			return reconcile.Result{}, nil
+		}
+		return reconcile.Result{RequeueAfter: 500 * time.Millisecond}, nil
+	case v1alpha1.MigrationFailed:
+		a.dropIncoming(ctx, key, true)
+	}
+	return reconcile.Result{}, nil
+}
+
+// switched reports that the sandbox runs here now.
+func (a *Agent) switched(ctx context.Context, m *v1alpha1.Migration) (reconcile.Result, error) {
+	return reconcile.Result{RequeueAfter: time.Second}, a.updateMigration(ctx, m, func(s *v1alpha1.MigrationStatus) {
+		if !s.Phase.Terminal() {
+			now := metav1.Now()
+			s.Phase, s.CompletedAt = v1alpha1.MigrationSucceeded, &now
+		}
+	})
+}
+
+func orDefault(s, d string) string {
+	if s == "" {
+		return d
+	}
+	return s
+}
+
+// prepareIncoming readies this host for the migration's sandbox: an
+// address and a tap, and a shim waiting for the stream. It returns the
+// address ("" without a network).
+func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key types.NamespacedName) (ip string, err error) {
+	var sb v1alpha1.Sandbox
+	if err := a.reader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Sandbox}, &sb); err != nil {
+		return "", err
+	}
+	if sb.UID != m.Status.SandboxUID {
+		return "", fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
+	}
+	dir := a.sandboxDir(sb.UID)
+	if _, err := os.Stat(dir); err == nil {
+		return "", fmt.Errorf("this host still has files of sandbox %s (%s)", sb.Name, dir)
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return "", err
+	}
+	defer func() {
+		if err != nil {
+			err = errors.Join(err, a.net.release(sb.UID, dir), os.RemoveAll(dir))
+		}
+	}()
+	spec := shim.Spec{Sandbox: sandboxSpec(&sb)}
+	if a.net.enabled {
+		if !a.net.isReady() {
+			return "", errors.New("the host has no sandbox range yet")
+		}
+		// An address of this host's range: until addresses follow their
+		// sandboxes, the guest takes it at the switch (the migrated
+		// control's network).
+		here := sb.DeepCopy()
+		here.Status.IP = ""
+		if _, err := a.net.lease(here); err != nil {
+			return "", err
+		}
+		tap, nic, err := a.net.attach(here, dir)
+		if err != nil {
+			return "", fmt.Errorf("network: %w", err)
+		}
+		spec.Sandbox.Tap, spec.Sandbox.Network, ip = tap, nic, here.Status.IP
+	}
+	started := time.Now()
+	if sb.Status.StartedAt != nil {
+		started = sb.Status.StartedAt.Time
+	}
+	if err := os.WriteFile(filepath.Join(dir, "started"), []byte(started.Format(time.RFC3339Nano)), 0o600); err != nil {
+		return "", err
+	}
+	n := int(sb.Status.RestartCount)
+	run := runDir(dir, n)
+	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n)))
+	spec.LogMax = a.cfg.LogMax
+	a.hostSpec(ctx, &spec)
+	send, recv, err := vmm.StreamPair()
+	if err != nil {
+		return "", err
+	}
+	defer recv.Close() // the shim has its own
+	relayEnd, err := net.FileConn(send)
+	send.Close()
+	if err != nil {
+		return "", err
+	}
+	if _, err := shim.StartIncoming(run, spec, a.cfg.Shim, recv); err != nil {
+		relayEnd.Close()
+		return "", err
+	}
+	a.moves.mu.Lock()
+	a.moves.in[key] = &incomingMove{uid: m.UID, sandbox: sb.UID, source: m.Status.SourceHost, dir: dir, run: run, stream: relayEnd}
+	a.moves.mu.Unlock()
+	a.log.Info("migration: waiting for the stream", "sandbox", m.Namespace+"/"+sb.Name, "from", m.Status.SourceHost, "run", n)
+	return ip, nil
+}
+
+// dropIncoming forgets a migration to this host; with discard (it did
+// not take the sandbox over) its shim, files and address go too.
+func (a *Agent) dropIncoming(ctx context.Context, key types.NamespacedName, discard bool) {
+	a.moves.mu.Lock()
+	in := a.moves.in[key]
+	delete(a.moves.in, key)
+	a.moves.mu.Unlock()
+	if in == nil {
+		return
+	}
+	if in.stream != nil {
+		in.stream.Close()
+	}
+	if !discard {
+		return
+	}
+	err := errors.Join(shim.Stop(ctx, in.run, stopGrace), a.net.release(in.sandbox, in.dir), os.RemoveAll(in.dir))
+	if err != nil {
+		a.log.Warn("migration: remove an incoming VM", "migration", key, "err", err)
+	}
+}
+
+// send starts the source's part, once.
+func (a *Agent) send(m *v1alpha1.Migration) {
+	key := types.NamespacedName{Namespace: m.Namespace, Name: m.Name}
+	a.moves.mu.Lock()
+	defer a.moves.mu.Unlock()
+	if _, ok := a.moves.out[key]; ok {
+		return
+	}
+	ctx, cancel := context.WithCancel(a.ctx)
+	a.moves.out[key] = cancel
+	m = m.DeepCopy()
+	go func() {
+		defer a.cancelOutgoing(key)
+		start := time.Now()
+		stats, err := a.migrateOut(ctx, m)
+		if err != nil {
+			a.log.Info("migration failed at the source", "migration", key, "err", err)
+			if ctx.Err() == nil { // not cancelled: the migration is still there
+				_ = a.migrationFailed(a.ctx, m, "TransferFailed", err)
+			}
+			return
+		}
+		a.log.Info("migration: sent", "migration", key, "took", time.Since(start), "downtime", stats.Downtime, "bytes", stats.Bytes)
+		err = a.updateMigration(a.ctx, m, func(st *v1alpha1.MigrationStatus) {
+			st.DowntimeMillis, st.TotalMillis = stats.Downtime.Milliseconds(), stats.Total.Milliseconds()
+			st.Bytes, st.Rounds = stats.Bytes, stats.Rounds
+		})
+		if err != nil {
+			a.log.Warn("migration: report the transfer", "migration", key, "err", err)
+		}
+	}()
+}
+
+func (a *Agent) cancelOutgoing(key types.NamespacedName) {
+	a.moves.mu.Lock()
+	cancel := a.moves.out[key]
+	delete(a.moves.out, key)
+	a.moves.mu.Unlock()
+	if cancel != nil {
+		cancel()
+	}
+}
+
+// migrateOut connects to the target and has the sandbox's shim send its
+// VM over the connection.
+func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (vmm.MigrateStats, error) {
+	var sb v1alpha1.Sandbox
+	if err := a.client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Sandbox}, &sb); err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	if sb.UID != m.Status.SandboxUID {
+		return vmm.MigrateStats{}, fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
+	}
+	dir := a.sandboxDir(sb.UID)
+	runs, err := listRuns(dir)
+	if err != nil || len(runs) == 0 {
+		return vmm.MigrateStats{}, fmt.Errorf("sandbox %s has no run on this host: %v", sb.Name, err)
+	}
+	run := runDir(dir, runs[len(runs)-1])
+	var target v1alpha1.Host
+	if err := a.net.all.Get(ctx, types.NamespacedName{Name: m.Status.TargetHost}, &target); err != nil {
+		return vmm.MigrateStats{}, fmt.Errorf("target host: %w", err)
+	}
+	conn, err := a.dialMigration(ctx, &target, m.UID)
+	if err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	send, recv, err := vmm.StreamPair()
+	if err != nil {
+		conn.Close()
+		return vmm.MigrateStats{}, err
+	}
+	local, err := net.FileConn(recv)
+	recv.Close()
+	if err != nil {
+		send.Close()
+		conn.Close()
+		return vmm.MigrateStats{}, err
+	}
+	relayed := make(chan struct{})
+	go func() {
+		defer close(relayed)
+		relay(conn, local)
+	}()
+	stats, err := shim.Migrate(ctx, run, send, shim.MigrateOptions{})
+	// The stream is over either way. Once the shim and its VMM have let go
+	// of their copies of the socket, the relay reads its end, having
+	// passed on every byte (the handover's word among them), and ends.
+	send.Close()
+	select {
+	case <-relayed:
+	case <-time.After(5 * time.Second):
+		conn.Close()
+		local.Close()
+	}
+	return stats, err
+}
+
+// relay copies between a and b both ways until either direction ends (a
+// migration's stream is over when one side stops: neither half-closes),
+// then closes both.
+func relay(a, b io.ReadWriteCloser) {
+	var once sync.Once
+	closeBoth := func() { once.Do(func() { a.Close(); b.Close() }) }
+	var wg sync.WaitGroup
+	pipe := func(dst, src io.ReadWriteCloser) {
+		defer wg.Done()
+		defer closeBoth()
+		_, _ = io.Copy(dst, src)
+	}
+	wg.Add(2)
+	go pipe(a, b)
+	go pipe(b, a)
+	wg.Wait()
+}
+
+// dialMigration connects to the target host's stream server for the
+// stream of migration uid: TLS with this node's certificate, to a server
+// whose certificate from the streams CA names the target node.
+func (a *Agent) dialMigration(ctx context.Context, target *v1alpha1.Host, uid types.UID) (io.ReadWriteCloser, error) {
+	addr := target.Status.Address
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("target host %s has no stream address (%q)", target.Name, addr)
+	}
+	cert, err := tls.LoadX509KeyPair(a.cfg.Serving.CertFile, a.cfg.Serving.KeyFile)
+	if err != nil {
+		return nil, err
+	}
+	want := pki.NodeUserPrefix + target.Name
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: &tls.Config{
+		Certificates: []tls.Certificate{cert}, RootCAs: a.cfg.CA.Pool(), ServerName: host, MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"http/1.1"}, // an upgrade: not HTTP/2
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != want {
+				return fmt.Errorf("the server at %s is not %s", addr, want)
+			}
+			return nil
+		},
+	}}
+	c, err := d.DialContext(ctx, "tcp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("connect to %s: %w", target.Name, err)
+	}
+	tc := c.(*tls.Conn)
+	_ = tc.SetDeadline(time.Now().Add(30 * time.Second))
+	fmt.Fprintf(tc, "POST %s HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: %s\r\nContent-Length: 0\r\n\r\n",
+		v1alpha1.NodeMigrationPath(string(uid)), addr, upgradeMigration)
+	br := bufio.NewReader(tc)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		tc.Close()
+		return nil, fmt.Errorf("%s: %w", target.Name, err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		tc.Close()
+		return nil, fmt.Errorf("%s refused the stream: %s: %s", target.Name, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	_ = tc.SetDeadline(time.Time{}) // the sandbox layers bound every wait from here
+	return &bufferedConn{tc, br}, nil
+}
+
+// bufferedConn reads through the reader that read its HTTP response.
+type bufferedConn struct {
+	*tls.Conn
+	r *bufio.Reader
+}
+
+func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
+
+// serveMigration takes a migration's stream from the source's node agent:
+// only the node the migration comes from, once.
+func (a *Agent) serveMigration(w http.ResponseWriter, r *http.Request) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		http.Error(w, "a node's certificate is needed", http.StatusForbidden)
+		return
+	}
+	peer := r.TLS.VerifiedChains[0][0]
+	from, ok := strings.CutPrefix(peer.Subject.CommonName, pki.NodeUserPrefix)
+	if !ok || from == "" || isAPIServer(peer) {
+		http.Error(w, "only a node agent may send a migration", http.StatusForbidden)
+		return
+	}
+	if !strings.EqualFold(r.Header.Get("Upgrade"), upgradeMigration) {
+		http.Error(w, "want Upgrade: "+upgradeMigration, http.StatusBadRequest)
+		return
+	}
+	stream, err := a.moves.take(types.UID(r.PathValue("uid")), from)
+	if err != nil {
+		http.Error(w, err.Error(), http.StatusForbidden)
+		return
+	}
+	hj, ok := w.(http.Hijacker)
+	if !ok {
+		stream.Close()
+		http.Error(w, "the connection cannot be taken over", http.StatusInternalServerError)
+		return
+	}
+	c, brw, err := hj.Hijack()
+	if err != nil {
+		stream.Close()
+		return
+	}
+	_ = c.SetDeadline(time.Time{})
+	fmt.Fprintf(brw, "HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: %s\r\n\r\n", upgradeMigration)
+	if err := brw.Flush(); err != nil {
+		c.Close()
+		stream.Close()
+		return
+	}
+	a.log.Info("migration: stream from the source", "from", from)
+	relay(&bufferedConn{c.(*tls.Conn), brw.Reader}, stream)
+}
+
+// movedAway reports whether the sandbox, whose run here ended Migrated,
+// runs on another host now (a migration of it succeeded, or is about
+// to): else the sandbox runs nowhere, and is handled as a run that ended.
+func (a *Agent) movedAway(ctx context.Context, sb *v1alpha1.Sandbox) bool {
+	var list v1alpha1.MigrationList
+	if err := a.client.List(ctx, &list, client.InNamespace(sb.Namespace)); err != nil {
+		return true // when in doubt, wait
+	}
+	for _, m := range list.Items {
+		if m.Status.SandboxUID == sb.UID && m.Status.Phase != v1alpha1.MigrationFailed {
+			return true
+		}
+	}
+	return false
+}
+
+// migrationFailed ends a migration with a reason (unless it has ended).
+func (a *Agent) migrationFailed(ctx context.Context, m *v1alpha1.Migration, reason string, err error) error {
+	return a.updateMigration(ctx, m, func(st *v1alpha1.MigrationStatus) {
+		if !st.Phase.Terminal() {
+			now := metav1.Now()
+			st.Phase, st.Reason, st.Message, st.CompletedAt = v1alpha1.MigrationFailed, reason, shim.ClipMessage(err.Error()), &now
+		}
+	})
+}
+
+// updateMigration applies change to the migration's latest status.
+func (a *Agent) updateMigration(ctx context.Context, m *v1alpha1.Migration, change func(*v1alpha1.MigrationStatus)) error {
+	key := types.NamespacedName{Namespace: m.Namespace, Name: m.Name}
+	return client.IgnoreNotFound(retry.RetryOnConflict(retry.DefaultBackoff, func() error {
+		var cur v1alpha1.Migration
+		if err := a.reader.Get(ctx, key, &cur); err != nil {
+			return err
+		}
+		if cur.UID != m.UID {
+			return nil
+		}
+		change(&cur.Status)
+		return a.client.Status().Update(ctx, &cur)
+	}))
+}
