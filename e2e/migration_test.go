@@ -187,6 +187,43 @@ func TestMigration(t *testing.T) {
 			t.Errorf("the peer was restarted: %s", n)
 		}
 	})
+	t.Run("drain", func(t *testing.T) {
+		// Both sandboxes on one host, which is drained: each is migrated,
+		// none restarted.
+		on := m.field("mover", ".status.hostName")
+		if p := m.field("peer", ".status.hostName"); p != on {
+			r := m.hearth("", "migrate", "peer", "--to", on)
+			if r.code != 0 {
+				t.Fatalf("migrate the peer to %s: %s", on, r.stderr)
+			}
+			waitFor(t, "the peer bound to "+on, time.Minute, func() bool { return m.field("peer", ".status.hostName") == on })
+		}
+		before := counter(t)
+		r := m.hearth("", "host", "drain", on, "--timeout", "3m")
+		if r.code != 0 {
+			t.Fatalf("hearth host drain %s: exit %d: %s %s", on, r.code, r.stdout, r.stderr)
+		}
+		defer m.hearth("", "host", "uncordon", on)
+		for _, sb := range []string{"mover", "peer"} {
+			if !strings.Contains(r.stdout, "migrating sandbox default/"+sb) || strings.Contains(r.stdout, "evicting sandbox default/"+sb) {
+				t.Errorf("drain did not migrate %s:\n%s", sb, r.stdout)
+			}
+			waitFor(t, sb+" running elsewhere", time.Minute, func() bool {
+				h := m.field(sb, ".status.hostName")
+				return h != on && h != "" && m.field(sb, ".status.phase") == "Running"
+			})
+			if n := m.field(sb, ".status.restartCount"); n != "" && n != "0" {
+				t.Errorf("%s restarted by the drain: restartCount %s", sb, n)
+			}
+		}
+		if got := m.mustKubectl("get", "host", on, "-o", "jsonpath={.spec.unschedulable}"); got != "true" {
+			t.Errorf("the drained host is not cordoned: %q", got)
+		}
+		if after := counter(t); after <= before {
+			t.Errorf("the counter after the drain: %d, before %d", after, before)
+		}
+		checkFile(t, before)
+	})
 	if t.Failed() {
 		t.Log(m.logs())
 	}

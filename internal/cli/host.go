@@ -14,6 +14,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/migration"
 	"hearth.dev/hearth/internal/config"
 	"hearth.dev/hearth/internal/pki"
 )
@@ -65,14 +66,17 @@ func (a *api) setUnschedulable(ctx context.Context, name string, v bool) error {
 
 func drainCmd(g *globals) *cobra.Command {
 	var timeout time.Duration
+	var migrate bool
 	cmd := &cobra.Command{
 		Use:   "drain NAME",
 		Short: "Cordon a host and move its running sandboxes to other hosts",
-		Long: `Cordons the host, then asks its node agent to stop each sandbox that has not
-ended and give it back to the scheduler, which places it on another host
-where it starts again from its image (live migration will take its place).
-Sandboxes of a host that is not ready are given back at once. Waits until
-none is left on the host, or --timeout.`,
+		Long: `Cordons the host, then moves each sandbox that has not ended to another host:
+a running one that can migrate is migrated (a Migration: it runs on there,
+not restarted); the others, and those whose migration fails, are stopped
+and given back to the scheduler, which places each on another host where it
+starts again from its image. It says which. Sandboxes of a host that is not
+ready are given back at once. Waits until none is left on the host, or
+--timeout.`,
 		Args: cobra.ExactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			a, err := g.api()
@@ -93,6 +97,7 @@ none is left on the host, or --timeout.`,
 			out := cmd.OutOrStdout()
 			fmt.Fprintf(out, "host/%s cordoned\n", name)
 			asked := map[types.UID]bool{}
+			moving := map[types.UID]string{} // sandbox → its migration
 			for {
 				left, err := a.sandboxesOn(ctx, name)
 				if err != nil {
@@ -107,11 +112,32 @@ none is left on the host, or --timeout.`,
 					if asked[sb.UID] {
 						continue
 					}
+					why := ""
+					if m, ok := moving[sb.UID]; ok {
+						if why = a.migrationFailed(ctx, sb.Namespace, m); why == "" {
+							continue // under way
+						}
+					} else if ready && migrate {
+						reason, refusal := migration.Refusal(sb)
+						if reason == "" {
+							m, err := a.startMigration(ctx, sb)
+							if err != nil {
+								return fmt.Errorf("migrate %s/%s: %w", sb.Namespace, sb.Name, err)
+							}
+							moving[sb.UID] = m
+							fmt.Fprintf(out, "migrating sandbox %s/%s (migration %s)\n", sb.Namespace, sb.Name, m)
+							continue
+						}
+						why = "it cannot migrate: " + refusal
+					}
 					if err := a.evict(ctx, sb, name, ready); err != nil {
 						return fmt.Errorf("evict %s/%s: %w", sb.Namespace, sb.Name, err)
 					}
 					asked[sb.UID] = true
-					fmt.Fprintf(out, "evicting sandbox %s/%s\n", sb.Namespace, sb.Name)
+					if why != "" {
+						why = " (" + why + ")"
+					}
+					fmt.Fprintf(out, "evicting sandbox %s/%s to restart it elsewhere%s\n", sb.Namespace, sb.Name, why)
 				}
 				select {
 				case <-ctx.Done():
@@ -122,7 +148,34 @@ none is left on the host, or --timeout.`,
 		},
 	}
 	cmd.Flags().DurationVar(&timeout, "timeout", 5*time.Minute, "give up after this long")
+	cmd.Flags().BoolVar(&migrate, "migrate", true, "migrate the sandboxes that can be (false: restart every one elsewhere)")
 	return cmd
+}
+
+// startMigration creates a Migration of sb to a host the scheduler picks,
+// and returns its name.
+func (a *api) startMigration(ctx context.Context, sb *v1alpha1.Sandbox) (string, error) {
+	m := &v1alpha1.Migration{ObjectMeta: metav1.ObjectMeta{Namespace: sb.Namespace, GenerateName: sb.Name + "-drain-"},
+		Spec: v1alpha1.MigrationSpec{Sandbox: sb.Name}}
+	if err := a.client.Create(ctx, m); err != nil {
+		return "", err
+	}
+	return m.Name, nil
+}
+
+// migrationFailed says why the migration failed ("": it has not).
+func (a *api) migrationFailed(ctx context.Context, namespace, name string) string {
+	var m v1alpha1.Migration
+	if err := a.client.Get(ctx, types.NamespacedName{Namespace: namespace, Name: name}, &m); err != nil {
+		if apierrors.IsNotFound(err) {
+			return "its migration " + name + " was deleted"
+		}
+		return "" // asked again in a moment
+	}
+	if m.Status.Phase == v1alpha1.MigrationFailed {
+		return fmt.Sprintf("its migration %s failed: %s: %s", name, m.Status.Reason, m.Status.Message)
+	}
+	return ""
 }
 
 // sandboxesOn lists the sandboxes bound to a host that have not ended.

@@ -320,7 +320,8 @@ func (a *Agent) dropIncoming(ctx context.Context, key types.NamespacedName, disc
 	}
 }
 
-// send starts the source's part, once.
+// send starts the source's part, once: the entry stays until the
+// migration has ended or is gone (a stream is never sent twice).
 func (a *Agent) send(m *v1alpha1.Migration) {
 	key := types.NamespacedName{Namespace: m.Namespace, Name: m.Name}
 	a.moves.mu.Lock()
@@ -332,11 +333,16 @@ func (a *Agent) send(m *v1alpha1.Migration) {
 	a.moves.out[key] = cancel
 	m = m.DeepCopy()
 	go func() {
-		defer a.cancelOutgoing(key)
+		defer cancel()
 		start := time.Now()
-		stats, err := a.migrateOut(ctx, m)
+		stats, run, err := a.migrateOut(ctx, m)
 		if err != nil {
 			a.log.Info("migration failed at the source", "migration", key, "err", err)
+			if st, serr := shim.ReadState(run); run != "" && serr == nil && st.Reason == "Migrated" {
+				// Handed over all the same (an error after the switch):
+				// the target says how it ended.
+				return
+			}
 			if ctx.Err() == nil { // not cancelled: the migration is still there
 				_ = a.migrationFailed(a.ctx, m, "TransferFailed", err)
 			}
@@ -364,47 +370,47 @@ func (a *Agent) cancelOutgoing(key types.NamespacedName) {
 }
 
 // migrateOut connects to the target and has the sandbox's shim send its
-// VM over the connection.
-func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (vmm.MigrateStats, error) {
+// VM over the connection; it returns the shim's run directory too.
+func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (stats vmm.MigrateStats, run string, err error) {
 	var sb v1alpha1.Sandbox
 	if err := a.client.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Sandbox}, &sb); err != nil {
-		return vmm.MigrateStats{}, err
+		return stats, "", err
 	}
 	if sb.UID != m.Status.SandboxUID {
-		return vmm.MigrateStats{}, fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
+		return stats, "", fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
 	}
 	dir := a.sandboxDir(sb.UID)
 	runs, err := listRuns(dir)
 	if err != nil || len(runs) == 0 {
-		return vmm.MigrateStats{}, fmt.Errorf("sandbox %s has no run on this host: %v", sb.Name, err)
+		return stats, "", fmt.Errorf("sandbox %s has no run on this host: %v", sb.Name, err)
 	}
-	run := runDir(dir, runs[len(runs)-1])
+	run = runDir(dir, runs[len(runs)-1])
 	var target v1alpha1.Host
 	if err := a.net.all.Get(ctx, types.NamespacedName{Name: m.Status.TargetHost}, &target); err != nil {
-		return vmm.MigrateStats{}, fmt.Errorf("target host: %w", err)
+		return stats, run, fmt.Errorf("target host: %w", err)
 	}
 	conn, err := a.dialMigration(ctx, &target, m.UID)
 	if err != nil {
-		return vmm.MigrateStats{}, err
+		return stats, run, err
 	}
 	send, recv, err := vmm.StreamPair()
 	if err != nil {
 		conn.Close()
-		return vmm.MigrateStats{}, err
+		return stats, run, err
 	}
 	local, err := net.FileConn(recv)
 	recv.Close()
 	if err != nil {
 		send.Close()
 		conn.Close()
-		return vmm.MigrateStats{}, err
+		return stats, run, err
 	}
 	relayed := make(chan struct{})
 	go func() {
 		defer close(relayed)
 		relay(conn, local)
 	}()
-	stats, err := shim.Migrate(ctx, run, send, shim.MigrateOptions{})
+	stats, err = shim.Migrate(ctx, run, send, shim.MigrateOptions{})
 	// The stream is over either way. Once the shim and its VMM have let go
 	// of their copies of the socket, the relay reads its end, having
 	// passed on every byte (the handover's word among them), and ends.
@@ -415,7 +421,7 @@ func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (vmm.Migr
 		conn.Close()
 		local.Close()
 	}
-	return stats, err
+	return stats, run, err
 }
 
 // relay copies between a and b both ways until either direction ends (a

@@ -164,10 +164,16 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 	if st.Phase.Terminal() {
 		return reconcile.Result{}, nil
 	}
-	if state.Reason == "Migrated" && a.movedAway(ctx, sb) {
-		// Its VM runs on the target: the control plane binds it there,
-		// and this host's copy of it is garbage from then on.
-		return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
+	if state.Reason == "Migrated" {
+		if a.movedAway(ctx, sb) {
+			// Its VM runs on the target: the control plane binds it
+			// there, and this host's copy of it is garbage from then on.
+			return reconcile.Result{RequeueAfter: 5 * time.Second}, nil
+		}
+		// Handed over, and the migration failed after all: the sandbox
+		// runs nowhere, as if its VM had died.
+		state.ExitCode, state.Reason = 128+9, "Error"
+		state.Message = "the sandbox moved to another host, and its migration failed after the switch"
 	}
 	// A VM that did not boot is the host's failure, not the workload's:
 	// boot again a few times, whatever the restart policy, as the kubelet
