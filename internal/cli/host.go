@@ -14,8 +14,8 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/client"
 
 	"hearth.dev/hearth/api/v1alpha1"
-	"hearth.dev/hearth/internal/migration"
 	"hearth.dev/hearth/internal/config"
+	"hearth.dev/hearth/internal/migration"
 	"hearth.dev/hearth/internal/pki"
 )
 
