@@ -123,6 +123,18 @@ func TestMigration(t *testing.T) {
 			t.Errorf("the counter stopped after the move: %d, then %d", after, again)
 		}
 		checkFile(t, before)
+		// One log across the hosts: every number once, in order.
+		logs := m.hearth("", "logs", "mover")
+		lines := strings.Fields(logs.stdout)
+		for i, l := range lines {
+			if l != strconv.Itoa(i+1) {
+				t.Errorf("hearth logs: line %d is %q (exit %d, %s)", i+1, l, logs.code, logs.stderr)
+				break
+			}
+		}
+		if len(lines) < after {
+			t.Errorf("hearth logs has %d lines, the counter is at %d", len(lines), after)
+		}
 		peer := m.field("peer", ".status.ip")
 		if out := m.expectSh("tcp to the peer after the move", "mover", "echo moved | nc -w 3 "+peer+" 9090", true); out != "moved" {
 			t.Errorf("tcp echo from the moved sandbox to its peer: %q", out)

@@ -117,6 +117,10 @@ const MigrationFinalizer = "hearth.dev/migration"
 // migration (its UID) from the source's node agent.
 func NodeMigrationPath(uid string) string { return "/migrations/" + uid + "/stream" }
 
+// NodeMigrationLogPath is where a source's node agent gives the target's
+// the log of the migrated sandbox's run there.
+func NodeMigrationLogPath(uid string) string { return "/migrations/" + uid + "/log" }
+
 func init() {
 	SchemeBuilder.Register(&Migration{}, &MigrationList{})
 }

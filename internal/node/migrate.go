@@ -23,6 +23,7 @@ import (
 	"sigs.k8s.io/controller-runtime/pkg/reconcile"
 
 	"hearth.dev/hearth/api/v1alpha1"
+	"hearth.dev/hearth/internal/logfile"
 	"hearth.dev/hearth/internal/pki"
 	"hearth.dev/hearth/internal/shim"
 	"hearth.dev/hearth/internal/vmm"
@@ -66,6 +67,7 @@ type incomingMove struct {
 	uid, sandbox types.UID
 	source       string // the node whose agent may send the stream
 	dir, run     string
+	log          string   // the run's log
 	stream       net.Conn // the relay's end of the shim's stream; nil once taken
 }
 
@@ -186,6 +188,10 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 		case err != nil:
 			return reconcile.Result{}, err
 		case st.Phase == shim.Running:
+			// The log of the run before, then the sandbox is this host's.
+			if err := a.fetchLog(ctx, m, in.log); err != nil {
+				a.log.Warn("migration: the source's log", "migration", key, "err", err)
+			}
 			return a.switched(ctx, m)
 		case st.Phase == shim.Exited || !shim.Alive(in.run):
 			a.dropIncoming(ctx, key, true)
@@ -292,7 +298,7 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 		return "", err
 	}
 	a.moves.mu.Lock()
-	a.moves.in[key] = &incomingMove{uid: m.UID, sandbox: sb.UID, source: m.Status.SourceHost, dir: dir, run: run, stream: relayEnd}
+	a.moves.in[key] = &incomingMove{uid: m.UID, sandbox: sb.UID, source: m.Status.SourceHost, dir: dir, run: run, log: logPath(dir, n), stream: relayEnd}
 	a.moves.mu.Unlock()
 	a.log.Info("migration: waiting for the stream", "sandbox", m.Namespace+"/"+sb.Name, "from", m.Status.SourceHost, "run", n)
 	return ip, nil
@@ -446,26 +452,11 @@ func relay(a, b io.ReadWriteCloser) {
 // stream of migration uid: TLS with this node's certificate, to a server
 // whose certificate from the streams CA names the target node.
 func (a *Agent) dialMigration(ctx context.Context, target *v1alpha1.Host, uid types.UID) (io.ReadWriteCloser, error) {
-	addr := target.Status.Address
-	host, _, err := net.SplitHostPort(addr)
-	if err != nil {
-		return nil, fmt.Errorf("target host %s has no stream address (%q)", target.Name, addr)
-	}
-	cert, err := tls.LoadX509KeyPair(a.cfg.Serving.CertFile, a.cfg.Serving.KeyFile)
+	addr, cfg, err := a.nodeTLS(target)
 	if err != nil {
 		return nil, err
 	}
-	want := pki.NodeUserPrefix + target.Name
-	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: &tls.Config{
-		Certificates: []tls.Certificate{cert}, RootCAs: a.cfg.CA.Pool(), ServerName: host, MinVersion: tls.VersionTLS12,
-		NextProtos: []string{"http/1.1"}, // an upgrade: not HTTP/2
-		VerifyConnection: func(cs tls.ConnectionState) error {
-			if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != want {
-				return fmt.Errorf("the server at %s is not %s", addr, want)
-			}
-			return nil
-		},
-	}}
+	d := tls.Dialer{NetDialer: &net.Dialer{Timeout: 10 * time.Second}, Config: cfg}
 	c, err := d.DialContext(ctx, "tcp", addr)
 	if err != nil {
 		return nil, fmt.Errorf("connect to %s: %w", target.Name, err)
@@ -489,6 +480,33 @@ func (a *Agent) dialMigration(ctx context.Context, target *v1alpha1.Host, uid ty
 	return &bufferedConn{tc, br}, nil
 }
 
+// nodeTLS is how this node agent calls another's stream server: its
+// address, and TLS with this node's certificate to a server whose
+// certificate from the streams CA names that node (HTTP/1.1: a
+// migration's stream is an upgrade).
+func (a *Agent) nodeTLS(peer *v1alpha1.Host) (string, *tls.Config, error) {
+	addr := peer.Status.Address
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return "", nil, fmt.Errorf("host %s has no stream address (%q)", peer.Name, addr)
+	}
+	cert, err := tls.LoadX509KeyPair(a.cfg.Serving.CertFile, a.cfg.Serving.KeyFile)
+	if err != nil {
+		return "", nil, err
+	}
+	want := pki.NodeUserPrefix + peer.Name
+	return addr, &tls.Config{
+		Certificates: []tls.Certificate{cert}, RootCAs: a.cfg.CA.Pool(), ServerName: host, MinVersion: tls.VersionTLS12,
+		NextProtos: []string{"http/1.1"},
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != want {
+				return fmt.Errorf("the server at %s is not %s", addr, want)
+			}
+			return nil
+		},
+	}, nil
+}
+
 // bufferedConn reads through the reader that read its HTTP response.
 type bufferedConn struct {
 	*tls.Conn
@@ -497,17 +515,117 @@ type bufferedConn struct {
 
 func (c *bufferedConn) Read(p []byte) (int, error) { return c.r.Read(p) }
 
+// peerNode is the node agent that made the request (its certificate from
+// the streams CA names it); anyone else is refused.
+func peerNode(w http.ResponseWriter, r *http.Request) (string, bool) {
+	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
+		http.Error(w, "a node's certificate is needed", http.StatusForbidden)
+		return "", false
+	}
+	peer := r.TLS.VerifiedChains[0][0]
+	name, ok := strings.CutPrefix(peer.Subject.CommonName, pki.NodeUserPrefix)
+	if !ok || name == "" || isAPIServer(peer) {
+		http.Error(w, "only a node agent may call this", http.StatusForbidden)
+		return "", false
+	}
+	return name, true
+}
+
+// serveMigrationLog gives the target of a migration from this host the
+// log of the sandbox's run here, once that run has handed over: the
+// target keeps it as its run's rotated part, so that the sandbox's log
+// reads on across the move.
+func (a *Agent) serveMigrationLog(w http.ResponseWriter, r *http.Request) {
+	from, ok := peerNode(w, r)
+	if !ok {
+		return
+	}
+	var list v1alpha1.MigrationList
+	if err := a.client.List(r.Context(), &list); err != nil {
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+		return
+	}
+	var m *v1alpha1.Migration
+	for i := range list.Items {
+		if string(list.Items[i].UID) == r.PathValue("uid") {
+			m = &list.Items[i]
+		}
+	}
+	if m == nil || m.Status.SourceHost != a.cfg.Name || m.Status.TargetHost != from {
+		http.Error(w, fmt.Sprintf("no migration %s from this host to %s", r.PathValue("uid"), from), http.StatusForbidden)
+		return
+	}
+	dir := a.sandboxDir(m.Status.SandboxUID)
+	runs, err := listRuns(dir)
+	if err != nil || len(runs) == 0 {
+		http.Error(w, "the sandbox has no run here", http.StatusNotFound)
+		return
+	}
+	n := runs[len(runs)-1]
+	run := runDir(dir, n)
+	// Its last output is in the log once its shim has ended.
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	defer cancel()
+	for shim.Alive(run) && ctx.Err() == nil {
+		time.Sleep(50 * time.Millisecond)
+	}
+	if st, err := shim.ReadState(run); err != nil || st.Reason != "Migrated" {
+		http.Error(w, "the sandbox's run here has not handed over", http.StatusConflict)
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain")
+	if err := logfile.Read(ctx, logPath(dir, n), w, false, nil); err != nil {
+		a.log.Debug("serve a migrated sandbox's log", "err", err)
+	}
+}
+
+// fetchLog puts the log of the sandbox's run on the migration's source
+// before this host's (the part of it the log's cap keeps) as the rotated
+// part of its run's log here.
+func (a *Agent) fetchLog(ctx context.Context, m *v1alpha1.Migration, logPath string) error {
+	var source v1alpha1.Host
+	if err := a.net.all.Get(ctx, types.NamespacedName{Name: m.Status.SourceHost}, &source); err != nil {
+		return err
+	}
+	addr, cfg, err := a.nodeTLS(&source)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 20*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "https://"+addr+v1alpha1.NodeMigrationLogPath(string(m.UID)), nil)
+	if err != nil {
+		return err
+	}
+	c := &http.Client{Transport: &http.Transport{TLSClientConfig: cfg}}
+	defer c.CloseIdleConnections()
+	resp, err := c.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
+		return fmt.Errorf("%s: %s: %s", source.Name, resp.Status, strings.TrimSpace(string(msg)))
+	}
+	// At most the cap's worth, the newest: the source's agent is trusted
+	// no more than its log's cap.
+	max := a.cfg.LogMax
+	b, err := io.ReadAll(io.LimitReader(resp.Body, 2*max))
+	if err != nil {
+		return err
+	}
+	if int64(len(b)) > max {
+		b = b[int64(len(b))-max:]
+	}
+	return os.WriteFile(logPath+".1", b, 0o640)
+}
+
 // serveMigration takes a migration's stream from the source's node agent:
 // only the node the migration comes from, once.
 func (a *Agent) serveMigration(w http.ResponseWriter, r *http.Request) {
-	if r.TLS == nil || len(r.TLS.VerifiedChains) == 0 {
-		http.Error(w, "a node's certificate is needed", http.StatusForbidden)
-		return
-	}
-	peer := r.TLS.VerifiedChains[0][0]
-	from, ok := strings.CutPrefix(peer.Subject.CommonName, pki.NodeUserPrefix)
-	if !ok || from == "" || isAPIServer(peer) {
-		http.Error(w, "only a node agent may send a migration", http.StatusForbidden)
+	from, ok := peerNode(w, r)
+	if !ok {
 		return
 	}
 	if !strings.EqualFold(r.Header.Get("Upgrade"), upgradeMigration) {

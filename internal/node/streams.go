@@ -39,6 +39,7 @@ func (a *Agent) serveStreams(ctx context.Context) error {
 	root := http.NewServeMux()
 	root.Handle("/", onlyAPIServers(mux))
 	root.HandleFunc("POST /migrations/{uid}/stream", a.serveMigration)
+	root.HandleFunc("GET /migrations/{uid}/log", a.serveMigrationLog)
 	srv := &http.Server{
 		Handler: root,
 		TLSConfig: &tls.Config{
