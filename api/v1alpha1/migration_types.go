@@ -66,6 +66,10 @@ type MigrationStatus struct {
 	Bytes int64 `json:"bytes,omitempty"`
 	// +optional
 	Rounds int `json:"rounds,omitempty"`
+	// Bound: the control plane has bound the sandbox to the target (once;
+	// a migration is never bound again).
+	// +optional
+	Bound bool `json:"bound,omitempty"`
 	// StartedAt is when the target was chosen; CompletedAt when it ended.
 	// +optional
 	StartedAt *metav1.Time `json:"startedAt,omitempty"`

@@ -5,6 +5,7 @@ import (
 	"k8s.io/apimachinery/pkg/api/meta"
 	"k8s.io/apimachinery/pkg/api/resource"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
 )
 
 // RestartPolicy says whether a sandbox's workload is run again when it ends.
@@ -230,7 +231,7 @@ type AffinityTerm struct {
 }
 
 // SandboxStatus is what hearth observed.
-// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || size(oldSelf.hostName) == 0 || !has(self.hostName) || size(self.hostName) == 0 || self.hostName == oldSelf.hostName || (has(self.migration) && size(self.migration) > 0 && (!has(oldSelf.migration) || self.migration != oldSelf.migration))",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host but by a migration (status.migration names it)"
+// +kubebuilder:validation:XValidation:rule="!has(oldSelf.hostName) || size(oldSelf.hostName) == 0 || !has(self.hostName) || size(self.hostName) == 0 || self.hostName == oldSelf.hostName || (has(self.migration) && size(self.migration) > 0 && (!has(oldSelf.migration) || self.migration != oldSelf.migration))",message="hostName is set when the sandbox is bound and may be cleared (to place it again), never changed to another host but by a migration (status.migration names its UID)"
 type SandboxStatus struct {
 	// +optional
 	Phase Phase `json:"phase,omitempty"`
@@ -239,10 +240,10 @@ type SandboxStatus struct {
 	// or drained), and changed only by a migration (Migration).
 	// +optional
 	HostName string `json:"hostName,omitempty"`
-	// Migration is the last Migration that moved the sandbox to another
-	// host; a change of HostName names a new one.
+	// Migration is the UID of the last Migration that moved the sandbox
+	// to another host; a change of HostName names a new one.
 	// +optional
-	Migration string `json:"migration,omitempty"`
+	Migration types.UID `json:"migration,omitempty"`
 	// IP is the sandbox's address, leased from its host's sandbox CIDR
 	// before the VM starts; it is the sandbox's until it is deleted.
 	// +optional

@@ -143,20 +143,14 @@ func nodeMay(node string, a admission.Attributes) error {
 			return fmt.Errorf("template %s/%s: may not change other hosts' entries", a.GetNamespace(), a.GetName())
 		}
 	case hearth && gr.Resource == "migrations":
-		// The status of a migration it is the source or target of, not
-		// who those are (the control plane's choice), nor the spec.
 		if a.GetSubresource() != "status" || old == nil || obj == nil {
 			return fmt.Errorf("migration %s/%s: may write only its status", a.GetNamespace(), a.GetName())
 		}
-		src, _, _ := unstructured.NestedString(old.Object, "status", "sourceHost")
-		dst, _, _ := unstructured.NestedString(old.Object, "status", "targetHost")
-		if node != src && node != dst {
-			return fmt.Errorf("migration %s/%s is between %q and %q", a.GetNamespace(), a.GetName(), src, dst)
+		if changedSpecOrLabels(obj, old) {
+			return fmt.Errorf("migration %s/%s: may not change its spec or labels", a.GetNamespace(), a.GetName())
 		}
-		nsrc, _, _ := unstructured.NestedString(obj.Object, "status", "sourceHost")
-		ndst, _, _ := unstructured.NestedString(obj.Object, "status", "targetHost")
-		if nsrc != src || ndst != dst || changedSpecOrLabels(obj, old) {
-			return fmt.Errorf("migration %s/%s: may not change its hosts, spec or labels", a.GetNamespace(), a.GetName())
+		if err := migrationStep(node, statusOf(old), statusOf(obj)); err != nil {
+			return fmt.Errorf("migration %s/%s: %w", a.GetNamespace(), a.GetName(), err)
 		}
 	case gr.Group == "coordination.k8s.io" && gr.Resource == "leases":
 		if a.GetNamespace() != v1alpha1.LeaseNamespace || a.GetName() != node {
@@ -180,6 +174,78 @@ func nodeMay(node string, a admission.Attributes) error {
 		}
 	}
 	return nil
+}
+
+func statusOf(u *unstructured.Unstructured) map[string]any {
+	m, _, _ := unstructured.NestedMap(u.Object, "status")
+	return m
+}
+
+// migrationStep is the decision on a node's write of a migration's
+// status (old to new): nil if node may make it. The control plane's
+// fields (who the hosts are, the sandbox, the start, the binding) are
+// not a node's; a migration that has ended stays ended; the target takes
+// it from Preparing to Copying (giving the address) and from Copying to
+// Succeeded; either may fail it while it is under way; the source reports
+// the transfer's figures.
+func migrationStep(node string, old, cur map[string]any) error {
+	str := func(m map[string]any, k string) string { s, _ := m[k].(string); return s }
+	src, dst := str(old, "sourceHost"), str(old, "targetHost")
+	if node != src && node != dst {
+		return fmt.Errorf("it is between %q and %q", src, dst)
+	}
+	for _, k := range []string{"sourceHost", "targetHost", "sandboxUID", "startedAt", "bound"} {
+		if !reflect.DeepEqual(old[k], cur[k]) {
+			return fmt.Errorf("may not change status.%s", k)
+		}
+	}
+	from, to := v1alpha1.MigrationPhase(str(old, "phase")), v1alpha1.MigrationPhase(str(cur, "phase"))
+	underway := from == v1alpha1.MigrationPreparing || from == v1alpha1.MigrationCopying
+	switch {
+	case from == to:
+		// The source's figures, while it copies or once it has switched.
+		if node != src || (from != v1alpha1.MigrationCopying && from != v1alpha1.MigrationSucceeded) {
+			return fmt.Errorf("may not change a %s migration's status", orNone(string(from)))
+		}
+		for k := range mergedKeys(old, cur) {
+			switch k {
+			case "downtimeMillis", "totalMillis", "bytes", "rounds":
+			default:
+				if !reflect.DeepEqual(old[k], cur[k]) {
+					return fmt.Errorf("may not change status.%s", k)
+				}
+			}
+		}
+		return nil
+	case to == v1alpha1.MigrationFailed && underway:
+	case node == dst && from == v1alpha1.MigrationPreparing && to == v1alpha1.MigrationCopying:
+		return nil // with its address
+	case node == dst && from == v1alpha1.MigrationCopying && to == v1alpha1.MigrationSucceeded:
+	default:
+		return fmt.Errorf("may not take a migration from %s to %s", orNone(string(from)), orNone(string(to)))
+	}
+	if !reflect.DeepEqual(old["targetIP"], cur["targetIP"]) {
+		return fmt.Errorf("may not change status.targetIP")
+	}
+	return nil
+}
+
+func orNone(s string) string {
+	if s == "" {
+		return "no phase"
+	}
+	return s
+}
+
+func mergedKeys(a, b map[string]any) map[string]bool {
+	keys := map[string]bool{}
+	for k := range a {
+		keys[k] = true
+	}
+	for k := range b {
+		keys[k] = true
+	}
+	return keys
 }
 
 // changedSpecOrLabels says whether an update changes what a tenant wrote.

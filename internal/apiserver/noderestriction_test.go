@@ -55,6 +55,10 @@ func TestNodeRestriction(t *testing.T) {
 			"status":   map[string]any{"sourceHost": src, "targetHost": dst, "phase": phase},
 		}}
 	}
+	with := func(u *unstructured.Unstructured, k string, v any) *unstructured.Unstructured {
+		u.Object["status"].(map[string]any)[k] = v
+		return u
+	}
 	// h1's range is 10.244.1.0/24; h3 has none.
 	restriction := nodeRestriction{hostRange: func(_ context.Context, host string) (string, error) {
 		switch host {
@@ -104,8 +108,15 @@ func TestNodeRestriction(t *testing.T) {
 		{"its template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h2", "h1"), template("h2"), true},
 		{"another host's template entry", node, admission.Update, hearth("sandboxtemplates"), "status", "team-a", "t", template("h1"), template("h2"), false},
 		{"a template's spec", node, admission.Update, hearth("sandboxtemplates"), "", "team-a", "t", template(), template(), false},
-		{"a migration from it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h1", "h2", "Failed"), migration("h1", "h2", "Copying"), true},
-		{"a migration to it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Succeeded"), migration("h2", "h1", "Copying"), true},
+		{"fails a migration from it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h1", "h2", "Failed"), migration("h1", "h2", "Copying"), true},
+		{"its figures as the source", node, admission.Update, hearth("migrations"), "status", "team-a", "m", with(migration("h1", "h2", "Succeeded"), "bytes", int64(7)), migration("h1", "h2", "Succeeded"), true},
+		{"the source succeeds it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h1", "h2", "Succeeded"), migration("h1", "h2", "Copying"), false},
+		{"the target succeeds it", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Succeeded"), migration("h2", "h1", "Copying"), true},
+		{"the target gives its address", node, admission.Update, hearth("migrations"), "status", "team-a", "m", with(migration("h2", "h1", "Copying"), "targetIP", "10.244.1.9"), migration("h2", "h1", "Preparing"), true},
+		{"an address changed later", node, admission.Update, hearth("migrations"), "status", "team-a", "m", with(migration("h2", "h1", "Succeeded"), "targetIP", "10.244.1.9"), migration("h2", "h1", "Copying"), false},
+		{"revives a failed one", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Succeeded"), migration("h2", "h1", "Failed"), false},
+		{"another sandbox", node, admission.Update, hearth("migrations"), "status", "team-a", "m", with(migration("h2", "h1", "Copying"), "sandboxUID", "other"), migration("h2", "h1", "Copying"), false},
+		{"marks it bound", node, admission.Update, hearth("migrations"), "status", "team-a", "m", with(migration("h2", "h1", "Succeeded"), "bound", true), migration("h2", "h1", "Succeeded"), false},
 		{"another hosts' migration", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h3", "Failed"), migration("h2", "h3", "Copying"), false},
 		{"steers a migration to itself", node, admission.Update, hearth("migrations"), "status", "team-a", "m", migration("h2", "h1", "Copying"), migration("h2", "h3", "Copying"), false},
 		{"a migration's spec", node, admission.Update, hearth("migrations"), "", "team-a", "m", migration("h1", "h2", "Copying"), migration("h1", "h2", "Copying"), false},

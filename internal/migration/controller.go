@@ -72,8 +72,8 @@ func (c *Controller) Reconcile(ctx context.Context, req reconcile.Request) (reco
 	deleting := !m.DeletionTimestamp.IsZero()
 	switch m.Status.Phase {
 	case v1alpha1.MigrationSucceeded:
-		if found {
-			if err := c.bind(ctx, &m, &sb); err != nil {
+		if !m.Status.Bound {
+			if err := c.bind(ctx, &m, &sb, found); err != nil {
 				return reconcile.Result{}, err
 			}
 		}
@@ -118,7 +118,7 @@ func (c *Controller) start(ctx context.Context, m *v1alpha1.Migration, sb *v1alp
 		return reconcile.Result{}, c.fail(ctx, m, reason, "%s", why)
 	}
 	var all v1alpha1.MigrationList
-	if err := c.Client.List(ctx, &all, client.InNamespace(m.Namespace)); err != nil {
+	if err := c.Client.List(ctx, &all); err != nil {
 		return reconcile.Result{}, err
 	}
 	if first := Ahead(m, all.Items); first != "" {
@@ -139,9 +139,18 @@ func (c *Controller) start(ctx context.Context, m *v1alpha1.Migration, sb *v1alp
 	if err := c.Client.List(ctx, &sbs); err != nil {
 		return reconcile.Result{}, err
 	}
-	target, why := Target(hosts.Items, sbs.Items, sb, m.Spec.TargetHost, c.Policy)
+	target, why := Target(hosts.Items, sbs.Items, Incoming(all.Items), sb, m.Spec.TargetHost, c.Policy)
 	if target == "" {
 		return reconcile.Result{}, c.fail(ctx, m, "NoTarget", "%s", why)
+	}
+	if busy := Crowded(all.Items, sb.Status.HostName, target); busy != "" {
+		if m.Status.Reason != "Waiting" || m.Status.Message != busy {
+			m.Status.Phase, m.Status.Reason, m.Status.Message = v1alpha1.MigrationPending, "Waiting", busy
+			if err := c.Client.Status().Update(ctx, m); err != nil {
+				return reconcile.Result{}, client.IgnoreNotFound(err)
+			}
+		}
+		return reconcile.Result{RequeueAfter: 2 * time.Second}, nil
 	}
 	if controllerutil.AddFinalizer(m, v1alpha1.MigrationFinalizer) {
 		if err := c.Client.Update(ctx, m); err != nil {
@@ -181,13 +190,17 @@ func orNone(s string) string {
 }
 
 // Ahead names the migration of the same sandbox that m waits for: one
-// under way, or the oldest pending one before m (none: "").
+// under way (or switched and not bound yet), or the oldest pending one
+// before m (none: "").
 func Ahead(m *v1alpha1.Migration, all []v1alpha1.Migration) string {
 	for i := range all {
 		o := &all[i]
-		if o.UID == m.UID || o.Spec.Sandbox != m.Spec.Sandbox || o.Status.Phase.Terminal() || !o.DeletionTimestamp.IsZero() {
+		if o.UID == m.UID || o.Spec.Sandbox != m.Spec.Sandbox || o.Status.Phase == v1alpha1.MigrationFailed ||
+			(o.Status.Phase == v1alpha1.MigrationSucceeded && o.Status.Bound) {
 			continue
 		}
+		// A deleted one is under way until it has ended; one that has
+		// switched, until it is bound.
 		underway := o.Status.Phase != "" && o.Status.Phase != v1alpha1.MigrationPending
 		older := o.CreationTimestamp.Before(&m.CreationTimestamp) ||
 			(o.CreationTimestamp.Equal(&m.CreationTimestamp) && o.Name < m.Name)
@@ -198,10 +211,57 @@ func Ahead(m *v1alpha1.Migration, all []v1alpha1.Migration) string {
 	return ""
 }
 
+// MaxPerHost is how many migrations a host takes part in at once (as
+// source or target); more wait.
+const MaxPerHost = 2
+
+// inFlight reports whether m holds resources on its target: chosen, and
+// not failed nor bound yet.
+func inFlight(m *v1alpha1.Migration) bool {
+	switch m.Status.Phase {
+	case v1alpha1.MigrationPreparing, v1alpha1.MigrationCopying:
+		return true
+	case v1alpha1.MigrationSucceeded:
+		return !m.Status.Bound
+	}
+	return false
+}
+
+// Incoming maps the sandboxes of migrations in flight to their targets,
+// where they take room before they are bound there.
+func Incoming(all []v1alpha1.Migration) map[types.UID]string {
+	out := map[types.UID]string{}
+	for i := range all {
+		if m := &all[i]; inFlight(m) {
+			out[m.Status.SandboxUID] = m.Status.TargetHost
+		}
+	}
+	return out
+}
+
+// Crowded says why a migration between source and target must wait ("":
+// it need not): either host already takes part in MaxPerHost of them.
+func Crowded(all []v1alpha1.Migration, source, target string) string {
+	n := map[string]int{}
+	for i := range all {
+		if m := &all[i]; inFlight(m) {
+			n[m.Status.SourceHost]++
+			n[m.Status.TargetHost]++
+		}
+	}
+	for _, h := range []string{source, target} {
+		if n[h] >= MaxPerHost {
+			return fmt.Sprintf("host %s takes part in %d migrations already, the most at once", h, n[h])
+		}
+	}
+	return ""
+}
+
 // Target picks the host sb moves to: want if set (and able to take it),
 // else the scheduler's choice among the Ready hosts other than sb's own,
-// with every other sandbox where it is. It says why when there is none.
-func Target(hosts []v1alpha1.Host, sandboxes []v1alpha1.Sandbox, sb *v1alpha1.Sandbox, want string, policy v1alpha1.Placement) (string, string) {
+// with every other sandbox where it is, those migrating in flight on
+// their targets too (incoming). It says why when there is none.
+func Target(hosts []v1alpha1.Host, sandboxes []v1alpha1.Sandbox, incoming map[types.UID]string, sb *v1alpha1.Sandbox, want string, policy v1alpha1.Placement) (string, string) {
 	source := sb.Status.HostName
 	if want == source {
 		return "", fmt.Sprintf("the sandbox already runs on %s", source)
@@ -225,6 +285,9 @@ func Target(hosts []v1alpha1.Host, sandboxes []v1alpha1.Sandbox, sb *v1alpha1.Sa
 		o := &sandboxes[i]
 		if o.UID != sb.UID && o.Status.HostName != "" && !o.Status.Phase.Terminal() {
 			snap.Assume(o, o.Status.HostName)
+			if to, ok := incoming[o.UID]; ok {
+				snap.Assume(o, to)
+			}
 		}
 	}
 	d := snap.Place(sb)
@@ -235,29 +298,50 @@ func Target(hosts []v1alpha1.Host, sandboxes []v1alpha1.Sandbox, sb *v1alpha1.Sa
 }
 
 // bind gives the sandbox to the target once the target reports it
-// running there: its host and its address there (of the target's range).
-func (c *Controller) bind(ctx context.Context, m *v1alpha1.Migration, sb *v1alpha1.Sandbox) error {
-	if sb.UID != m.Status.SandboxUID || sb.Status.HostName != m.Status.SourceHost {
-		return nil // bound already, or another sandbox of that name
-	}
-	if m.Status.TargetIP != "" {
-		var h v1alpha1.Host
-		if err := c.Client.Get(ctx, types.NamespacedName{Name: m.Status.TargetHost}, &h); err != nil {
+// running there: its host and its address there (of the target's range,
+// and no other sandbox's). A migration binds once, and only the sandbox it
+// began with, still on its source.
+func (c *Controller) bind(ctx context.Context, m *v1alpha1.Migration, sb *v1alpha1.Sandbox, found bool) error {
+	if found && sb.UID == m.Status.SandboxUID && sb.Status.HostName == m.Status.SourceHost {
+		if m.Status.TargetIP != "" {
+			if why := c.badAddress(ctx, m, sb); why != "" {
+				// The target's word is not taken: its VM there is not
+				// bound to it, and its agent ends it.
+				return c.fail(ctx, m, "BadTarget", "the target's address for the sandbox: %s", why)
+			}
+		}
+		sb.Status.HostName, sb.Status.IP, sb.Status.Migration = m.Status.TargetHost, m.Status.TargetIP, m.UID
+		if err := c.Client.Status().Update(ctx, sb); err != nil {
 			return err
 		}
-		if err := ipam.CheckSandboxAddr(m.Status.TargetIP, h.Spec.SandboxCIDR); err != nil {
-			// The target's word is not taken: its sandbox is stopped
-			// there by its agent when it is not bound to it.
-			return c.fail(ctx, m, "BadTarget", "the target's address for the sandbox: %v", err)
+		c.Recorder.Eventf(sb, corev1.EventTypeNormal, "Migrated", "Moved from %s to %s in %d ms (paused %d ms)",
+			m.Status.SourceHost, m.Status.TargetHost, m.Status.TotalMillis, m.Status.DowntimeMillis)
+	}
+	m.Status.Bound = true
+	return client.IgnoreNotFound(c.Client.Status().Update(ctx, m))
+}
+
+// badAddress says what is wrong with the target's address for sb ("":
+// nothing): it must be a sandbox address of the target's range that no
+// other sandbox has.
+func (c *Controller) badAddress(ctx context.Context, m *v1alpha1.Migration, sb *v1alpha1.Sandbox) string {
+	var h v1alpha1.Host
+	if err := c.Client.Get(ctx, types.NamespacedName{Name: m.Status.TargetHost}, &h); err != nil {
+		return err.Error()
+	}
+	if err := ipam.CheckSandboxAddr(m.Status.TargetIP, h.Spec.SandboxCIDR); err != nil {
+		return err.Error()
+	}
+	var sbs v1alpha1.SandboxList
+	if err := c.Client.List(ctx, &sbs); err != nil {
+		return err.Error()
+	}
+	for _, o := range sbs.Items {
+		if o.UID != sb.UID && o.Status.IP == m.Status.TargetIP && !o.Status.Phase.Terminal() {
+			return fmt.Sprintf("%s is sandbox %s/%s's", m.Status.TargetIP, o.Namespace, o.Name)
 		}
 	}
-	sb.Status.HostName, sb.Status.IP, sb.Status.Migration = m.Status.TargetHost, m.Status.TargetIP, m.Name
-	if err := c.Client.Status().Update(ctx, sb); err != nil {
-		return err
-	}
-	c.Recorder.Eventf(sb, corev1.EventTypeNormal, "Migrated", "Moved from %s to %s in %d ms (paused %d ms)",
-		m.Status.SourceHost, m.Status.TargetHost, m.Status.TotalMillis, m.Status.DowntimeMillis)
-	return nil
+	return ""
 }
 
 // release lets a migration that has ended go (its finalizer).

@@ -44,6 +44,7 @@ func TestTarget(t *testing.T) {
 		name, want, to, why string
 		sb                  v1alpha1.Sandbox
 		others              []v1alpha1.Sandbox
+		incoming            map[types.UID]string
 	}{
 		{name: "the scheduler's choice, never the source", sb: sb, others: others, to: "h3"},
 		{name: "a named host", sb: sb, others: others, want: "h2", to: "h2"},
@@ -51,17 +52,19 @@ func TestTarget(t *testing.T) {
 		{name: "no such host", sb: sb, others: others, want: "nope", why: `spec.targetHost: there is no host "nope"`},
 		{name: "a host that is down", sb: sb, others: others, want: "down", why: "no host can take it"},
 		{name: "a cordoned host", sb: sb, others: others, want: "cordoned", why: "no host can take it"},
+		{name: "room taken by a sandbox migrating in", sb: running("big", "h1", "3"), others: []v1alpha1.Sandbox{running("y", "h2", "1"), running("z", "h1", "2")},
+			incoming: map[types.UID]string{"uid-z": "h3"}, to: "h2"},
 		{name: "too big for the others", sb: running("big", "h1", "4"), others: []v1alpha1.Sandbox{running("y", "h2", "1"), running("z", "h3", "1")},
 			why: "no host can take it"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			to, why := Target(hosts, tc.others, &tc.sb, tc.want, "")
+			to, why := Target(hosts, tc.others, tc.incoming, &tc.sb, tc.want, "")
 			if to != tc.to || (tc.why == "") != (why == "") || !strings.Contains(why, tc.why) {
 				t.Errorf("Target = %q, %q; want %q, %q", to, why, tc.to, tc.why)
 			}
 		})
 	}
-	if to, why := Target([]v1alpha1.Host{host("h1", "4", true, false)}, nil, &sb, "", ""); to != "" || !strings.Contains(why, "no host but h1") {
+	if to, why := Target([]v1alpha1.Host{host("h1", "4", true, false)}, nil, nil, &sb, "", ""); to != "" || !strings.Contains(why, "no host but h1") {
 		t.Errorf("a single host: %q, %q", to, why)
 	}
 }
@@ -101,8 +104,10 @@ func TestAhead(t *testing.T) {
 		m.Status.Phase = phase
 		return m
 	}
+	done := at("done", "s", time.Hour, v1alpha1.MigrationSucceeded)
+	done.Status.Bound = true
 	all := []v1alpha1.Migration{
-		at("done", "s", time.Hour, v1alpha1.MigrationSucceeded),
+		done,
 		at("older", "s", time.Minute, v1alpha1.MigrationPending),
 		at("me", "s", 0, ""),
 		at("other-sandbox", "t", time.Hour, v1alpha1.MigrationCopying),
@@ -116,5 +121,29 @@ func TestAhead(t *testing.T) {
 	young := at("young", "s", -time.Minute, v1alpha1.MigrationCopying)
 	if got := Ahead(&all[1], append(all, young)); got != "young" {
 		t.Errorf("behind one under way, though younger: %q", got)
+	}
+	switched := at("switched", "s", -time.Minute, v1alpha1.MigrationSucceeded)
+	if got := Ahead(&all[1], append(all, switched)); got != "switched" {
+		t.Errorf("behind one switched and not bound yet: %q", got)
+	}
+}
+
+func TestCrowded(t *testing.T) {
+	m := func(src, dst string, phase v1alpha1.MigrationPhase, bound bool) v1alpha1.Migration {
+		var x v1alpha1.Migration
+		x.Status.SourceHost, x.Status.TargetHost, x.Status.Phase, x.Status.Bound = src, dst, phase, bound
+		return x
+	}
+	all := []v1alpha1.Migration{
+		m("h1", "h2", v1alpha1.MigrationCopying, false),
+		m("h3", "h2", v1alpha1.MigrationSucceeded, false), // switched, not bound: still h2's
+		m("h1", "h4", v1alpha1.MigrationSucceeded, true),  // done
+		m("h1", "h4", v1alpha1.MigrationFailed, false),
+	}
+	if why := Crowded(all, "h1", "h2"); !strings.Contains(why, "host h2 takes part in 2") {
+		t.Errorf("into h2: %q", why)
+	}
+	if why := Crowded(all, "h1", "h4"); why != "" {
+		t.Errorf("h1 to h4: %q", why)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"sync"
 	"time"
 
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/types"
@@ -68,6 +69,7 @@ type incomingMove struct {
 	source       string // the node whose agent may send the stream
 	dir, run     string
 	log          string   // the run's log
+	ip           string   // the sandbox's address here ("": no network)
 	stream       net.Conn // the relay's end of the shim's stream; nil once taken
 }
 
@@ -158,8 +160,9 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 	a.moves.mu.Unlock()
 	if deleting && !m.Status.Phase.Terminal() {
 		if in != nil {
-			if st, err := shim.ReadState(in.run); err == nil && st.Phase == shim.Running {
-				return a.switched(ctx, m) // too late to cancel
+			if st, err := shim.ReadState(in.run); err == nil && (st.HandedOver || st.Phase == shim.Running) {
+				// Too late to cancel: the source's VM is ended.
+				return reconcile.Result{RequeueAfter: 200 * time.Millisecond}, a.whenRunning(ctx, m, in, st)
 			}
 			a.dropIncoming(ctx, key, true)
 		}
@@ -167,16 +170,16 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 	}
 	switch m.Status.Phase {
 	case v1alpha1.MigrationPreparing:
-		if in != nil {
-			return reconcile.Result{RequeueAfter: time.Second}, nil // its status is on its way
+		if in == nil {
+			var err error
+			if in, err = a.prepareIncoming(ctx, m, key); err != nil {
+				return reconcile.Result{}, a.migrationFailed(ctx, m, "PrepareFailed", err)
+			}
 		}
-		ip, err := a.prepareIncoming(ctx, m, key)
-		if err != nil {
-			return reconcile.Result{}, a.migrationFailed(ctx, m, "PrepareFailed", err)
-		}
+		// (Again if the last write failed.)
 		return reconcile.Result{}, a.updateMigration(ctx, m, func(st *v1alpha1.MigrationStatus) {
 			if st.Phase == v1alpha1.MigrationPreparing {
-				st.Phase, st.TargetIP = v1alpha1.MigrationCopying, ip
+				st.Phase, st.TargetIP = v1alpha1.MigrationCopying, in.ip
 			}
 		})
 	case v1alpha1.MigrationCopying:
@@ -188,11 +191,7 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 		case err != nil:
 			return reconcile.Result{}, err
 		case st.Phase == shim.Running:
-			// The log of the run before, then the sandbox is this host's.
-			if err := a.fetchLog(ctx, m, in.log); err != nil {
-				a.log.Warn("migration: the source's log", "migration", key, "err", err)
-			}
-			return a.switched(ctx, m)
+			return reconcile.Result{RequeueAfter: time.Second}, a.whenRunning(ctx, m, in, st)
 		case st.Phase == shim.Exited || !shim.Alive(in.run):
 			a.dropIncoming(ctx, key, true)
 			return reconcile.Result{}, a.migrationFailed(ctx, m, orDefault(st.Reason, "MigrationFailed"), errors.New(orDefault(st.Message, "the incoming VM ended")))
@@ -212,9 +211,16 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 	return reconcile.Result{}, nil
 }
 
-// switched reports that the sandbox runs here now.
-func (a *Agent) switched(ctx context.Context, m *v1alpha1.Migration) (reconcile.Result, error) {
-	return reconcile.Result{RequeueAfter: time.Second}, a.updateMigration(ctx, m, func(s *v1alpha1.MigrationStatus) {
+// whenRunning reports, once the incoming run serves the sandbox, that the
+// sandbox runs here now, with the log of its run before.
+func (a *Agent) whenRunning(ctx context.Context, m *v1alpha1.Migration, in *incomingMove, st shim.State) error {
+	if st.Phase != shim.Running {
+		return nil // handed over, not serving yet
+	}
+	if err := a.fetchLog(ctx, m, in.log); err != nil {
+		a.log.Warn("migration: the source's log", "migration", m.Namespace+"/"+m.Name, "err", err)
+	}
+	return a.updateMigration(ctx, m, func(s *v1alpha1.MigrationStatus) {
 		if !s.Phase.Terminal() {
 			now := metav1.Now()
 			s.Phase, s.CompletedAt = v1alpha1.MigrationSucceeded, &now
@@ -230,22 +236,22 @@ func orDefault(s, d string) string {
 }
 
 // prepareIncoming readies this host for the migration's sandbox: an
-// address and a tap, and a shim waiting for the stream. It returns the
-// address ("" without a network).
-func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key types.NamespacedName) (ip string, err error) {
+// address and a tap, and a shim waiting for the stream.
+func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key types.NamespacedName) (_ *incomingMove, err error) {
 	var sb v1alpha1.Sandbox
 	if err := a.reader.Get(ctx, types.NamespacedName{Namespace: m.Namespace, Name: m.Spec.Sandbox}, &sb); err != nil {
-		return "", err
+		return nil, err
 	}
 	if sb.UID != m.Status.SandboxUID {
-		return "", fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
+		return nil, fmt.Errorf("sandbox %s is not the one the migration began with", sb.Name)
 	}
+	var ip string
 	dir := a.sandboxDir(sb.UID)
 	if _, err := os.Stat(dir); err == nil {
-		return "", fmt.Errorf("this host still has files of sandbox %s (%s)", sb.Name, dir)
+		return nil, fmt.Errorf("this host still has files of sandbox %s (%s)", sb.Name, dir)
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return "", err
+		return nil, err
 	}
 	defer func() {
 		if err != nil {
@@ -255,7 +261,7 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 	spec := shim.Spec{Sandbox: sandboxSpec(&sb)}
 	if a.net.enabled {
 		if !a.net.isReady() {
-			return "", errors.New("the host has no sandbox range yet")
+			return nil, errors.New("the host has no sandbox range yet")
 		}
 		// An address of this host's range: until addresses follow their
 		// sandboxes, the guest takes it at the switch (the migrated
@@ -263,11 +269,11 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 		here := sb.DeepCopy()
 		here.Status.IP = ""
 		if _, err := a.net.lease(here); err != nil {
-			return "", err
+			return nil, err
 		}
 		tap, nic, err := a.net.attach(here, dir)
 		if err != nil {
-			return "", fmt.Errorf("network: %w", err)
+			return nil, fmt.Errorf("network: %w", err)
 		}
 		spec.Sandbox.Tap, spec.Sandbox.Network, ip = tap, nic, here.Status.IP
 	}
@@ -276,7 +282,7 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 		started = sb.Status.StartedAt.Time
 	}
 	if err := os.WriteFile(filepath.Join(dir, "started"), []byte(started.Format(time.RFC3339Nano)), 0o600); err != nil {
-		return "", err
+		return nil, err
 	}
 	n := int(sb.Status.RestartCount)
 	run := runDir(dir, n)
@@ -285,23 +291,24 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 	a.hostSpec(ctx, &spec)
 	send, recv, err := vmm.StreamPair()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	defer recv.Close() // the shim has its own
 	relayEnd, err := net.FileConn(send)
 	send.Close()
 	if err != nil {
-		return "", err
+		return nil, err
 	}
 	if _, err := shim.StartIncoming(run, spec, a.cfg.Shim, recv); err != nil {
 		relayEnd.Close()
-		return "", err
+		return nil, err
 	}
+	in := &incomingMove{uid: m.UID, sandbox: sb.UID, source: m.Status.SourceHost, dir: dir, run: run, log: logPath(dir, n), ip: ip, stream: relayEnd}
 	a.moves.mu.Lock()
-	a.moves.in[key] = &incomingMove{uid: m.UID, sandbox: sb.UID, source: m.Status.SourceHost, dir: dir, run: run, log: logPath(dir, n), stream: relayEnd}
+	a.moves.in[key] = in
 	a.moves.mu.Unlock()
 	a.log.Info("migration: waiting for the stream", "sandbox", m.Namespace+"/"+sb.Name, "from", m.Status.SourceHost, "run", n)
-	return ip, nil
+	return in, nil
 }
 
 // dropIncoming forgets a migration to this host; with discard (it did
@@ -391,6 +398,11 @@ func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (stats vm
 		return stats, "", fmt.Errorf("sandbox %s has no run on this host: %v", sb.Name, err)
 	}
 	run = runDir(dir, runs[len(runs)-1])
+	// Which migration this run hands over to, should it (movedAway, and
+	// its log's reader).
+	if err := os.WriteFile(filepath.Join(run, migrationFile), []byte(m.UID), 0o600); err != nil {
+		return stats, "", err
+	}
 	var target v1alpha1.Host
 	if err := a.net.all.Get(ctx, types.NamespacedName{Name: m.Status.TargetHost}, &target); err != nil {
 		return stats, run, fmt.Errorf("target host: %w", err)
@@ -551,18 +563,27 @@ func (a *Agent) serveMigrationLog(w http.ResponseWriter, r *http.Request) {
 			m = &list.Items[i]
 		}
 	}
-	if m == nil || m.Status.SourceHost != a.cfg.Name || m.Status.TargetHost != from {
-		http.Error(w, fmt.Sprintf("no migration %s from this host to %s", r.PathValue("uid"), from), http.StatusForbidden)
+	refuse := func() {
+		http.Error(w, fmt.Sprintf("no migration %s from this host to %s has handed over", r.PathValue("uid"), from), http.StatusForbidden)
+	}
+	if m == nil || m.Status.SourceHost != a.cfg.Name || m.Status.TargetHost != from ||
+		(m.Status.Phase != v1alpha1.MigrationCopying && m.Status.Phase != v1alpha1.MigrationSucceeded) {
+		refuse()
 		return
 	}
 	dir := a.sandboxDir(m.Status.SandboxUID)
 	runs, err := listRuns(dir)
 	if err != nil || len(runs) == 0 {
-		http.Error(w, "the sandbox has no run here", http.StatusNotFound)
+		refuse()
 		return
 	}
 	n := runs[len(runs)-1]
 	run := runDir(dir, n)
+	// Only the run that this migration sent.
+	if b, err := os.ReadFile(filepath.Join(run, migrationFile)); err != nil || string(b) != string(m.UID) {
+		refuse()
+		return
+	}
 	// Its last output is in the log once its shim has ended.
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 	defer cancel()
@@ -659,20 +680,38 @@ func (a *Agent) serveMigration(w http.ResponseWriter, r *http.Request) {
 	relay(&bufferedConn{c.(*tls.Conn), brw.Reader}, stream)
 }
 
-// movedAway reports whether the sandbox, whose run here ended Migrated,
-// runs on another host now (a migration of it succeeded, or is about
-// to): else the sandbox runs nowhere, and is handled as a run that ended.
-func (a *Agent) movedAway(ctx context.Context, sb *v1alpha1.Sandbox) bool {
-	var list v1alpha1.MigrationList
-	if err := a.client.List(ctx, &list, client.InNamespace(sb.Namespace)); err != nil {
-		return true // when in doubt, wait
+// migrationFile, in a run directory, names the migration (its UID) the
+// run was sent by.
+const migrationFile = "migration"
+
+// sentBy is the migration that run was sent by, if it still exists.
+func (a *Agent) sentBy(ctx context.Context, run string) (*v1alpha1.Migration, error) {
+	b, err := os.ReadFile(filepath.Join(run, migrationFile))
+	if err != nil {
+		return nil, err
 	}
-	for _, m := range list.Items {
-		if m.Status.SandboxUID == sb.UID && m.Status.Phase != v1alpha1.MigrationFailed {
-			return true
+	var list v1alpha1.MigrationList
+	if err := a.client.List(ctx, &list); err != nil {
+		return nil, err
+	}
+	for i := range list.Items {
+		if string(list.Items[i].UID) == string(b) {
+			return &list.Items[i], nil
 		}
 	}
-	return false
+	return nil, nil
+}
+
+// movedAway reports whether the sandbox whose run ended Migrated runs on
+// another host now: the migration that run was sent by has not failed
+// (it succeeded, or is about to). Else the sandbox runs nowhere, and is
+// handled as a run that ended.
+func (a *Agent) movedAway(ctx context.Context, run string) bool {
+	m, err := a.sentBy(ctx, run)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return true // when in doubt, wait
+	}
+	return m != nil && m.Status.Phase != v1alpha1.MigrationFailed
 }
 
 // migrationFailed ends a migration with a reason (unless it has ended).
@@ -696,7 +735,11 @@ func (a *Agent) updateMigration(ctx context.Context, m *v1alpha1.Migration, chan
 		if cur.UID != m.UID {
 			return nil
 		}
+		was := cur.Status.DeepCopy()
 		change(&cur.Status)
+		if equality.Semantic.DeepEqual(was, &cur.Status) {
+			return nil
+		}
 		return a.client.Status().Update(ctx, &cur)
 	}))
 }

@@ -165,7 +165,7 @@ func (a *Agent) step(ctx context.Context, sb *v1alpha1.Sandbox, dir string, runs
 		return reconcile.Result{}, nil
 	}
 	if state.Reason == "Migrated" {
-		if a.movedAway(ctx, sb) {
+		if a.movedAway(ctx, run) {
 			// Its VM runs on the target: the control plane binds it
 			// there, and this host's copy of it is garbage from then on.
 			return reconcile.Result{RequeueAfter: 5 * time.Second}, nil

@@ -24,6 +24,7 @@ import (
 	"math/big"
 	"net"
 	"os"
+	"slices"
 	"path/filepath"
 	"time"
 
@@ -252,6 +253,16 @@ func matches(c *x509.Certificate, req Request) bool {
 	}
 	for _, h := range req.Hosts {
 		if c.VerifyHostname(h) != nil {
+			return false
+		}
+	}
+	// A usage asked for since it was issued (node serving certificates
+	// became client ones too, for migrations) means a new one.
+	for _, u := range []struct {
+		want bool
+		eku  x509.ExtKeyUsage
+	}{{req.Client, x509.ExtKeyUsageClientAuth}, {req.Server, x509.ExtKeyUsageServerAuth}} {
+		if u.want && !slices.Contains(c.ExtKeyUsage, u.eku) {
 			return false
 		}
 	}

@@ -48,6 +48,20 @@ func TestIssueAndReuse(t *testing.T) {
 	if c, _ := loadCert(p.CertFile); c.VerifyHostname("b.example") != nil {
 		t.Error("a new host did not reissue the certificate")
 	}
+	// A usage asked for since (node serving certificates became client
+	// ones) reissues it.
+	server := Request{Name: "node-s", CN: "hearth-node:s", Server: true, Hosts: []string{"127.0.0.1"}}
+	if _, err := ca.Ensure(server); err != nil {
+		t.Fatal(err)
+	}
+	server.Client = true
+	ps, err := ca.Ensure(server)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c, _ := loadCert(ps.CertFile); c == nil || len(c.ExtKeyUsage) != 2 {
+		t.Errorf("a certificate asked for client use too: usages %v", c.ExtKeyUsage)
+	}
 	// The CA is loaded, not made again.
 	again, err := LoadOrCreateCA(dir)
 	if err != nil || !again.Cert.Equal(ca.Cert) {

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -222,7 +223,7 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 	// Under TCG, dirty tracking loses pages: the guest is paused for the
 	// whole copy (vmm.MigrateOptions.StopAndCopy).
 	opts.StopAndCopy = opts.StopAndCopy || r.cfg.Accel == vmm.TCG
-	if stats, err = m.MigrateOut(ctx, r.runDir, conn, opts); err != nil {
+	if stats, err = r.sendVM(ctx, m, conn, opts); err != nil {
 		return stats, err
 	}
 	if err := expect(conn, migrationLoaded, nonce); err != nil {
@@ -247,6 +248,50 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 	case <-r.ch.done:
 	case <-time.After(5 * time.Second):
 		r.ch.close()
+	}
+	return stats, err
+}
+
+// sendVM has the VMM send the VM over conn through a socket of the VMM's
+// own, whose other end this copies to conn: a VMM the guest took over can
+// send the stream, but never read the target's "loaded" word (its nonce
+// would let it forge the handover) nor write after the stream ends.
+func (r *Running) sendVM(ctx context.Context, m vmm.Migrator, conn *os.File, opts vmm.MigrateOptions) (vmm.MigrateStats, error) {
+	theirs, f, err := vmm.StreamPair()
+	if err != nil {
+		return vmm.MigrateStats{}, err
+	}
+	ours, err := net.FileConn(f)
+	f.Close()
+	if err != nil {
+		theirs.Close()
+		return vmm.MigrateStats{}, err
+	}
+	defer ours.Close()
+	copied := make(chan error, 1)
+	go func() {
+		_, err := io.Copy(conn, ours)
+		if err != nil {
+			ours.Close() // the VMM's next write fails: it stops at once
+		}
+		copied <- err
+	}()
+	stats, err := m.MigrateOut(ctx, r.runDir, theirs, opts)
+	theirs.Close()
+	// The VMM lets go of its copy when its migration ends, either way:
+	// then the copy has passed on all it sent.
+	select {
+	case cerr := <-copied:
+		if err == nil && cerr != nil {
+			err = fmt.Errorf("migrate: relay the stream: %w", cerr)
+		}
+	case <-time.After(handoverLimit):
+		ours.Close()
+		_ = syscall.Shutdown(int(conn.Fd()), syscall.SHUT_RDWR) // a write blocked on the target
+		<-copied
+		if err == nil {
+			err = errors.New("migrate: the stream did not reach the target in time")
+		}
 	}
 	return stats, err
 }
@@ -383,6 +428,9 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	if err != nil {
 		chConn.Close()
 		return nil, fmt.Errorf("migrate in: %w", err)
+	}
+	if sio.HandedOver != nil {
+		sio.HandedOver()
 	}
 	ch := newChannel(chConn, h.NextSession, log)
 	defer ch.close()

@@ -129,6 +129,9 @@ type State struct {
 	// incoming run that did not take the sandbox over).
 	Reason  string `json:"reason,omitempty"`
 	Message string `json:"message,omitempty"`
+	// HandedOver: an incoming run's source has handed the sandbox over
+	// (sandbox.IO.HandedOver): this run's VM is its only one.
+	HandedOver bool `json:"handedOver,omitempty"`
 }
 
 // Files of a run directory.
