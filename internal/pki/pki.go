@@ -24,8 +24,8 @@ import (
 	"math/big"
 	"net"
 	"os"
-	"slices"
 	"path/filepath"
+	"slices"
 	"time"
 
 	"k8s.io/client-go/util/cert"
