@@ -36,6 +36,19 @@ const (
 // Terminal reports whether the migration has ended.
 func (p MigrationPhase) Terminal() bool { return p == MigrationSucceeded || p == MigrationFailed }
 
+// InFlight reports whether the migration holds room on its target for
+// its sandbox: the target is chosen, and it has neither failed nor been
+// bound there yet (until then the sandbox counts on its source too).
+func (m *Migration) InFlight() bool {
+	switch m.Status.Phase {
+	case MigrationPreparing, MigrationCopying:
+		return true
+	case MigrationSucceeded:
+		return !m.Status.Bound
+	}
+	return false
+}
+
 // MigrationStatus is what the control plane and the two hosts report.
 type MigrationStatus struct {
 	// +optional

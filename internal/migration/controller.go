@@ -215,24 +215,12 @@ func Ahead(m *v1alpha1.Migration, all []v1alpha1.Migration) string {
 // source or target); more wait.
 const MaxPerHost = 2
 
-// inFlight reports whether m holds resources on its target: chosen, and
-// not failed nor bound yet.
-func inFlight(m *v1alpha1.Migration) bool {
-	switch m.Status.Phase {
-	case v1alpha1.MigrationPreparing, v1alpha1.MigrationCopying:
-		return true
-	case v1alpha1.MigrationSucceeded:
-		return !m.Status.Bound
-	}
-	return false
-}
-
 // Incoming maps the sandboxes of migrations in flight to their targets,
 // where they take room before they are bound there.
 func Incoming(all []v1alpha1.Migration) map[types.UID]string {
 	out := map[types.UID]string{}
 	for i := range all {
-		if m := &all[i]; inFlight(m) {
+		if m := &all[i]; m.InFlight() {
 			out[m.Status.SandboxUID] = m.Status.TargetHost
 		}
 	}
@@ -244,7 +232,7 @@ func Incoming(all []v1alpha1.Migration) map[types.UID]string {
 func Crowded(all []v1alpha1.Migration, source, target string) string {
 	n := map[string]int{}
 	for i := range all {
-		if m := &all[i]; inFlight(m) {
+		if m := &all[i]; m.InFlight() {
 			n[m.Status.SourceHost]++
 			n[m.Status.TargetHost]++
 		}

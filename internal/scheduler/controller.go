@@ -66,6 +66,7 @@ func (c *Controller) SetupWithManager(mgr ctrl.Manager) error {
 		Named("scheduler").
 		Watches(&v1alpha1.Sandbox{}, all).
 		Watches(&v1alpha1.Host{}, all).
+		Watches(&v1alpha1.Migration{}, all).
 		Complete(c)
 }
 
@@ -83,7 +84,11 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 	if err := c.Client.List(ctx, &hostList); err != nil {
 		return reconcile.Result{}, err
 	}
-	snap := c.snapshot(hostList.Items, sbs.Items)
+	var moves v1alpha1.MigrationList
+	if err := c.Client.List(ctx, &moves); err != nil {
+		return reconcile.Result{}, err
+	}
+	snap := c.snapshot(hostList.Items, sbs.Items, moves.Items)
 	c.mu.Lock()
 	reported := c.reported
 	c.reported = make(map[types.UID]string, len(reported))
@@ -205,7 +210,9 @@ func equivalence(sb *v1alpha1.Sandbox) string {
 
 // snapshot builds the cluster as placement sees it, counting what is
 // bound and what was just bound.
-func (c *Controller) snapshot(hostItems []v1alpha1.Host, sbs []v1alpha1.Sandbox) *Snapshot {
+// A sandbox migrating in takes room on its target before it is bound
+// there (it counts on its source too, until then).
+func (c *Controller) snapshot(hostItems []v1alpha1.Host, sbs []v1alpha1.Sandbox, moves []v1alpha1.Migration) *Snapshot {
 	hosts := make([]*Host, 0, len(hostItems))
 	for i := range hostItems {
 		h := &hostItems[i]
@@ -225,6 +232,18 @@ func (c *Controller) snapshot(hostItems []v1alpha1.Host, sbs []v1alpha1.Sandbox)
 	}
 	for _, a := range c.assumed {
 		snap.Assume(a.sb, a.host)
+	}
+	if len(moves) > 0 {
+		byUID := make(map[types.UID]*v1alpha1.Sandbox, len(sbs))
+		for i := range sbs {
+			byUID[sbs[i].UID] = &sbs[i]
+		}
+		for i := range moves {
+			m := &moves[i]
+			if sb := byUID[m.Status.SandboxUID]; m.InFlight() && sb != nil && !sb.Status.Phase.Terminal() && sb.Status.HostName != m.Status.TargetHost {
+				snap.Assume(sb, m.Status.TargetHost)
+			}
+		}
 	}
 	return snap
 }
