@@ -176,6 +176,17 @@ func (a *Agent) receive(ctx context.Context, m *v1alpha1.Migration, deleting boo
 				return reconcile.Result{}, a.migrationFailed(ctx, m, "PrepareFailed", err)
 			}
 		}
+		// The source may send once the incoming shim has the image.
+		st, err := shim.ReadState(in.run)
+		switch {
+		case err != nil:
+			return reconcile.Result{}, err
+		case st.Phase == shim.Exited || !shim.Alive(in.run):
+			a.dropIncoming(ctx, key, true)
+			return reconcile.Result{}, a.migrationFailed(ctx, m, orDefault(st.Reason, "PrepareFailed"), errors.New(orDefault(st.Message, "the incoming VM ended")))
+		case !st.Prepared:
+			return reconcile.Result{RequeueAfter: 200 * time.Millisecond}, nil
+		}
 		// (Again if the last write failed.)
 		return reconcile.Result{}, a.updateMigration(ctx, m, func(st *v1alpha1.MigrationStatus) {
 			if st.Phase == v1alpha1.MigrationPreparing {

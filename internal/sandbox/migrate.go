@@ -365,6 +365,17 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
+	// The image first (its pull, before the source is told to send: under
+	// stop-and-copy the source's guest is paused from the first byte).
+	p, err := rt.prepare(ctx, spec, log)
+	if err != nil {
+		return nil, err
+	}
+	defer func() { err = errors.Join(err, p.done()) }()
+	img, id, runDir := p.img, p.id, p.runDir
+	if sio.Prepared != nil {
+		sio.Prepared()
+	}
 	h, err := readHeader(conn)
 	if err != nil {
 		return nil, err
@@ -382,12 +393,6 @@ func (rt *Runtime) RunIncoming(ctx context.Context, conn *os.File, spec Spec, si
 	case h.MemoryFile != spec.Snapshottable:
 		return nil, fmt.Errorf("%w: the source's VM is snapshottable: %v, the sandbox's spec: %v", ErrCannotMigrate, h.MemoryFile, spec.Snapshottable)
 	}
-	p, err := rt.prepare(ctx, spec, log)
-	if err != nil {
-		return nil, err
-	}
-	defer func() { err = errors.Join(err, p.done()) }()
-	img, id, runDir := p.img, p.id, p.runDir
 	if img.Digest != h.Digest {
 		return nil, fmt.Errorf("%w: the source runs %s as %.80q, this host has %s", ErrCannotMigrate, spec.Image, h.Digest, img.Digest)
 	}

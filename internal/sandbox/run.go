@@ -66,6 +66,10 @@ type IO struct {
 	// Running, if set, is called just before Started with the running
 	// sandbox, for Exec and snapshots; it is valid until Run returns.
 	Running func(*Running)
+	// Prepared, if set, is called by RunIncoming once the image is here
+	// and it waits for the source's stream (whose header it then reads
+	// within 30 s).
+	Prepared func()
 	// HandedOver, if set, is called by RunIncoming once the source has
 	// handed the sandbox over: from then on this VM is the sandbox's only
 	// one (the source's is ended), and ending it loses the sandbox.

@@ -123,12 +123,15 @@ func run(log *slog.Logger, dir string, st *State) error {
 		sio.Stdin = stdin
 	}
 	t0 := time.Now()
-	sio.HandedOver = func() {
-		st.HandedOver = true
-		if err := writeState(dir, *st); err != nil {
-			log.Error("write state", "err", err)
+	mark := func(flag *bool) func() {
+		return func() {
+			*flag = true
+			if err := writeState(dir, *st); err != nil {
+				log.Error("write state", "err", err)
+			}
 		}
 	}
+	sio.Prepared, sio.HandedOver = mark(&st.Prepared), mark(&st.HandedOver)
 	sio.Started = func() {
 		st.Phase, st.StartedAt, st.BootMillis = Running, time.Now(), time.Since(t0).Milliseconds()
 		if err := writeState(dir, *st); err != nil {

@@ -19,6 +19,11 @@
 //	shim.log    the shim's own messages
 //	shim.sock   the shim's API, while the workload runs (api.go)
 //	stdin.sock  the workload's stdin, for attach (Spec.Sandbox.Stdin)
+//	migration   the UID of the Migration sending the run's sandbox away
+//	            (written by the node agent, internal/node/migrate.go)
+//
+// A run migrates its sandbox out through its API (OpMigrate, Migrate), or
+// takes one in over its fd 4 (StartIncoming, Spec.Incoming).
 package shim
 
 import (
@@ -129,6 +134,9 @@ type State struct {
 	// incoming run that did not take the sandbox over).
 	Reason  string `json:"reason,omitempty"`
 	Message string `json:"message,omitempty"`
+	// Prepared: an incoming run has the image and waits for the stream
+	// (sandbox.IO.Prepared): the source may send.
+	Prepared bool `json:"prepared,omitempty"`
 	// HandedOver: an incoming run's source has handed the sandbox over
 	// (sandbox.IO.HandedOver): this run's VM is its only one.
 	HandedOver bool `json:"handedOver,omitempty"`
