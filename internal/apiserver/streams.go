@@ -61,17 +61,7 @@ func (p *streamProxy) nodeTransport(host string) *http.Transport {
 		return t.(*http.Transport)
 	}
 	cfg := p.tls.Clone()
-	want := pki.NodeServingRequest(host, "").CN
-	cfg.VerifyConnection = func(cs tls.ConnectionState) error {
-		if len(cs.PeerCertificates) == 0 || cs.PeerCertificates[0].Subject.CommonName != want {
-			got := ""
-			if len(cs.PeerCertificates) > 0 {
-				got = cs.PeerCertificates[0].Subject.CommonName
-			}
-			return fmt.Errorf("the node agent at this address is %q, not host %s's (%q)", got, host, want)
-		}
-		return nil
-	}
+	cfg.VerifyConnection = pki.IsNode(host)
 	t, _ := p.transports.LoadOrStore(host, &http.Transport{TLSClientConfig: cfg})
 	return t.(*http.Transport)
 }

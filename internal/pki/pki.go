@@ -320,6 +320,23 @@ func NodeServingRequest(name, host string) Request {
 	return Request{Name: "node-" + name, CN: NodeUserPrefix + name, Hosts: []string{host}, Server: true, Client: true}
 }
 
+// IsNode is a TLS VerifyConnection check: the peer's certificate (already
+// verified against the CA) must name node host (hearth-node:HOST), so that
+// an agent at another host's address, or answering there, is refused.
+func IsNode(host string) func(tls.ConnectionState) error {
+	want := NodeUserPrefix + host
+	return func(cs tls.ConnectionState) error {
+		got := ""
+		if len(cs.PeerCertificates) > 0 {
+			got = cs.PeerCertificates[0].Subject.CommonName
+		}
+		if got != want {
+			return fmt.Errorf("the node agent at this address is %q, not host %s's (%q)", got, host, want)
+		}
+		return nil
+	}
+}
+
 // NodeClientRequest is the certificate a node agent calls the API with.
 func NodeClientRequest(name string) Request {
 	return Request{Name: "node-" + name + "-client", CN: NodeUserPrefix + name, Groups: []string{GroupNodes}, Client: true}
