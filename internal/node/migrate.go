@@ -35,22 +35,24 @@ import (
 //
 //  1. Preparing: the target's agent gives the sandbox an address of its
 //     range and a tap, starts a shim in incoming mode whose stream is one
-//     end of a socket pair, and keeps the other end for the source; then
-//     Copying, with the address.
+//     end of a socket pair, and keeps the other end for the source; once
+//     the shim has the image (State.Prepared), Copying, with the address.
 //  2. Copying: the source's agent connects to the target's stream server
 //     (mutual TLS: each side's certificate from the streams CA names its
 //     node, and the target takes the stream only from the migration's
 //     source), and relays between that connection and a socket pair whose
 //     other end it sends its shim (shim.Migrate). The shims' sandbox
 //     layers check, bound and hand over (docs/migration.md).
-//  3. The target's agent reports Succeeded once its shim runs the sandbox;
-//     the control plane then binds the sandbox to the target, whose agent
-//     serves it from then on as any other, and the source's agent lets go
-//     of its run (it ended Migrated) and its address.
+//  3. The target's agent takes the source's log of the run that handed
+//     over (serveMigrationLog) and reports Succeeded once its shim runs the
+//     sandbox; the control plane then binds the sandbox to the target,
+//     whose agent serves it from then on as any other, and the source's
+//     agent lets go of its run (it ended Migrated) and its address.
 //
 // A failure at any step is Failed with the reason; the sandbox runs on at
 // the source, and the target removes what it prepared. Deleting the
-// Migration cancels it (before the switch: after it, the move completes).
+// Migration cancels it (before the handover: after it, the move
+// completes).
 
 // upgradeMigration is the protocol a migration stream's request upgrades
 // to.
