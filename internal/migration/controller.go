@@ -195,16 +195,16 @@ func orNone(s string) string {
 func Ahead(m *v1alpha1.Migration, all []v1alpha1.Migration) string {
 	for i := range all {
 		o := &all[i]
-		if o.UID == m.UID || o.Spec.Sandbox != m.Spec.Sandbox || o.Status.Phase == v1alpha1.MigrationFailed ||
-			(o.Status.Phase == v1alpha1.MigrationSucceeded && o.Status.Bound) {
+		if o.UID == m.UID || o.Spec.Sandbox != m.Spec.Sandbox {
 			continue
 		}
-		// A deleted one is under way until it has ended; one that has
-		// switched, until it is bound.
-		underway := o.Status.Phase != "" && o.Status.Phase != v1alpha1.MigrationPending
+		pending := o.Status.Phase == "" || o.Status.Phase == v1alpha1.MigrationPending
 		older := o.CreationTimestamp.Before(&m.CreationTimestamp) ||
 			(o.CreationTimestamp.Equal(&m.CreationTimestamp) && o.Name < m.Name)
-		if underway || older {
+		// m waits behind one under way (a deleted one is, until it has
+		// ended; one that has switched, until it is bound) and behind an
+		// older pending one.
+		if o.InFlight() || (pending && older) {
 			return o.Name
 		}
 	}

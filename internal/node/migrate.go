@@ -294,7 +294,7 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 	if sb.Status.StartedAt != nil {
 		started = sb.Status.StartedAt.Time
 	}
-	if err := os.WriteFile(filepath.Join(dir, "started"), []byte(started.Format(time.RFC3339Nano)), 0o600); err != nil {
+	if err := markStarted(dir, started); err != nil {
 		return nil, err
 	}
 	n := int(sb.Status.RestartCount)
@@ -302,16 +302,11 @@ func (a *Agent) prepareIncoming(ctx context.Context, m *v1alpha1.Migration, key 
 	spec.Log = filepath.Join("..", filepath.Base(logPath(dir, n)))
 	spec.LogMax = a.cfg.LogMax
 	a.hostSpec(ctx, &spec)
-	send, recv, err := vmm.StreamPair()
+	recv, relayEnd, err := vmm.StreamFileConn()
 	if err != nil {
 		return nil, err
 	}
 	defer recv.Close() // the shim has its own
-	relayEnd, err := net.FileConn(send)
-	send.Close()
-	if err != nil {
-		return nil, err
-	}
 	if _, err := shim.StartIncoming(run, spec, a.cfg.Shim, recv); err != nil {
 		relayEnd.Close()
 		return nil, err
@@ -424,15 +419,8 @@ func (a *Agent) migrateOut(ctx context.Context, m *v1alpha1.Migration) (stats vm
 	if err != nil {
 		return stats, run, err
 	}
-	send, recv, err := vmm.StreamPair()
+	send, local, err := vmm.StreamFileConn()
 	if err != nil {
-		conn.Close()
-		return stats, run, err
-	}
-	local, err := net.FileConn(recv)
-	recv.Close()
-	if err != nil {
-		send.Close()
 		conn.Close()
 		return stats, run, err
 	}
@@ -558,16 +546,10 @@ func (a *Agent) serveMigrationLog(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	var list v1alpha1.MigrationList
-	if err := a.client.List(r.Context(), &list); err != nil {
+	m, err := a.migrationByUID(r.Context(), r.PathValue("uid"))
+	if err != nil {
 		http.Error(w, err.Error(), http.StatusInternalServerError)
 		return
-	}
-	var m *v1alpha1.Migration
-	for i := range list.Items {
-		if string(list.Items[i].UID) == r.PathValue("uid") {
-			m = &list.Items[i]
-		}
 	}
 	refuse := func() {
 		http.Error(w, fmt.Sprintf("no migration %s from this host to %s has handed over", r.PathValue("uid"), from), http.StatusForbidden)
@@ -696,12 +678,17 @@ func (a *Agent) sentBy(ctx context.Context, run string) (*v1alpha1.Migration, er
 	if err != nil {
 		return nil, err
 	}
+	return a.migrationByUID(ctx, string(b))
+}
+
+// migrationByUID is the migration with uid (nil: none), from the cache.
+func (a *Agent) migrationByUID(ctx context.Context, uid string) (*v1alpha1.Migration, error) {
 	var list v1alpha1.MigrationList
 	if err := a.client.List(ctx, &list); err != nil {
 		return nil, err
 	}
 	for i := range list.Items {
-		if string(list.Items[i].UID) == string(b) {
+		if string(list.Items[i].UID) == uid {
 			return &list.Items[i], nil
 		}
 	}

@@ -219,7 +219,7 @@ func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
 	if sb.Spec.TimeoutSeconds == nil {
 		return time.Time{}, false
 	}
-	b, err := os.ReadFile(filepath.Join(dir, "started"))
+	b, err := os.ReadFile(filepath.Join(dir, startedFile))
 	if err != nil {
 		return time.Time{}, false
 	}
@@ -228,6 +228,15 @@ func (a *Agent) deadline(sb *v1alpha1.Sandbox, dir string) (time.Time, bool) {
 		return time.Time{}, false
 	}
 	return t.Add(time.Duration(*sb.Spec.TimeoutSeconds) * time.Second), true
+}
+
+// startedFile, in a sandbox directory, holds when its first run started
+// (RFC 3339): its timeoutSeconds count from there.
+const startedFile = "started"
+
+// markStarted records t as when the sandbox in dir started.
+func markStarted(dir string, t time.Time) error {
+	return os.WriteFile(filepath.Join(dir, startedFile), []byte(t.Format(time.RFC3339Nano)), 0o600)
 }
 
 // start starts run n of the sandbox.
@@ -283,7 +292,7 @@ func (a *Agent) start(ctx context.Context, sb *v1alpha1.Sandbox, dir string, n i
 		spec.Sandbox.Tap, spec.Sandbox.Network = tap, nic
 	}
 	if n == 0 {
-		if err := os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600); err != nil {
+		if err := markStarted(dir, time.Now()); err != nil {
 			return reconcile.Result{}, err
 		}
 	}
@@ -463,7 +472,7 @@ func (a *Agent) adopt(ctx context.Context, sb *v1alpha1.Sandbox, dir string) (bo
 		a.log.Warn("take over a warm pool sandbox's address", "sandbox", m.Name, "err", err)
 	}
 	// The claim's own life (timeoutSeconds) starts now.
-	_ = os.WriteFile(filepath.Join(dir, "started"), []byte(time.Now().Format(time.RFC3339Nano)), 0o600)
+	_ = markStarted(dir, time.Now())
 	if err := a.client.Delete(ctx, &m); err != nil && !apierrors.IsNotFound(err) {
 		a.log.Warn("delete claimed warm pool sandbox", "sandbox", m.Name, "err", err)
 	}

@@ -10,7 +10,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"syscall"
@@ -257,14 +256,8 @@ func (r *Running) MigrateOut(ctx context.Context, conn *os.File, opts vmm.Migrat
 // send the stream, but never read the target's "loaded" word (its nonce
 // would let it forge the handover) nor write after the stream ends.
 func (r *Running) sendVM(ctx context.Context, m vmm.Migrator, conn *os.File, opts vmm.MigrateOptions) (vmm.MigrateStats, error) {
-	theirs, f, err := vmm.StreamPair()
+	theirs, ours, err := vmm.StreamFileConn()
 	if err != nil {
-		return vmm.MigrateStats{}, err
-	}
-	ours, err := net.FileConn(f)
-	f.Close()
-	if err != nil {
-		theirs.Close()
 		return vmm.MigrateStats{}, err
 	}
 	defer ours.Close()

@@ -85,7 +85,7 @@ func (c *Controller) Reconcile(ctx context.Context, _ reconcile.Request) (reconc
 		return reconcile.Result{}, err
 	}
 	var moves v1alpha1.MigrationList
-	if err := c.Client.List(ctx, &moves); err != nil {
+	if err := c.Client.List(ctx, &moves, client.UnsafeDisableDeepCopy); err != nil {
 		return reconcile.Result{}, err
 	}
 	snap := c.snapshot(hostList.Items, sbs.Items, moves.Items)
